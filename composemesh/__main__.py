@@ -1,0 +1,5 @@
+"""Lets `python -m composemesh` run the command line."""
+
+from composemesh.cli import main
+
+main()

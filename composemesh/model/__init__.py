@@ -1,0 +1,1 @@
+"""The mesh's own vocabulary: frozen values every other package reads and none of them owns."""

@@ -1,0 +1,93 @@
+"""Decodes the top-level ``x-composemesh:`` section into validated MeshSettings."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from composemesh.errors import ConfigError
+from composemesh.model import wellknown as wk
+
+SECTION = "x-composemesh"
+KEYS = (
+    "trust_domain",
+    "mtls",
+    "routes",
+    "policies",
+    "egress",
+    "gateways",
+    "consul",
+    "monitoring",
+)
+MTLS_MODES = ("STRICT", "PERMISSIVE")
+_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """Mesh-wide settings. Sections later issues give meaning to are kept raw for now."""
+
+    trust_domain: str = wk.DEFAULT_TRUST_DOMAIN
+    mtls_mode: str = "STRICT"
+    mtls_overrides: Mapping[str, str] = field(default_factory=dict)
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+def parse_settings(section: object) -> MeshSettings:
+    """Validate ``x-composemesh:``; raise ConfigError naming the offending key."""
+    if section is None:
+        return MeshSettings()
+    if not isinstance(section, Mapping):
+        raise ConfigError("must be a mapping", field=SECTION)
+    for key in section:
+        if key not in KEYS:
+            raise ConfigError(
+                f"unknown key {key!r}; the keys are {', '.join(KEYS)}", field=SECTION
+            )
+    for key in ("routes", "policies", "egress", "gateways", "consul", "monitoring"):
+        value = section.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError("must be a mapping", field=f"{SECTION}.{key}")
+
+    trust_domain = section.get("trust_domain", wk.DEFAULT_TRUST_DOMAIN)
+    if not isinstance(trust_domain, str) or not _DOMAIN.match(trust_domain):
+        raise ConfigError(
+            f"{trust_domain!r} is not a valid trust domain (lower-case DNS name)",
+            field=f"{SECTION}.trust_domain",
+        )
+
+    mode, overrides = _parse_mtls(section.get("mtls"))
+    return MeshSettings(
+        trust_domain=trust_domain,
+        mtls_mode=mode,
+        mtls_overrides=overrides,
+        raw=dict(section),
+    )
+
+
+def _parse_mtls(value: object) -> tuple[str, dict[str, str]]:
+    """``mtls: STRICT`` or ``mtls: {mode: STRICT, services: {name: PERMISSIVE}}``."""
+    where = f"{SECTION}.mtls"
+    if value is None:
+        return "STRICT", {}
+    if isinstance(value, str):
+        return _mode(value, where), {}
+    if not isinstance(value, Mapping):
+        raise ConfigError("must be STRICT, PERMISSIVE or a mapping with mode/services", field=where)
+    for key in value:
+        if key not in ("mode", "services"):
+            raise ConfigError(f"unknown key {key!r}; the keys are mode, services", field=where)
+    mode = _mode(value.get("mode", "STRICT"), f"{where}.mode")
+    services = value.get("services") or {}
+    if not isinstance(services, Mapping):
+        raise ConfigError("must be a mapping of service to mode", field=f"{where}.services")
+    overrides = {str(k): _mode(v, f"{where}.services.{k}") for k, v in services.items()}
+    return mode, overrides
+
+
+def _mode(value: object, where: str) -> str:
+    if not isinstance(value, str) or value.upper() not in MTLS_MODES:
+        raise ConfigError(f"{value!r} is not one of {', '.join(MTLS_MODES)}", field=where)
+    return value.upper()

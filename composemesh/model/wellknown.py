@@ -1,0 +1,60 @@
+"""Fixed names of the mesh: ports, label keys, roles, and how injected services are named."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from composemesh import __version__
+
+# Ports inside every proxy's network namespace (Istio's, on purpose).
+PORT_ADMIN: Final = 15000  # config dump, ready, stats
+PORT_OUTBOUND: Final = 15001  # outbound capture (iptables REDIRECT target)
+PORT_INBOUND: Final = 15006  # inbound capture (iptables REDIRECT target)
+PORT_PILOT: Final = 15010  # pilot API (control plane)
+PORT_HEALTH: Final = 15021  # /healthz/ready
+PORT_PROMETHEUS: Final = 15090  # /stats/prometheus
+PROXY_PORTS: Final = (PORT_ADMIN, PORT_OUTBOUND, PORT_INBOUND, PORT_HEALTH, PORT_PROMETHEUS)
+
+# The proxy runs as this uid; iptables lets its own traffic through uncaptured.
+PROXY_UID: Final = 1337
+
+# Image every injected container runs; the role is the command.
+MESH_IMAGE: Final = f"composemesh:{__version__}"
+DEMO_IMAGE: Final = f"composemesh-demo:{__version__}"
+
+# Label keys a user sets on a compose service.
+LABEL_PREFIX: Final = "composemesh."
+LABEL_ENABLE: Final = "composemesh.enable"
+LABEL_SERVICE: Final = "composemesh.service"
+LABEL_VERSION: Final = "composemesh.version"
+LABEL_WEIGHT: Final = "composemesh.weight"
+LABEL_PROTOCOL: Final = "composemesh.protocol"
+LABEL_PORT_PREFIX: Final = "composemesh.port."  # composemesh.port.<N>.protocol
+
+# Label keys the injector sets on what it adds.
+LABEL_ROLE: Final = "composemesh.role"  # netns | proxy | pilot
+LABEL_OF: Final = "composemesh.of"  # the compose service an injected container serves
+LABEL_INSTANCE: Final = "composemesh.instance"  # 1..N for an expanded replicated service
+
+ROLE_NETNS: Final = "netns"
+ROLE_PROXY: Final = "proxy"
+ROLE_PILOT: Final = "pilot"
+
+PILOT_SERVICE: Final = "composemesh-pilot"
+DEFAULT_VERSION: Final = "v1"
+DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
+
+
+def netns_service(app_service: str) -> str:
+    """The compose service that owns the network namespace of ``app_service``."""
+    return f"{app_service}-netns"
+
+
+def proxy_service(app_service: str) -> str:
+    """The compose service of the sidecar proxy of ``app_service``."""
+    return f"{app_service}-proxy"
+
+
+def instance_service(app_service: str, index: int) -> str:
+    """The compose service of instance ``index`` (1-based) of a replicated service."""
+    return app_service if index == 1 else f"{app_service}-{index}"
