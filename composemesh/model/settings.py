@@ -43,9 +43,7 @@ def parse_settings(section: object) -> MeshSettings:
         raise ConfigError("must be a mapping", field=SECTION)
     for key in section:
         if key not in KEYS:
-            raise ConfigError(
-                f"unknown key {key!r}; the keys are {', '.join(KEYS)}", field=SECTION
-            )
+            raise ConfigError(f"unknown key {key!r}; the keys are {', '.join(KEYS)}", field=SECTION)
     for key in ("routes", "policies", "egress", "gateways", "consul", "monitoring"):
         value = section.get(key)
         if value is not None and not isinstance(value, Mapping):

@@ -81,7 +81,11 @@ def encode_ack(ack: Ack) -> bytes:
 def decode_ack(data: bytes | str) -> Ack:
     try:
         obj = json.loads(data)
-        return Ack(node=str(obj["node"]), version=str(obj["version"]), ok=bool(obj["ok"]),
-                   reason=str(obj.get("reason", "")))
+        return Ack(
+            node=str(obj["node"]),
+            version=str(obj["version"]),
+            ok=bool(obj["ok"]),
+            reason=str(obj.get("reason", "")),
+        )
     except (ValueError, KeyError, TypeError) as exc:
         raise SnapshotError(f"malformed ack: {exc}") from None

@@ -1,0 +1,429 @@
+"""The `composemesh` command: thin click commands over inject, engine, pilot and proxy."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from composemesh import __version__
+from composemesh.errors import ComposeError, EngineError, MeshError, NotReadyError
+from composemesh.model import wellknown as wk
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_FILES = ("compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml")
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def handle_errors(fn: F) -> F:
+    """Every error a user can cause ends as one sentence on stderr and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MeshError as exc:
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def compose_options(fn: F) -> F:
+    fn = click.option(
+        "-p", "--project-name", "project", default=None, envvar="COMPOSE_PROJECT_NAME",
+        help="Project name (as docker compose: -p, COMPOSE_PROJECT_NAME, `name:`, directory).",
+    )(fn)
+    fn = click.option(
+        "-f", "--file", "files", multiple=True, type=click.Path(dir_okay=False),
+        help="Compose file; repeat to merge, as with docker compose.",
+    )(fn)
+    return fn
+
+
+def resolve_files(files: Sequence[str]) -> list[str]:
+    if files:
+        return [str(Path(f)) for f in files]
+    for name in DEFAULT_FILES:
+        if Path(name).is_file():
+            return [name]
+    raise ComposeError(
+        f"no compose file given and none of {', '.join(DEFAULT_FILES)} in {Path.cwd()}"
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="composemesh")
+def main() -> None:
+    """A service mesh for Docker Compose: sidecars, mTLS, routing, metrics; no code changes."""
+
+
+# --------------------------------------------------------------------------- user commands
+
+
+def _prepare(files: Sequence[str], project: str | None) -> Any:
+    """Load, validate and inject: every user error surfaces here, before anything is written."""
+    from composemesh.inject import (
+        compose_config_check,
+        dump_yaml,
+        inject,
+        load_project,
+        validate_project,
+    )
+
+    loaded = load_project(resolve_files(files), project)
+    validated = validate_project(loaded)
+    result = inject(loaded.model, validated.labels)
+    text = dump_yaml(result.model)
+    compose_config_check(text, Path(loaded.files[0]).resolve().parent)
+    return loaded, result, text
+
+
+@main.command("inject")
+@compose_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here, not stdout.")
+@handle_errors
+def inject_cmd(files: tuple[str, ...], project: str | None, output: str | None) -> None:
+    """Write the meshed compose file (idempotent: a meshed file comes back unchanged)."""
+    _, result, text = _prepare(files, project)
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    if output:
+        _write_atomic(Path(output), text)
+        err.print(f"wrote {output}")
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command()
+@compose_options
+@handle_errors
+def check(files: tuple[str, ...], project: str | None) -> None:
+    """Validate labels and x-composemesh: and show what `up` would add."""
+    from composemesh.inject import render_plan
+
+    loaded, result, _ = _prepare(files, project)
+    out.print(render_plan(result))
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    out.print(f"[green]ok[/]: {', '.join(loaded.files)} (project {loaded.name})")
+
+
+@main.command()
+@compose_options
+@click.option("--timeout", default=300, show_default=True, help="Seconds to wait for readiness.")
+@handle_errors
+def up(files: tuple[str, ...], project: str | None, timeout: int) -> None:
+    """Inject, build images offline if needed, start, and wait until every proxy is ready."""
+    from composemesh.engine import compose
+
+    loaded, result, text = _prepare(files, project)
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    proj = _project(loaded.name, Path(loaded.files[0]).resolve().parent)
+    started = time.monotonic()
+    with _progress() as progress:
+        _ensure_images(progress, text)
+        meshed = compose.state_dir(loaded.name) / "compose.yaml"
+        _write_atomic(meshed, text)
+        proj = _project(loaded.name, Path(loaded.files[0]).resolve().parent, meshed)
+        before = compose.running_containers(loaded.name)
+        _build_user_images(progress, proj, result.model)
+        task = progress.add_task("containers: starting", total=None)
+        code, lines = compose.run(
+            proj, ["up", "-d", "--wait", "--remove-orphans"],
+            on_line=lambda line: progress.update(task, description=f"containers: {escape(line[:90])}"),
+        )
+        if code != 0:
+            reason = compose.failure_reason(lines)
+            progress.update(task, description=f"[red]containers: failed: {escape(reason)}")
+            progress.stop()
+            _show_logs_of_failed(proj, reason)
+            if not before:
+                err.print("removing what this `up` started ...")
+                compose.run(proj, ["down", "--remove-orphans", "--timeout", "3"])
+            raise ComposeError(f"docker compose up failed: {reason}")
+        progress.update(task, description="containers: running and healthy", total=1, completed=1)
+        status = _wait_ready(progress, loaded.name, timeout - (time.monotonic() - started))
+    _print_status(status)
+    _print_endpoints(loaded.name, result)
+    out.print(f"[green]mesh {loaded.name} ready[/] in {time.monotonic() - started:.1f}s")
+
+
+@main.command()
+@compose_options
+@click.option("-v", "--volumes", is_flag=True, help="Also remove volumes (the CA's too).")
+@handle_errors
+def down(files: tuple[str, ...], project: str | None, volumes: bool) -> None:
+    """Stop and remove everything `up` made."""
+    from composemesh.engine import compose
+
+    meshed = None
+    project_dir = Path.cwd()
+    if files or any(Path(n).is_file() for n in DEFAULT_FILES):
+        loaded, _, text = _prepare(files, project)
+        project = loaded.name
+        project_dir = Path(loaded.files[0]).resolve().parent
+        meshed = compose.state_dir(project) / "compose.yaml"
+        _write_atomic(meshed, text)
+    if not project:
+        raise ComposeError("no compose file and no -p: which project?")
+    proj = _project(project, project_dir, meshed)
+    args = ["down", "--remove-orphans"] + (["--volumes"] if volumes else [])
+    with _progress() as progress:
+        task = progress.add_task("stopping", total=None)
+        code, lines = compose.run(
+            proj, args, on_line=lambda line: progress.update(task, description=escape(line[:90]))
+        )
+    if code != 0:
+        raise ComposeError(f"docker compose down failed: {compose.failure_reason(lines)}")
+    left = compose.running_containers(project)
+    if left:
+        raise EngineError(f"containers of {project} still there after down: {', '.join(left)}")
+    out.print(f"[green]mesh {project} removed[/]")
+
+
+@main.command()
+@click.option("-p", "--project-name", "project", envvar="COMPOSE_PROJECT_NAME", default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the pilot's status as JSON.")
+@handle_errors
+def status(project: str | None, as_json: bool) -> None:
+    """Per service and version: instances, proxy ready, config in sync."""
+    project = project or _project_from_cwd()
+    data = _pilot_status(project)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    _print_status(data)
+
+
+# --------------------------------------------------------------------------- role commands
+
+
+@main.command(hidden=False)
+def netns() -> None:
+    """[in the mesh image] Hold an app's network namespace: install capture rules, then wait."""
+    from composemesh.proxy.netns import run_netns_holder
+
+    sys.exit(run_netns_holder())
+
+
+@main.command()
+def proxy() -> None:
+    """[in the mesh image] Run the sidecar proxy."""
+    from composemesh.proxy.server import run_proxy
+
+    sys.exit(run_proxy())
+
+
+@main.command()
+def pilot() -> None:
+    """[in the mesh image] Run the control plane."""
+    from composemesh.pilot.main import run_pilot
+
+    run_pilot()
+
+
+@main.command("proxy-ready")
+def proxy_ready() -> None:
+    """[in the mesh image] Exit 0 when the proxy beside it is ready (container healthcheck)."""
+    from composemesh.proxy.admin import probe_ready
+
+    sys.exit(0 if probe_ready() else 1)
+
+
+@main.command("pilot-ready")
+def pilot_ready() -> None:
+    """[in the mesh image] Exit 0 when the pilot has synced with the engine (healthcheck)."""
+    from composemesh.pilot.main import probe_ready
+
+    sys.exit(0 if probe_ready() else 1)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _project(name: str, project_dir: Path, meshed: Path | None = None) -> Any:
+    from composemesh.engine.compose import ComposeProject
+
+    return ComposeProject(name=name, meshed_file=meshed, project_dir=project_dir)
+
+
+def _project_from_cwd() -> str:
+    from composemesh.inject import load_project
+
+    return str(load_project(resolve_files(()), None).name)
+
+
+def _progress() -> Progress:
+    return Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+        console=err, transient=False,
+    )
+
+
+def _ensure_images(progress: Progress, meshed_text: str) -> None:
+    import docker
+
+    from composemesh.engine.images import ensure_images
+
+    task = progress.add_task("images: checking", total=None)
+    try:
+        client = docker.from_env(timeout=600)
+        client.ping()
+    except Exception as exc:  # docker's own exception types stop here
+        raise EngineError(
+            f"the Docker engine does not answer ({exc}); start it or run scripts/bootstrap.sh"
+        ) from None
+
+    def report(stage: str, detail: str) -> None:
+        progress.update(task, description=escape(f"images: {stage}: {detail}"[:100]))
+
+    ensure_images(client, progress=report)
+    progress.update(task, description="images: ready", total=1, completed=1)
+
+
+def _build_user_images(progress: Progress, proj: Any, model: dict[str, Any]) -> None:
+    """Build the user's own `build:` images one service at a time, so a failure names it."""
+    from composemesh.engine import compose
+    from composemesh.errors import ImageBuildError
+
+    to_build = [name for name, svc in model.get("services", {}).items() if svc.get("build")]
+    if not to_build:
+        return
+    task = progress.add_task("images: building", total=len(to_build))
+    for name in to_build:
+        progress.update(task, description=f"images: building {escape(name)}")
+        code, lines = compose.run(
+            proj, ["build", name],
+            on_line=lambda line, n=name: progress.update(
+                task, description=escape(f"images: {n}: {line[:80]}")),
+        )
+        if code != 0:
+            progress.update(task, description=f"[red]images: {escape(name)} does not build")
+            raise ImageBuildError(
+                f"service {name!r}: its image does not build: {compose.failure_reason(lines)}"
+            )
+        progress.advance(task)
+    progress.update(task, description=f"images: built {', '.join(to_build)}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _pilot_url(project: str) -> str:
+    from composemesh.engine.compose import published_port
+
+    where = published_port(project, wk.PILOT_SERVICE, wk.PORT_PILOT)
+    if not where:
+        raise EngineError(f"no running pilot in project {project!r}; is the mesh up?")
+    return f"http://{where}"
+
+
+def _pilot_status(project: str) -> dict[str, Any]:
+    url = _pilot_url(project) + "/v1/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            data: dict[str, Any] = json.load(resp)
+            return data
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"the pilot of {project!r} does not answer at {url}: {exc}") from None
+
+
+def _wait_ready(progress: Progress, project: str, timeout: float) -> dict[str, Any]:
+    task = progress.add_task("proxies: waiting for the pilot", total=None)
+    deadline = time.monotonic() + max(timeout, 10)
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            last = _pilot_status(project)
+        except EngineError:
+            time.sleep(0.5)
+            continue
+        proxies = [p for p in last.get("proxies", []) if p["running"]]
+        ready = [p for p in proxies if p["in_sync"] and p["proxy_healthy"]]
+        progress.update(task, total=len(proxies) or None, completed=len(ready),
+                        description=f"proxies: {len(ready)}/{len(proxies)} ready and in sync")
+        if proxies and len(ready) == len(proxies):
+            return last
+        time.sleep(0.5)
+    lagging = [p["node"] for p in last.get("proxies", []) if not p.get("in_sync")]
+    raise NotReadyError(
+        f"proxies not ready after {timeout:.0f}s: {', '.join(lagging) or 'pilot never answered'}"
+    )
+
+
+def _show_logs_of_failed(proj: Any, reason: str) -> None:
+    import re
+    import subprocess
+
+    m = re.search(r"container (\S+)", reason)
+    if not m:
+        return
+    logs = subprocess.run(["docker", "logs", "--tail", "15", m.group(1)],
+                          capture_output=True, text=True, check=False)
+    text = (logs.stdout + logs.stderr).strip()
+    if text:
+        err.print(f"[bold]last lines of {m.group(1)}:[/]")
+        err.print(text, markup=False, highlight=False)
+
+
+def _print_status(data: dict[str, Any]) -> None:
+    table = Table(title=f"mesh {data.get('project', '?')}")
+    for col in ("service", "version", "instance", "addresses", "proxy", "config", "ack"):
+        table.add_column(col)
+    for p in sorted(data.get("proxies", []), key=lambda p: (p["service"], p["version"], p["node"])):
+        proxy_state = "ready" if p["proxy_healthy"] else ("starting" if p["running"] else "down")
+        config = ("in sync" if p["in_sync"] else "behind") + f" ({p['snapshot_version']})"
+        ack = (f"ACK {p['acked_version']}" if p["acked_version"] else
+               f"NACK {p['nacked_version']}: {p['nack_reason']}" if p["nacked_version"] else "—")
+        table.add_row(p["service"], p["version"], p["node"], ", ".join(p["addresses"]),
+                      proxy_state, config, ack)
+    out.print(table)
+
+
+def _print_endpoints(project: str, result: Any) -> None:
+    from composemesh.engine.compose import published_port
+
+    rows = []
+    for name, svc in result.model.get("services", {}).items():
+        labels = svc.get("labels") or {}
+        if isinstance(labels, dict) and labels.get(wk.LABEL_ROLE) == wk.ROLE_PILOT:
+            continue
+        for port in svc.get("ports") or []:
+            target = port.get("target") if isinstance(port, dict) else None
+            if not target or not port.get("published"):
+                continue
+            where = published_port(project, name, int(target))
+            if where:
+                of = labels.get(wk.LABEL_OF, name) if isinstance(labels, dict) else name
+                rows.append((of, str(target), f"http://{where}/"))
+    if rows:
+        table = Table(title="reach it at")
+        for col in ("service", "port", "address"):
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Reads compose files through `docker compose config` and writes compose YAML back out.
+
+This is the I/O edge of the injector: YAML errors, `docker compose`'s refusals and a missing
+`docker` binary are mapped here to ConfigError / ComposeError; nothing past it sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from composemesh.errors import ComposeError, ConfigError
+
+COMPOSE_TIMEOUT = 120  # seconds; `docker compose config` needs no engine and is quick
+
+
+@dataclass(frozen=True)
+class LoadedProject:
+    """A compose project as `docker compose config --no-interpolate` sees it."""
+
+    files: tuple[str, ...]  # the -f files, as the user named them
+    name: str  # the project name compose settled on
+    model: dict[str, Any]  # compose's canonical model (``${VAR}`` left for compose at `up`)
+    raw: tuple[dict[str, Any], ...]  # each file as written, to locate errors
+    warnings: tuple[str, ...] = field(default=())  # what compose warned about on the way
+
+    def file_of(self, service: str, field: str | None = None) -> str:
+        """The file that defines ``service``: the last one mentioning it, preferably its field."""
+        mentions = [
+            (path, doc["services"][service])
+            for path, doc in zip(self.files, self.raw, strict=True)
+            if isinstance(doc.get("services"), Mapping) and service in doc["services"]
+        ]
+        if field is not None:
+            for path, svc in reversed(mentions):
+                if isinstance(svc, Mapping) and field in svc:
+                    return path
+        return mentions[-1][0] if mentions else self.files[0]
+
+    def file_of_key(self, key: str) -> str:
+        """The last file with the top-level ``key`` (e.g. ``x-composemesh``)."""
+        for path, doc in zip(reversed(self.files), reversed(self.raw), strict=True):
+            if key in doc:
+                return path
+        return self.files[0]
+
+    def locate(self, service: str | None, field: str | None) -> str:
+        """The file to blame for ``field`` of ``service`` (or the top-level key ``field``)."""
+        if service is None:
+            return self.file_of_key(field) if field else self.files[0]
+        return self.file_of(service, field)
+
+
+def load_project(
+    files: Sequence[str],
+    project_name: str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> LoadedProject:
+    """Read ``files`` and let `docker compose config` merge and normalise them.
+
+    ``env`` is added to this process's environment for compose (``COMPOSE_PROJECT_NAME`` and
+    the like). Raises ConfigError for a file that is missing or not a YAML mapping, and
+    ComposeError when compose refuses the project or is not installed.
+    """
+    if not files:
+        raise ConfigError("no compose file given")
+    paths = tuple(str(f) for f in files)
+    raw = tuple(_read_yaml(path) for path in paths)
+    args: list[str] = []
+    for path in paths:
+        args += ["-f", str(Path(path).resolve())]
+    if project_name:
+        args += ["-p", project_name]
+    cwd = Path(paths[0]).resolve().parent
+    # Only an interpolating run checks references (undefined networks, volumes, services...);
+    # the model itself is read without interpolation so that ``${VAR}`` stays for `up`.
+    check = _run_compose([*args, "config", "-q"], paths, cwd=cwd, env=env)
+    proc = _run_compose(
+        [*args, "config", "--format", "json", "--no-interpolate"], paths, cwd=cwd, env=env
+    )
+    try:
+        model = json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        raise ComposeError(
+            f"{', '.join(paths)}: docker compose config printed no JSON ({exc})"
+        ) from None
+    if not isinstance(model, dict):
+        raise ComposeError(f"{', '.join(paths)}: docker compose config printed no mapping")
+    name = str(model.get("name") or project_name or "")
+    _drop_derived_names(model, raw, name)
+    warnings = tuple(dict.fromkeys(_clean_lines(check.stderr + proc.stderr, paths)))
+    return LoadedProject(files=paths, name=name, model=model, raw=raw, warnings=warnings)
+
+
+def compose_config_check(
+    yaml_text: str, workdir: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
+) -> None:
+    """Raise ComposeError with compose's own words if it refuses ``yaml_text``.
+
+    The text is read from stdin in ``workdir`` (relative paths resolve there) and
+    interpolated with this environment (plus ``env``), as `docker compose up` would: only
+    then does compose check references such as undefined networks.
+    """
+    args = ["-f", "-", "config", "-q"]
+    _run_compose(args, ("the generated compose file",), cwd=Path(workdir), env=env, stdin=yaml_text)
+
+
+def dump_yaml(model: Mapping[str, Any]) -> str:
+    """Deterministic block-style YAML with no anchors, in the order of ``model``'s keys."""
+    return yaml.dump(
+        model,
+        Dumper=_Dumper,
+        sort_keys=False,
+        default_flow_style=False,
+        allow_unicode=True,
+        width=4096,
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("no such file", file=path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot be read: {reason}", file=path) from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = exc.problem or exc.context or "unreadable"
+        raise ConfigError(f"{where}not valid YAML: {problem}", file=path) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", file=path) from None
+    if not isinstance(doc, dict):
+        found = "nothing" if doc is None else f"a {type(doc).__name__}"
+        raise ConfigError(
+            f"the top level must be a mapping (with a services: key), found {found}", file=path
+        )
+    return doc
+
+
+def _drop_derived_names(
+    model: dict[str, Any], raw: Sequence[Mapping[str, Any]], project: str
+) -> None:
+    """Forget the ``name: <project>_<key>`` compose gives networks and volumes by itself.
+
+    Kept, they would pin the generated file to this project name; dropped, compose derives
+    the same names again at `up`. A ``default`` network nobody declared goes entirely.
+    """
+    for section in ("networks", "volumes"):
+        entries = model.get(section)
+        if not isinstance(entries, dict):
+            continue
+        declared: list[Mapping[str, Any]] = [
+            doc[section] for doc in raw if isinstance(doc.get(section), Mapping)
+        ]
+        for key in list(entries):
+            spec = entries[key]
+            user_specs = [d[key] for d in declared if key in d]
+            user_named = any(isinstance(s, Mapping) and "name" in s for s in user_specs)
+            if not isinstance(spec, dict) or user_named or spec.get("name") != f"{project}_{key}":
+                continue
+            del spec["name"]
+            if not spec and not user_specs:
+                del entries[key]
+            elif not spec:
+                entries[key] = None
+        if not entries:
+            del model[section]
+
+
+# --------------------------------------------------------------------------- running compose
+
+
+def _run_compose(
+    args: Sequence[str],
+    names: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str] | None,
+    stdin: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    try:
+        proc = subprocess.run(
+            ["docker", "compose", *args],
+            cwd=cwd,
+            env=full_env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=COMPOSE_TIMEOUT,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise ComposeError(
+            "docker compose is not installed: the docker command was not found on PATH"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise ComposeError(
+            f"{', '.join(names)}: docker compose config did not answer in {COMPOSE_TIMEOUT}s"
+        ) from None
+    if proc.returncode != 0:
+        if "is not a docker command" in proc.stderr or "unknown command" in proc.stderr:
+            raise ComposeError(
+                "docker compose is not installed: the docker CLI has no compose plugin"
+            )
+        lines = _clean_lines(proc.stderr, names) or [f"exit status {proc.returncode}"]
+        errors = [ln for ln in lines if not ln.startswith("warning: ")] or lines
+        raise ComposeError(f"{', '.join(names)}: {'; '.join(errors)}")
+    return proc
+
+
+_LOGFMT = re.compile(r'^time="[^"]*"\s+level=(\w+)\s+msg="(.*)"$')
+
+
+def _clean_lines(stderr: str, names: Sequence[str]) -> list[str]:
+    """Compose's stderr as plain one-line messages, with absolute paths as the user wrote them."""
+    out = []
+    for line in stderr.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        m = _LOGFMT.match(line)
+        if m:
+            level, msg = m.groups()
+            msg = msg.replace('\\"', '"')
+            line = f"warning: {msg}" if level == "warning" else msg
+        for name in names:
+            resolved = str(Path(name).resolve())
+            if resolved != name:
+                line = line.replace(resolved, name)
+            if len(names) == 1:  # the caller names the file already
+                line = line.removeprefix(f"validating {name}: ")
+        out.append(line)
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+
+# Plain scalars that YAML 1.2 (compose's parser) reads as numbers but PyYAML's 1.1 resolver
+# would leave unquoted; such strings are written in double quotes.
+_YAML12_NUMBER = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$|^0o[0-7]+$")
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper without anchors, with indented lists and compose-safe strings."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    if "\n" in data:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|")
+    if _YAML12_NUMBER.match(data):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style='"')
+    return dumper.represent_str(data)
+
+
+_Dumper.add_representer(str, _represent_str)

@@ -1,0 +1,59 @@
+"""The mesh as the pilot sees it at one moment: workloads (app instances) and their proxies."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from composemesh.model.settings import MeshSettings
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One app instance in the mesh, named by the netns holder that owns its network."""
+
+    node: str  # holder container name; the proxy's identity in the mesh
+    project: str
+    compose_service: str
+    service: str  # mesh service
+    version: str  # subset
+    addresses: tuple[str, ...]  # the holder's addresses on the project's networks
+    running: bool
+    proxy_container: str | None = None  # the sidecar's container name, once it exists
+    proxy_healthy: bool = False
+
+
+@dataclass(frozen=True)
+class MeshState:
+    """Everything the pilot knows, built anew from its sources after every change."""
+
+    project: str
+    workloads: tuple[Workload, ...] = ()
+    settings: MeshSettings = field(default_factory=MeshSettings)
+
+    def workload_by_address(self, address: str) -> Workload | None:
+        for workload in self.workloads:
+            if address in workload.addresses:
+                return workload
+        return None
+
+    def workload_by_node(self, node: str) -> Workload | None:
+        for workload in self.workloads:
+            if workload.node == node:
+                return workload
+        return None
+
+
+def content_version(obj: object) -> str:
+    """A short, stable version string for any JSON-able value (the same content, the same id)."""
+    data = json.dumps(obj, sort_keys=True, default=_default).encode()
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def _default(obj: object) -> object:
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)  # type: ignore[call-overload]
+    if isinstance(obj, frozenset | set):
+        return sorted(obj)  # type: ignore[type-var]
+    raise TypeError(f"not JSON-able: {type(obj).__name__}")

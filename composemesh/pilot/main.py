@@ -1,0 +1,88 @@
+"""Runs the pilot: the one place that owns its asyncio lifecycle (source watch, API server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import urllib.request
+
+from aiohttp import web
+
+from composemesh.errors import ConfigError, EngineError
+from composemesh.model import wellknown as wk
+from composemesh.model.mesh import MeshState, Workload
+from composemesh.model.settings import MeshSettings, parse_settings
+from composemesh.pilot.server import Pilot, make_app
+from composemesh.pilot.sources.docker.controller import DockerSource
+from composemesh.pilot.sources.docker.convert import PROJECT_LABEL
+from composemesh.pilot.sources.docker.engine_api import EngineAPI
+
+log = logging.getLogger("composemesh.pilot")
+
+
+def settings_from_env() -> MeshSettings:
+    raw = os.environ.get("COMPOSEMESH_SETTINGS", "")
+    try:
+        return parse_settings(json.loads(raw) if raw else None)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"COMPOSEMESH_SETTINGS is not JSON: {exc}") from None
+
+
+async def own_project(api: EngineAPI) -> str:
+    """The compose project the pilot belongs to: its own container's label, unless set."""
+    if os.environ.get("COMPOSEMESH_PROJECT"):
+        return os.environ["COMPOSEMESH_PROJECT"]
+    me = await api.inspect(socket.gethostname())
+    project = (me.get("Config", {}).get("Labels") or {}).get(PROJECT_LABEL)
+    if not project:
+        raise EngineError("the pilot runs outside a compose project; set COMPOSEMESH_PROJECT")
+    return str(project)
+
+
+async def serve(port: int = wk.PORT_PILOT) -> None:
+    settings = settings_from_env()
+    api = EngineAPI()
+    runner: web.AppRunner | None = None
+    watch: asyncio.Task[None] | None = None
+    try:
+        project = await own_project(api)
+        pilot = Pilot(MeshState(project=project, settings=settings))
+
+        async def on_change(workloads: tuple[Workload, ...]) -> None:
+            await pilot.publish(MeshState(project=project, workloads=workloads, settings=settings))
+
+        source = DockerSource(api, project, on_change)
+        runner = web.AppRunner(make_app(pilot), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "0.0.0.0", port).start()
+        watch = asyncio.create_task(source.run(), name="docker-watch")
+        log.info("pilot of project %s listening on :%d", project, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        if watch:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        if runner:
+            await runner.cleanup()
+        await api.close()
+
+
+def run_pilot() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve())
+
+
+def probe_ready(port: int = wk.PORT_PILOT) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz/ready", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False

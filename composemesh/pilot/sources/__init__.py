@@ -1,0 +1,1 @@
+"""Where the pilot learns about workloads: one package per source, each watch + pure convert."""

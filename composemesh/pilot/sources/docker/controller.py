@@ -1,0 +1,128 @@
+"""Watches the Docker engine's event stream and republishes the project's workloads on change.
+
+Like Traefik's Docker provider: every relevant event triggers a fresh listing, converted in
+full, so a missed or reordered event can never leave the model stale. No polling loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from composemesh.errors import EngineError
+from composemesh.model import wellknown as wk
+from composemesh.model.mesh import Workload
+from composemesh.pilot.sources.docker.convert import (
+    dependents_of,
+    is_stranded,
+    workloads_from_containers,
+)
+from composemesh.pilot.sources.docker.engine_api import EngineAPI
+
+log = logging.getLogger("composemesh.pilot.docker")
+
+# Actions after which the set of workloads or their addresses/health may differ.
+RELEVANT = (
+    "create",
+    "start",
+    "restart",
+    "die",
+    "stop",
+    "kill",
+    "destroy",
+    "rename",
+    "pause",
+    "unpause",
+    "health_status",
+    "connect",
+    "disconnect",
+    "update",
+)
+DEBOUNCE_S = 0.05
+
+
+class DockerSource:
+    """Owns the event watch; calls ``on_change`` with the project's workloads after each change."""
+
+    def __init__(
+        self,
+        api: EngineAPI,
+        project: str,
+        on_change: Callable[[tuple[Workload, ...]], Awaitable[None]],
+    ) -> None:
+        self._api = api
+        self._project = project
+        self._on_change = on_change
+        self.synced = asyncio.Event()
+
+    async def resync(self) -> None:
+        containers = await self._api.containers(project=self._project)
+        workloads, skipped = workloads_from_containers(containers, project=self._project)
+        for reason in skipped:
+            log.warning("skipped container %s", reason)
+        await self._on_change(workloads)
+        self.synced.set()
+
+    async def heal(self, holder_id: str) -> None:
+        """Restart whatever still sits in the dead namespace of a holder that restarted.
+
+        `docker restart` (or a crash) of a netns holder gives it a new namespace; the app and
+        the proxy that joined the old one would be left without network until restarted.
+        """
+        try:
+            holder = await self._api.inspect(holder_id)
+            listing = await self._api.containers(project=self._project)
+            for dependent_id in dependents_of(listing, holder["Id"]):
+                dependent = await self._api.inspect(dependent_id)
+                if is_stranded(dependent, holder):
+                    log.warning(
+                        "holder %s restarted: restarting %s to rejoin its namespace",
+                        holder["Name"].lstrip("/"),
+                        dependent["Name"].lstrip("/"),
+                    )
+                    await self._api.restart(dependent_id)
+        except EngineError as exc:
+            log.warning("could not heal the dependents of %s: %s", holder_id[:12], exc)
+
+    async def run(self) -> None:
+        """Watch until cancelled; reconnects (and relists) if the engine drops the stream."""
+        backoff = 0.5
+        while True:
+            try:
+                events = self._api.events(project=self._project)
+                # Subscribe first, then list: nothing that happens in between is lost.
+                first = asyncio.ensure_future(anext(events))
+                await asyncio.sleep(0)
+                await self.resync()
+                backoff = 0.5
+                pending: asyncio.Future[object] | None = first
+                while True:
+                    assert pending is not None
+                    event = await pending
+                    pending = asyncio.ensure_future(anext(events))
+                    if not _relevant(event):
+                        continue
+                    if _holder_started(event):
+                        await self.heal(str(event.get("id") or event["Actor"]["ID"]))
+                    await asyncio.sleep(DEBOUNCE_S)
+                    await self.resync()
+            except StopAsyncIteration:
+                log.warning("engine closed the event stream; reconnecting")
+            except EngineError as exc:
+                log.warning("%s; retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+
+def _holder_started(event: dict[str, object]) -> bool:
+    actor = event.get("Actor") or {}
+    attributes = actor.get("Attributes") or {} if isinstance(actor, dict) else {}
+    return event.get("Action") == "start" and attributes.get(wk.LABEL_ROLE) == wk.ROLE_NETNS
+
+
+def _relevant(event: object) -> bool:
+    if not isinstance(event, dict):
+        return False
+    action = str(event.get("Action") or event.get("status") or "")
+    return action.split(":")[0].strip() in RELEVANT

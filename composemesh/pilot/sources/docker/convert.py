@@ -1,0 +1,103 @@
+"""Pure translation of the Docker engine's container listing into mesh Workloads.
+
+Docker's JSON stops here: nothing past `workloads_from_containers` sees an engine type.
+A container that cannot be understood is skipped with a reason, never fatal to the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from composemesh.model import wellknown as wk
+from composemesh.model.mesh import Workload
+
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+
+
+def container_name(container: Mapping[str, Any]) -> str:
+    names = container.get("Names") or [container.get("Id", "?")[:12]]
+    return str(names[0]).lstrip("/")
+
+
+def addresses(container: Mapping[str, Any]) -> tuple[str, ...]:
+    networks = ((container.get("NetworkSettings") or {}).get("Networks")) or {}
+    found = [n.get("IPAddress") for n in networks.values() if n and n.get("IPAddress")]
+    return tuple(sorted(found))
+
+
+def workloads_from_containers(
+    containers: Iterable[Mapping[str, Any]], *, project: str
+) -> tuple[tuple[Workload, ...], tuple[str, ...]]:
+    """Workloads of ``project`` (one per netns holder) and the reasons for what was skipped.
+
+    A proxy belongs to the holder whose namespace it joined (``HostConfig.NetworkMode`` is
+    ``container:<holder id>``), so scaled or recreated containers pair up correctly.
+    """
+    holders: dict[str, Mapping[str, Any]] = {}
+    proxies: dict[str, Mapping[str, Any]] = {}
+    skipped: list[str] = []
+    for container in containers:
+        labels = container.get("Labels") or {}
+        if labels.get(PROJECT_LABEL) != project:
+            continue
+        role = labels.get(wk.LABEL_ROLE)
+        of = labels.get(wk.LABEL_OF)
+        if role not in (wk.ROLE_NETNS, wk.ROLE_PROXY):
+            continue
+        if not of:
+            skipped.append(f"{container_name(container)}: label {wk.LABEL_OF} missing")
+            continue
+        if role == wk.ROLE_NETNS:
+            holders[str(container.get("Id"))] = container
+        else:
+            mode = str((container.get("HostConfig") or {}).get("NetworkMode", ""))
+            proxies[mode.removeprefix("container:")] = container
+
+    workloads = []
+    for holder_id, holder in sorted(holders.items(), key=lambda kv: container_name(kv[1])):
+        labels = holder.get("Labels") or {}
+        of = labels[wk.LABEL_OF]
+        proxy = proxies.get(holder_id)
+        workloads.append(
+            Workload(
+                node=container_name(holder),
+                project=project,
+                compose_service=of,
+                service=labels.get(wk.LABEL_SERVICE, of),
+                version=labels.get(wk.LABEL_VERSION, wk.DEFAULT_VERSION),
+                addresses=addresses(holder),
+                running=holder.get("State") == "running",
+                proxy_container=container_name(proxy) if proxy else None,
+                proxy_healthy=bool(proxy)
+                and proxy.get("State") == "running"
+                and "(healthy)" in str(proxy.get("Status", "")),
+            )
+        )
+    return tuple(workloads), tuple(skipped)
+
+
+def dependents_of(containers: Iterable[Mapping[str, Any]], holder_id: str) -> list[str]:
+    """Ids of running containers that joined the network namespace of ``holder_id``."""
+    mode = f"container:{holder_id}"
+    return [
+        str(c["Id"])
+        for c in containers
+        if str((c.get("HostConfig") or {}).get("NetworkMode", "")) == mode
+        and c.get("State") == "running"
+    ]
+
+
+def is_stranded(dependent: Mapping[str, Any], holder: Mapping[str, Any]) -> bool:
+    """A dependent that started before its holder's last start sits in a dead namespace.
+
+    Both are ``docker inspect`` results; RFC 3339 timestamps of one engine compare as text
+    once their fractional seconds are padded to the same width.
+    """
+    return _ts(dependent["State"]["StartedAt"]) < _ts(holder["State"]["StartedAt"])
+
+
+def _ts(stamp: str) -> str:
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    return f"{head}.{frac.ljust(9, '0')[:9]}"

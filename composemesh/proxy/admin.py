@@ -1,0 +1,151 @@
+"""The proxy's HTTP faces: admin (15000), health (15021) and Prometheus (15090), and the probe."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from composemesh import __version__
+from composemesh.model.snapshot import encode_snapshot
+from composemesh.model.wellknown import PORT_HEALTH
+from composemesh.proxy.pilot_client import ConfigStore, PilotClient
+from composemesh.proxy.stats import ProxyStats
+
+LIVE = "LIVE"  # Envoy's word for a ready server
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class AdminContext:
+    """What the HTTP faces read: counters, config, listener state, and fixed facts."""
+
+    stats: ProxyStats
+    store: ConfigStore
+    pilot: PilotClient | None = None
+    listeners: dict[str, bool] = field(default_factory=dict)  # direction -> bound
+    info: dict[str, Any] = field(default_factory=dict)  # claims from the environment, pilot URL
+    started_at: float = field(default_factory=time.time)
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready once both capture listeners are bound and a first snapshot is applied."""
+        if not self.listeners or not all(self.listeners.values()):
+            return False, "capture listeners are not bound yet"
+        if self.store.snapshot is None:
+            return False, "no snapshot applied from the pilot yet"
+        return True, LIVE
+
+    def ack_state(self) -> str:
+        """One of: none, pending (the answer is not delivered yet), ACK, NACK."""
+        answer = self.store.last_answer
+        if answer is None:
+            return "none"
+        if self.pilot is not None and self.pilot.pending is answer:
+            return "pending"
+        return "ACK" if answer.ok else "NACK"
+
+    def config_dump(self) -> dict[str, Any]:
+        snapshot = self.store.snapshot
+        answer = self.store.last_answer
+        pilot = self.pilot
+        return {
+            "version": snapshot.version if snapshot else None,
+            "snapshot": json.loads(encode_snapshot(snapshot)) if snapshot else None,
+            "applied_at": self.store.applied_at,
+            "ack_state": self.ack_state(),
+            "last_answer": asdict(answer) if answer else None,
+            "seen_version": self.store.seen_version,
+            "pilot": None if pilot is None else {
+                "url": pilot.url,
+                "last_contact": pilot.last_contact,
+                "failures": pilot.failures,
+                "last_error": pilot.last_error,
+            },
+        }
+
+    def server_info(self) -> dict[str, Any]:
+        ready, reason = self.readiness()
+        snapshot = self.store.snapshot
+        return {
+            "state": LIVE if ready else "INITIALIZING",
+            "reason": reason,
+            "composemesh_version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "identity": asdict(snapshot.identity) if snapshot else None,
+            "listeners": dict(self.listeners),
+            **self.info,
+        }
+
+
+def build_admin_app(ctx: AdminContext) -> web.Application:
+    """Port 15000: /ready, /stats, /config_dump, /server_info, /stats/prometheus."""
+
+    async def ready(request: web.Request) -> web.Response:
+        return _ready_response(ctx, LIVE)
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(ctx.stats.totals())
+
+    async def config_dump(request: web.Request) -> web.Response:
+        return web.json_response(ctx.config_dump())
+
+    async def server_info(request: web.Request) -> web.Response:
+        return web.json_response(ctx.server_info())
+
+    app = web.Application()
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/config_dump", config_dump)
+    app.router.add_get("/server_info", server_info)
+    app.router.add_get("/stats/prometheus", _prometheus_handler(ctx))
+    return app
+
+
+def build_health_app(ctx: AdminContext) -> web.Application:
+    """Port 15021: /healthz/ready, 200 when ready, else 503 with the reason."""
+
+    async def healthz_ready(request: web.Request) -> web.Response:
+        return _ready_response(ctx, "")
+
+    app = web.Application()
+    app.router.add_get("/healthz/ready", healthz_ready)
+    return app
+
+
+def build_prometheus_app(ctx: AdminContext) -> web.Application:
+    """Port 15090: /stats/prometheus."""
+    app = web.Application()
+    app.router.add_get("/stats/prometheus", _prometheus_handler(ctx))
+    return app
+
+
+def probe_ready(port: int = PORT_HEALTH, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
+    """Whether the proxy here says it is ready (GET /healthz/ready answers 200)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{host}:{port}/healthz/ready", timeout=timeout) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _ready_response(ctx: AdminContext, ok_text: str) -> web.Response:
+    ready, reason = ctx.readiness()
+    if ready:
+        return web.Response(text=ok_text + "\n" if ok_text else "")
+    return web.Response(status=503, text=f"not ready: {reason}\n")
+
+
+def _prometheus_handler(ctx: AdminContext) -> Any:
+    async def prometheus(request: web.Request) -> web.Response:
+        return web.Response(body=ctx.stats.prometheus_text().encode(),
+                            headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
+    return prometheus

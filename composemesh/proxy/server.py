@@ -1,0 +1,223 @@
+"""The proxy process: owns every listener, HTTP server and background task, and their shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from composemesh.errors import MeshError
+from composemesh.model.snapshot import ProxyIdentity, Snapshot
+from composemesh.model.wellknown import (
+    DEFAULT_VERSION,
+    PILOT_SERVICE,
+    PORT_ADMIN,
+    PORT_HEALTH,
+    PORT_INBOUND,
+    PORT_OUTBOUND,
+    PORT_PILOT,
+    PORT_PROMETHEUS,
+)
+from composemesh.proxy.admin import (
+    AdminContext,
+    build_admin_app,
+    build_health_app,
+    build_prometheus_app,
+)
+from composemesh.proxy.original_dst import original_dst
+from composemesh.proxy.pilot_client import ConfigStore, PilotClient
+from composemesh.proxy.stats import (
+    INBOUND,
+    OUTBOUND,
+    ProxyStats,
+    passthrough_labels,
+    workload_of,
+)
+from composemesh.proxy.tcp import CONNECT_TIMEOUT, Forwarder, Resolver, passthrough
+
+ENV_PILOT_URL = "COMPOSEMESH_PILOT_URL"
+ENV_SERVICE = "COMPOSEMESH_SERVICE"
+ENV_VERSION = "COMPOSEMESH_VERSION"
+ENV_COMPOSE_SERVICE = "COMPOSEMESH_COMPOSE_SERVICE"
+ENV_ADMIN_HOST = "COMPOSEMESH_ADMIN_HOST"
+DEFAULT_PILOT_URL = f"http://{PILOT_SERVICE}:{PORT_PILOT}"
+HTTP_SHUTDOWN_TIMEOUT = 1.0  # seconds an admin request may still take when we stop
+
+log = logging.getLogger("composemesh.proxy")
+T = TypeVar("T")
+
+
+class ProxyError(MeshError):
+    """The proxy could not start (a port already taken, most often) or keep running."""
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """How one proxy runs; ``from_env`` reads what the injector put in its container."""
+
+    pilot_url: str = DEFAULT_PILOT_URL
+    service: str = ""  # claimed (informational) until the pilot's snapshot attests it
+    version: str = DEFAULT_VERSION
+    compose_service: str = ""
+    capture_host: str = "0.0.0.0"
+    outbound_port: int = PORT_OUTBOUND
+    inbound_port: int = PORT_INBOUND
+    admin_host: str = "127.0.0.1"  # config dump stays inside the namespace, as Envoy's does
+    admin_port: int = PORT_ADMIN
+    health_host: str = "0.0.0.0"
+    health_port: int = PORT_HEALTH
+    prometheus_host: str = "0.0.0.0"
+    prometheus_port: int = PORT_PROMETHEUS
+    connect_timeout: float = CONNECT_TIMEOUT
+    resolver: Resolver = original_dst  # tests stand in for SO_ORIGINAL_DST here
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ProxyConfig:
+        return cls(
+            pilot_url=environ.get(ENV_PILOT_URL) or DEFAULT_PILOT_URL,
+            service=environ.get(ENV_SERVICE, ""),
+            version=environ.get(ENV_VERSION) or DEFAULT_VERSION,
+            compose_service=environ.get(ENV_COMPOSE_SERVICE, ""),
+            admin_host=environ.get(ENV_ADMIN_HOST) or "127.0.0.1",
+        )
+
+    def claimed_identity(self) -> ProxyIdentity:
+        """Who the environment says we are; used for metric labels until a snapshot arrives."""
+        return ProxyIdentity(node="", project="", compose_service=self.compose_service,
+                             service=self.service, version=self.version)
+
+
+def routing_applier(
+    outbound: Forwarder, inbound: Forwarder
+) -> Callable[[Snapshot], Callable[[], None]]:
+    """Applier: a snapshot's decisions for both forwarders, swapped in together on commit."""
+
+    def prepare(snapshot: Snapshot) -> Callable[[], None]:
+        me = workload_of(snapshot.identity)
+        out_chooser = passthrough(passthrough_labels(OUTBOUND, me))
+        in_chooser = passthrough(passthrough_labels(INBOUND, me))
+
+        def commit() -> None:
+            outbound.chooser = out_chooser
+            inbound.chooser = in_chooser
+
+        return commit
+
+    return prepare
+
+
+async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
+                context: list[AdminContext] | None = None) -> None:
+    """Run the proxy until ``stop`` is set; then close everything in reverse order of opening.
+
+    ``context``, when given, receives the AdminContext (tests read the live state from it).
+    """
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    stats = ProxyStats()
+    me = workload_of(config.claimed_identity())
+    forwarders = {
+        direction: Forwarder(direction, stats, passthrough(passthrough_labels(direction, me)),
+                             resolver=config.resolver, connect_timeout=config.connect_timeout)
+        for direction in (OUTBOUND, INBOUND)
+    }
+    store = ConfigStore([routing_applier(forwarders[OUTBOUND], forwarders[INBOUND])])
+    pilot = PilotClient(config.pilot_url, store, service=config.compose_service or config.service)
+    ctx = AdminContext(
+        stats=stats, store=store, pilot=pilot,
+        listeners=dict.fromkeys(forwarders, False),
+        info={"pilot_url": config.pilot_url, "claimed": {
+            "service": config.service, "version": config.version,
+            "compose_service": config.compose_service}},
+    )
+    if context is not None:
+        context.append(ctx)
+
+    async with contextlib.AsyncExitStack() as stack:
+        ports = {OUTBOUND: config.outbound_port, INBOUND: config.inbound_port}
+        for direction, forwarder in forwarders.items():
+            server = await _listen(
+                loop.create_server(forwarder, config.capture_host, ports[direction],
+                                   reuse_address=True, backlog=1024),
+                config.capture_host, ports[direction])
+            stack.push_async_callback(_close_listener, server, forwarder)
+            ctx.listeners[direction] = True
+        for app, host, port in (
+            (build_admin_app(ctx), config.admin_host, config.admin_port),
+            (build_health_app(ctx), config.health_host, config.health_port),
+            (build_prometheus_app(ctx), config.prometheus_host, config.prometheus_port),
+        ):
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            await _listen(site.start(), host, port)
+        pilot_task = loop.create_task(pilot.run(), name="composemesh-pilot-client")
+        stack.push_async_callback(_cancel, pilot_task)
+        log.info("proxy listening: outbound %s, inbound %s, admin %s:%s; pilot %s",
+                 config.outbound_port, config.inbound_port, config.admin_host,
+                 config.admin_port, config.pilot_url)
+        stopping = loop.create_task(stop.wait())
+        done, _ = await asyncio.wait({stopping, pilot_task}, return_when=asyncio.FIRST_COMPLETED)
+        if pilot_task in done and not pilot_task.cancelled() and pilot_task.exception():
+            stopping.cancel()
+            raise ProxyError(f"pilot client stopped: {pilot_task.exception()!r}")
+        log.info("proxy stopping")
+
+
+def run_proxy(environ: Mapping[str, str] | None = None) -> int:
+    """`composemesh proxy`: serve until SIGTERM/SIGINT; 0 on a clean stop, 1 if it cannot start."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ProxyConfig.from_env(os.environ if environ is None else environ)
+    try:
+        _run(_main(config))
+    except MeshError as exc:
+        print(f"composemesh proxy: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+async def _main(config: ProxyConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # PID 1: no default actions, so ours
+        loop.add_signal_handler(signum, stop.set)
+    await serve(config, stop)
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
+async def _listen(opening: Awaitable[T], host: str, port: int) -> T:
+    try:
+        return await opening
+    except OSError as exc:
+        raise ProxyError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+async def _close_listener(server: asyncio.Server, forwarder: Forwarder) -> None:
+    server.close()  # stop accepting ...
+    forwarder.abort_all()  # ... and drop what is in flight
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(server.wait_closed(), HTTP_SHUTDOWN_TIMEOUT)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

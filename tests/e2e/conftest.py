@@ -1,0 +1,193 @@
+"""Fixtures for end-to-end tests on the real Docker engine: images, meshes, and clean-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BOOKINFO = REPO / "examples" / "bookinfo" / "compose.yaml"
+PREFIX = "cmtest"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+def composemesh(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+                timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI as a user would (a new process), capturing what it prints."""
+    return subprocess.run(
+        [sys.executable, "-m", "composemesh", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        env={**os.environ, **(env or {}), "COLUMNS": "200"},
+    )
+
+
+def docker(*args: str, check: bool = True, timeout: float = 120) -> str:
+    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def project_resources(project: str) -> dict[str, list[str]]:
+    """Whatever of ``project`` still exists in the engine."""
+    label = f"label=com.docker.compose.project={project}"
+    return {
+        "containers": docker("ps", "-a", "--filter", label, "--format", "{{.Names}}").split(),
+        "networks": docker("network", "ls", "--filter", label, "--format", "{{.Name}}").split(),
+        "volumes": docker("volume", "ls", "--filter", label, "--format", "{{.Name}}").split(),
+    }
+
+
+def force_remove(project: str) -> None:
+    """Last-resort clean-up, used only when a test failed before its own `down`."""
+    left = project_resources(project)
+    if left["containers"]:
+        docker("rm", "-f", "-v", *left["containers"], check=False)
+    for net in left["networks"]:
+        docker("network", "rm", net, check=False)
+    for vol in left["volumes"]:
+        docker("volume", "rm", "-f", vol, check=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def unique_project(tag: str) -> str:
+    return f"{PREFIX}-{tag}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Mesh:
+    """A running meshed compose project, as `composemesh up` left it."""
+
+    project: str
+    files: list[Path]
+    env: dict[str, str] = field(default_factory=dict)
+    up_seconds: float = 0.0
+
+    def container(self, compose_service: str) -> str:
+        name = docker("ps", "-a", "--filter", f"label=com.docker.compose.project={self.project}",
+                      "--filter", f"label=com.docker.compose.service={compose_service}",
+                      "--format", "{{.Names}}").split()
+        assert len(name) == 1, f"expected one container of {compose_service}, got {name}"
+        return name[0]
+
+    def exec(self, compose_service: str, *cmd: str, timeout: float = 60) -> str:
+        proc = subprocess.run(["docker", "exec", self.container(compose_service), *cmd],
+                              capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"{cmd} in {compose_service}: {proc.stdout}{proc.stderr}"
+        return proc.stdout
+
+    def get_json(self, compose_service: str, url: str, *extra: str) -> list[dict]:
+        """HTTP GETs made by an app container, as an app would make them."""
+        lines = self.exec(compose_service, "python3", "/app/demo.py", "get", url, *extra)
+        return [json.loads(line) for line in lines.splitlines() if line.strip()]
+
+    def address(self, compose_service: str) -> str:
+        """An address of the netns holder of ``compose_service`` (reachable from the host)."""
+        holder = self.container(f"{compose_service}-netns")
+        nets = json.loads(docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", holder))
+        return next(n["IPAddress"] for n in nets.values() if n["IPAddress"])
+
+    def proxy_stats(self, compose_service: str) -> dict:
+        """The admin /stats JSON of the sidecar of ``compose_service`` (admin is loopback-only,
+        as Istio's, so it is read from inside the proxy's namespace)."""
+        code = ("import urllib.request,sys;"
+                "sys.stdout.write(urllib.request.urlopen("
+                "'http://127.0.0.1:15000/stats',timeout=5).read().decode())")
+        deadline = time.monotonic() + 30
+        while True:
+            proc = subprocess.run(
+                ["docker", "exec", self.container(f"{compose_service}-proxy"),
+                 "python3", "-c", code], capture_output=True, text=True, timeout=30)
+            if proc.returncode == 0:
+                return json.loads(proc.stdout)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"stats of {compose_service}: {proc.stderr}")
+            time.sleep(0.5)
+
+    def prometheus(self, compose_service: str) -> str:
+        """What Prometheus scrapes: port 15090 on the namespace's address, from the host."""
+        url = f"http://{self.address(compose_service)}:15090/stats/prometheus"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read().decode()
+
+    def compose(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`docker compose` on the meshed file that `up` wrote."""
+        meshed = Path.home() / ".local" / "state" / "composemesh" / self.project / "compose.yaml"
+        return subprocess.run(
+            ["docker", "compose", "-p", self.project, "--project-directory",
+             str(self.files[0].parent), "-f", str(meshed), *args],
+            capture_output=True, text=True, timeout=300, env={**os.environ, **self.env},
+        )
+
+
+@pytest.fixture(scope="session")
+def engine() -> None:
+    """The real engine must answer; in CI its absence is a failure, not a skip."""
+    proc = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        message = f"Docker engine not reachable: {proc.stderr.strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def images(engine: None) -> None:
+    """Build (or find cached) the mesh and demo images once per session."""
+    import docker as docker_sdk
+
+    from composemesh.engine.images import ensure_images
+
+    ensure_images(docker_sdk.from_env(timeout=900))
+
+
+def bring_up(project: str, files: list[Path], env: dict[str, str]) -> Mesh:
+    started = time.monotonic()
+    proc = composemesh("up", *sum((["-f", str(f)] for f in files), []), "-p", project, env=env)
+    mesh = Mesh(project=project, files=files, env=env, up_seconds=time.monotonic() - started)
+    if proc.returncode != 0:
+        force_remove(project)
+        raise AssertionError(f"composemesh up failed ({proc.returncode}):\n{proc.stdout}\n"
+                             f"{proc.stderr}")
+    return mesh
+
+
+def tear_down(mesh: Mesh) -> None:
+    args = sum((["-f", str(f)] for f in mesh.files), [])
+    proc = composemesh("down", *args, "-p", mesh.project, "-v", env=mesh.env)
+    left = project_resources(mesh.project)
+    force_remove(mesh.project)
+    assert proc.returncode == 0, f"composemesh down failed:\n{proc.stdout}\n{proc.stderr}"
+    assert left == {"containers": [], "networks": [], "volumes": []}, f"left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def bookinfo(images: None) -> Iterator[Mesh]:
+    project = unique_project("bookinfo")
+    mesh = bring_up(project, [BOOKINFO], {"BOOKINFO_PORT": str(free_port())})
+    try:
+        yield mesh
+    finally:
+        tear_down(mesh)

@@ -1,0 +1,174 @@
+"""The example mesh on the real engine: traffic through both sidecars, and the namespace owner.
+
+One bring-up for the module (it is the slow part); tests that disturb containers come last.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+
+from tests.e2e.conftest import Mesh, docker
+
+pytestmark = pytest.mark.e2e
+
+
+def opened(stats: dict, direction: str) -> int:
+    return int(stats[direction]["connections_opened"])
+
+
+def sent_bytes(stats: dict, direction: str) -> int:
+    return int(stats[direction]["bytes_sent"]) + int(stats[direction]["bytes_received"])
+
+
+def test_up_reports_every_proxy_ready_and_in_sync(bookinfo: Mesh) -> None:
+    from tests.e2e.conftest import composemesh
+
+    proc = composemesh("status", "-p", bookinfo.project, "--json")
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    nodes = {p["compose_service"]: p for p in status["proxies"]}
+    assert set(nodes) == {"productpage", "reviews-v1", "reviews-v2", "ratings", "details"}
+    for row in nodes.values():
+        assert row["proxy_healthy"] and row["in_sync"], row
+    assert nodes["reviews-v2"]["service"] == "reviews" and nodes["reviews-v2"]["version"] == "v2"
+    table = composemesh("status", "-p", bookinfo.project)
+    assert table.returncode == 0 and "reviews" in table.stdout and "in sync" in table.stdout
+
+
+def test_http_call_goes_through_both_sidecars(bookinfo: Mesh) -> None:
+    src_before = bookinfo.proxy_stats("ratings")
+    dst_before = [bookinfo.proxy_stats(s) for s in ("reviews-v1", "reviews-v2")]
+    answers = bookinfo.get_json("ratings", "http://reviews:9080/reviews/0", "--count", "4")
+    assert [a["status"] for a in answers] == [200] * 4
+    assert {a["service"] for a in answers} == {"reviews"}
+    src_after = bookinfo.proxy_stats("ratings")
+    dst_after = [bookinfo.proxy_stats(s) for s in ("reviews-v1", "reviews-v2")]
+    # each call opened one connection: captured outbound by ratings' proxy ...
+    assert opened(src_after, "outbound") - opened(src_before, "outbound") >= 4
+    # ... and captured inbound by whichever reviews instance answered it
+    inbound = sum(opened(a, "inbound") - opened(b, "inbound")
+                  for a, b in zip(dst_after, dst_before, strict=True))
+    assert inbound >= 4
+    assert sent_bytes(src_after, "outbound") > sent_bytes(src_before, "outbound")
+
+
+def test_raw_tcp_call_goes_through_both_sidecars(bookinfo: Mesh) -> None:
+    src_before = bookinfo.proxy_stats("productpage")
+    dst_before = bookinfo.proxy_stats("details")
+    line = bookinfo.exec("productpage", "python3", "/app/demo.py", "tcp", "details", "9000", "7")
+    answer = json.loads(line)
+    assert answer["service"] == "details" and answer["id"] == "7"
+    src_after = bookinfo.proxy_stats("productpage")
+    dst_after = bookinfo.proxy_stats("details")
+    assert opened(src_after, "outbound") > opened(src_before, "outbound")
+    assert opened(dst_after, "inbound") > opened(dst_before, "inbound")
+    assert sent_bytes(dst_after, "inbound") - sent_bytes(dst_before, "inbound") >= len(line)
+
+
+def test_published_port_reaches_the_app_through_its_proxy(bookinfo: Mesh) -> None:
+    before = bookinfo.proxy_stats("productpage")
+    url = f"http://127.0.0.1:{bookinfo.env['BOOKINFO_PORT']}/"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        page = json.load(resp)
+    assert page["service"] == "productpage"
+    assert page["reviews"]["service"] == "reviews" and page["details"]["service"] == "details"
+    after = bookinfo.proxy_stats("productpage")
+    assert opened(after, "inbound") > opened(before, "inbound")
+    assert opened(after, "outbound") >= opened(before, "outbound") + 2  # reviews + details
+
+
+def test_prometheus_endpoint_uses_istio_metric_names(bookinfo: Mesh) -> None:
+    bookinfo.get_json("ratings", "http://reviews:9080/reviews/0")
+    text = bookinfo.prometheus("ratings")
+    assert "istio_tcp_connections_opened_total{" in text
+    assert 'reporter="source"' in text
+    assert "istio_tcp_sent_bytes_total{" in text
+
+
+def test_capture_rules_are_installed_in_the_namespace(bookinfo: Mesh) -> None:
+    rules = bookinfo.exec("reviews-v1-netns", "iptables", "-t", "nat", "-S")
+    assert "--to-ports 15001" in rules and "--to-ports 15006" in rules
+    assert "--uid-owner 1337" in rules
+
+
+# ---- the namespace owner: nothing below may leave an app or its proxy without network ----
+
+
+def wait_until_serving(mesh: Mesh, compose_service: str, url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            answers = mesh.get_json(compose_service, url)
+            if answers and answers[0]["status"] == 200:
+                return
+            last = str(answers)
+        except AssertionError as exc:
+            last = str(exc)
+        time.sleep(1)
+    raise AssertionError(f"{compose_service} cannot reach {url} after {timeout}s: {last}")
+
+
+def assert_pair_has_network(mesh: Mesh, compose_service: str) -> None:
+    """The app answers through its proxy (inbound) and reaches others (outbound)."""
+    wait_until_serving(mesh, "ratings", f"http://{compose_service}:9080/healthz")
+    wait_until_serving(mesh, compose_service, "http://ratings:9080/ratings/0")
+    before = mesh.proxy_stats(compose_service)
+    mesh.get_json("ratings", f"http://{compose_service}:9080/healthz")
+    mesh.get_json(compose_service, "http://ratings:9080/ratings/0")
+    after = mesh.proxy_stats(compose_service)
+    assert opened(after, "inbound") > opened(before, "inbound")
+    assert opened(after, "outbound") > opened(before, "outbound")
+
+
+def restart_count(container: str) -> int:
+    return int(docker("inspect", "-f", "{{.RestartCount}}", container))
+
+
+def test_app_crash_and_restart_keeps_network(bookinfo: Mesh) -> None:
+    app = bookinfo.container("reviews-v1")
+    before = restart_count(app)
+    docker("exec", app, "python3", "-c", "import os, signal; os.kill(1, signal.SIGTERM)",
+           check=False)
+    deadline = time.monotonic() + 60
+    while restart_count(app) == before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert restart_count(app) > before, "the app did not crash and come back"
+    assert_pair_has_network(bookinfo, "reviews-v1")
+
+
+def test_docker_restart_of_app_keeps_network(bookinfo: Mesh) -> None:
+    docker("restart", "-t", "2", bookinfo.container("reviews-v1"))
+    assert_pair_has_network(bookinfo, "reviews-v1")
+
+
+def test_docker_restart_of_proxy_keeps_network(bookinfo: Mesh) -> None:
+    docker("restart", "-t", "2", bookinfo.container("reviews-v1-proxy"))
+    assert_pair_has_network(bookinfo, "reviews-v1")
+
+
+@pytest.mark.parametrize("side", ["reviews-v2", "reviews-v2-proxy"])
+def test_compose_recreating_either_side_keeps_network(bookinfo: Mesh, side: str) -> None:
+    old = bookinfo.container(side)
+    old_id = docker("inspect", "-f", "{{.Id}}", old)
+    proc = bookinfo.compose("up", "-d", "--wait", "--force-recreate", "--no-deps", side)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert docker("inspect", "-f", "{{.Id}}", bookinfo.container(side)) != old_id
+    assert_pair_has_network(bookinfo, "reviews-v2")
+
+
+def test_docker_restart_of_the_namespace_holder_is_healed_by_the_pilot(bookinfo: Mesh) -> None:
+    app = bookinfo.container("ratings")
+    app_started = docker("inspect", "-f", "{{.State.StartedAt}}", app)
+    docker("restart", "-t", "1", bookinfo.container("ratings-netns"))
+    deadline = time.monotonic() + 30
+    while docker("inspect", "-f", "{{.State.StartedAt}}", app) == app_started:
+        assert time.monotonic() < deadline, "the pilot did not restart the stranded app"
+        time.sleep(0.5)
+    wait_until_serving(bookinfo, "reviews-v2", "http://ratings:9080/ratings/0")
+    answers = bookinfo.get_json("ratings", "http://reviews:9080/reviews/0")
+    assert answers[0]["status"] == 200

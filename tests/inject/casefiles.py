@@ -1,0 +1,73 @@
+"""The compose files under cases/, loaded through `docker compose config` once per session."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from composemesh.inject import (
+    InjectResult,
+    LoadedProject,
+    inject,
+    load_project,
+    validate_project,
+)
+from composemesh.inject.rewrite import NETNS_KEYS
+from composemesh.model import wellknown as wk
+from composemesh.model.labels import normalize_labels
+
+CASES_DIR = Path(__file__).parent / "cases"
+OVERRIDE_SUFFIX = ".override.yaml"
+
+
+def case_names() -> list[str]:
+    """Every case: a ``NAME.yaml`` (with ``NAME.override.yaml`` as a second -f when present)."""
+    return sorted(
+        p.name.removesuffix(".yaml")
+        for p in CASES_DIR.glob("*.yaml")
+        if not p.name.endswith(OVERRIDE_SUFFIX)
+    )
+
+
+def case_files(name: str) -> list[str]:
+    files = [str(CASES_DIR / f"{name}.yaml")]
+    override = CASES_DIR / f"{name}{OVERRIDE_SUFFIX}"
+    if override.exists():
+        files.append(str(override))
+    return files
+
+
+@functools.cache
+def loaded(name: str) -> LoadedProject:
+    return load_project(case_files(name))
+
+
+@functools.cache
+def injected(name: str) -> InjectResult:
+    project = loaded(name)
+    return inject(project.model, validate_project(project).labels)
+
+
+def labels_of(svc: dict[str, Any]) -> dict[str, str]:
+    return normalize_labels(svc.get("labels"), service="?")
+
+
+def role_of(svc: dict[str, Any]) -> str | None:
+    return labels_of(svc).get(wk.LABEL_ROLE)
+
+
+def user_services(model: dict[str, Any]) -> dict[str, Any]:
+    """Services the user wrote (not added by the injector)."""
+    return {n: s for n, s in model["services"].items() if role_of(s) is None}
+
+
+def holder_of(model: dict[str, Any], app: str) -> dict[str, Any] | None:
+    """The holder whose namespace ``app`` joined, if it joined one."""
+    mode = str(model["services"][app].get("network_mode", ""))
+    target = mode.removeprefix("service:")
+    svc = model["services"].get(target) if mode.startswith("service:") else None
+    return svc if svc is not None and role_of(svc) == wk.ROLE_NETNS else None
+
+
+__all__ = ["NETNS_KEYS", "case_files", "case_names", "injected", "loaded"]

@@ -1,0 +1,83 @@
+"""`docker compose` itself accepts every injected case and reads it exactly as it was written."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from composemesh.errors import ComposeError
+from composemesh.inject import compose_config_check, dump_yaml, inject, load_project
+from composemesh.model import wellknown as wk
+
+from .casefiles import CASES_DIR, case_names, holder_of, injected, loaded, user_services
+
+CASES = case_names()
+
+
+@pytest.fixture
+def meshed_file(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A temp file in the cases directory (relative paths resolve as in the case); removed after."""
+    path = CASES_DIR / f".meshed-{uuid.uuid4().hex[:8]}.yaml"
+    yield path
+    path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compose_accepts_the_output(case: str) -> None:
+    compose_config_check(dump_yaml(injected(case).model), CASES_DIR)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compose_reads_the_output_as_written(case: str, meshed_file: Path) -> None:
+    """Loaded back through compose: the same model, holders carry the ports, a fixpoint."""
+    result = injected(case)
+    meshed_file.write_text(dump_yaml(result.model))
+    again = load_project([str(meshed_file)], loaded(case).name)
+    assert again.model == result.model
+    assert inject(again.model).model == again.model
+
+    before = loaded(case).model
+    for name, svc in user_services(before).items():
+        holder = holder_of(again.model, name)
+        if holder is None or "ports" not in svc:
+            continue
+        if svc.get("network_mode", "").startswith("service:"):
+            continue  # already meshed: its ports were on its holder all along
+        assert "ports" not in again.model["services"][name], name
+        assert holder["ports"] == svc["ports"], name
+
+
+def test_the_pilot_publishes_on_loopback_only() -> None:
+    pilot = injected("single").model["services"][wk.PILOT_SERVICE]
+    assert [(p["host_ip"], p["target"], p.get("published")) for p in pilot["ports"]] == [
+        ("127.0.0.1", wk.PORT_PILOT, None)
+    ]
+
+
+def test_compose_config_check_reports_what_compose_says(tmp_path: Path) -> None:
+    text = "services:\n  web:\n    image: x\n    networks: [nowhere]\n"
+    with pytest.raises(ComposeError) as info:
+        compose_config_check(text, tmp_path)
+    message = str(info.value)
+    assert "nowhere" in message
+    assert "\n" not in message
+
+
+def test_compose_config_check_accepts_relative_paths_from_workdir(tmp_path: Path) -> None:
+    (tmp_path / "vars.env").write_text("A=1\n")
+    text = "services:\n  web:\n    image: x\n    env_file: vars.env\n"
+    compose_config_check(text, tmp_path)
+
+
+def test_the_written_file_works_from_another_directory(tmp_path: Path) -> None:
+    """Paths compose resolved (build contexts, binds, env files) are absolute in the output."""
+    text = dump_yaml(injected("build").model)
+    out = tmp_path / "meshed.yaml"
+    out.write_text(text)
+    again = load_project([str(out)], "elsewhere")
+    context = again.model["services"]["short"]["build"]["context"]
+    assert os.path.isabs(context) and Path(context) == CASES_DIR / "app"

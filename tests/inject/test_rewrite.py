@@ -1,0 +1,684 @@
+"""The pure rewrite: invariants over every case file, then what each special shape must become."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from composemesh.errors import ConfigError
+from composemesh.inject import inject
+from composemesh.inject.rewrite import NETNS_KEYS, PILOT_URL
+from composemesh.model import wellknown as wk
+from composemesh.model.labels import parse_labels
+
+from .casefiles import (
+    case_names,
+    holder_of,
+    injected,
+    labels_of,
+    loaded,
+    role_of,
+    user_services,
+)
+
+CASES = case_names()
+
+
+def test_there_are_enough_cases() -> None:
+    assert len(CASES) >= 28
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def services_of(name: str) -> dict[str, Any]:
+    return injected(name).model["services"]
+
+
+def by_role(services: dict[str, Any], role: str) -> dict[str, Any]:
+    return {n: s for n, s in services.items() if role_of(s) == role}
+
+
+def as_map(value: Any) -> dict[str, Any]:
+    """sysctls/depends_on in either form, as a mapping."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    out = {}
+    for item in value:
+        key, _, val = str(item).partition("=")
+        out[key] = val
+    return out
+
+
+def link_name(link: str) -> tuple[str, str]:
+    target, _, alias = link.partition(":")
+    return target, alias or target
+
+
+def assert_same_links(before: list[str], after: list[str]) -> None:
+    assert len(after) == len(before)
+    for old, new in zip(before, after, strict=True):
+        (old_target, old_alias), (new_target, new_alias) = link_name(old), link_name(new)
+        assert new_alias == old_alias
+        assert new_target == old_target or new_target.endswith("-netns"), (old, new)
+
+
+def assert_same_networks(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert list(after) == list(before)
+    for net, spec in before.items():
+        spec = spec or {}
+        new = after[net] or {}
+        old_aliases = spec.get("aliases") or []
+        assert new.get("aliases", [])[: len(old_aliases)] == old_aliases, net
+        rest = {k: v for k, v in spec.items() if k != "aliases"}
+        assert {k: v for k, v in new.items() if k != "aliases"} == rest, net
+
+
+def meshed_apps(name: str) -> list[str]:
+    """Apps with a holder of their own (not joiners)."""
+    return [
+        row.service
+        for row in injected(name).services
+        if row.netns is not None and row.netns == wk.netns_service(row.service)
+    ]
+
+
+# --------------------------------------------------------------------------- invariants
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_meshed_app_has_one_holder_and_one_proxy(case: str) -> None:
+    result = injected(case)
+    services = result.model["services"]
+    holders = by_role(services, wk.ROLE_NETNS)
+    proxies = by_role(services, wk.ROLE_PROXY)
+    apps = meshed_apps(case)
+    for app in apps:
+        netns = wk.netns_service(app)
+        assert services[app]["network_mode"] == f"service:{netns}"
+        assert [n for n, s in holders.items() if labels_of(s)[wk.LABEL_OF] == app] == [netns]
+        mine = [n for n, s in proxies.items() if s["network_mode"] == f"service:{netns}"]
+        assert mine == [wk.proxy_service(app)]
+        proxy = proxies[mine[0]]
+        assert labels_of(proxy)[wk.LABEL_OF] == app
+        assert proxy["user"] == f"{wk.PROXY_UID}:{wk.PROXY_UID}"
+        assert proxy["depends_on"][wk.PILOT_SERVICE]["condition"] == "service_healthy"
+        deps = services[app]["depends_on"]
+        assert deps[wk.proxy_service(app)]["condition"] == "service_healthy"
+        assert deps[netns]["condition"] == "service_started"
+        holder = holders[netns]
+        assert set(holder["cap_add"]) >= {"NET_ADMIN", "NET_RAW"}
+        assert holder["command"] == ["composemesh", "netns"]
+        mesh_service = labels_of(holder)[wk.LABEL_SERVICE]
+        for net, spec in (holder.get("networks") or {}).items():
+            assert mesh_service in spec["aliases"], net
+            assert labels_of(holder)[wk.LABEL_OF] in spec["aliases"], net
+    # Every holder and proxy belongs to one of these apps: nothing dangling.
+    assert {labels_of(s)[wk.LABEL_OF] for s in holders.values()} == set(apps)
+    assert {labels_of(s)[wk.LABEL_OF] for s in proxies.values()} == set(apps)
+    pilots = by_role(services, wk.ROLE_PILOT)
+    assert list(pilots) == ([wk.PILOT_SERVICE] if apps else [])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_plain_enabled_services_are_meshed(case: str) -> None:
+    """A service with its own network (no network_mode) and no enable=false gets a sidecar."""
+    model = loaded(case).model
+    apps = set(meshed_apps(case))
+    for name, svc in user_services(model).items():
+        if parse_labels(labels_of(svc), compose_service=name).enabled and (
+            "network_mode" not in svc or svc["network_mode"] == "bridge"
+        ):
+            assert name in apps, name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_nothing_of_the_users_file_is_lost(case: str) -> None:
+    before = loaded(case).model
+    after = injected(case).model
+    for key, value in before.items():
+        if key != "services":
+            assert after[key] == value, key
+    assert set(before) <= set(after)
+    for name, svc in user_services(before).items():
+        app = after["services"][name]
+        holder = holder_of(after, name)
+        owner = holder is not None and labels_of(holder)[wk.LABEL_OF] == name
+        replicated = wk.LABEL_INSTANCE in labels_of(app) and owner
+        for key, value in svc.items():
+            where = f"{name}.{key}"
+            if key == "network_mode" and app.get(key) == value:  # meshed before: kept
+                continue
+            if owner and (key in NETNS_KEYS or key == "network_mode"):
+                assert holder is not None
+                assert key not in app or key == "network_mode", where
+                if key == "networks":
+                    assert_same_networks(value, holder[key])
+                elif key == "links":
+                    assert_same_links(value, holder[key])
+                elif key == "ports" and replicated:
+                    assert holder[key] == value, where  # instance 1 keeps every port
+                else:
+                    assert holder[key] == value, where
+            elif key == "sysctls" and owner:
+                assert holder is not None
+                merged = {**as_map(app.get(key)), **as_map(holder.get(key))}
+                assert merged == as_map(value), where
+            elif key == "depends_on":
+                deps = as_map(app[key])
+                for dep, condition in as_map(value).items():
+                    assert deps[dep] == condition, where
+            elif key == "labels":
+                new = labels_of(app)
+                for label, text in labels_of(svc).items():
+                    assert new[label] == text, f"{where} {label}"
+            elif key == "links":
+                assert_same_links(value, app[key])
+            elif key == "network_mode" and holder is not None:  # joined a meshed namespace
+                assert app[key] == f"service:{next(iter(_holder_names(after, app)))}"
+            elif replicated and key == "scale":
+                assert key not in app
+            elif replicated and key == "deploy":
+                rest = {k: v for k, v in value.items() if k != "replicas"}
+                assert app.get(key, {}) == rest, where
+            else:
+                assert app[key] == value, where
+
+
+def _holder_names(model: dict[str, Any], app: dict[str, Any]) -> list[str]:
+    return [str(app["network_mode"]).removeprefix("service:")]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_injecting_twice_changes_nothing(case: str) -> None:
+    once = injected(case)
+    twice = inject(once.model)
+    assert twice.model == once.model
+    assert json.dumps(twice.model) == json.dumps(once.model)  # same order too
+    assert [a for a in twice.added] == [a for a in once.added]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_input_is_not_mutated(case: str) -> None:
+    model = loaded(case).model
+    before = copy.deepcopy(model)
+    result = inject(model)
+    assert model == before
+    result.model["services"].clear()
+    assert model == before
+
+
+# --------------------------------------------------------------------------- per case
+
+
+def test_single_service_gets_holder_proxy_and_pilot() -> None:
+    services = services_of("single")
+    assert list(services) == ["web", "web-netns", "web-proxy", wk.PILOT_SERVICE]
+    holder, proxy, pilot = (services[n] for n in ("web-netns", "web-proxy", wk.PILOT_SERVICE))
+    assert holder["image"] == wk.MESH_IMAGE
+    assert holder["restart"] == "unless-stopped"
+    assert holder["networks"] == {"default": {"aliases": ["web"]}}
+    assert labels_of(holder) == {
+        wk.LABEL_ROLE: wk.ROLE_NETNS,
+        wk.LABEL_OF: "web",
+        wk.LABEL_SERVICE: "web",
+        wk.LABEL_VERSION: "v1",
+    }
+    assert proxy["command"] == ["composemesh", "proxy"]
+    assert proxy["environment"] == {
+        "COMPOSEMESH_PILOT_URL": PILOT_URL,
+        "COMPOSEMESH_SERVICE": "web",
+        "COMPOSEMESH_VERSION": "v1",
+        "COMPOSEMESH_COMPOSE_SERVICE": "web",
+    }
+    assert proxy["healthcheck"]["test"] == ["CMD", "composemesh", "proxy-ready"]
+    assert PILOT_URL == "http://composemesh-pilot:15010"
+    assert pilot["command"] == ["composemesh", "pilot"]
+    assert pilot["ports"] == [
+        {"mode": "ingress", "host_ip": "127.0.0.1", "target": 15010, "protocol": "tcp"}
+    ]
+    assert pilot["volumes"][0]["source"] == "/var/run/docker.sock"
+    assert pilot["networks"] == {"default": None}
+    assert pilot["healthcheck"]["test"] == ["CMD", "composemesh", "pilot-ready"]
+    assert "environment" not in pilot  # no x-composemesh section
+    assert services["web"] == {
+        "image": "nginx:1.27",
+        "network_mode": "service:web-netns",
+        "depends_on": {
+            "web-netns": {"condition": "service_started", "required": True, "restart": True},
+            "web-proxy": {"condition": "service_healthy", "required": True},
+        },
+    }
+    assert injected("single").warnings == ()
+
+
+def test_bookinfo_versions_share_the_mesh_service_alias() -> None:
+    services = services_of("bookinfo")
+    for version in ("v1", "v2", "v3"):
+        holder = services[f"reviews-{version}-netns"]
+        assert holder["networks"]["default"]["aliases"] == [f"reviews-{version}", "reviews"]
+        assert labels_of(holder)[wk.LABEL_VERSION] == version
+        assert labels_of(holder)[wk.LABEL_SERVICE] == "reviews"
+        env = services[f"reviews-{version}-proxy"]["environment"]
+        assert env["COMPOSEMESH_SERVICE"] == "reviews"
+        assert env["COMPOSEMESH_COMPOSE_SERVICE"] == f"reviews-{version}"
+    assert services["productpage-netns"]["ports"][0]["published"] == "9080"
+    assert "ports" not in services["productpage"]
+    assert services["productpage"]["depends_on"]["details"]["condition"] == "service_started"
+
+
+def test_ports_of_every_syntax_move_to_the_holder() -> None:
+    before = loaded("ports").model["services"]["gateway"]["ports"]
+    services = services_of("ports")
+    assert services["gateway-netns"]["ports"] == before
+    protocols = {p.get("protocol") for p in before}
+    assert protocols == {"tcp", "udp"}
+    assert any(p.get("host_ip") == "::1" for p in before)
+    assert "ports" not in services["gateway"]
+
+
+def test_network_aliases_and_addresses_stay_with_the_holder() -> None:
+    services = services_of("network_aliases")
+    nets = services["api-netns"]["networks"]
+    assert nets["front"]["aliases"] == ["api.internal", "public-api", "api"]
+    assert nets["front"]["ipv4_address"] == "172.29.10.10"
+    assert nets["back"]["aliases"] == ["api"]  # already there: not repeated
+    assert services["db-netns"]["networks"]["back"]["priority"] == 100
+    assert services[wk.PILOT_SERVICE]["networks"] == {"back": None, "front": None}
+
+
+def test_pilot_joins_every_network_a_holder_is_on() -> None:
+    pilot = services_of("multi_networks")[wk.PILOT_SERVICE]
+    assert set(pilot["networks"]) == {"front", "back", "default", "internal-only"}
+    external = services_of("external_network")[wk.PILOT_SERVICE]
+    assert set(external["networks"]) == {"shared", "default"}
+
+
+def test_namespace_settings_move_to_the_holder() -> None:
+    services = services_of("host_settings")
+    holder, app = services["legacy-netns"], services["legacy"]
+    for key in ("hostname", "domainname", "dns", "dns_search", "dns_opt", "extra_hosts",
+                "mac_address"):
+        assert key in holder, key
+        assert key not in app, key
+    assert holder["hostname"] == "legacy-box"
+    assert services["single_dns-netns"]["dns"] in ("8.8.8.8", ["8.8.8.8"])
+
+
+def test_expose_moves_to_the_holder() -> None:
+    services = services_of("expose")
+    assert services["backend-netns"]["expose"] == ["3000", "8000-8002", "9000/udp"]
+    assert "expose" not in services["backend"]
+
+
+def test_app_keeps_volumes_healthcheck_and_the_rest() -> None:
+    db = services_of("volumes")["db"]
+    assert db["volumes"] == loaded("volumes").model["services"]["db"]["volumes"]
+    assert "volumes" not in services_of("volumes")["db-netns"]
+    api = services_of("healthcheck")["api"]
+    assert api["healthcheck"]["test"][0] == "CMD-SHELL"
+    assert "healthcheck" not in services_of("healthcheck")["api-netns"]
+
+
+def test_depends_on_keeps_conditions_and_gains_the_sidecar() -> None:
+    services = services_of("depends_on")
+    api = services["api"]["depends_on"]
+    assert api["db"] == {"condition": "service_healthy", "required": True, "restart": True}
+    assert api["migrate"]["condition"] == "service_completed_successfully"
+    assert api["optional"]["required"] is False
+    assert api["api-proxy"]["condition"] == "service_healthy"
+    assert list(services["web"]["depends_on"])[:2] == ["api", "cache"]
+
+
+def test_list_form_depends_on_becomes_a_mapping() -> None:
+    model = {"services": {"a": {"image": "x", "depends_on": ["b"]}, "b": {"image": "y"}}}
+    deps = inject(model).model["services"]["a"]["depends_on"]
+    assert deps == {
+        "b": {"condition": "service_started", "required": True},
+        "a-netns": {"condition": "service_started", "required": True, "restart": True},
+        "a-proxy": {"condition": "service_healthy", "required": True},
+    }
+
+
+def test_holder_and_proxy_follow_the_apps_profiles() -> None:
+    services = services_of("profiles")
+    for name in ("debug-netns", "debug-proxy"):
+        assert services[name]["profiles"] == ["debug", "tools"]
+    assert services["metrics-proxy"]["profiles"] == ["monitoring"]
+    assert "profiles" not in services["web-netns"]
+    assert "profiles" not in services[wk.PILOT_SERVICE]
+
+
+def test_replicas_expand_into_instances() -> None:
+    result = injected("replicas")
+    services = result.model["services"]
+    names = [n for n in services if n.startswith("worker")]
+    assert names == [
+        "worker", "worker-netns", "worker-proxy",
+        "worker-2", "worker-2-netns", "worker-2-proxy",
+        "worker-3", "worker-3-netns", "worker-3-proxy",
+    ]
+    for index, inst in enumerate(("worker", "worker-2", "worker-3"), start=1):
+        app = services[inst]
+        assert labels_of(app)[wk.LABEL_SERVICE] == "worker"
+        assert labels_of(app)[wk.LABEL_INSTANCE] == str(index)
+        assert labels_of(app)[wk.LABEL_VERSION] == "v2"
+        assert app["deploy"] == {"resources": {"limits": {"memory": "64M"}}}
+        holder = services[f"{inst}-netns"]
+        assert labels_of(holder)[wk.LABEL_INSTANCE] == str(index)
+        assert labels_of(holder)[wk.LABEL_SERVICE] == "worker"
+        assert "worker" in holder["networks"]["default"]["aliases"]
+        assert inst in holder["networks"]["default"]["aliases"]
+    published = [p.get("published") for p in services["worker-netns"]["ports"]]
+    assert published == ["8080", None, "7000-7010"]
+    for inst in ("worker-2", "worker-3"):
+        ports = services[f"{inst}-netns"]["ports"]
+        assert [p.get("published") for p in ports] == [None, "7000-7010"]
+    client = services["client"]["depends_on"]
+    for inst in ("worker", "worker-2", "worker-3"):
+        assert client[inst]["condition"] == "service_healthy"
+        assert services["watcher"]["depends_on"][inst]["condition"] == "service_started"
+    assert any("3 replicas expanded" in w and "worker-3" in w for w in result.warnings)
+    assert (
+        "service 'worker': published port 8080:80/tcp stays on the first instance only "
+        "(a fixed host port can be bound once)"
+    ) in result.warnings
+
+
+def test_scale_expands_too() -> None:
+    services = services_of("scale")
+    assert "scale" not in services["api"]
+    assert "scale" not in services["api-2"]
+    assert labels_of(services["api-2"])[wk.LABEL_SERVICE] == "backend"
+    assert services["api-2-netns"]["expose"] == ["8080"]
+    assert services["api-2-proxy"]["environment"]["COMPOSEMESH_SERVICE"] == "backend"
+    assert set(services["frontend"]["depends_on"]) >= {"api", "api-2"}
+
+
+def test_zero_replicas_keep_one_service_with_zero_everywhere() -> None:
+    services = services_of("replicas_zero")
+    assert services["standby"]["deploy"] == {"replicas": 0}
+    assert services["standby-netns"]["deploy"] == {"replicas": 0}
+    assert services["standby-proxy"]["deploy"] == {"replicas": 0}
+    assert "standby-2" not in services
+    assert "deploy" not in services["active-netns"]
+
+
+@pytest.mark.parametrize(
+    ("case", "service", "mode"),
+    [
+        ("network_mode_host", "node-exporter", "host"),
+        ("network_mode_none", "batch", "none"),
+        ("network_mode_container", "probe", "container:abc123"),
+    ],
+)
+def test_own_namespace_modes_are_left_out(case: str, service: str, mode: str) -> None:
+    result = injected(case)
+    services = result.model["services"]
+    assert services[service] == loaded(case).model["services"][service]
+    assert f"{service}-netns" not in services and f"{service}-proxy" not in services
+    assert [w for w in result.warnings if w.startswith(f"service {service!r}")] == [
+        w for w in result.warnings if f"network_mode {mode}: left out of the mesh" in w
+    ]
+    assert any(f"network_mode {mode}: left out of the mesh" in w for w in result.warnings)
+    assert "web-netns" in services  # the others are still meshed
+
+
+def test_host_mode_warning_text() -> None:
+    assert injected("network_mode_host").warnings == (
+        "service 'node-exporter': network_mode host: left out of the mesh "
+        "(a sidecar needs the service's own network namespace)",
+    )
+
+
+def test_service_mode_joins_the_meshed_namespace() -> None:
+    result = injected("network_mode_service_meshed")
+    services = result.model["services"]
+    for joiner in ("debug", "nested"):
+        assert services[joiner]["network_mode"] == "service:app-netns"
+        assert services[joiner]["depends_on"]["app-proxy"]["condition"] == "service_healthy"
+        assert f"{joiner}-netns" not in services and f"{joiner}-proxy" not in services
+        assert any(w.startswith(f"service {joiner!r}: network_mode service:") for w in
+                   result.warnings)
+    assert [r.proxy for r in result.services if r.service == "debug"] == ["app-proxy"]
+
+
+def test_chained_service_modes_resolve_to_the_first_owner() -> None:
+    services = services_of("chained_network_mode")
+    assert services["helper"]["network_mode"] == "service:core-netns"
+    assert services["helper-of-helper"]["network_mode"] == "service:core-netns"
+    assert set(services["core-netns"]["networks"]) == {"default", "extra"}
+
+
+def test_service_mode_on_an_unmeshed_service_is_left_out() -> None:
+    result = injected("network_mode_service_unmeshed")
+    services = result.model["services"]
+    assert services["torrent"] == loaded("network_mode_service_unmeshed").model["services"][
+        "torrent"
+    ]
+    assert services["vpn"] == loaded("network_mode_service_unmeshed").model["services"]["vpn"]
+    assert result.warnings == (
+        "service 'torrent': network_mode service:vpn: left out of the mesh "
+        "(service 'vpn' is not in the mesh)",
+    )
+
+
+def test_bridge_mode_moves_to_the_holder_with_a_warning() -> None:
+    result = injected("network_mode_bridge")
+    services = result.model["services"]
+    assert services["legacy-netns"]["network_mode"] == "bridge"
+    assert "networks" not in services["legacy-netns"]
+    assert services["legacy-netns"]["ports"][0]["published"] == "8088"
+    assert services["legacy"]["network_mode"] == "service:legacy-netns"
+    assert any("network aliases do not work" in w and "'legacy'" in w for w in result.warnings)
+    assert services[wk.PILOT_SERVICE]["networks"] == {"default": None}
+
+
+def test_disabled_services_are_untouched() -> None:
+    result = injected("disabled")
+    services = result.model["services"]
+    before = loaded("disabled").model["services"]
+    assert services["db"] == before["db"]
+    assert services["cache"] == before["cache"]
+    assert "db-netns" not in services and "cache-proxy" not in services
+    assert {r.service: r.netns for r in result.services} == {
+        "web": "web-netns", "db": None, "cache": None,
+    }
+
+
+def test_user_aliases_are_kept_beside_the_mesh_names() -> None:
+    services = services_of("versions_weights")
+    assert services["checkout-v2-netns"]["networks"]["default"]["aliases"] == [
+        "checkout-canary", "checkout-v2", "checkout",
+    ]
+    assert services["cart-netns"]["networks"]["default"]["aliases"] == ["cart", "checkout-cart"]
+    assert labels_of(services["checkout-v1-proxy"])[wk.LABEL_VERSION] == "v1"
+
+
+def test_extension_fields_survive() -> None:
+    before = loaded("anchors_merge").model
+    services = services_of("anchors_merge")
+    assert injected("anchors_merge").model["x-common"] == before["x-common"]
+    assert services["two"]["x-team"] == "payments"
+    assert services["one"]["x-note"] == "shared defaults"
+    assert services["two"]["environment"] == {"LOG_LEVEL": "info", "EXTRA": "yes"}
+    assert services["one"]["logging"]["options"]["max-size"] == "10m"
+
+
+def test_net_sysctls_split_from_the_others() -> None:
+    services = services_of("sysctls")
+    assert services["listed-netns"]["sysctls"] == [
+        "net.core.somaxconn=1024", "net.ipv4.tcp_syncookies=0",
+    ]
+    assert services["listed"]["sysctls"] == ["kernel.msgmax=65536"]
+    assert list(services["mapped-netns"]["sysctls"]) == ["net.ipv4.ip_local_port_range"]
+    assert list(services["mapped"]["sysctls"]) == ["kernel.shmmax"]
+    assert "sysctls" not in services["only_net"]
+    assert "sysctls" in services["only_net-netns"]
+
+
+def test_links_point_at_the_holder() -> None:
+    services = services_of("links")
+    holder = services["web-netns"]
+    assert holder["links"] == ["db-netns:db", "cache:redis"]  # cache is not meshed
+    assert holder["external_links"] == ["some_other_project_db_1:legacy-db"]
+    assert holder["depends_on"]["db-netns"]["condition"] == "service_started"
+    assert "links" not in services["web"]
+
+
+def test_extends_is_resolved_before_injection() -> None:
+    services = services_of("extends")
+    assert as_map(services["derived"]["environment"]) == {"ROLE": "derived"}
+    assert labels_of(services["derived-netns"])[wk.LABEL_VERSION] == "v2"
+    assert labels_of(services["derived-netns"])[wk.LABEL_SERVICE] == "base"
+    assert services["derived-netns"]["ports"] == services["base-netns"]["ports"]
+
+
+def test_settings_reach_the_pilot_as_json() -> None:
+    model = injected("x_composemesh").model
+    env = model["services"][wk.PILOT_SERVICE]["environment"]
+    settings = json.loads(env["COMPOSEMESH_SETTINGS"])
+    assert settings == loaded("x_composemesh").model["x-composemesh"]
+    assert settings["trust_domain"] == "shop.example.com"
+    # Left for compose to interpolate at `up`, like the x-composemesh section itself.
+    assert "${CONSUL_TOKEN:-}" in env["COMPOSEMESH_SETTINGS"]
+    assert "$$5" in env["COMPOSEMESH_SETTINGS"]
+
+
+def test_an_injected_file_loaded_again_comes_back_unchanged() -> None:
+    model = loaded("already_meshed").model
+    result = inject(model)
+    assert result.model == model
+    assert set(result.warnings) == {
+        "service 'sidecar': network_mode service:api-netns: shares the network namespace "
+        "and the proxy of meshed service 'api' (no sidecar of its own)",
+        "service 'metrics': network_mode host: left out of the mesh "
+        "(a sidecar needs the service's own network namespace)",
+    }
+    assert {a.name for a in result.added} == {
+        "front-netns", "front-proxy", "api-netns", "api-proxy",
+        "api-2-netns", "api-2-proxy", wk.PILOT_SERVICE,
+    }
+
+
+def test_a_service_added_to_a_meshed_file_is_injected() -> None:
+    before = loaded("meshed_plus_new").model
+    services = services_of("meshed_plus_new")
+    assert services["late"]["network_mode"] == "service:late-netns"
+    assert services["late-netns"]["ports"] == before["services"]["late"]["ports"]
+    assert set(services["late"]["depends_on"]) >= {"api", "api-2"}
+    old = loaded("already_meshed").model["services"]
+    for name, svc in old.items():
+        assert services[name] == svc, name
+
+
+def test_multi_file_projects_merge_before_injection() -> None:
+    services = services_of("override")
+    published = {p["published"] for p in services["web-netns"]["ports"]}
+    assert published == {"8080", "8443"}
+    assert labels_of(services["web-netns"])[wk.LABEL_VERSION] == "v2"
+
+
+def test_deploy_keeps_everything_but_replicas() -> None:
+    services = services_of("deploy_other")
+    for inst in ("api", "api-2"):
+        deploy = services[inst]["deploy"]
+        assert "replicas" not in deploy
+        assert deploy["restart_policy"] == {"condition": "on-failure"}
+        assert services[inst]["cap_add"] == ["SYS_PTRACE"]
+        assert services[inst]["user"] == "1000:1000"
+
+
+# --------------------------------------------------------------------------- pure shapes
+
+
+def test_custom_image_and_raw_short_syntax() -> None:
+    model = {
+        "services": {
+            "w": {
+                "image": "x",
+                "deploy": {"replicas": 2},
+                "ports": ["8080:80", "127.0.0.1::81", "[::1]:9000:9000/udp", 82, "8000-8001:83"],
+                "networks": ["a", "b"],
+            }
+        },
+        "networks": {"a": None, "b": None},
+    }
+    result = inject(model, image="registry.local/mesh:dev")
+    services = result.model["services"]
+    assert {s["image"] for n, s in services.items() if n != "w" and n != "w-2"} == {
+        "registry.local/mesh:dev"
+    }
+    assert services["w-2-netns"]["ports"] == ["127.0.0.1::81", 82, "8000-8001:83"]
+    assert services["w-netns"]["networks"] == {
+        "a": {"aliases": ["w"]}, "b": {"aliases": ["w"]},
+    }
+    assert services["w-2-netns"]["networks"]["a"] == {"aliases": ["w-2", "w"]}
+    assert any("8080:80" in w and "[::1]:9000:9000/udp" in w for w in result.warnings)
+
+
+def test_labels_are_parsed_when_not_given() -> None:
+    model = {"services": {"a": {"image": "x", "labels": {"composemesh.enable": "false"}}}}
+    result = inject(model)
+    assert result.model == {"services": {"a": {"image": "x", "labels": {
+        "composemesh.enable": "false"}}}}
+    assert result.warnings == ("no service is in the mesh: nothing was injected",)
+    assert result.added == ()
+
+
+def test_given_labels_take_precedence() -> None:
+    model = {"services": {"a": {"image": "x"}}}
+    labels = {"a": parse_labels({"composemesh.version": "v9"}, compose_service="a")}
+    services = inject(model, labels).model["services"]
+    assert labels_of(services["a-netns"])[wk.LABEL_VERSION] == "v9"
+
+
+def test_a_user_service_with_an_injected_name_is_refused() -> None:
+    model = {"services": {"web": {"image": "x"}, "web-proxy": {"image": "y"}}}
+    with pytest.raises(ConfigError) as info:
+        inject(model)
+    assert "'web-proxy'" in str(info.value) and "'web'" in str(info.value)
+
+
+def test_foreign_roles_are_kept_and_orphans_dropped() -> None:
+    model = {
+        "services": {
+            "gw": {"image": "g", "labels": {wk.LABEL_ROLE: "gateway"}},
+            "gone-netns": {"image": "m", "labels": {wk.LABEL_ROLE: wk.ROLE_NETNS,
+                                                     wk.LABEL_OF: "gone"}},
+            "gone-proxy": {"image": "m", "labels": {wk.LABEL_ROLE: wk.ROLE_PROXY,
+                                                     wk.LABEL_OF: "gone"}},
+            "web": {"image": "x"},
+        }
+    }
+    result = inject(model)
+    services = result.model["services"]
+    assert services["gw"] == model["services"]["gw"]
+    assert "gone-netns" not in services and "gone-proxy" not in services
+    assert "web-netns" in services
+    assert (
+        "service 'gone-netns': injected earlier, dropped now: its app 'gone' is gone or out "
+        "of the mesh"
+    ) in result.warnings
+
+
+def test_non_numeric_replicas_are_not_expanded() -> None:
+    model = {"services": {"w": {"image": "x", "deploy": {"replicas": "${N}"}}}}
+    result = inject(model)
+    assert "w-2" not in result.model["services"]
+    assert result.model["services"]["w"]["deploy"] == {"replicas": "${N}"}
+    assert any("'${N}' is not a number" in w for w in result.warnings)
+
+
+def test_added_lists_every_injected_service() -> None:
+    result = injected("bookinfo")
+    roles = {a.name: (a.role, a.of) for a in result.added}
+    assert roles["ratings-netns"] == (wk.ROLE_NETNS, "ratings")
+    assert roles["ratings-proxy"] == (wk.ROLE_PROXY, "ratings")
+    assert roles[wk.PILOT_SERVICE] == (wk.ROLE_PILOT, None)
+    assert len(roles) == 2 * 6 + 1

@@ -1,0 +1,113 @@
+"""A test double of the pilot's proxy-facing API (long-poll snapshots, ACK/NACK).
+
+It stands in for the real pilot (``composemesh/pilot``), which needs the Docker engine to
+attest proxies: these tests exercise the proxy's side of the protocol alone, on 127.0.0.1.
+Run as a script it serves one fixed snapshot: ``python pilot_double.py PORT NODE SERVICE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from composemesh.model.snapshot import (
+    Ack,
+    ProxyIdentity,
+    Snapshot,
+    decode_ack,
+    encode_snapshot,
+)
+
+
+def snapshot_body(version: str, node: str = "shop-web-netns-1", service: str = "web",
+                  compose_service: str = "web-v1", subset: str = "v1") -> bytes:
+    identity = ProxyIdentity(node=node, project="shop", compose_service=compose_service,
+                             service=service, version=subset)
+    return encode_snapshot(Snapshot(version=version, identity=identity))
+
+
+@dataclass
+class Poll:
+    version: str
+    service_header: str | None
+
+
+class PilotDouble:
+    """Serves whatever was last published; records every poll and every answer."""
+
+    def __init__(self, hold: float = 0.3) -> None:
+        self.hold = hold  # how long a poll waits for a change before 304 (the pilot: ~30 s)
+        self.current: tuple[str, bytes] | None = None
+        self.polls: list[Poll] = []
+        self.answers: list[Ack] = []
+        self.log: list[str] = []  # "poll <version>", "refused", "ACK <v>"/"NACK <v>", in order
+        self.fail_answers = 0  # answer the next N ACK/NACK posts with 503
+        self.refuse_answers = 0  # ... with 403, as the pilot does for a node it does not know
+        self.poll_status: int | None = None  # answer polls with this status instead
+        self._changed = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def publish(self, version: str, body: bytes) -> None:
+        self.current = (version, body)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _snapshot(self, request: web.Request) -> web.Response:
+        seen = request.query.get("version", "")
+        self.polls.append(Poll(seen, request.headers.get("X-Composemesh-Service")))
+        self.log.append(f"poll {seen}")
+        if self.poll_status is not None:
+            return web.Response(status=self.poll_status)
+        if self.current is None or self.current[0] == seen:
+            try:
+                await asyncio.wait_for(self._changed.wait(), self.hold)
+            except TimeoutError:
+                return web.Response(status=304)
+        assert self.current is not None
+        return web.Response(body=self.current[1], content_type="application/json")
+
+    async def _ack(self, request: web.Request) -> web.Response:
+        if self.fail_answers:
+            self.fail_answers -= 1
+            self.log.append("refused")
+            return web.Response(status=503)
+        if self.refuse_answers:
+            self.refuse_answers -= 1
+            self.log.append("forbidden")
+            return web.Response(status=403)
+        answer = decode_ack(await request.read())
+        self.answers.append(answer)
+        self.log.append(f"{'ACK' if answer.ok else 'NACK'} {answer.version}")
+        return web.Response(status=204)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        app = web.Application()
+        app.router.add_get("/v1/snapshot", self._snapshot)
+        app.router.add_post("/v1/ack", self._ack)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def _serve_forever(port: int, node: str, service: str) -> None:
+    pilot = PilotDouble(hold=5.0)
+    pilot.publish("v1", snapshot_body("v1", node=node, service=service,
+                                      compose_service=f"{service}-v1"))
+    await pilot.start("127.0.0.1", port)
+    print("pilot double ready", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve_forever(int(sys.argv[1]), sys.argv[2], sys.argv[3]))

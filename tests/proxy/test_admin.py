@@ -1,0 +1,113 @@
+"""The proxy's HTTP faces: readiness, stats, config dump, Prometheus, and the readiness probe."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from composemesh.proxy.admin import (
+    PROMETHEUS_CONTENT_TYPE,
+    AdminContext,
+    build_admin_app,
+    build_health_app,
+    build_prometheus_app,
+    probe_ready,
+)
+from composemesh.proxy.pilot_client import ConfigStore
+from composemesh.proxy.stats import INBOUND, OUTBOUND, ProxyStats, Workload, passthrough_labels
+
+from .conftest import free_port
+from .pilot_double import snapshot_body
+
+
+def context() -> AdminContext:
+    return AdminContext(stats=ProxyStats(), store=ConfigStore(),
+                        listeners={OUTBOUND: False, INBOUND: False})
+
+
+def test_ready_needs_both_listeners_and_a_snapshot() -> None:
+    ctx = context()
+    assert ctx.readiness() == (False, "capture listeners are not bound yet")
+    ctx.listeners[OUTBOUND] = True
+    assert not ctx.readiness()[0]
+    ctx.listeners[INBOUND] = True
+    assert ctx.readiness() == (False, "no snapshot applied from the pilot yet")
+    ctx.store.offer(snapshot_body("v1"))
+    assert ctx.readiness() == (True, "LIVE")
+    assert not AdminContext(stats=ProxyStats(), store=ctx.store).readiness()[0]
+
+
+async def get(app: web.Application, path: str) -> tuple[int, str, str]:
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get(path)
+        return response.status, response.headers["Content-Type"], await response.text()
+
+
+def test_admin_endpoints() -> None:
+    async def main() -> None:
+        ctx = context()
+        app = build_admin_app(ctx)
+        assert (await get(app, "/ready"))[0] == 503
+        status, _, body = await get(build_health_app(ctx), "/healthz/ready")
+        assert (status, body) == (503, "not ready: capture listeners are not bound yet\n")
+
+        ctx.listeners.update({OUTBOUND: True, INBOUND: True})
+        ctx.store.offer(snapshot_body("v7"))
+        ctx.stats.tcp(passthrough_labels(OUTBOUND, Workload())).opened = 2
+        assert await get(build_admin_app(ctx), "/ready") == (
+            200, "text/plain; charset=utf-8", "LIVE\n")
+        assert (await get(build_health_app(ctx), "/healthz/ready"))[0] == 200
+
+        _, _, stats = await get(build_admin_app(ctx), "/stats")
+        assert json.loads(stats)[OUTBOUND]["connections_opened"] == 2
+
+        _, _, dump_text = await get(build_admin_app(ctx), "/config_dump")
+        dump = json.loads(dump_text)
+        assert dump["version"] == "v7"
+        assert dump["ack_state"] == "ACK"
+        assert dump["snapshot"]["identity"]["node"] == "shop-web-netns-1"
+        assert dump["last_answer"] == {"node": "shop-web-netns-1", "version": "v7",
+                                       "ok": True, "reason": ""}
+
+        _, _, info = await get(build_admin_app(ctx), "/server_info")
+        assert json.loads(info)["state"] == "LIVE"
+
+        status, content_type, text = await get(build_prometheus_app(ctx), "/stats/prometheus")
+        assert status == 200
+        assert content_type == PROMETHEUS_CONTENT_TYPE
+        assert "istio_tcp_connections_opened_total{" in text
+
+    asyncio.run(main())
+
+
+def test_a_nack_shows_in_the_config_dump_beside_the_snapshot_kept() -> None:
+    ctx = context()
+    ctx.store.offer(snapshot_body("v1"))
+    ctx.store.offer(b'{"version": "v2", "schema": 9}')
+    dump = ctx.config_dump()
+    assert dump["version"] == "v1"
+    assert dump["ack_state"] == "NACK"
+    assert dump["last_answer"]["version"] == "v2"
+    assert "schema" in dump["last_answer"]["reason"]
+
+
+def test_probe_ready_follows_the_health_endpoint() -> None:
+    async def main() -> None:
+        ctx = context()
+        port = free_port()
+        runner = web.AppRunner(build_health_app(ctx), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            assert await asyncio.to_thread(probe_ready, port) is False
+            ctx.listeners.update({OUTBOUND: True, INBOUND: True})
+            ctx.store.offer(snapshot_body("v1"))
+            assert await asyncio.to_thread(probe_ready, port) is True
+        finally:
+            await runner.cleanup()
+        assert await asyncio.to_thread(probe_ready, port) is False  # nobody listening
+
+    asyncio.run(main())

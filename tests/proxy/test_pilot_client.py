@@ -1,0 +1,221 @@
+"""The proxy's side of the pilot protocol: apply whole or NACK, survive the pilot going away.
+
+The pilot here is tests/proxy/pilot_double.py, a test double (see its docstring).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import pytest
+
+from composemesh.model.snapshot import Snapshot, SnapshotError
+from composemesh.proxy.pilot_client import (
+    ConfigStore,
+    PilotClient,
+    backoff_delay,
+    hints,
+)
+
+from .conftest import free_port
+from .pilot_double import PilotDouble, snapshot_body
+
+
+def test_backoff_doubles_from_half_a_second_to_five_with_jitter() -> None:
+    low = [backoff_delay(n, rng=lambda: 0.0) for n in range(1, 8)]
+    high = [backoff_delay(n, rng=lambda: 1.0) for n in range(1, 8)]
+    mid = [backoff_delay(n, rng=lambda: 0.5) for n in range(1, 8)]
+    assert mid == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    assert all(0.5 <= d <= 5.0 for d in low + high)
+    assert high[1] > mid[1] > low[1]
+
+
+def test_hints_read_what_they_can() -> None:
+    assert hints(b'{"version": "abc", "schema": 99, "identity": {"node": "n1"}}') == ("abc", "n1")
+    assert hints(b'{"version": "abc", "identity": 3}') == ("abc", "")
+    assert hints(b"not json") == ("", "")
+    assert hints(b"[1, 2]") == ("", "")
+
+
+def test_a_first_snapshot_that_cannot_be_decoded_is_nacked_in_the_name_it_claims() -> None:
+    answer = ConfigStore().offer(b'{"version": "v1", "schema": 5, "identity": {"node": "n1"}}')
+    assert (answer.ok, answer.version, answer.node) == (False, "v1", "n1")
+
+
+def test_a_good_snapshot_is_applied_and_acked() -> None:
+    store = ConfigStore()
+    answer = store.offer(snapshot_body("v1", node="shop-web-netns-1"))
+    assert (answer.ok, answer.version, answer.node) == (True, "v1", "shop-web-netns-1")
+    assert store.snapshot is not None and store.snapshot.version == "v1"
+    assert store.seen_version == "v1"
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"{not json", "malformed snapshot"),
+    (b'{"version": "v2", "schema": 99}', "unknown snapshot schema 99"),
+    (b'{"version": "v2", "schema": 1}', "malformed snapshot"),
+])
+def test_a_bad_snapshot_is_nacked_and_the_last_good_one_kept(body: bytes, reason: str) -> None:
+    store = ConfigStore()
+    store.offer(snapshot_body("v1"))
+    answer = store.offer(body)
+    assert not answer.ok
+    assert reason in answer.reason
+    assert answer.node == "shop-web-netns-1"
+    assert store.snapshot is not None and store.snapshot.version == "v1"
+    assert store.last_answer is answer
+
+
+def test_a_snapshot_one_applier_rejects_is_applied_by_none() -> None:
+    committed: list[str] = []
+
+    def accepts(snapshot: Snapshot) -> Callable[[], None]:
+        return lambda: committed.append(snapshot.version)
+
+    def rejects(snapshot: Snapshot) -> Callable[[], None]:
+        if snapshot.version == "v2":
+            raise SnapshotError("route to unknown service 'ratings'")
+        return lambda: None
+
+    store = ConfigStore([accepts, rejects])
+    store.offer(snapshot_body("v1"))
+    answer = store.offer(snapshot_body("v2"))
+    assert (answer.ok, answer.version, answer.reason) == (
+        False, "v2", "route to unknown service 'ratings'")
+    assert committed == ["v1"]
+    assert store.snapshot is not None and store.snapshot.version == "v1"
+    assert store.seen_version == "v2"  # so the pilot does not send v2 again
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running(client: PilotClient):  # type: ignore[no-untyped-def]
+    task = asyncio.create_task(client.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_polls_applies_acks_then_nacks_a_bad_one_and_moves_on() -> None:
+    async def main() -> None:
+        pilot = PilotDouble(hold=0.2)
+        pilot.publish("v1", snapshot_body("v1"))
+        port = await pilot.start()
+        store = ConfigStore()
+        client = PilotClient(f"http://127.0.0.1:{port}", store, service="web-v1")
+        async with running(client):
+            await until(lambda: len(pilot.answers) == 1)
+            assert pilot.answers[0].ok and pilot.answers[0].version == "v1"
+            assert pilot.answers[0].node == "shop-web-netns-1"
+            assert pilot.polls[0].version == ""
+            assert pilot.polls[0].service_header == "web-v1"
+            await until(lambda: len(pilot.polls) >= 3)  # long polls that end in 304
+            assert {p.version for p in pilot.polls[1:]} == {"v1"}
+
+            pilot.publish("v2", b'{"version": "v2", "schema": 7}')
+            await until(lambda: len(pilot.answers) == 2)
+            nack = pilot.answers[1]
+            assert (nack.ok, nack.version) == (False, "v2")
+            assert "schema" in nack.reason
+            assert store.snapshot is not None and store.snapshot.version == "v1"
+            polls = len(pilot.polls)
+            await asyncio.sleep(0.5)
+            assert pilot.polls[-1].version == "v2"  # it does not ask for v2 again
+            assert len(pilot.polls) - polls <= 3  # each poll waits; no hot loop
+
+            pilot.publish("v3", snapshot_body("v3"))
+            await until(lambda: len(pilot.answers) == 3)
+            assert pilot.answers[2].ok and pilot.answers[2].version == "v3"
+            assert store.snapshot is not None and store.snapshot.version == "v3"
+        await pilot.stop()
+
+    asyncio.run(main())
+
+
+def test_keeps_the_last_snapshot_while_the_pilot_is_gone_and_catches_up_after() -> None:
+    async def main() -> None:
+        port = free_port()
+        pilot = PilotDouble(hold=0.2)
+        pilot.publish("v1", snapshot_body("v1"))
+        await pilot.start(port=port)
+        store = ConfigStore()
+        client = PilotClient(f"http://127.0.0.1:{port}", store,
+                             backoff_initial=0.05, backoff_max=0.2)
+        async with running(client):
+            await until(lambda: store.snapshot is not None)
+            await pilot.stop()
+            await until(lambda: client.failures >= 3)
+            assert store.snapshot is not None and store.snapshot.version == "v1"
+            assert client.last_error
+
+            pilot = PilotDouble(hold=0.2)  # the pilot comes back, with news
+            pilot.publish("v2", snapshot_body("v2"))
+            await pilot.start(port=port)
+            await until(lambda: any(a.version == "v2" and a.ok for a in pilot.answers))
+            assert pilot.polls[0].version == "v1"
+            assert client.failures == 0
+        await pilot.stop()
+
+    asyncio.run(main())
+
+
+def test_an_answer_the_pilot_did_not_take_is_delivered_before_the_next_poll() -> None:
+    async def main() -> None:
+        pilot = PilotDouble(hold=0.2)
+        pilot.publish("v1", snapshot_body("v1"))
+        pilot.fail_answers = 1
+        port = await pilot.start()
+        client = PilotClient(f"http://127.0.0.1:{port}", ConfigStore(),
+                             backoff_initial=0.05, backoff_max=0.1)
+        async with running(client):
+            await until(lambda: len(pilot.polls) >= 2)
+            assert pilot.log[:4] == ["poll ", "refused", "ACK v1", "poll v1"]
+            assert client.pending is None
+        await pilot.stop()
+
+    asyncio.run(main())
+
+
+def test_an_answer_the_pilot_refuses_for_good_is_dropped_not_resent() -> None:
+    async def main() -> None:
+        pilot = PilotDouble(hold=0.2)
+        pilot.publish("v1", snapshot_body("v1"))
+        pilot.refuse_answers = 1
+        port = await pilot.start()
+        client = PilotClient(f"http://127.0.0.1:{port}", ConfigStore(),
+                             backoff_initial=0.05, backoff_max=0.1)
+        async with running(client):
+            await until(lambda: len(pilot.polls) >= 3)
+            assert pilot.log[:3] == ["poll ", "forbidden", "poll v1"]
+            assert client.pending is None
+        await pilot.stop()
+
+    asyncio.run(main())
+
+
+def test_an_unexpected_status_is_a_failure_with_backoff() -> None:
+    async def main() -> None:
+        pilot = PilotDouble()
+        pilot.poll_status = 500
+        port = await pilot.start()
+        store = ConfigStore()
+        client = PilotClient(f"http://127.0.0.1:{port}", store,
+                             backoff_initial=0.1, backoff_max=0.1)
+        async with running(client):
+            await asyncio.sleep(0.55)
+            assert 3 <= len(pilot.polls) <= 7
+            assert "500" in client.last_error
+            assert store.snapshot is None
+        await pilot.stop()
+
+    asyncio.run(main())
