@@ -93,7 +93,11 @@ def cache_dir() -> Path:
         os.path.expanduser("~"), ".cache"
     )
     path = Path(root) / "composemesh"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: a private directory under /tmp will do
+        path = Path(tempfile.gettempdir()) / f"composemesh-cache-{os.getuid()}"
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
 

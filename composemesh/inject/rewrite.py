@@ -676,6 +676,13 @@ def _injected_labels(
     instance = _labels_of(app, app_name).get(wk.LABEL_INSTANCE)
     if instance:
         out[wk.LABEL_INSTANCE] = instance
+    if role == wk.ROLE_NETNS:  # what the pilot reads to route to this instance
+        if labels.weight is not None:
+            out[wk.LABEL_WEIGHT] = str(labels.weight)
+        if labels.protocol is not None:
+            out[wk.LABEL_PROTOCOL] = labels.protocol
+        for port, proto in sorted(labels.port_protocols.items()):
+            out[f"{wk.LABEL_PORT_PREFIX}{port}.protocol"] = proto
     return out
 
 
