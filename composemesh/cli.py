@@ -45,11 +45,19 @@ def handle_errors(fn: F) -> F:
 
 def compose_options(fn: F) -> F:
     fn = click.option(
-        "-p", "--project-name", "project", default=None, envvar="COMPOSE_PROJECT_NAME",
+        "-p",
+        "--project-name",
+        "project",
+        default=None,
+        envvar="COMPOSE_PROJECT_NAME",
         help="Project name (as docker compose: -p, COMPOSE_PROJECT_NAME, `name:`, directory).",
     )(fn)
     fn = click.option(
-        "-f", "--file", "files", multiple=True, type=click.Path(dir_okay=False),
+        "-f",
+        "--file",
+        "files",
+        multiple=True,
+        type=click.Path(dir_okay=False),
         help="Compose file; repeat to merge, as with docker compose.",
     )(fn)
     return fn
@@ -145,8 +153,11 @@ def up(files: tuple[str, ...], project: str | None, timeout: int) -> None:
         _build_user_images(progress, proj, result.model)
         task = progress.add_task("containers: starting", total=None)
         code, lines = compose.run(
-            proj, ["up", "-d", "--wait", "--remove-orphans"],
-            on_line=lambda line: progress.update(task, description=f"containers: {escape(line[:90])}"),
+            proj,
+            ["up", "-d", "--wait", "--remove-orphans"],
+            on_line=lambda line: progress.update(
+                task, description=f"containers: {escape(line[:90])}"
+            ),
         )
         if code != 0:
             reason = compose.failure_reason(lines)
@@ -211,6 +222,35 @@ def status(project: str | None, as_json: bool) -> None:
     _print_status(data)
 
 
+@main.command()
+@click.argument("service")
+@click.argument("weights", nargs=-1, required=True)
+@click.option("-p", "--project-name", "project", envvar="COMPOSE_PROJECT_NAME", default=None)
+@click.option("--timeout", default=60, show_default=True, help="Seconds to wait for the ACKs.")
+@handle_errors
+def route(service: str, weights: tuple[str, ...], project: str | None, timeout: int) -> None:
+    """Change SERVICE's split live, e.g. `route reviews v1=80 v2=20`; waits for every ACK."""
+    from composemesh.model.routing_config import parse_weights_args
+
+    parsed = parse_weights_args(weights)
+    project = project or _project_from_cwd()
+    started = time.monotonic()
+    result = _pilot_request(project, "PUT", f"/v1/routes/{service}", {"weights": parsed})
+    with _progress() as progress:
+        status = _wait_in_sync(progress, project, int(result["generation"]), timeout)
+    elapsed = time.monotonic() - started
+    table = Table(title=f"{service}: split changed")
+    for col in ("version", "before", "after"):
+        table.add_column(col)
+    for version in sorted(set(result["old"]) | set(result["new"])):
+        table.add_row(
+            version, f"{result['old'].get(version, 0)}", f"{result['new'].get(version, 0)}"
+        )
+    out.print(table)
+    acked = sum(1 for p in status["proxies"] if p["running"])
+    out.print(f"[green]{acked} proxies ACKed[/] in {elapsed:.2f}s")
+
+
 # --------------------------------------------------------------------------- role commands
 
 
@@ -271,8 +311,11 @@ def _project_from_cwd() -> str:
 
 def _progress() -> Progress:
     return Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-        console=err, transient=False,
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
     )
 
 
@@ -308,11 +351,11 @@ def _build_user_images(progress: Progress, proj: Any, model: dict[str, Any]) -> 
     task = progress.add_task("images: building", total=len(to_build))
     for name in to_build:
         progress.update(task, description=f"images: building {escape(name)}")
-        code, lines = compose.run(
-            proj, ["build", name],
-            on_line=lambda line, n=name: progress.update(
-                task, description=escape(f"images: {n}: {line[:80]}")),
-        )
+
+        def show(line: str, n: str = name) -> None:
+            progress.update(task, description=escape(f"images: {n}: {line[:80]}"))
+
+        code, lines = compose.run(proj, ["build", name], on_line=show)
         if code != 0:
             progress.update(task, description=f"[red]images: {escape(name)} does not build")
             raise ImageBuildError(
@@ -348,6 +391,57 @@ def _pilot_status(project: str) -> dict[str, Any]:
         raise EngineError(f"the pilot of {project!r} does not answer at {url}: {exc}") from None
 
 
+def _pilot_request(project: str, method: str, path: str, body: object) -> dict[str, Any]:
+    """One call to the pilot's API; its 4xx answers are the user's errors (exit 2)."""
+    from composemesh.errors import ConfigError
+
+    url = _pilot_url(project) + path
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            data: dict[str, Any] = json.load(resp)
+            return data
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc).get("error", str(exc))
+        except ValueError:
+            message = str(exc)
+        if 400 <= exc.code < 500:
+            raise ConfigError(message) from None
+        raise EngineError(f"the pilot failed: {message}") from None
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"the pilot of {project!r} does not answer at {url}: {exc}") from None
+
+
+def _wait_in_sync(
+    progress: Progress, project: str, generation: int, timeout: float
+) -> dict[str, Any]:
+    """Until every running proxy has ACKed what the pilot renders as of ``generation``."""
+    task = progress.add_task("proxies: waiting for ACKs", total=None)
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        last = _pilot_status(project)
+        proxies = [p for p in last["proxies"] if p["running"]]
+        synced = [p for p in proxies if p["in_sync"]]
+        progress.update(
+            task,
+            total=len(proxies),
+            completed=len(synced),
+            description=f"proxies: {len(synced)}/{len(proxies)} ACKed",
+        )
+        if last.get("generation", 0) >= generation and len(synced) == len(proxies):
+            return last
+        time.sleep(0.05)
+    lagging = [p["node"] for p in last.get("proxies", []) if not p.get("in_sync")]
+    raise NotReadyError(f"not every proxy ACKed within {timeout}s: {', '.join(lagging)}")
+
+
 def _wait_ready(progress: Progress, project: str, timeout: float) -> dict[str, Any]:
     task = progress.add_task("proxies: waiting for the pilot", total=None)
     deadline = time.monotonic() + max(timeout, 10)
@@ -360,8 +454,12 @@ def _wait_ready(progress: Progress, project: str, timeout: float) -> dict[str, A
             continue
         proxies = [p for p in last.get("proxies", []) if p["running"]]
         ready = [p for p in proxies if p["in_sync"] and p["proxy_healthy"]]
-        progress.update(task, total=len(proxies) or None, completed=len(ready),
-                        description=f"proxies: {len(ready)}/{len(proxies)} ready and in sync")
+        progress.update(
+            task,
+            total=len(proxies) or None,
+            completed=len(ready),
+            description=f"proxies: {len(ready)}/{len(proxies)} ready and in sync",
+        )
         if proxies and len(ready) == len(proxies):
             return last
         time.sleep(0.5)
@@ -378,8 +476,9 @@ def _show_logs_of_failed(proj: Any, reason: str) -> None:
     m = re.search(r"container (\S+)", reason)
     if not m:
         return
-    logs = subprocess.run(["docker", "logs", "--tail", "15", m.group(1)],
-                          capture_output=True, text=True, check=False)
+    logs = subprocess.run(
+        ["docker", "logs", "--tail", "15", m.group(1)], capture_output=True, text=True, check=False
+    )
     text = (logs.stdout + logs.stderr).strip()
     if text:
         err.print(f"[bold]last lines of {m.group(1)}:[/]")
@@ -387,17 +486,47 @@ def _show_logs_of_failed(proj: Any, reason: str) -> None:
 
 
 def _print_status(data: dict[str, Any]) -> None:
-    table = Table(title=f"mesh {data.get('project', '?')}")
-    for col in ("service", "version", "instance", "addresses", "proxy", "config", "ack"):
+    services = data.get("services") or {}
+    if services:
+        table = Table(title=f"services of {data.get('project', '?')}")
+        for col in ("service", "version", "weight", "endpoints", "split from"):
+            table.add_column(col)
+        for name, info in services.items():
+            versions = sorted(set(info["split"]) | set(info["endpoints"]))
+            for i, version in enumerate(versions):
+                table.add_row(
+                    name if i == 0 else "",
+                    version,
+                    str(info["split"].get(version, 0)),
+                    str(info["endpoints"].get(version, 0)),
+                    ("`route`" if info["overridden"] else "labels/config") if i == 0 else "",
+                )
+        out.print(table)
+    table = Table(title=f"proxies of {data.get('project', '?')}")
+    for col in ("service", "version", "instance", "address", "proxy", "config", "ACK/NACK"):
         table.add_column(col)
     for p in sorted(data.get("proxies", []), key=lambda p: (p["service"], p["version"], p["node"])):
         proxy_state = "ready" if p["proxy_healthy"] else ("starting" if p["running"] else "down")
-        config = ("in sync" if p["in_sync"] else "behind") + f" ({p['snapshot_version']})"
-        ack = (f"ACK {p['acked_version']}" if p["acked_version"] else
-               f"NACK {p['nacked_version']}: {p['nack_reason']}" if p["nacked_version"] else "—")
-        table.add_row(p["service"], p["version"], p["node"], ", ".join(p["addresses"]),
-                      proxy_state, config, ack)
+        config = f"{p['snapshot_version']} " + ("in sync" if p["in_sync"] else "behind")
+        ack = (
+            "ACK"
+            if p["acked_version"]
+            else f"NACK {p['nacked_version']}: {p['nack_reason']}"
+            if p["nacked_version"]
+            else "—"
+        )
+        table.add_row(
+            p["service"],
+            p["version"],
+            p["compose_service"],
+            (p["addresses"] or ["—"])[0],
+            proxy_state,
+            config,
+            ack,
+        )
     out.print(table)
+    for error in data.get("errors") or []:
+        err.print(f"[yellow]kept last good routing:[/] {escape(error)}", soft_wrap=True)
 
 
 def _print_endpoints(project: str, result: Any) -> None:

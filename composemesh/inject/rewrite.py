@@ -319,6 +319,10 @@ def inject(
     result = {key: (out_services if key == "services" else value) for key, value in src.items()}
     if "services" not in result:
         result["services"] = out_services
+    if ctx.meshed_any:  # the pilot's state (route overrides) outlives its container
+        volumes = dict(result.get("volumes") or {})
+        volumes.setdefault(PILOT_VOLUME, None)
+        result["volumes"] = volumes
     rows = tuple(
         ServicePlan(
             row.service, row.mesh_service, row.version, row.netns, row.proxy,
@@ -694,6 +698,9 @@ def _follow_app(injected: dict[str, Any], app: Mapping[str, Any]) -> None:
         injected["deploy"] = {"replicas": 0}
 
 
+PILOT_VOLUME = "composemesh-pilot-state"
+
+
 def _pilot(services: Mapping[str, Any], settings: Any, image: str) -> dict[str, Any]:
     """The control plane: on every network a holder is on, reachable from the host's loopback."""
     networks: set[str] = set()
@@ -705,7 +712,10 @@ def _pilot(services: Mapping[str, Any], settings: Any, image: str) -> dict[str, 
         "image": image,
         "command": ["composemesh", "pilot"],
         "restart": "unless-stopped",
-        "volumes": [{"type": "bind", "source": DOCKER_SOCKET, "target": DOCKER_SOCKET}],
+        "volumes": [
+            {"type": "bind", "source": DOCKER_SOCKET, "target": DOCKER_SOCKET},
+            {"type": "volume", "source": PILOT_VOLUME, "target": "/var/lib/composemesh"},
+        ],
         "ports": [
             {
                 "mode": "ingress",

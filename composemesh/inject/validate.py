@@ -7,13 +7,16 @@ checks run on a dict in tests.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from composemesh.errors import ConfigError
 from composemesh.inject.compose_file import LoadedProject
-from composemesh.inject.rewrite import collisions
+from composemesh.inject.rewrite import collisions, inject
+from composemesh.model import wellknown as wk
 from composemesh.model.labels import MeshLabels, normalize_labels, parse_labels
+from composemesh.model.routing import ServiceRouting
+from composemesh.model.routing_config import build_routing
 from composemesh.model.settings import SECTION, MeshSettings, parse_settings
 
 # locate(service, field) -> the file to name in an error; service None: a top-level key.
@@ -22,11 +25,12 @@ Locate = Callable[[str | None, str | None], str | None]
 
 @dataclass(frozen=True)
 class ValidatedProject:
-    """The mesh configuration of a compose model, checked: per-service labels and settings."""
+    """The mesh configuration of a compose model, checked: labels, settings and routing."""
 
     model: dict[str, Any]
     labels: Mapping[str, MeshLabels]  # every compose service, meshed or not
     settings: MeshSettings
+    routing: dict[str, ServiceRouting] = field(default_factory=dict)  # per mesh service
 
 
 def validate_project(loaded: LoadedProject) -> ValidatedProject:
@@ -35,7 +39,8 @@ def validate_project(loaded: LoadedProject) -> ValidatedProject:
 
 
 def validate_model(model: Mapping[str, Any], *, locate: Locate | None = None) -> ValidatedProject:
-    """Validate ``x-composemesh:``, every service's labels and the names the injector needs.
+    """Validate ``x-composemesh:``, every service's labels, the names the injector needs and
+    the routes (``x-composemesh: routes:`` against the mesh services and versions that run).
 
     Raises the first ConfigError found, with its file (from ``locate``), service and field.
     """
@@ -74,4 +79,54 @@ def validate_model(model: Mapping[str, Any], *, locate: Locate | None = None) ->
             file=where(name, None),
             service=name,
         )
-    return ValidatedProject(model=dict(model), labels=labels, settings=settings)
+    routing = _routing(model, labels, settings, where)
+    return ValidatedProject(model=dict(model), labels=labels, settings=settings, routing=routing)
+
+
+def _routing(
+    model: Mapping[str, Any],
+    labels: Mapping[str, MeshLabels],
+    settings: MeshSettings,
+    where: Locate,
+) -> dict[str, ServiceRouting]:
+    """Build every mesh service's routing; errors name the file with the offending part."""
+    # Which compose services run a mesh service (and which version) is the injector's call.
+    versions: dict[str, dict[str, int | None]] = {}
+    weighed_by: dict[tuple[str, str], str] = {}  # (service, version) -> compose service
+    owners: dict[str, list[str]] = {}  # mesh service -> its compose services
+    for row in inject(model, labels).services:
+        if row.mesh_service is None or row.version is None:
+            continue
+        if row.proxy != wk.proxy_service(row.service):  # shares another service's proxy
+            continue
+        owners.setdefault(row.mesh_service, []).append(row.service)
+        of_version = versions.setdefault(row.mesh_service, {})
+        own = labels.get(row.service)  # None: a replica the injector expanded
+        weight = own.weight if own is not None else None
+        key = (row.mesh_service, row.version)
+        if weight is not None and of_version.get(row.version) not in (None, weight):
+            first = weighed_by[key]
+            raise ConfigError(
+                f"{weight} contradicts the weight {of_version[row.version]} that service "
+                f"{first!r} gives version {row.version!r} of mesh service {row.mesh_service!r}",
+                file=where(row.service, "labels"),
+                service=row.service,
+                field=f"label {wk.LABEL_WEIGHT}",
+            )
+        if of_version.get(row.version) is None:
+            of_version[row.version] = weight
+            if weight is not None:
+                weighed_by[key] = row.service
+    try:
+        return build_routing(versions, settings.raw.get("routes"))
+    except ConfigError as exc:
+        if exc.field and exc.field.startswith(SECTION):
+            raise exc.located(file=where(None, SECTION)) from None
+        # The label split of a mesh service: blame its first compose service with a weight.
+        mesh_service = exc.service or ""
+        compose = owners.get(mesh_service, [mesh_service])
+        blamed = next((c for c in compose if c in labels and labels[c].weight is not None), None)
+        blamed = blamed or compose[0]
+        raise ConfigError(
+            exc.message, file=where(blamed, "labels"), service=blamed, field=exc.field
+        ) from None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+from composemesh.model.routing import ServiceRouting
 from composemesh.model.settings import MeshSettings
 
 
@@ -22,6 +24,10 @@ class Workload:
     running: bool
     proxy_container: str | None = None  # the sidecar's container name, once it exists
     proxy_healthy: bool = False
+    networks: tuple[tuple[str, str], ...] = ()  # (network name, address) pairs
+    weight: int | None = None  # label weight of its version, None: unset
+    protocol: str | None = None  # declared protocol of its ports, None: detect
+    port_protocols: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,9 @@ class MeshState:
     project: str
     workloads: tuple[Workload, ...] = ()
     settings: MeshSettings = field(default_factory=MeshSettings)
+    routing: Mapping[str, ServiceRouting] = field(default_factory=dict)
+    route_overrides: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    errors: tuple[str, ...] = ()  # why some service kept its last good routing
 
     def workload_by_address(self, address: str) -> Workload | None:
         for workload in self.workloads:

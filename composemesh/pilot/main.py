@@ -14,12 +14,13 @@ from aiohttp import web
 
 from composemesh.errors import ConfigError, EngineError
 from composemesh.model import wellknown as wk
-from composemesh.model.mesh import MeshState, Workload
+from composemesh.model.mesh import MeshState
 from composemesh.model.settings import MeshSettings, parse_settings
 from composemesh.pilot.server import Pilot, make_app
 from composemesh.pilot.sources.docker.controller import DockerSource
 from composemesh.pilot.sources.docker.convert import PROJECT_LABEL
 from composemesh.pilot.sources.docker.engine_api import EngineAPI
+from composemesh.pilot.store import OverrideStore
 
 log = logging.getLogger("composemesh.pilot")
 
@@ -50,12 +51,8 @@ async def serve(port: int = wk.PORT_PILOT) -> None:
     watch: asyncio.Task[None] | None = None
     try:
         project = await own_project(api)
-        pilot = Pilot(MeshState(project=project, settings=settings))
-
-        async def on_change(workloads: tuple[Workload, ...]) -> None:
-            await pilot.publish(MeshState(project=project, workloads=workloads, settings=settings))
-
-        source = DockerSource(api, project, on_change)
+        pilot = Pilot(MeshState(project=project, settings=settings), OverrideStore())
+        source = DockerSource(api, project, pilot.update_workloads)
         runner = web.AppRunner(make_app(pilot), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "0.0.0.0", port).start()

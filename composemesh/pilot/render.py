@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from composemesh.model.mesh import MeshState, Workload, content_version
+from composemesh.model.routing import routing_to_json
 from composemesh.model.snapshot import ProxyIdentity, Snapshot
 
 
@@ -20,19 +21,50 @@ def render_snapshot(state: MeshState, workload: Workload) -> Snapshot:
     settings = {
         "trust_domain": state.settings.trust_domain,
         "mtls_mode": state.settings.mtls_overrides.get(workload.service, state.settings.mtls_mode),
-        "services": _services(state),
+        "services": _services(state, workload),
+        "routing": {name: routing_to_json(r) for name, r in sorted(state.routing.items())},
+        "protocols": _protocols(state),
     }
     version = content_version({"identity": asdict(identity), "settings": settings})
     return Snapshot(version=version, identity=identity, settings=settings)
 
 
-def _services(state: MeshState) -> dict[str, list[dict[str, object]]]:
-    """Each mesh service's running endpoints: the view every outbound proxy routes over."""
+def _services(state: MeshState, me: Workload) -> dict[str, list[dict[str, object]]]:
+    """Each mesh service's running endpoints, each with the one address ``me`` can reach."""
     services: dict[str, list[dict[str, object]]] = {}
     for w in sorted(state.workloads, key=lambda w: w.node):
-        if not w.running or not w.addresses:
+        address = reachable_address(me, w)
+        if not w.running or address is None:
             continue
         services.setdefault(w.service, []).append(
-            {"node": w.node, "version": w.version, "addresses": list(w.addresses)}
+            {
+                "node": w.node,
+                "version": w.version,
+                "address": address,
+                "addresses": list(w.addresses),
+            }
         )
     return services
+
+
+def reachable_address(me: Workload, other: Workload) -> str | None:
+    """``other``'s address on the first network both are on (by name), else its first one."""
+    mine = {name for name, _ in me.networks}
+    for name, address in other.networks:
+        if name in mine:
+            return address
+    return other.addresses[0] if other.addresses else None
+
+
+def _protocols(state: MeshState) -> dict[str, dict[str, object]]:
+    """Declared protocols per service: the service-wide one and per port (None: detect)."""
+    out: dict[str, dict[str, object]] = {}
+    for w in sorted(state.workloads, key=lambda w: w.node):
+        entry = out.setdefault(w.service, {"default": None, "ports": {}})
+        if entry["default"] is None and w.protocol:
+            entry["default"] = w.protocol
+        ports = entry["ports"]
+        assert isinstance(ports, dict)
+        for port, proto in w.port_protocols:
+            ports.setdefault(str(port), proto)
+    return out

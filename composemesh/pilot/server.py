@@ -14,9 +14,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from composemesh.errors import ConfigError
 from composemesh.model.mesh import MeshState, Workload
+from composemesh.model.routing_config import apply_weights
+from composemesh.model.settings import MeshSettings
 from composemesh.model.snapshot import SnapshotError, decode_ack, encode_snapshot
+from composemesh.pilot.build import build_state, default_split, service_versions
 from composemesh.pilot.render import render_snapshot
+from composemesh.pilot.store import OverrideStore
 
 log = logging.getLogger("composemesh.pilot.server")
 LONG_POLL_S = 25.0
@@ -33,13 +38,45 @@ class AckRecord:
 class Pilot:
     """Holds the current mesh state and the proxies' answers; wakes long-polls on change."""
 
-    def __init__(self, state: MeshState) -> None:
+    def __init__(self, state: MeshState, store: OverrideStore | None = None) -> None:
         self.state = state
+        self.store = store
+        self.overrides: dict[str, dict[str, int]] = store.load() if store else {}
         self.generation = 0
         self.synced = False
         self.acks: dict[str, AckRecord] = {}
         self.last_seen: dict[str, float] = {}
         self._changed = asyncio.Condition()
+
+    async def update_workloads(self, workloads: tuple[Workload, ...]) -> None:
+        """A new view from the Docker source: rebuild and publish."""
+        await self.publish(self._build(workloads, self.state.settings))
+
+    def _build(self, workloads: tuple[Workload, ...], settings: MeshSettings) -> MeshState:
+        state = build_state(self.state.project, workloads, settings, self.overrides, self.state)
+        for error in state.errors:
+            log.error("kept the last good routing of %s", error)
+        return state
+
+    async def set_weights(self, service: str, weights: dict[str, int]) -> dict[str, object]:
+        """`composemesh route`: validate, persist, publish. Raises ConfigError (not applied)."""
+        versions = service_versions(self.state.workloads)
+        if service not in self.state.routing or service not in versions:
+            known = ", ".join(sorted(self.state.routing)) or "none"
+            raise ConfigError(f"unknown mesh service {service!r} (known: {known})", field="route")
+        old = default_split(self.state.routing[service])
+        new_routing = apply_weights(self.state.routing[service], weights, tuple(versions[service]))
+        overrides = {**self.overrides, service: dict(weights)}
+        if self.store:
+            self.store.save(overrides)
+        self.overrides = overrides
+        await self.publish(self._build(self.state.workloads, self.state.settings))
+        return {
+            "service": service,
+            "old": old,
+            "new": default_split(new_routing),
+            "generation": self.generation,
+        }
 
     async def publish(self, state: MeshState) -> None:
         async with self._changed:
@@ -83,7 +120,30 @@ class Pilot:
                     else None,
                 }
             )
-        return {"project": self.state.project, "synced": self.synced, "proxies": rows}
+        versions = service_versions(self.state.workloads)
+        services = {
+            name: {
+                "split": default_split(routing),
+                "overridden": name in self.overrides,
+                "endpoints": {
+                    v: sum(
+                        1
+                        for w in self.state.workloads
+                        if w.service == name and w.version == v and w.running
+                    )
+                    for v in versions.get(name, {})
+                },
+            }
+            for name, routing in sorted(self.state.routing.items())
+        }
+        return {
+            "project": self.state.project,
+            "synced": self.synced,
+            "proxies": rows,
+            "services": services,
+            "errors": list(self.state.errors),
+            "generation": self.generation,
+        }
 
 
 PILOT_KEY = web.AppKey("pilot", Pilot)
@@ -145,11 +205,33 @@ async def get_ready(request: web.Request) -> web.Response:
     return web.Response(status=200 if ready else 503, text="ready" if ready else "syncing")
 
 
+async def put_route(request: web.Request) -> web.Response:
+    pilot = request.app[PILOT_KEY]
+    caller = pilot.caller(request)
+    if caller is not None:  # a workload of the mesh may not steer the mesh
+        log.warning("route change from workload %s refused", caller.node)
+        return web.json_response(
+            {"error": "route changes are not accepted from workloads"}, status=403
+        )
+    try:
+        body = await request.json()
+        weights = {str(k): v for k, v in dict(body["weights"]).items()}
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in weights.values()):
+            raise ConfigError("weights must be integers", field="route")
+        result = await pilot.set_weights(request.match_info["service"], weights)
+    except ConfigError as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    except (ValueError, KeyError, TypeError) as exc:
+        return web.json_response({"error": f"malformed request: {exc}"}, status=400)
+    return web.json_response(result)
+
+
 def make_app(pilot: Pilot) -> web.Application:
     app = web.Application()
     app[PILOT_KEY] = pilot
     app.router.add_get("/v1/snapshot", get_snapshot)
     app.router.add_post("/v1/ack", post_ack)
     app.router.add_get("/v1/status", get_status)
+    app.router.add_put("/v1/routes/{service}", put_route)
     app.router.add_get("/healthz/ready", get_ready)
     return app

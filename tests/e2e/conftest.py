@@ -27,12 +27,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
-def composemesh(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-                timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def composemesh(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """Run the real CLI as a user would (a new process), capturing what it prints."""
     return subprocess.run(
         [sys.executable, "-m", "composemesh", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
         env={**os.environ, **(env or {}), "COLUMNS": "200"},
     )
 
@@ -85,15 +89,26 @@ class Mesh:
     up_seconds: float = 0.0
 
     def container(self, compose_service: str) -> str:
-        name = docker("ps", "-a", "--filter", f"label=com.docker.compose.project={self.project}",
-                      "--filter", f"label=com.docker.compose.service={compose_service}",
-                      "--format", "{{.Names}}").split()
+        name = docker(
+            "ps",
+            "-a",
+            "--filter",
+            f"label=com.docker.compose.project={self.project}",
+            "--filter",
+            f"label=com.docker.compose.service={compose_service}",
+            "--format",
+            "{{.Names}}",
+        ).split()
         assert len(name) == 1, f"expected one container of {compose_service}, got {name}"
         return name[0]
 
     def exec(self, compose_service: str, *cmd: str, timeout: float = 60) -> str:
-        proc = subprocess.run(["docker", "exec", self.container(compose_service), *cmd],
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            ["docker", "exec", self.container(compose_service), *cmd],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert proc.returncode == 0, f"{cmd} in {compose_service}: {proc.stdout}{proc.stderr}"
         return proc.stdout
 
@@ -111,14 +126,26 @@ class Mesh:
     def proxy_stats(self, compose_service: str) -> dict:
         """The admin /stats JSON of the sidecar of ``compose_service`` (admin is loopback-only,
         as Istio's, so it is read from inside the proxy's namespace)."""
-        code = ("import urllib.request,sys;"
-                "sys.stdout.write(urllib.request.urlopen("
-                "'http://127.0.0.1:15000/stats',timeout=5).read().decode())")
+        code = (
+            "import urllib.request,sys;"
+            "sys.stdout.write(urllib.request.urlopen("
+            "'http://127.0.0.1:15000/stats',timeout=5).read().decode())"
+        )
         deadline = time.monotonic() + 30
         while True:
             proc = subprocess.run(
-                ["docker", "exec", self.container(f"{compose_service}-proxy"),
-                 "python3", "-c", code], capture_output=True, text=True, timeout=30)
+                [
+                    "docker",
+                    "exec",
+                    self.container(f"{compose_service}-proxy"),
+                    "python3",
+                    "-c",
+                    code,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             if proc.returncode == 0:
                 return json.loads(proc.stdout)
             if time.monotonic() > deadline:
@@ -135,17 +162,30 @@ class Mesh:
         """`docker compose` on the meshed file that `up` wrote."""
         meshed = Path.home() / ".local" / "state" / "composemesh" / self.project / "compose.yaml"
         return subprocess.run(
-            ["docker", "compose", "-p", self.project, "--project-directory",
-             str(self.files[0].parent), "-f", str(meshed), *args],
-            capture_output=True, text=True, timeout=300, env={**os.environ, **self.env},
+            [
+                "docker",
+                "compose",
+                "-p",
+                self.project,
+                "--project-directory",
+                str(self.files[0].parent),
+                "-f",
+                str(meshed),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, **self.env},
         )
 
 
 @pytest.fixture(scope="session")
 def engine() -> None:
     """The real engine must answer; in CI its absence is a failure, not a skip."""
-    proc = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         message = f"Docker engine not reachable: {proc.stderr.strip()}"
         if os.environ.get("CI"):
@@ -169,8 +209,9 @@ def bring_up(project: str, files: list[Path], env: dict[str, str]) -> Mesh:
     mesh = Mesh(project=project, files=files, env=env, up_seconds=time.monotonic() - started)
     if proc.returncode != 0:
         force_remove(project)
-        raise AssertionError(f"composemesh up failed ({proc.returncode}):\n{proc.stdout}\n"
-                             f"{proc.stderr}")
+        raise AssertionError(
+            f"composemesh up failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return mesh
 
 

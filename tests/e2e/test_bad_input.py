@@ -20,19 +20,30 @@ services:
 
 CASES = {
     "not-yaml": ("services:\n  web: [image: x\n", ["compose.yaml", "line"]),
-    "compose-rejects": ("services:\n  web:\n    image: x\n    ports: 12\n",
-                        ["compose.yaml", "ports"]),
-    "weight-abc": (GOOD_SERVICE.format(label='composemesh.weight: "abc"'),
-                   ["compose.yaml", "service 'web'", "composemesh.weight", "'abc'"]),
-    "weight-negative": (GOOD_SERVICE.format(label='composemesh.weight: "-5"'),
-                        ["compose.yaml", "service 'web'", "composemesh.weight", "'-5'"]),
-    "unknown-protocol": (GOOD_SERVICE.format(label="composemesh.protocol: udp"),
-                         ["compose.yaml", "service 'web'", "composemesh.protocol", "'udp'"]),
-    "unknown-label": (GOOD_SERVICE.format(label="composemesh.wieght: '3'"),
-                      ["compose.yaml", "service 'web'", "composemesh.wieght"]),
-    "unknown-mesh-key": ("x-composemesh:\n  trustdomain: x\n"
-                         + GOOD_SERVICE.format(label="composemesh.version: v1"),
-                         ["compose.yaml", "x-composemesh", "trustdomain"]),
+    "compose-rejects": (
+        "services:\n  web:\n    image: x\n    ports: 12\n",
+        ["compose.yaml", "ports"],
+    ),
+    "weight-abc": (
+        GOOD_SERVICE.format(label='composemesh.weight: "abc"'),
+        ["compose.yaml", "service 'web'", "composemesh.weight", "'abc'"],
+    ),
+    "weight-negative": (
+        GOOD_SERVICE.format(label='composemesh.weight: "-5"'),
+        ["compose.yaml", "service 'web'", "composemesh.weight", "'-5'"],
+    ),
+    "unknown-protocol": (
+        GOOD_SERVICE.format(label="composemesh.protocol: udp"),
+        ["compose.yaml", "service 'web'", "composemesh.protocol", "'udp'"],
+    ),
+    "unknown-label": (
+        GOOD_SERVICE.format(label="composemesh.wieght: '3'"),
+        ["compose.yaml", "service 'web'", "composemesh.wieght"],
+    ),
+    "unknown-mesh-key": (
+        "x-composemesh:\n  trustdomain: x\n" + GOOD_SERVICE.format(label="composemesh.version: v1"),
+        ["compose.yaml", "x-composemesh", "trustdomain"],
+    ),
 }
 
 

@@ -50,8 +50,10 @@ def test_http_call_goes_through_both_sidecars(bookinfo: Mesh) -> None:
     # each call opened one connection: captured outbound by ratings' proxy ...
     assert opened(src_after, "outbound") - opened(src_before, "outbound") >= 4
     # ... and captured inbound by whichever reviews instance answered it
-    inbound = sum(opened(a, "inbound") - opened(b, "inbound")
-                  for a, b in zip(dst_after, dst_before, strict=True))
+    inbound = sum(
+        opened(a, "inbound") - opened(b, "inbound")
+        for a, b in zip(dst_after, dst_before, strict=True)
+    )
     assert inbound >= 4
     assert sent_bytes(src_after, "outbound") > sent_bytes(src_before, "outbound")
 
@@ -132,8 +134,9 @@ def restart_count(container: str) -> int:
 def test_app_crash_and_restart_keeps_network(bookinfo: Mesh) -> None:
     app = bookinfo.container("reviews-v1")
     before = restart_count(app)
-    docker("exec", app, "python3", "-c", "import os, signal; os.kill(1, signal.SIGTERM)",
-           check=False)
+    docker(
+        "exec", app, "python3", "-c", "import os, signal; os.kill(1, signal.SIGTERM)", check=False
+    )
     deadline = time.monotonic() + 60
     while restart_count(app) == before and time.monotonic() < deadline:
         time.sleep(0.5)

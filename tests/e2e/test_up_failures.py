@@ -15,8 +15,16 @@ def run_up(tmp_path: Path, text: str) -> tuple[str, object]:
     (tmp_path / "compose.yaml").write_text(text)
     project = unique_project("fail")
     try:
-        proc = composemesh("up", "-f", str(tmp_path / "compose.yaml"), "-p", project,
-                           "--timeout", "120", cwd=tmp_path)
+        proc = composemesh(
+            "up",
+            "-f",
+            str(tmp_path / "compose.yaml"),
+            "-p",
+            project,
+            "--timeout",
+            "120",
+            cwd=tmp_path,
+        )
         left = project_resources(project)
     finally:
         force_remove(project)
@@ -26,7 +34,8 @@ def run_up(tmp_path: Path, text: str) -> tuple[str, object]:
 def test_image_that_does_not_build(tmp_path: Path, images: None) -> None:
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "Dockerfile").write_text(
-        "FROM composemesh-demo:0.1.0\nRUN echo 'the build step fails on purpose' && exit 3\n")
+        "FROM composemesh-demo:0.1.0\nRUN echo 'the build step fails on purpose' && exit 3\n"
+    )
     _, (proc, left) = run_up(tmp_path, "services:\n  web:\n    build: ./app\n")
     assert proc.returncode != 0
     assert "web" in proc.stderr and ("build" in proc.stderr.lower()), proc.stderr

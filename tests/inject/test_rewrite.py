@@ -10,7 +10,7 @@ import pytest
 
 from composemesh.errors import ConfigError
 from composemesh.inject import inject
-from composemesh.inject.rewrite import NETNS_KEYS, PILOT_URL
+from composemesh.inject.rewrite import NETNS_KEYS, PILOT_URL, PILOT_VOLUME
 from composemesh.model import wellknown as wk
 from composemesh.model.labels import parse_labels
 
@@ -142,7 +142,12 @@ def test_nothing_of_the_users_file_is_lost(case: str) -> None:
     before = loaded(case).model
     after = injected(case).model
     for key, value in before.items():
-        if key != "services":
+        if key == "volumes":  # the pilot's state volume is the one addition
+            drop = PILOT_VOLUME
+            assert {k: v for k, v in after[key].items() if k != drop} == {
+                k: v for k, v in value.items() if k != drop
+            }
+        elif key != "services":
             assert after[key] == value, key
     assert set(before) <= set(after)
     for name, svc in user_services(before).items():

@@ -1,15 +1,31 @@
 """Docker listing -> workloads: pure conversion, pairing proxies with their holders."""
 
+import pytest
+
 from composemesh.pilot.sources.docker.convert import workloads_from_containers
 
 
-def container(cid, name, role, of, *, project="p", state="running", status="Up 3s",
-              ips=("172.20.0.2",), mode="default", **labels):
-    base = {"com.docker.compose.project": project, "composemesh.role": role,
-            "composemesh.of": of}
+def container(
+    cid,
+    name,
+    role,
+    of,
+    *,
+    project="p",
+    state="running",
+    status="Up 3s",
+    ips=("172.20.0.2",),
+    mode="default",
+    **labels,
+):
+    base = {"com.docker.compose.project": project, "composemesh.role": role, "composemesh.of": of}
     base.update({k.replace("_", "."): v for k, v in labels.items()})
     return {
-        "Id": cid, "Names": [f"/{name}"], "State": state, "Status": status, "Labels": base,
+        "Id": cid,
+        "Names": [f"/{name}"],
+        "State": state,
+        "Status": status,
+        "Labels": base,
         "HostConfig": {"NetworkMode": mode},
         "NetworkSettings": {"Networks": {f"n{i}": {"IPAddress": ip} for i, ip in enumerate(ips)}},
     }
@@ -17,18 +33,34 @@ def container(cid, name, role, of, *, project="p", state="running", status="Up 3
 
 def test_holder_and_proxy_pair_by_namespace():
     listing = [
-        container("h1", "p-reviews-v1-netns-1", "netns", "reviews-v1",
-                  composemesh_service="reviews", composemesh_version="v1"),
-        container("x1", "p-reviews-v1-proxy-1", "proxy", "reviews-v1", mode="container:h1",
-                  status="Up 5s (healthy)", ips=()),
+        container(
+            "h1",
+            "p-reviews-v1-netns-1",
+            "netns",
+            "reviews-v1",
+            composemesh_service="reviews",
+            composemesh_version="v1",
+        ),
+        container(
+            "x1",
+            "p-reviews-v1-proxy-1",
+            "proxy",
+            "reviews-v1",
+            mode="container:h1",
+            status="Up 5s (healthy)",
+            ips=(),
+        ),
         container("h2", "p-ratings-netns-1", "netns", "ratings", ips=("172.20.0.3", "10.0.0.3")),
     ]
     workloads, skipped = workloads_from_containers(listing, project="p")
     assert skipped == ()
     by_node = {w.node: w for w in workloads}
     reviews = by_node["p-reviews-v1-netns-1"]
-    assert (reviews.service, reviews.version, reviews.compose_service) == ("reviews", "v1",
-                                                                         "reviews-v1")
+    assert (reviews.service, reviews.version, reviews.compose_service) == (
+        "reviews",
+        "v1",
+        "reviews-v1",
+    )
     assert reviews.proxy_container == "p-reviews-v1-proxy-1" and reviews.proxy_healthy
     ratings = by_node["p-ratings-netns-1"]
     assert ratings.service == "ratings" and ratings.version == "v1"
@@ -57,8 +89,14 @@ def test_holder_without_of_label_is_skipped_not_fatal():
 def test_stopped_holder_is_not_running_and_unhealthy_proxy_not_ready():
     listing = [
         container("h1", "p-web-netns-1", "netns", "web", state="exited"),
-        container("x1", "p-web-proxy-1", "proxy", "web", mode="container:h1",
-                  status="Up 2s (health: starting)"),
+        container(
+            "x1",
+            "p-web-proxy-1",
+            "proxy",
+            "web",
+            mode="container:h1",
+            status="Up 2s (health: starting)",
+        ),
     ]
     (w,), _ = workloads_from_containers(listing, project="p")
     assert not w.running and not w.proxy_healthy
@@ -80,3 +118,32 @@ def test_dependents_and_stranded_after_holder_restart():
     after = {"State": {"StartedAt": "2026-11-25T10:00:06Z"}}
     assert is_stranded(before, holder)
     assert not is_stranded(after, holder)
+
+
+def app(cid, name, holder, *, state="running", status="Up 3s"):
+    return {
+        "Id": cid,
+        "Names": [f"/{name}"],
+        "State": state,
+        "Status": status,
+        "Labels": {"com.docker.compose.project": "p"},
+        "HostConfig": {"NetworkMode": f"container:{holder}"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("apps", "serving"),
+    [
+        ([app("a1", "p-web-1", "h1")], True),
+        ([app("a1", "p-web-1", "h1", status="Up 9s (healthy)")], True),
+        ([app("a1", "p-web-1", "h1", state="exited", status="Exited (0)")], False),
+        ([app("a1", "p-web-1", "h1", status="Up 1s (health: starting)")], False),
+        ([app("a1", "p-web-1", "h1", status="Up 30s (unhealthy)")], False),
+        ([], False),
+        ([app("a1", "p-web-1", "h1"), app("a2", "p-side-1", "h1", state="exited")], False),
+    ],
+)
+def test_an_endpoint_serves_only_while_its_app_does(apps, serving):
+    listing = [container("h1", "p-web-netns-1", "netns", "web"), *apps]
+    (w,), _ = workloads_from_containers(listing, project="p")
+    assert w.running is serving

@@ -8,14 +8,24 @@ from composemesh.pilot.render import render_snapshot
 
 
 def workload(node, service, version="v1", addresses=("10.0.0.1",), running=True):
-    return Workload(node=node, project="p", compose_service=node, service=service,
-                    version=version, addresses=addresses, running=running)
+    return Workload(
+        node=node,
+        project="p",
+        compose_service=node,
+        service=service,
+        version=version,
+        addresses=addresses,
+        running=running,
+    )
 
 
 STATE = MeshState(
     project="p",
-    workloads=(workload("a", "reviews"), workload("b", "reviews", "v2", ("10.0.0.2",)),
-               workload("c", "ratings", addresses=("10.0.0.3",))),
+    workloads=(
+        workload("a", "reviews"),
+        workload("b", "reviews", "v2", ("10.0.0.2",)),
+        workload("c", "ratings", addresses=("10.0.0.3",)),
+    ),
     settings=parse_settings({"mtls": {"mode": "STRICT", "services": {"ratings": "PERMISSIVE"}}}),
 )
 
@@ -37,13 +47,16 @@ def test_same_view_same_version_and_change_makes_new_version():
     first = render_snapshot(STATE, STATE.workloads[0])
     again = render_snapshot(replace(STATE), STATE.workloads[0])
     assert first.version == again.version
-    stopped = replace(STATE, workloads=(*STATE.workloads[:2],
-                                        replace(STATE.workloads[2], running=False)))
+    stopped = replace(
+        STATE, workloads=(*STATE.workloads[:2], replace(STATE.workloads[2], running=False))
+    )
     changed = render_snapshot(stopped, stopped.workloads[0])
     assert changed.version != first.version
     assert "ratings" not in changed.settings["services"]
 
 
 def test_snapshots_of_different_proxies_differ():
-    assert (render_snapshot(STATE, STATE.workloads[0]).version
-            != render_snapshot(STATE, STATE.workloads[1]).version)
+    assert (
+        render_snapshot(STATE, STATE.workloads[0]).version
+        != render_snapshot(STATE, STATE.workloads[1]).version
+    )

@@ -10,8 +10,15 @@ from composemesh.model.mesh import MeshState, Workload
 from composemesh.model.snapshot import Ack, decode_snapshot, encode_ack
 from composemesh.pilot.server import Pilot, make_app
 
-ME = Workload(node="p-web-netns-1", project="p", compose_service="web", service="web",
-              version="v1", addresses=("127.0.0.1",), running=True)
+ME = Workload(
+    node="p-web-netns-1",
+    project="p",
+    compose_service="web",
+    service="web",
+    version="v1",
+    addresses=("127.0.0.1",),
+    running=True,
+)
 
 
 def run(coro_fn):
@@ -40,7 +47,8 @@ def test_change_wakes_a_waiting_poll():
     async def body(pilot, client):
         first = decode_snapshot(await (await client.get("/v1/snapshot")).read())
         poll = asyncio.ensure_future(
-            client.get("/v1/snapshot", params={"version": first.version, "wait": "10"}))
+            client.get("/v1/snapshot", params={"version": first.version, "wait": "10"})
+        )
         await asyncio.sleep(0.2)
         assert not poll.done()
         other = replace(ME, node="p-db-netns-1", service="db", addresses=("10.9.0.9",))
@@ -71,7 +79,9 @@ def test_unknown_caller_is_refused_and_node_claims_are_checked():
     async def body(pilot, client):
         await pilot.publish(replace(pilot.state, workloads=(replace(ME, addresses=("10.1.1.1",)),)))
         assert (await client.get("/v1/snapshot")).status == 403
-        assert (await client.post("/v1/ack", data=encode_ack(Ack(ME.node, "x", True)))).status == 403
+        assert (
+            await client.post("/v1/ack", data=encode_ack(Ack(ME.node, "x", True)))
+        ).status == 403
 
     run(body)
 

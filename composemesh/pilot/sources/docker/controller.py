@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from composemesh.errors import EngineError
 from composemesh.model import wellknown as wk
@@ -96,9 +97,8 @@ class DockerSource:
                 await asyncio.sleep(0)
                 await self.resync()
                 backoff = 0.5
-                pending: asyncio.Future[object] | None = first
+                pending: asyncio.Future[dict[str, Any]] = first
                 while True:
-                    assert pending is not None
                     event = await pending
                     pending = asyncio.ensure_future(anext(events))
                     if not _relevant(event):
@@ -115,9 +115,9 @@ class DockerSource:
                 backoff = min(backoff * 2, 5.0)
 
 
-def _holder_started(event: dict[str, object]) -> bool:
+def _holder_started(event: dict[str, Any]) -> bool:
     actor = event.get("Actor") or {}
-    attributes = actor.get("Attributes") or {} if isinstance(actor, dict) else {}
+    attributes = (actor.get("Attributes") or {}) if isinstance(actor, dict) else {}
     return event.get("Action") == "start" and attributes.get(wk.LABEL_ROLE) == wk.ROLE_NETNS
 
 

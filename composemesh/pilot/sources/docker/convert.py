@@ -22,9 +22,30 @@ def container_name(container: Mapping[str, Any]) -> str:
 
 
 def addresses(container: Mapping[str, Any]) -> tuple[str, ...]:
-    networks = ((container.get("NetworkSettings") or {}).get("Networks")) or {}
-    found = [n.get("IPAddress") for n in networks.values() if n and n.get("IPAddress")]
+    return tuple(sorted(ip for _, ip in networks(container)))
+
+
+def networks(container: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(network name, address) of each network the container is on, sorted by name."""
+    nets = ((container.get("NetworkSettings") or {}).get("Networks")) or {}
+    found = [
+        (str(name), str(n["IPAddress"])) for name, n in nets.items() if n and n.get("IPAddress")
+    ]
     return tuple(sorted(found))
+
+
+def _weight(labels: Mapping[str, str]) -> int | None:
+    raw = labels.get(wk.LABEL_WEIGHT, "")
+    return int(raw) if raw.isdigit() else None
+
+
+def _port_protocols(labels: Mapping[str, str]) -> tuple[tuple[int, str], ...]:
+    out = []
+    for key, value in labels.items():
+        parts = key.split(".")
+        if key.startswith(wk.LABEL_PORT_PREFIX) and len(parts) == 4 and parts[2].isdigit():
+            out.append((int(parts[2]), value))
+    return tuple(sorted(out))
 
 
 def workloads_from_containers(
@@ -37,6 +58,7 @@ def workloads_from_containers(
     """
     holders: dict[str, Mapping[str, Any]] = {}
     proxies: dict[str, Mapping[str, Any]] = {}
+    apps: dict[str, list[Mapping[str, Any]]] = {}
     skipped: list[str] = []
     for container in containers:
         labels = container.get("Labels") or {}
@@ -44,6 +66,11 @@ def workloads_from_containers(
             continue
         role = labels.get(wk.LABEL_ROLE)
         of = labels.get(wk.LABEL_OF)
+        if role is None:
+            mode = str((container.get("HostConfig") or {}).get("NetworkMode", ""))
+            if mode.startswith("container:"):
+                apps.setdefault(mode.removeprefix("container:"), []).append(container)
+            continue
         if role not in (wk.ROLE_NETNS, wk.ROLE_PROXY):
             continue
         if not of:
@@ -68,14 +95,31 @@ def workloads_from_containers(
                 service=labels.get(wk.LABEL_SERVICE, of),
                 version=labels.get(wk.LABEL_VERSION, wk.DEFAULT_VERSION),
                 addresses=addresses(holder),
-                running=holder.get("State") == "running",
+                running=holder.get("State") == "running" and serving(apps.get(holder_id, [])),
                 proxy_container=container_name(proxy) if proxy else None,
-                proxy_healthy=bool(proxy)
+                proxy_healthy=proxy is not None
                 and proxy.get("State") == "running"
                 and "(healthy)" in str(proxy.get("Status", "")),
+                networks=networks(holder),
+                weight=_weight(labels),
+                protocol=labels.get(wk.LABEL_PROTOCOL),
+                port_protocols=_port_protocols(labels),
             )
         )
     return tuple(workloads), tuple(skipped)
+
+
+def serving(apps: list[Mapping[str, Any]]) -> bool:
+    """The apps in a namespace can take traffic: all running, none unhealthy or starting.
+
+    A namespace with no app container (yet) does not take traffic either.
+    """
+    return bool(apps) and all(
+        a.get("State") == "running"
+        and "(unhealthy)" not in str(a.get("Status", ""))
+        and "(health: starting)" not in str(a.get("Status", ""))
+        for a in apps
+    )
 
 
 def dependents_of(containers: Iterable[Mapping[str, Any]], holder_id: str) -> list[str]:

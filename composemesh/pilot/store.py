@@ -1,0 +1,40 @@
+"""The pilot's memory that must outlive it: live route overrides, in its state volume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+log = logging.getLogger("composemesh.pilot.store")
+DEFAULT_DIR = "/var/lib/composemesh"
+
+
+class OverrideStore:
+    """``routes.json``: service -> {version: weight}; written atomically, read at start."""
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+        base = directory or os.environ.get("COMPOSEMESH_STATE_DIR", DEFAULT_DIR)
+        self.path = Path(base) / "routes.json"
+
+    def load(self) -> dict[str, dict[str, int]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.error("ignoring unreadable %s: %s", self.path, exc)
+            return {}
+        return {
+            str(svc): {str(v): int(w) for v, w in weights.items()}
+            for svc, weights in data.items()
+            if isinstance(weights, dict)
+        }
+
+    def save(self, overrides: Mapping[str, Mapping[str, int]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({k: dict(v) for k, v in overrides.items()}, indent=2))
+        os.replace(tmp, self.path)

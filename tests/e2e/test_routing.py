@@ -1,0 +1,205 @@
+"""HTTP routing on the real engine: weighted splits, live `route`, matches, retries, timeouts,
+faults, discovery of new and stopped endpoints, and a pilot that dies and comes back."""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import (
+    Mesh,
+    bring_up,
+    composemesh,
+    docker,
+    tear_down,
+    unique_project,
+)
+
+pytestmark = pytest.mark.e2e
+HERE = Path(__file__).parent / "routing"
+
+
+@pytest.fixture(scope="module")
+def mesh(images: None) -> Iterator[Mesh]:
+    m = bring_up(unique_project("routing"), [HERE / "compose.yaml"], {})
+    try:
+        yield m
+    finally:
+        tear_down(m)
+
+
+def versions(answers: list[dict]) -> collections.Counter[str]:
+    return collections.Counter(a.get("version", f"status {a['status']}") for a in answers)
+
+
+def route(mesh: Mesh, *weights: str) -> subprocess.CompletedProcess[str]:
+    return composemesh("route", "reviews", *weights, "-p", mesh.project)
+
+
+def started_at(mesh: Mesh) -> dict[str, str]:
+    names = docker(
+        "ps",
+        "-a",
+        "--filter",
+        f"label=com.docker.compose.project={mesh.project}",
+        "--format",
+        "{{.Names}}",
+    ).split()
+    return {n: docker("inspect", "-f", "{{.State.StartedAt}}", n) for n in names}
+
+
+def test_weighted_split_80_20_over_2000_requests(mesh: Mesh) -> None:
+    answers = mesh.get_json(
+        "client", "http://reviews:9080/reviews/0", "--count", "2000", timeout=600
+    )
+    assert all(a["status"] == 200 for a in answers)
+    counts = versions(answers)
+    share_v2 = 100 * counts["v2"] / len(answers)
+    assert abs(share_v2 - 20) <= 3, counts
+
+
+def test_header_match_sends_the_marked_user_to_v2_only(mesh: Mesh) -> None:
+    marked = mesh.get_json(
+        "client", "http://reviews:9080/reviews/0", "--count", "100", "-H", "end-user: jason"
+    )
+    assert versions(marked) == {"v2": 100}
+    others = mesh.get_json(
+        "client", "http://reviews:9080/reviews/0", "--count", "100", "-H", "end-user: someone"
+    )
+    assert versions(others)["v1"] > 50
+
+
+def test_retry_turns_every_other_503_into_success(mesh: Mesh) -> None:
+    answers = mesh.get_json("client", "http://flaky:9080/ratings/0", "--count", "50")
+    assert [a["status"] for a in answers] == [200] * 50
+
+
+def test_timeout_answers_504_in_time(mesh: Mesh) -> None:
+    started = time.monotonic()
+    answers = mesh.get_json("client", "http://slow:9080/ratings/0")
+    elapsed = time.monotonic() - started
+    assert answers[0]["status"] == 504
+    assert elapsed < 2.8, f"the 1 s route timeout answered after {elapsed:.1f}s"
+
+
+def test_abort_fault_at_its_percentage(mesh: Mesh) -> None:
+    answers = mesh.get_json(
+        "client", "http://faulty:9080/ratings/0", "--count", "1000", timeout=300
+    )
+    codes = collections.Counter(a["status"] for a in answers)
+    assert set(codes) == {200, 418}, codes
+    assert abs(100 * codes[418] / 1000 - 30) <= 5, codes
+
+
+def test_route_change_applies_live_without_restarts_and_under_load(mesh: Mesh) -> None:
+    before = started_at(mesh)
+    results: list[dict] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            results.extend(
+                mesh.get_json("client", "http://reviews:9080/reviews/0", "--count", "20")
+            )
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        time.sleep(2)
+        changed = route(mesh, "v1=0", "v2=100")
+        changed_at = len(results)
+        time.sleep(2)
+    finally:
+        stop.set()
+        worker.join()
+    assert changed.returncode == 0, changed.stderr
+    assert "80" in changed.stdout and "100" in changed.stdout  # old and new split shown
+    assert all(r["status"] == 200 for r in results), collections.Counter(
+        r["status"] for r in results
+    )
+    after = mesh.get_json("client", "http://reviews:9080/reviews/0", "--count", "200")
+    assert versions(after) == {"v2": 200}
+    assert started_at(mesh) == before, "a container restarted"
+    assert changed_at > 0
+
+
+def test_bad_route_is_refused_and_nothing_changes(mesh: Mesh) -> None:
+    status_before = json.loads(composemesh("status", "-p", mesh.project, "--json").stdout)
+    for args in (["v9=100"], ["v1=-1"], ["v1=abc"], ["v1=0", "v2=0"]):
+        proc = route(mesh, *args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert "error:" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = composemesh("route", "nosuch", "v1=100", "-p", mesh.project)
+    assert proc.returncode == 2 and "nosuch" in proc.stderr
+    status_after = json.loads(composemesh("status", "-p", mesh.project, "--json").stdout)
+    assert status_after["services"]["reviews"] == status_before["services"]["reviews"]
+
+
+def test_pilot_killed_keeps_last_split_and_resyncs_after_restart(mesh: Mesh) -> None:
+    assert route(mesh, "v1=0", "v2=100").returncode == 0
+    pilot = mesh.container("composemesh-pilot")
+    docker("kill", pilot)
+    try:
+        answers = mesh.get_json("client", "http://reviews:9080/reviews/0", "--count", "100")
+        assert versions(answers) == {"v2": 100}, "the proxies lost their last good snapshot"
+    finally:
+        docker("start", pilot)
+    deadline = time.monotonic() + 60
+    while True:  # the route change survived the restart: the split is still 0/100
+        proc = composemesh("status", "-p", mesh.project, "--json")
+        if proc.returncode == 0:
+            data = json.loads(proc.stdout)
+            if data["synced"] and all(p["in_sync"] for p in data["proxies"] if p["running"]):
+                break
+        assert time.monotonic() < deadline, proc.stderr
+        time.sleep(0.5)
+    assert data["services"]["reviews"]["split"] == {"v1": 0, "v2": 100}
+    assert route(mesh, "v1=100", "v2=0").returncode == 0
+    answers = mesh.get_json("client", "http://reviews:9080/reviews/0", "--count", "100")
+    assert versions(answers) == {"v1": 100}
+
+
+def test_new_version_gets_traffic_and_stopped_one_stops_without_failures(mesh: Mesh) -> None:
+    assert route(mesh, "v1=50", "v2=50").returncode == 0
+    before = started_at(mesh)
+    files = [HERE / "compose.yaml", HERE / "reviews-v3.yaml"]
+    proc = composemesh("up", *sum((["-f", str(f)] for f in files), []), "-p", mesh.project)
+    assert proc.returncode == 0, proc.stderr
+    mesh.files = files  # so that the teardown removes reviews-v3 too
+    after = started_at(mesh)
+    assert {n: after[n] for n in before} == before, "adding a version restarted others"
+    # v3 has no weight in the split set by `route`: give it some, no command for discovery
+    assert route(mesh, "v1=0", "v2=50", "v3=50").returncode == 0
+    answers = mesh.get_json("client", "http://reviews:9080/reviews/0", "--count", "100")
+    assert versions(answers)["v3"] > 20, versions(answers)
+
+    results: list[dict] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            results.extend(
+                mesh.get_json("client", "http://reviews:9080/reviews/0", "--count", "10")
+            )
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        time.sleep(1)
+        stopped = mesh.compose("stop", "reviews-v3")
+        assert stopped.returncode == 0, stopped.stderr
+        time.sleep(2)
+    finally:
+        stop.set()
+        worker.join()
+    failed = [r for r in results if r["status"] != 200]
+    assert len(failed) <= 1, f"{len(failed)} of {len(results)} failed: {failed[:3]}"
+    tail = mesh.get_json("client", "http://reviews:9080/reviews/0", "--count", "50")
+    assert versions(tail) == {"v2": 50}
