@@ -529,6 +529,18 @@ def _print_status(data: dict[str, Any]) -> None:
         err.print(f"[yellow]kept last good routing:[/] {escape(error)}", soft_wrap=True)
 
 
+def _published_target(port: object) -> int | None:
+    """The container port of a published port entry (short or long syntax), else None."""
+    if isinstance(port, dict):
+        target, published = port.get("target"), port.get("published")
+        return int(target) if target and published else None
+    spec = str(port).split("/")[0]
+    if ":" not in spec:
+        return None  # not published on the host
+    target = spec.rsplit(":", 1)[1]
+    return int(target) if target.isdigit() else None
+
+
 def _print_endpoints(project: str, result: Any) -> None:
     from composemesh.engine.compose import published_port
 
@@ -538,8 +550,8 @@ def _print_endpoints(project: str, result: Any) -> None:
         if isinstance(labels, dict) and labels.get(wk.LABEL_ROLE) == wk.ROLE_PILOT:
             continue
         for port in svc.get("ports") or []:
-            target = port.get("target") if isinstance(port, dict) else None
-            if not target or not port.get("published"):
+            target = _published_target(port)
+            if target is None:
                 continue
             where = published_port(project, name, int(target))
             if where:

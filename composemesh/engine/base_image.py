@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from composemesh.engine.process import stream_lines
 from composemesh.errors import ImageBuildError
 
 Progress = Callable[[str, str], None]
@@ -322,32 +323,17 @@ def build_fallback_base(
 
 
 def _run_streaming(cmd: list[str], report: Progress, *, what: str, tag: str) -> None:
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C")
-    tail: list[str] = []
-    try:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            text=True,
-            errors="replace",
-        )
-    except OSError as err:
-        raise ImageBuildError(f"{tag}: cannot run {what}: {err}") from err
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        if not line:
-            continue
-        tail = [*tail[-9:], line]
-        report("base", f"{what}: {line}")
-    if proc.wait() != 0:
+    code, tail = stream_lines(
+        cmd,
+        lambda line: report("base", f"{what}: {line}"),
+        env={"DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"},
+        keep=10,
+    )
+    if code == 127 and len(tail) == 1 and tail[0].startswith("cannot run"):
+        raise ImageBuildError(f"{tag}: {tail[0]}")
+    if code != 0:
         last = next((ln for ln in reversed(tail) if ln.startswith("E:")), tail[-1] if tail else "")
-        raise ImageBuildError(
-            f"{tag}: {what} failed (exit {proc.returncode}): {last or 'no output'}"
-        )
+        raise ImageBuildError(f"{tag}: {what} failed (exit {code}): {last or 'no output'}")
 
 
 def slim_rootfs(rootfs: Path, *, mirror: str = DEFAULT_MIRROR) -> int:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from composemesh.engine.process import stream_lines
 from composemesh.errors import ComposeError
 
 
@@ -48,24 +49,11 @@ def run(
 ) -> tuple[int, list[str]]:
     """Run one compose command; feed each output line to ``on_line``; return code and lines."""
     require_compose()
-    lines: list[str] = []
-    proc = subprocess.Popen(
+    return stream_lines(
         project.command(*args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, **(env or {}), "COMPOSE_ANSI": "never", "COMPOSE_PROGRESS": "plain"},
+        on_line,
+        env={**(env or {}), "COMPOSE_ANSI": "never", "COMPOSE_PROGRESS": "plain"},
     )
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.rstrip()
-        if not line:
-            continue
-        lines.append(line)
-        if on_line:
-            on_line(line)
-    return proc.wait(), lines
 
 
 _FAILED = re.compile(

@@ -31,7 +31,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from typing import Any
 
 from composemesh import __version__
 from composemesh.engine.base_image import Progress, ensure_base_image
+from composemesh.engine.process import stream_lines
 from composemesh.errors import ImageBuildError
 from composemesh.model.wellknown import DEMO_IMAGE, MESH_IMAGE, PROXY_UID
 
@@ -398,28 +398,12 @@ def wheel_platforms(machine: str, libc_version: tuple[int, int]) -> list[str]:
 
 
 def _pip(args: list[str], report: Progress, stage: str) -> tuple[int, list[str]]:
-    cmd = [sys.executable, "-m", "pip", *args]
-    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
-    try:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            text=True,
-            errors="replace",
-        )
-    except OSError as err:
-        return 127, [str(err)]
-    assert proc.stdout is not None
-    tail: list[str] = []
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line:
-            tail = [*tail[-19:], line]
-            report(stage, line)
-    return proc.wait(), tail
+    return stream_lines(
+        [sys.executable, "-m", "pip", *args],
+        lambda line: report(stage, line),
+        env={"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"},
+        keep=20,
+    )
 
 
 def _last_error(lines: list[str]) -> str:

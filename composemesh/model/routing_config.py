@@ -8,6 +8,8 @@ first mistake. The format, per mesh service (every key optional)::
         reviews:                       # a mesh service
           load_balancer: round_robin   # or least_request
           connect_timeout: 2s
+          retries: {attempts: 2}       # retries and timeout here: for every route without its own
+          timeout: 10s
           outlier_detection: {consecutive_errors: 5, base_ejection_time: 30s,
                               max_ejection_percent: 50}      # or false: never eject
           http:                        # ordered; the first route that matches wins
@@ -29,12 +31,13 @@ Rules:
   ``timeout`` or ``per_try_timeout`` of 0 means none.
 - A string where a match is expected is an exact match: ``path: /reviews``.
 - ``retry_on`` is a list or a comma-separated string of 5xx, gateway-error, connect-failure,
-  reset, retriable-4xx. A route without ``retries`` gets DEFAULT_RETRIES; the keys given in
-  ``retries`` override those of DEFAULT_RETRIES.
+  reset, retriable-4xx. A route without ``retries`` gets the service's ``retries``, else
+  DEFAULT_RETRIES; the keys given in a ``retries`` override those it would get otherwise.
+  ``timeout`` likewise: the route's, else the service's, else DEFAULT_TIMEOUT_S.
 - A fault's ``percent`` defaults to 100.
 - A route without ``route`` (the header routes included) sends to the label split below.
 - When no route is match-less, a route named ``default`` with the label split, DEFAULT_RETRIES
-  and DEFAULT_TIMEOUT_S is added last: every request has a route.
+  and the service's retries and timeout is added last: every request has a route.
 
 The label split (``composemesh.weight`` per version): read as percentages when some versions
 have no weight. No version labelled: 100 shared equally (3 versions: 34/33/33; the remainder
@@ -69,7 +72,14 @@ from composemesh.model.routing import (
 from composemesh.model.settings import SECTION
 
 ROUTES = f"{SECTION}.routes"
-SERVICE_KEYS = ("load_balancer", "connect_timeout", "outlier_detection", "http")
+SERVICE_KEYS = (
+    "load_balancer",
+    "connect_timeout",
+    "outlier_detection",
+    "retries",
+    "timeout",
+    "http",
+)
 ROUTE_KEYS = ("name", "match", "route", "retries", "timeout", "fault")
 MATCH_KEYS = ("headers", "path", "method")
 STRING_MATCH_KEYS = ("exact", "prefix", "regex")
@@ -250,6 +260,7 @@ def _service_routing(
         if connect_timeout <= 0:
             raise ConfigError("must be more than 0", field=f"{where}.connect_timeout")
     outlier = _outlier(spec.get("outlier_detection"), f"{where}.outlier_detection")
+    defaults = _policies(spec, where, DEFAULT_RETRIES, DEFAULT_TIMEOUT_S)
 
     http = spec.get("http")
     if http is None:
@@ -259,7 +270,7 @@ def _service_routing(
     routes: list[HttpRoute] = []
     for i, item in enumerate(http):
         rw = f"{where}.http[{i}]"
-        route = _route(item, i, len(http), rw, service, versions, label_destinations)
+        route = _route(item, i, len(http), rw, service, versions, label_destinations, defaults)
         if not route.matches and i < len(http) - 1:
             raise ConfigError(
                 "has no match, so it takes every request and the routes after it would "
@@ -277,7 +288,7 @@ def _service_routing(
                 "give this one another name (or no match)",
                 field=f"{where}.http[{i}].name",
             )
-        routes.append(_default_route(label_destinations()))
+        routes.append(_default_route(label_destinations(), *defaults))
     return ServiceRouting(
         service=service,
         routes=tuple(routes),
@@ -287,14 +298,29 @@ def _service_routing(
     )
 
 
-def _default_route(destinations: Destinations) -> HttpRoute:
+def _default_route(
+    destinations: Destinations,
+    retries: RetryPolicy = DEFAULT_RETRIES,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> HttpRoute:
     return HttpRoute(
         name=DEFAULT_ROUTE,
         matches=(),
         destinations=destinations,
-        retries=DEFAULT_RETRIES,
-        timeout_s=DEFAULT_TIMEOUT_S,
+        retries=retries,
+        timeout_s=timeout_s,
     )
+
+
+def _policies(
+    spec: Mapping[Any, Any], where: str, retries: RetryPolicy, timeout_s: float | None
+) -> tuple[RetryPolicy, float | None]:
+    """The ``retries`` and ``timeout`` of ``spec``, over the ones it would get otherwise."""
+    if spec.get("retries") is not None:
+        retries = _retries(spec["retries"], f"{where}.retries", retries)
+    if spec.get("timeout") is not None:
+        timeout_s = parse_duration(spec["timeout"], f"{where}.timeout") or None
+    return retries, timeout_s
 
 
 def _outlier(value: object, where: str) -> OutlierPolicy | None:
@@ -336,6 +362,7 @@ def _route(
     service: str,
     versions: Mapping[str, int | None],
     label_destinations: Callable[[], Destinations],
+    defaults: tuple[RetryPolicy, float | None],
 ) -> HttpRoute:
     spec = _mapping(item, ROUTE_KEYS, where)
     matches: tuple[HttpMatch, ...] = ()
@@ -352,12 +379,7 @@ def _route(
         destinations = label_destinations()
     else:
         destinations = _destinations(spec["route"], f"{where}.route", service, versions)
-    retries = DEFAULT_RETRIES
-    if spec.get("retries") is not None:
-        retries = _retries(spec["retries"], f"{where}.retries")
-    timeout = DEFAULT_TIMEOUT_S
-    if spec.get("timeout") is not None:
-        timeout = parse_duration(spec["timeout"], f"{where}.timeout") or None
+    retries, timeout = _policies(spec, where, *defaults)
     fault = None if spec.get("fault") is None else _fault(spec["fault"], f"{where}.fault")
     return HttpRoute(
         name=name,
@@ -453,9 +475,8 @@ def _string_match(value: object, where: str) -> StringMatch:
     return StringMatch(kind, text)  # type: ignore[arg-type]  # a key of STRING_MATCH_KEYS
 
 
-def _retries(value: object, where: str) -> RetryPolicy:
+def _retries(value: object, where: str, policy: RetryPolicy) -> RetryPolicy:
     spec = _mapping(value, RETRY_KEYS, where)
-    policy = DEFAULT_RETRIES
     if "attempts" in spec:
         attempts = spec["attempts"]
         if not _is_int(attempts) or attempts < 0:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,28 @@ TCP_METRICS = (
      "Bytes received from the connecting side (request direction).", "received"),
 )
 ERRORS_METRIC = "composemesh_proxy_tcp_errors_total"
+
+# Istio's HTTP metrics (Envoy's default buckets for durations, Istio's for sizes).
+REQUESTS_METRIC = "istio_requests_total"
+DURATION_METRIC = "istio_request_duration_milliseconds"
+REQUEST_BYTES_METRIC = "istio_request_bytes"
+RESPONSE_BYTES_METRIC = "istio_response_bytes"
+DURATION_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
+                    60000, 300000, 600000, 1800000, 3600000)
+BYTES_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
+
+# Envoy's response flags, as the HTTP path sets them.
+NO_FLAGS = "-"
+NO_HEALTHY_UPSTREAM = "UH"
+UPSTREAM_TIMEOUT = "UT"
+CONNECT_FAILURE = "UF"
+UPSTREAM_RESET = "UC"  # the upstream connection ended before the response did
+FAULT_ABORT = "FI"
+FAULT_DELAY = "DI"
+NO_ROUTE = "NR"
+RETRIES_EXHAUSTED = "URX"
+DOWNSTREAM_CLOSED = "DC"  # the client left before its response was complete
+BAD_REQUEST = "DPE"  # the client's request did not parse
 
 # Why a connection failed, as counted per direction.
 ERROR_KINDS = (
@@ -99,13 +122,106 @@ class TcpCounters:
         self.received = 0  # from the connecting side
 
 
+class Histogram:
+    """One Prometheus histogram series: a count per bucket (not cumulative) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def lines(self, name: str, labels: str) -> Iterator[str]:
+        """The _bucket (cumulative, le as Envoy prints it), _sum and _count lines."""
+        total = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            total += n
+            yield f'{name}_bucket{{{labels},le="{bound:g}"}} {total}'
+        total += self.counts[-1]
+        yield f'{name}_bucket{{{labels},le="+Inf"}} {total}'
+        yield f"{name}_sum{{{labels}}} {self.sum:g}"
+        yield f"{name}_count{{{labels}}} {total}"
+
+
+# (source, destination service, destination version, destination workload, code, flags)
+HttpKey = tuple[Workload, str, str, str, int, str]
+
+
+class HttpSeries:
+    """The three histograms of one HTTP label set; their count is istio_requests_total."""
+
+    __slots__ = ("duration", "request_bytes", "response_bytes")
+
+    def __init__(self) -> None:
+        self.duration = Histogram(DURATION_BUCKETS)
+        self.request_bytes = Histogram(BYTES_BUCKETS)
+        self.response_bytes = Histogram(BYTES_BUCKETS)
+
+
 class ProxyStats:
-    """Every counter of one proxy: TCP counters per label set and errors per direction."""
+    """Every counter of one proxy: TCP counters per label set, HTTP series, errors."""
 
     def __init__(self) -> None:
         self._tcp: dict[TcpLabels, TcpCounters] = {}
         self._errors: dict[str, dict[str, int]] = {
             direction: dict.fromkeys(ERROR_KINDS, 0) for direction in (OUTBOUND, INBOUND)
+        }
+        self._http: dict[HttpKey, HttpSeries] = {}
+        self._by_endpoint: dict[tuple[str, str], int] = {}  # (service, node) -> requests
+        self.retries = 0  # tries after the first, over all requests
+        self.ejections = 0  # endpoints ejected by outlier detection
+
+    def http_request(self, source: Workload, service: str, version: str, workload: str,
+                     node: str | None, code: int, flags: str, duration_ms: float,
+                     request_bytes: int, response_bytes: int) -> None:
+        """Count one HTTP request answered to the app (reporter "source")."""
+        key = (source, service, version, workload, code, flags)
+        series = self._http.get(key)
+        if series is None:
+            series = self._http[key] = HttpSeries()
+        series.duration.observe(duration_ms)
+        series.request_bytes.observe(request_bytes)
+        series.response_bytes.observe(response_bytes)
+        if node is not None:
+            by_endpoint = self._by_endpoint
+            pair = (service, node)
+            by_endpoint[pair] = by_endpoint.get(pair, 0) + 1
+
+    def http_totals(self) -> dict[str, Any]:
+        """Requests by service and version (of the endpoint that answered) and by endpoint,
+        responses by status code and by response flags, retries and ejections."""
+        by_version: dict[str, dict[str, int]] = {}
+        by_code: dict[str, int] = {}
+        by_flags: dict[str, int] = {}
+        requests = 0
+        for (_, service, version, _, code, flags), series in self._http.items():
+            n = series.duration.count
+            requests += n
+            if version != UNKNOWN:
+                versions = by_version.setdefault(service, {})
+                versions[version] = versions.get(version, 0) + n
+            by_code[str(code)] = by_code.get(str(code), 0) + n
+            by_flags[flags] = by_flags.get(flags, 0) + n
+        by_endpoint: dict[str, dict[str, int]] = {}
+        for (service, node), n in self._by_endpoint.items():
+            by_endpoint.setdefault(service, {})[node] = n
+        return {
+            "requests": requests,
+            "requests_by_version": by_version,
+            "requests_by_endpoint": by_endpoint,
+            "responses_by_code": by_code,
+            "responses_by_flags": by_flags,
+            "retries": self.retries,
+            "ejections": self.ejections,
         }
 
     def tcp(self, labels: TcpLabels) -> TcpCounters:
@@ -149,6 +265,7 @@ class ProxyStats:
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} counter")
             lines.extend(f"{name}{{{text}}} {getattr(c, attr)}" for text, c in series)
+        lines.extend(self._http_lines())
         lines.append(f"# HELP {ERRORS_METRIC} TCP connections that failed, by direction and kind.")
         lines.append(f"# TYPE {ERRORS_METRIC} counter")
         for direction, errors in self._errors.items():
@@ -156,6 +273,43 @@ class ProxyStats:
                 text = _label_text((("direction", direction), ("kind", kind)))
                 lines.append(f"{ERRORS_METRIC}{{{text}}} {value}")
         return "\n".join(lines) + "\n"
+
+
+    def _http_lines(self) -> Iterator[str]:
+        series = [(_label_text(http_label_items(key)), s) for key, s in self._http.items()]
+        yield f"# HELP {REQUESTS_METRIC} Requests answered, by source and destination."
+        yield f"# TYPE {REQUESTS_METRIC} counter"
+        for text, s in series:
+            yield f"{REQUESTS_METRIC}{{{text}}} {s.duration.count}"
+        for name, help_text, attr in (
+            (DURATION_METRIC, "Request durations, to the last byte of the response.", "duration"),
+            (REQUEST_BYTES_METRIC, "Request sizes, head and body.", "request_bytes"),
+            (RESPONSE_BYTES_METRIC, "Response sizes, head and body.", "response_bytes"),
+        ):
+            yield f"# HELP {name} {help_text}"
+            yield f"# TYPE {name} histogram"
+            for text, s in series:
+                yield from getattr(s, attr).lines(name, text)
+
+
+def http_label_items(key: HttpKey) -> Iterator[tuple[str, str]]:
+    """The labels of Istio's HTTP metrics for one series, in a fixed order."""
+    source, service, version, workload, code, flags = key
+    labels = TcpLabels(
+        reporter=REPORTER[OUTBOUND],
+        source=source,
+        destination=Workload(workload=workload, namespace=source.namespace, app=service,
+                             version=version),
+        destination_service=service,
+        destination_service_name=service,
+        destination_service_namespace=source.namespace,
+        request_protocol="http",
+        response_flags=flags,
+    )
+    for name, value in labels.items():
+        yield name, value
+        if name == "request_protocol":
+            yield "response_code", str(code)
 
 
 def workload_of(identity: ProxyIdentity) -> Workload:
@@ -191,7 +345,7 @@ def label_names() -> tuple[str, ...]:
     return tuple(name for name, _ in TcpLabels(reporter="source").items())
 
 
-def _label_text(items: Any) -> str:
+def _label_text(items: Iterable[tuple[str, str]]) -> str:
     return ",".join(f'{name}="{_escape(value)}"' for name, value in items)
 
 

@@ -87,6 +87,7 @@ class Mesh:
     files: list[Path]
     env: dict[str, str] = field(default_factory=dict)
     up_seconds: float = 0.0
+    up_output: str = ""
 
     def container(self, compose_service: str) -> str:
         name = docker(
@@ -206,7 +207,8 @@ def images(engine: None) -> None:
 def bring_up(project: str, files: list[Path], env: dict[str, str]) -> Mesh:
     started = time.monotonic()
     proc = composemesh("up", *sum((["-f", str(f)] for f in files), []), "-p", project, env=env)
-    mesh = Mesh(project=project, files=files, env=env, up_seconds=time.monotonic() - started)
+    mesh = Mesh(project=project, files=files, env=env, up_seconds=time.monotonic() - started,
+                up_output=proc.stdout)
     if proc.returncode != 0:
         force_remove(project)
         raise AssertionError(

@@ -39,6 +39,11 @@ def test_up_reports_every_proxy_ready_and_in_sync(bookinfo: Mesh) -> None:
     assert table.returncode == 0 and "reviews" in table.stdout and "in sync" in table.stdout
 
 
+def test_up_prints_where_to_reach_the_published_app(bookinfo: Mesh) -> None:
+    assert "reach it at" in bookinfo.up_output
+    assert f"127.0.0.1:{bookinfo.env['BOOKINFO_PORT']}" in bookinfo.up_output
+
+
 def test_http_call_goes_through_both_sidecars(bookinfo: Mesh) -> None:
     src_before = bookinfo.proxy_stats("ratings")
     dst_before = [bookinfo.proxy_stats(s) for s in ("reviews-v1", "reviews-v2")]

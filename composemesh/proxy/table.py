@@ -1,0 +1,237 @@
+"""The outbound routing table, decoded whole from one snapshot: plain dict lookups for the hot path.
+
+The snapshot's ``settings`` carry three mappings keyed by mesh service (the pilot's contract):
+
+- ``services``: ``{service: [{"node", "version", "address"}, ...]}``, the running endpoints,
+  each with the one address this proxy reaches it at (``compose_service`` optional);
+- ``routing``: ``{service: routing_to_json(ServiceRouting)}``;
+- ``protocols``: ``{service: {"default": "http" | "tcp" | null, "ports": {"9080": "http"}}}``,
+  null meaning "detect".
+
+``build_table`` checks every field and raises SnapshotError naming the first bad one, so a
+snapshot is applied whole or NACKed; nothing here touches a socket.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from composemesh.model.routing import (
+    HttpRoute,
+    ServiceRouting,
+    WeightedSubset,
+    routing_from_json,
+    routing_to_json,
+)
+from composemesh.model.snapshot import Snapshot, SnapshotError
+from composemesh.proxy.decisions import Endpoint
+
+HTTP = "http"
+TCP = "tcp"
+PROTOCOLS = (HTTP, TCP)
+UNKNOWN = "unknown"
+
+_EMPTY: Mapping[Any, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceProtocols:
+    """The declared protocol of a service's ports; None means "detect from the first bytes"."""
+
+    default: str | None = None
+    ports: Mapping[int, str] = _EMPTY
+
+    def at(self, port: int) -> str | None:
+        return self.ports.get(port, self.default)
+
+
+_DETECT = ServiceProtocols()
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """What the outbound path looks up, per connection and per request; never mutated."""
+
+    by_address: Mapping[str, str] = _EMPTY  # endpoint IP -> mesh service
+    routing: Mapping[str, ServiceRouting] = _EMPTY  # mesh service -> its routing
+    endpoints: Mapping[tuple[str, str], tuple[Endpoint, ...]] = _EMPTY  # (service, version)
+    service_endpoints: Mapping[str, tuple[Endpoint, ...]] = _EMPTY  # service -> all versions
+    protocols: Mapping[str, ServiceProtocols] = _EMPTY
+    workloads: Mapping[str, str] = _EMPTY  # endpoint node -> its compose service
+    services: tuple[str, ...] = field(default=())  # every mesh service, sorted
+
+    def service_at(self, ip: str) -> str | None:
+        """The mesh service whose endpoint has address ``ip``; None for the world outside."""
+        service = self.by_address.get(ip)
+        if service is None and ip.startswith("::ffff:"):  # IPv4 seen on a dual-stack socket
+            service = self.by_address.get(ip[7:])
+        return service
+
+    def protocol(self, service: str, port: int) -> str | None:
+        """``http``, ``tcp``, or None (detect) for connections to ``service`` on ``port``."""
+        return self.protocols.get(service, _DETECT).at(port)
+
+    def workload(self, endpoint: Endpoint) -> str:
+        """The compose service behind ``endpoint`` (a metric label), or "unknown"."""
+        return self.workloads.get(endpoint.node, UNKNOWN)
+
+    def to_json(self) -> dict[str, Any]:
+        """The table as the admin config dump shows it."""
+        return {
+            service: {
+                "endpoints": [
+                    {"node": ep.node, "version": ep.version, "address": ep.address,
+                     "workload": self.workload(ep)}
+                    for ep in self.service_endpoints.get(service, ())
+                ],
+                "protocols": {
+                    "default": self.protocols.get(service, _DETECT).default,
+                    "ports": {str(port): proto for port, proto in
+                              sorted(self.protocols.get(service, _DETECT).ports.items())},
+                },
+                "routing": routing_to_json(self.routing[service]),
+            }
+            for service in self.services
+        }
+
+
+EMPTY_TABLE = RoutingTable()
+
+
+def table_from_snapshot(snapshot: Snapshot) -> RoutingTable:
+    """The routing table of ``snapshot``; SnapshotError (the NACK reason) if it does not decode."""
+    return build_table(snapshot.settings, project=snapshot.identity.project)
+
+
+def build_table(settings: Mapping[str, Any], project: str = "") -> RoutingTable:
+    """Decode ``services``, ``routing`` and ``protocols`` of a snapshot's settings.
+
+    A snapshot without them (an older pilot) gives the empty table: everything passes through.
+    """
+    try:
+        return _build(settings, project)
+    except ValueError as exc:
+        raise SnapshotError(str(exc)) from None
+
+
+def _build(settings: Mapping[str, Any], project: str) -> RoutingTable:
+    services_obj = _mapping(settings.get("services") or {}, "settings.services")
+    routing_obj = _mapping(settings.get("routing") or {}, "settings.routing")
+    protocols_obj = _mapping(settings.get("protocols") or {}, "settings.protocols")
+
+    by_address: dict[str, str] = {}
+    per_version: dict[tuple[str, str], list[Endpoint]] = {}
+    per_service: dict[str, tuple[Endpoint, ...]] = {}
+    workloads: dict[str, str] = {}
+    for service, entries in services_obj.items():
+        where = f"settings.services.{service}"
+        if not isinstance(entries, list):
+            raise ValueError(f"{where}: must be a list, not {type(entries).__name__}")
+        endpoints = []
+        for i, entry in enumerate(entries):
+            ew = f"{where}[{i}]"
+            e = _mapping(entry, ew)
+            ep = Endpoint(node=_text(e, "node", ew), version=_text(e, "version", ew),
+                          address=_address(e, ew))
+            owner = by_address.get(ep.address)
+            if owner is not None:
+                raise ValueError(f"{ew}.address: {ep.address} is already an endpoint "
+                                 f"of {owner!r}")
+            by_address[ep.address] = service
+            endpoints.append(ep)
+            per_version.setdefault((service, ep.version), []).append(ep)
+            compose_service = e.get("compose_service")
+            if compose_service is not None and not isinstance(compose_service, str):
+                raise ValueError(f"{ew}.compose_service: must be a string")
+            workload = compose_service or _compose_service_of(ep.node, project)
+            if workload:
+                workloads[ep.node] = workload
+        per_service[service] = tuple(endpoints)
+
+    routing: dict[str, ServiceRouting] = {}
+    for service, obj in routing_obj.items():
+        try:
+            decoded = routing_from_json(obj)
+        except ValueError as exc:
+            raise ValueError(f"settings.routing.{service}: {exc}") from None
+        if decoded.service != service:
+            raise ValueError(f"settings.routing.{service}.service: {decoded.service!r} "
+                             f"is not the service it is listed under")
+        routing[service] = decoded
+    for service, endpoints in per_service.items():
+        if service not in routing:  # not expected from the pilot: an even split over versions
+            routing[service] = default_routing(service, endpoints)
+
+    protocols: dict[str, ServiceProtocols] = {}
+    for service, obj in protocols_obj.items():
+        protocols[service] = _protocols(obj, f"settings.protocols.{service}")
+
+    return RoutingTable(
+        by_address=MappingProxyType(by_address),
+        routing=MappingProxyType(routing),
+        endpoints=MappingProxyType({key: tuple(eps) for key, eps in per_version.items()}),
+        service_endpoints=MappingProxyType(per_service),
+        protocols=MappingProxyType(protocols),
+        workloads=MappingProxyType(workloads),
+        services=tuple(sorted(routing)),
+    )
+
+
+def default_routing(service: str, endpoints: tuple[Endpoint, ...]) -> ServiceRouting:
+    """One route sending equal shares to every version that has endpoints."""
+    versions = sorted({ep.version for ep in endpoints})
+    route = HttpRoute(name="default", matches=(),
+                      destinations=tuple(WeightedSubset(v, 1) for v in versions))
+    return ServiceRouting(service=service, routes=(route,))
+
+
+def _protocols(obj: object, where: str) -> ServiceProtocols:
+    d = _mapping(obj, where)
+    default = d.get("default")
+    if default is not None and default not in PROTOCOLS:
+        raise ValueError(f"{where}.default: {default!r} is not http, tcp or null")
+    ports_obj = _mapping(d.get("ports") or {}, f"{where}.ports")
+    ports: dict[int, str] = {}
+    for key, proto in ports_obj.items():
+        if not (isinstance(key, str) and key.isdigit() and 0 < int(key) < 65536):
+            raise ValueError(f"{where}.ports: {key!r} is not a port number")
+        if proto not in PROTOCOLS:
+            raise ValueError(f"{where}.ports.{key}: {proto!r} is not http or tcp")
+        ports[int(key)] = proto
+    if default is None and not ports:
+        return _DETECT
+    return ServiceProtocols(default=default, ports=MappingProxyType(ports))
+
+
+def _compose_service_of(node: str, project: str) -> str:
+    """The compose service of a netns holder container named ``<project>-<service>-netns-<n>``."""
+    if not project:
+        return ""
+    match = re.fullmatch(re.escape(project) + r"[-_](.+)[-_]netns[-_]\d+", node)
+    return match.group(1) if match else ""
+
+
+def _mapping(obj: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: must be an object, not {type(obj).__name__}")
+    return obj
+
+
+def _text(d: Mapping[str, Any], key: str, where: str) -> str:
+    value = d.get(key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}.{key}: must be a non-empty string")
+    return value
+
+
+def _address(d: Mapping[str, Any], where: str) -> str:
+    value = _text(d, "address", where)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"{where}.address: {value!r} is not an IP address") from None
