@@ -65,6 +65,15 @@ def test_weighted_split_80_20_over_2000_requests(mesh: Mesh) -> None:
     assert abs(share_v2 - 20) <= 3, counts
 
 
+def test_each_replica_has_its_own_sidecar_and_takes_traffic(mesh: Mesh) -> None:
+    holders = {mesh.container(f"{s}-netns") for s in ("ratings", "ratings-2")}
+    proxies = {mesh.container(f"{s}-proxy") for s in ("ratings", "ratings-2")}
+    assert len(holders) == 2 and len(proxies) == 2
+    answers = mesh.get_json("client", "http://ratings:9080/ratings/0", "--count", "40")
+    assert all(a["status"] == 200 for a in answers)
+    assert len({a["host"] for a in answers}) == 2, "one replica got no traffic"
+
+
 def test_header_match_sends_the_marked_user_to_v2_only(mesh: Mesh) -> None:
     marked = mesh.get_json(
         "client", "http://reviews:9080/reviews/0", "--count", "100", "-H", "end-user: jason"
