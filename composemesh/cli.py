@@ -85,6 +85,7 @@ def main() -> None:
 
 def _prepare(files: Sequence[str], project: str | None) -> Any:
     """Load, validate and inject: every user error surfaces here, before anything is written."""
+    from composemesh.ca import check_user_root
     from composemesh.inject import (
         compose_config_check,
         dump_yaml,
@@ -95,6 +96,8 @@ def _prepare(files: Sequence[str], project: str | None) -> Any:
 
     loaded = load_project(resolve_files(files), project)
     validated = validate_project(loaded)
+    if validated.ca is not None:
+        check_user_root(validated.ca)  # the user's own root: readable, a CA, in date, key fits
     result = inject(loaded.model, validated.labels)
     text = dump_yaml(result.model)
     compose_config_check(text, Path(loaded.files[0]).resolve().parent)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from composemesh.errors import ConfigError
 from composemesh.inject.compose_file import LoadedProject
 from composemesh.inject.rewrite import collisions, inject
 from composemesh.model import wellknown as wk
+from composemesh.model.ca_config import CAConfig, parse_ca_config
 from composemesh.model.labels import MeshLabels, normalize_labels, parse_labels
+from composemesh.model.policy import Policy, parse_policies
 from composemesh.model.routing import ServiceRouting
 from composemesh.model.routing_config import build_routing
 from composemesh.model.settings import SECTION, MeshSettings, parse_settings
@@ -31,14 +34,19 @@ class ValidatedProject:
     labels: Mapping[str, MeshLabels]  # every compose service, meshed or not
     settings: MeshSettings
     routing: dict[str, ServiceRouting] = field(default_factory=dict)  # per mesh service
+    policies: dict[str, tuple[Policy, ...]] = field(default_factory=dict)  # per destination
+    ca: CAConfig | None = None
 
 
 def validate_project(loaded: LoadedProject) -> ValidatedProject:
     """Validate what `docker compose config` made of the user's files."""
-    return validate_model(loaded.model, locate=loaded.locate)
+    base_dir = str(Path(loaded.file_of_key(SECTION)).resolve().parent)
+    return validate_model(loaded.model, locate=loaded.locate, base_dir=base_dir)
 
 
-def validate_model(model: Mapping[str, Any], *, locate: Locate | None = None) -> ValidatedProject:
+def validate_model(
+    model: Mapping[str, Any], *, locate: Locate | None = None, base_dir: str = "."
+) -> ValidatedProject:
     """Validate ``x-composemesh:``, every service's labels, the names the injector needs and
     the routes (``x-composemesh: routes:`` against the mesh services and versions that run).
 
@@ -80,7 +88,19 @@ def validate_model(model: Mapping[str, Any], *, locate: Locate | None = None) ->
             service=name,
         )
     routing = _routing(model, labels, settings, where)
-    return ValidatedProject(model=dict(model), labels=labels, settings=settings, routing=routing)
+    try:
+        policies = parse_policies(settings.raw.get("policies"), tuple(routing))
+        ca = parse_ca_config(settings.raw.get("mtls"), base_dir)
+    except ConfigError as exc:
+        raise exc.located(file=where(None, SECTION)) from None
+    return ValidatedProject(
+        model=dict(model),
+        labels=labels,
+        settings=settings,
+        routing=routing,
+        policies=policies,
+        ca=ca,
+    )
 
 
 def _routing(

@@ -22,6 +22,7 @@ KEYS = (
     "monitoring",
 )
 MTLS_MODES = ("STRICT", "PERMISSIVE")
+MTLS_KEYS = ("mode", "services", "root", "workload_cert_ttl")
 _DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 
 
@@ -73,10 +74,14 @@ def _parse_mtls(value: object) -> tuple[str, dict[str, str]]:
     if isinstance(value, str):
         return _mode(value, where), {}
     if not isinstance(value, Mapping):
-        raise ConfigError("must be STRICT, PERMISSIVE or a mapping with mode/services", field=where)
+        raise ConfigError(
+            f"must be STRICT, PERMISSIVE or a mapping with {', '.join(MTLS_KEYS)}", field=where
+        )
     for key in value:
-        if key not in ("mode", "services"):
-            raise ConfigError(f"unknown key {key!r}; the keys are mode, services", field=where)
+        if key not in MTLS_KEYS:
+            raise ConfigError(
+                f"unknown key {key!r}; the keys are {', '.join(MTLS_KEYS)}", field=where
+            )
     mode = _mode(value.get("mode", "STRICT"), f"{where}.mode")
     services = value.get("services") or {}
     if not isinstance(services, Mapping):

@@ -40,6 +40,31 @@ CASES = {
         GOOD_SERVICE.format(label="composemesh.wieght: '3'"),
         ["compose.yaml", "service 'web'", "composemesh.wieght"],
     ),
+    "ttl-zero": ("x-composemesh:\n  mtls: {mode: STRICT, workload_cert_ttl: 0}\n"
+                 + GOOD_SERVICE.format(label="composemesh.version: v1"),
+                 ["compose.yaml", "x-composemesh.mtls.workload_cert_ttl"]),
+    "ttl-abc": ("x-composemesh:\n  mtls: {workload_cert_ttl: abc}\n"
+                + GOOD_SERVICE.format(label="composemesh.version: v1"),
+                ["compose.yaml", "x-composemesh.mtls.workload_cert_ttl", "abc"]),
+    "policy-unknown-identity": (
+        "x-composemesh:\n  policies:\n    web:\n      - from: [nobody]\n"
+        + GOOD_SERVICE.format(label="composemesh.version: v1"),
+        ["compose.yaml", "x-composemesh.policies.web", "nobody"]),
+    "route-unknown-version": (
+        "x-composemesh:\n  routes:\n    web:\n      http:\n        - route: {v7: 100}\n"
+        + GOOD_SERVICE.format(label="composemesh.version: v1"),
+        ["compose.yaml", "x-composemesh.routes.web", "v7"]),
+    "route-bad-regex": (
+        "x-composemesh:\n  routes:\n    web:\n      http:\n"
+        "        - match: [{path: {regex: '(unclosed'}}]\n          route: {v1: 100}\n"
+        "        - route: {v1: 100}\n"
+        + GOOD_SERVICE.format(label="composemesh.version: v1"),
+        ["compose.yaml", "x-composemesh.routes.web", "regex"]),
+    "retries-not-a-number": (
+        "x-composemesh:\n  routes:\n    web:\n      http:\n"
+        "        - retries: {attempts: many}\n"
+        + GOOD_SERVICE.format(label="composemesh.version: v1"),
+        ["compose.yaml", "x-composemesh.routes.web", "attempts"]),
     "unknown-mesh-key": (
         "x-composemesh:\n  trustdomain: x\n" + GOOD_SERVICE.format(label="composemesh.version: v1"),
         ["compose.yaml", "x-composemesh", "trustdomain"],

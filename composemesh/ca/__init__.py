@@ -1,0 +1,90 @@
+"""The mesh's CA: SPIFFE identities, pure certificate helpers, the signing authority, rotation.
+
+Import from here; the modules behind it are ``spiffe`` (identities), ``pki`` (certificate
+building and checking over ``cryptography``), ``authority`` (signing for an attested
+identity) and ``rotation`` (renewal schedule and the root rotation state machine).
+"""
+
+from composemesh.ca.authority import (
+    CertificateAuthority,
+    IssuanceRefused,
+    SignedCertificate,
+    check_user_root,
+)
+from composemesh.ca.pki import (
+    CLOCK_SKEW,
+    ROOT_LIFETIME,
+    WORKLOAD_LIFETIME,
+    RootError,
+    cert_from_pem,
+    cert_to_pem,
+    certs_from_pem,
+    certs_to_pem,
+    csr_from_pem,
+    csr_to_pem,
+    fingerprint,
+    generate_key,
+    key_from_pem,
+    key_to_pem,
+    load_user_root,
+    make_csr,
+    make_intermediate,
+    make_root,
+    sign_workload,
+    spiffe_of,
+    verify_chain,
+)
+from composemesh.ca.rotation import (
+    Root,
+    RootSet,
+    RotationError,
+    begin_rotation,
+    finish_after,
+    finish_rotation,
+    needs_renewal,
+    renew_at,
+    steady,
+    switch_signing,
+)
+from composemesh.ca.spiffe import SpiffeId, parse_spiffe, spiffe_id
+
+__all__ = [
+    "CLOCK_SKEW",
+    "ROOT_LIFETIME",
+    "WORKLOAD_LIFETIME",
+    "CertificateAuthority",
+    "IssuanceRefused",
+    "Root",
+    "RootError",
+    "RootSet",
+    "RotationError",
+    "SignedCertificate",
+    "SpiffeId",
+    "begin_rotation",
+    "cert_from_pem",
+    "cert_to_pem",
+    "certs_from_pem",
+    "certs_to_pem",
+    "check_user_root",
+    "csr_from_pem",
+    "csr_to_pem",
+    "fingerprint",
+    "finish_after",
+    "finish_rotation",
+    "generate_key",
+    "key_from_pem",
+    "key_to_pem",
+    "load_user_root",
+    "make_csr",
+    "make_intermediate",
+    "make_root",
+    "needs_renewal",
+    "parse_spiffe",
+    "renew_at",
+    "sign_workload",
+    "spiffe_id",
+    "spiffe_of",
+    "steady",
+    "switch_signing",
+    "verify_chain",
+]

@@ -1,0 +1,403 @@
+"""Authorization policies per destination service: frozen values, parsing, evaluation, codec.
+
+Istio's AuthorizationPolicy, simplified to one rule per policy::
+
+    x-composemesh:
+      policies:
+        reviews:                        # the destination mesh service
+          - name: only-frontend         # default: reviews[0]
+            action: ALLOW               # ALLOW (default) or DENY
+            from: [productpage]         # source mesh services; "*": any mesh identity;
+                                        # left out: any source, unauthenticated ones too
+            to:                         # left out: any request or connection
+              - methods: [GET]          # AND within an item, OR across items
+                paths: ["/reviews/*", "/health"]
+
+Evaluation (``authorize``), as in Istio: if a DENY policy matches, deny; else if the
+destination has ALLOW policies, allow only if one matches; else allow.
+
+Paths are exact (``/health``), a prefix (``/reviews/*``), a suffix (``*.png``) or ``*`` (any).
+They are matched against the request path normalized by ``normalize_path`` (query and
+fragment cut, ``\\`` read as ``/``, unreserved percent-escapes decoded, slashes merged, dot
+segments removed), so ``/public/../admin`` is ``/admin`` to every policy.
+
+A TCP connection (no method, no path) carries no HTTP to match. Like Istio: a ``to`` item
+with methods or paths never matches TCP in an ALLOW policy (the rule is too narrow to grant a
+whole connection) and always matches TCP in a DENY policy (denying more, never less).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from composemesh.errors import ConfigError
+from composemesh.model.settings import SECTION
+
+POLICIES = f"{SECTION}.policies"
+ACTIONS = ("ALLOW", "DENY")
+METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+ANY_IDENTITY = "*"
+POLICY_KEYS = ("name", "action", "from", "to")
+OPERATION_KEYS = ("methods", "paths")
+
+Action = Literal["ALLOW", "DENY"]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\[\]-]*")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_SLASHES = re.compile(r"/{2,}")
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One ``to`` item: every condition given must hold. Empty means any."""
+
+    methods: frozenset[str] = frozenset()  # upper-case
+    paths: tuple[str, ...] = ()  # patterns: /exact, /prefix*, *suffix, *
+
+    @property
+    def needs_http(self) -> bool:
+        return bool(self.methods or self.paths)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """One authorization policy of a destination service."""
+
+    name: str
+    action: Action = "ALLOW"
+    sources: frozenset[str] | None = None  # None: any source, unauthenticated included
+    operations: tuple[Operation, ...] = ()  # empty: any request or connection
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: str
+
+
+ALLOWED_NO_POLICY = Decision(True, "RBAC: allowed (no ALLOW policy)")
+DENIED_NO_MATCH = Decision(False, "RBAC: access denied (no ALLOW policy matched)")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def authorize(
+    policies: Sequence[Policy],
+    source_service: str | None,
+    method: str | None,
+    path: str | None,
+) -> Decision:
+    """Allow or deny one request (HTTP) or connection (``method`` and ``path`` None).
+
+    ``source_service`` is the peer's mesh service from its verified SPIFFE ID, or None for a
+    plaintext (unauthenticated) peer.
+    """
+    if not policies:
+        return ALLOWED_NO_POLICY
+    http = method is not None or path is not None
+    if method is not None:
+        method = method.upper()
+    if path is not None:
+        path = normalize_path(path)
+    has_allow = False
+    for policy in policies:
+        if policy.action == "DENY":
+            if _matches(policy, source_service, http, method, path):
+                return Decision(False, f"RBAC: access denied (policy {policy.name})")
+        else:
+            has_allow = True
+    if not has_allow:
+        return ALLOWED_NO_POLICY
+    for policy in policies:
+        if policy.action == "ALLOW" and _matches(policy, source_service, http, method, path):
+            return Decision(True, f"RBAC: allowed (policy {policy.name})")
+    return DENIED_NO_MATCH
+
+
+def _matches(
+    policy: Policy, source: str | None, http: bool, method: str | None, path: str | None
+) -> bool:
+    sources = policy.sources
+    if sources is not None and (
+        source is None or (source not in sources and ANY_IDENTITY not in sources)
+    ):
+        return False
+    if not policy.operations:
+        return True
+    deny = policy.action == "DENY"
+    for op in policy.operations:
+        if not op.needs_http:
+            return True
+        if not http:
+            if deny:
+                return True  # fail closed: a DENY on HTTP conditions denies the TCP connection
+            continue
+        if op.methods and (method is None or method not in op.methods):
+            continue
+        if op.paths and (path is None or not any(path_matches(p, path) for p in op.paths)):
+            continue
+        return True
+    return False
+
+
+def path_matches(pattern: str, path: str) -> bool:
+    """``*`` any; ``/a/*`` prefix ``/a/``; ``*.png`` suffix ``.png``; else exact."""
+    if pattern == "*":
+        return True
+    if pattern.endswith("*"):
+        return path.startswith(pattern[:-1])
+    if pattern.startswith("*"):
+        return path.endswith(pattern[1:])
+    return path == pattern
+
+
+def normalize_path(path: str) -> str:
+    """The path policies see: no query or fragment, ``\\`` as ``/``, unreserved escapes
+    decoded, slashes merged, dot segments removed (RFC 3986 5.2.4); always starts with ``/``.
+    """
+    for sep in ("?", "#"):
+        cut = path.find(sep)
+        if cut >= 0:
+            path = path[:cut]
+    if "\\" in path:
+        path = path.replace("\\", "/")
+    if "%" in path:
+        path = _PERCENT.sub(_unescape_unreserved, path)
+    if "//" in path:
+        path = _SLASHES.sub("/", path)
+    if not path.startswith("/"):
+        path = "/" + path
+    if "/." not in path:
+        return path
+    out: list[str] = []
+    segments = path[1:].split("/")
+    for seg in segments:
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg != ".":
+            out.append(seg)
+    trailing = segments[-1] in (".", "..")
+    return "/" + "/".join(out) + ("/" if trailing and out else "")
+
+
+def _unescape_unreserved(m: re.Match[str]) -> str:
+    ch = chr(int(m.group(1), 16))
+    return ch if ch in _UNRESERVED else m.group(0).upper()
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_policies(
+    section: object, known_services: Collection[str]
+) -> dict[str, tuple[Policy, ...]]:
+    """``x-composemesh: policies:`` -> destination service -> its policies, in file order.
+
+    Raises ConfigError naming the field (``x-composemesh.policies.reviews[0].from[1]``) for
+    an unknown destination or source service, a bad action or method, a bad path pattern,
+    an unknown key, an empty list, or two policies of one destination with the same name.
+    """
+    if section is None:
+        return {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(
+            "must be a mapping of destination service to its policies", field=POLICIES
+        )
+    known = set(known_services)
+    result: dict[str, tuple[Policy, ...]] = {}
+    for dest, items in section.items():
+        where = f"{POLICIES}.{dest}"
+        if dest not in known:
+            raise ConfigError(
+                f"{dest!r} is not a mesh service (the mesh services are {_names(known)})",
+                field=where,
+            )
+        if not isinstance(items, list) or not items:
+            raise ConfigError("must be a non-empty list of policies", field=where)
+        policies: list[Policy] = []
+        for i, item in enumerate(items):
+            policy = _policy(item, f"{where}[{i}]", f"{dest}[{i}]", known)
+            if any(p.name == policy.name for p in policies):
+                raise ConfigError(
+                    f"{policy.name!r} names two policies of {dest!r}", field=f"{where}[{i}].name"
+                )
+            policies.append(policy)
+        result[str(dest)] = tuple(policies)
+    return result
+
+
+def _policy(item: object, where: str, default_name: str, known: set[str]) -> Policy:
+    if not isinstance(item, Mapping):
+        raise ConfigError("must be a mapping with name, action, from, to", field=where)
+    for key in item:
+        if key not in POLICY_KEYS:
+            raise ConfigError(
+                f"unknown key {key!r}; the keys are {', '.join(POLICY_KEYS)}", field=where
+            )
+    name = item.get("name", default_name)
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"{name!r} is not a policy name (letters, digits, '.', '-', '_')",
+            field=f"{where}.name",
+        )
+    action = item.get("action", "ALLOW")
+    if not isinstance(action, str) or action.upper() not in ACTIONS:
+        raise ConfigError(f"{action!r} is not one of {', '.join(ACTIONS)}", field=f"{where}.action")
+    sources = None
+    if "from" in item:
+        sources = frozenset(_sources(item["from"], f"{where}.from", known))
+    operations: tuple[Operation, ...] = ()
+    if "to" in item:
+        to = _list(item["to"], f"{where}.to", "a non-empty list of {methods, paths} conditions")
+        operations = tuple(_operation(op, f"{where}.to[{i}]") for i, op in enumerate(to))
+    return Policy(
+        name=name,
+        action=action.upper(),  # type: ignore[arg-type]  # checked above
+        sources=sources,
+        operations=operations,
+    )
+
+
+def _sources(value: object, where: str, known: set[str]) -> list[str]:
+    items = _list(value, where, 'a non-empty list of mesh services or "*"')
+    for i, source in enumerate(items):
+        if source == ANY_IDENTITY:
+            continue
+        if not isinstance(source, str) or source not in known:
+            raise ConfigError(
+                f"{source!r} is not a mesh identity (the mesh services are {_names(known)}, "
+                f'or "*" for any of them)',
+                field=f"{where}[{i}]",
+            )
+    return items
+
+
+def _operation(value: object, where: str) -> Operation:
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError("must be a mapping with methods and/or paths", field=where)
+    for key in value:
+        if key not in OPERATION_KEYS:
+            raise ConfigError(f"unknown key {key!r}; the keys are methods, paths", field=where)
+    methods: set[str] = set()
+    if "methods" in value:
+        mw = f"{where}.methods"
+        for i, method in enumerate(_list(value["methods"], mw, "a non-empty list of methods")):
+            if not isinstance(method, str) or method.upper() not in METHODS:
+                raise ConfigError(
+                    f"{method!r} is not an HTTP method ({', '.join(METHODS)})", field=f"{mw}[{i}]"
+                )
+            methods.add(method.upper())
+    paths: list[str] = []
+    if "paths" in value:
+        pw = f"{where}.paths"
+        for i, pattern in enumerate(_list(value["paths"], pw, "a non-empty list of paths")):
+            paths.append(_path_pattern(pattern, f"{pw}[{i}]"))
+    return Operation(methods=frozenset(methods), paths=tuple(paths))
+
+
+def _path_pattern(value: object, where: str) -> str:
+    hint = "a path: /exact, /prefix/*, *suffix or *"
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise ConfigError(f"{value!r} is not {hint}", field=where)
+    if value == "*":
+        return value
+    inner = value[1:] if value.startswith("*") else value[:-1] if value.endswith("*") else value
+    if "*" in inner:
+        raise ConfigError(f"{value!r}: '*' may only start or end a path ({hint})", field=where)
+    if not value.startswith(("*", "/")):
+        raise ConfigError(f"{value!r} does not start with '/' ({hint})", field=where)
+    if not value.startswith("*") and normalize_path(inner) != inner:
+        raise ConfigError(
+            f"{value!r} never matches: requests are matched on the normalized path "
+            f"({normalize_path(inner)!r})",
+            field=where,
+        )
+    return value
+
+
+def _list(value: object, where: str, what: str) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"must be {what}", field=where)
+    return value
+
+
+def _names(known: Collection[str]) -> str:
+    return ", ".join(sorted(known)) if known else "none: no service is in the mesh"
+
+
+# --------------------------------------------------------------------------- JSON codec
+
+
+def policies_to_json(policies: Mapping[str, Sequence[Policy]]) -> dict[str, Any]:
+    """``{service: [policy, ...]}`` as plain JSON values (they travel in snapshots)."""
+    return {
+        service: [
+            {
+                "name": p.name,
+                "action": p.action,
+                "from": None if p.sources is None else sorted(p.sources),
+                "to": [
+                    {"methods": sorted(op.methods), "paths": list(op.paths)} for op in p.operations
+                ],
+            }
+            for p in items
+        ]
+        for service, items in sorted(policies.items())
+    }
+
+
+def policies_from_json(obj: object) -> dict[str, tuple[Policy, ...]]:
+    """Decode what ``policies_to_json`` wrote; ValueError naming the first bad field."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"policies: must be an object, not {type(obj).__name__}")
+    result: dict[str, tuple[Policy, ...]] = {}
+    for service, items in obj.items():
+        where = f"policies.{service}"
+        if not isinstance(items, list):
+            raise ValueError(f"{where}: must be a list, not {type(items).__name__}")
+        result[str(service)] = tuple(
+            _policy_from_json(p, f"{where}[{i}]") for i, p in enumerate(items)
+        )
+    return result
+
+
+def _policy_from_json(obj: object, where: str) -> Policy:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: must be an object, not {type(obj).__name__}")
+    for key in POLICY_KEYS:
+        if key not in obj:
+            raise ValueError(f"{where}.{key}: missing")
+    name, action, sources, to = obj["name"], obj["action"], obj["from"], obj["to"]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}.name: must be a non-empty string")
+    if action not in ACTIONS:
+        raise ValueError(f"{where}.action: {action!r} is not one of {', '.join(ACTIONS)}")
+    if sources is not None and (
+        not isinstance(sources, list) or not all(isinstance(s, str) for s in sources)
+    ):
+        raise ValueError(f"{where}.from: must be null or a list of strings")
+    if not isinstance(to, list):
+        raise ValueError(f"{where}.to: must be a list")
+    operations = []
+    for i, op in enumerate(to):
+        ow = f"{where}.to[{i}]"
+        if not isinstance(op, Mapping):
+            raise ValueError(f"{ow}: must be an object")
+        methods, paths = op.get("methods"), op.get("paths")
+        if not isinstance(methods, list) or any(m not in METHODS for m in methods):
+            raise ValueError(f"{ow}.methods: must be a list of {', '.join(METHODS)}")
+        if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+            raise ValueError(f"{ow}.paths: must be a list of non-empty strings")
+        operations.append(Operation(methods=frozenset(methods), paths=tuple(paths)))
+    return Policy(
+        name=name,
+        action=action,
+        sources=None if sources is None else frozenset(sources),
+        operations=tuple(operations),
+    )

@@ -1,0 +1,429 @@
+"""Authorization policies: parsing errors named by field, Istio's evaluation order, the codec."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from composemesh.errors import ConfigError
+from composemesh.model.policy import (
+    Decision,
+    Operation,
+    Policy,
+    authorize,
+    normalize_path,
+    parse_policies,
+    path_matches,
+    policies_from_json,
+    policies_to_json,
+)
+
+SERVICES = ("productpage", "reviews", "ratings", "details")
+P = "x-composemesh.policies"
+
+
+def error(section: object) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_policies(section, SERVICES)
+    return info.value
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def test_parse_full_example() -> None:
+    section = {
+        "reviews": [
+            {
+                "name": "only-frontend",
+                "action": "ALLOW",
+                "from": ["productpage"],
+                "to": [{"methods": ["GET", "head"], "paths": ["/reviews/*", "/health"]}],
+            },
+            {"action": "deny", "from": ["*"], "to": [{"paths": ["*.bak"]}]},
+        ],
+        "ratings": [{"name": "anyone"}],
+    }
+    parsed = parse_policies(section, SERVICES)
+    assert parsed == {
+        "reviews": (
+            Policy(
+                name="only-frontend",
+                action="ALLOW",
+                sources=frozenset({"productpage"}),
+                operations=(
+                    Operation(methods=frozenset({"GET", "HEAD"}), paths=("/reviews/*", "/health")),
+                ),
+            ),
+            Policy(
+                name="reviews[1]",
+                action="DENY",
+                sources=frozenset({"*"}),
+                operations=(Operation(paths=("*.bak",)),),
+            ),
+        ),
+        "ratings": (Policy(name="anyone"),),
+    }
+    assert parse_policies(None, SERVICES) == {}
+    assert parse_policies({}, SERVICES) == {}
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "message"),
+    [
+        ([], P, "must be a mapping of destination service"),
+        (
+            {"nope": [{}]},
+            f"{P}.nope",
+            "'nope' is not a mesh service "
+            "(the mesh services are details, productpage, ratings, reviews)",
+        ),
+        ({"reviews": []}, f"{P}.reviews", "must be a non-empty list of policies"),
+        ({"reviews": {"name": "x"}}, f"{P}.reviews", "must be a non-empty list of policies"),
+        ({"reviews": ["x"]}, f"{P}.reviews[0]", "must be a mapping"),
+        (
+            {"reviews": [{"rules": []}]},
+            f"{P}.reviews[0]",
+            "unknown key 'rules'; the keys are name, action, from, to",
+        ),
+        ({"reviews": [{"name": ""}]}, f"{P}.reviews[0].name", "is not a policy name"),
+        ({"reviews": [{"name": 3}]}, f"{P}.reviews[0].name", "is not a policy name"),
+        (
+            {"reviews": [{"name": "a"}, {"name": "a"}]},
+            f"{P}.reviews[1].name",
+            "'a' names two policies of 'reviews'",
+        ),
+        (
+            {"reviews": [{"action": "AUDIT"}]},
+            f"{P}.reviews[0].action",
+            "'AUDIT' is not one of ALLOW, DENY",
+        ),
+        ({"reviews": [{"action": None}]}, f"{P}.reviews[0].action", "is not one of ALLOW, DENY"),
+        (
+            {"reviews": [{"from": []}]},
+            f"{P}.reviews[0].from",
+            'must be a non-empty list of mesh services or "*"',
+        ),
+        (
+            {"reviews": [{"from": "productpage"}]},
+            f"{P}.reviews[0].from",
+            "must be a non-empty list",
+        ),
+        (
+            {"reviews": [{"from": ["productpage", "hacker"]}]},
+            f"{P}.reviews[0].from[1]",
+            "'hacker' is not a mesh identity (the mesh services are details, productpage, "
+            'ratings, reviews, or "*" for any of them)',
+        ),
+        ({"reviews": [{"from": [None]}]}, f"{P}.reviews[0].from[0]", "is not a mesh identity"),
+        ({"reviews": [{"to": []}]}, f"{P}.reviews[0].to", "must be a non-empty list"),
+        (
+            {"reviews": [{"to": [{}]}]},
+            f"{P}.reviews[0].to[0]",
+            "must be a mapping with methods and/or paths",
+        ),
+        (
+            {"reviews": [{"to": [{"ports": [80]}]}]},
+            f"{P}.reviews[0].to[0]",
+            "unknown key 'ports'; the keys are methods, paths",
+        ),
+        (
+            {"reviews": [{"to": [{"methods": []}]}]},
+            f"{P}.reviews[0].to[0].methods",
+            "must be a non-empty list of methods",
+        ),
+        (
+            {"reviews": [{"to": [{"methods": ["GET", "FETCH"]}]}]},
+            f"{P}.reviews[0].to[0].methods[1]",
+            "'FETCH' is not an HTTP method",
+        ),
+        (
+            {"reviews": [{"to": [{"paths": []}]}]},
+            f"{P}.reviews[0].to[0].paths",
+            "must be a non-empty list of paths",
+        ),
+        (
+            {"reviews": [{"to": [{"paths": [""]}]}]},
+            f"{P}.reviews[0].to[0].paths[0]",
+            "is not a path",
+        ),
+        (
+            {"reviews": [{"to": [{"paths": ["/a/*/b"]}]}]},
+            f"{P}.reviews[0].to[0].paths[0]",
+            "'*' may only start or end a path",
+        ),
+        (
+            {"reviews": [{"to": [{"paths": ["*a*"]}]}]},
+            f"{P}.reviews[0].to[0].paths[0]",
+            "'*' may only start or end",
+        ),
+        (
+            {"reviews": [{"to": [{"paths": ["reviews"]}]}]},
+            f"{P}.reviews[0].to[0].paths[0]",
+            "does not start with '/'",
+        ),
+        (
+            {"reviews": [{"to": [{"paths": ["/a b"]}]}]},
+            f"{P}.reviews[0].to[0].paths[0]",
+            "is not a path",
+        ),
+        (
+            {"reviews": [{"to": [{"paths": ["/a/../b"]}]}]},
+            f"{P}.reviews[0].to[0].paths[0]",
+            "never matches: requests are matched on the normalized path ('/b')",
+        ),
+        (
+            {"reviews": [{"to": [{"paths": ["/a?x=1"]}]}]},
+            f"{P}.reviews[0].to[0].paths[0]",
+            "never matches",
+        ),
+    ],
+)
+def test_parse_errors(section: object, field: str, message: str) -> None:
+    err = error(section)
+    assert err.field == field
+    assert message in err.message
+
+
+def test_no_mesh_services() -> None:
+    with pytest.raises(ConfigError, match="none: no service is in the mesh"):
+        parse_policies({"reviews": [{}]}, ())
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def policies(*items: dict[str, Any]) -> tuple[Policy, ...]:
+    return parse_policies({"reviews": list(items)}, SERVICES)["reviews"]
+
+
+ONLY_FRONTEND = {
+    "name": "only-frontend",
+    "from": ["productpage"],
+    "to": [{"methods": ["GET"], "paths": ["/reviews/*", "/health"]}],
+}
+
+
+def test_default_allow() -> None:
+    for source in ("productpage", None):
+        for method, path in (("POST", "/x"), (None, None)):
+            d = authorize((), source, method, path)
+            assert d == Decision(True, "RBAC: allowed (no ALLOW policy)")
+
+
+@pytest.mark.parametrize(
+    ("source", "method", "path", "allowed"),
+    [
+        ("productpage", "GET", "/reviews/1", True),
+        ("productpage", "get", "/reviews/1", True),  # methods compare upper-case
+        ("productpage", "GET", "/health", True),
+        ("productpage", "GET", "/health?verbose=1", True),  # the query is not the path
+        ("productpage", "POST", "/reviews/1", False),  # AND within an item
+        ("productpage", "GET", "/ratings/1", False),
+        ("productpage", "GET", "/healthz", False),  # exact is exact
+        ("productpage", "GET", "/reviews", False),  # the prefix is /reviews/
+        ("ratings", "GET", "/reviews/1", False),  # another identity
+        (None, "GET", "/reviews/1", False),  # plaintext: no identity
+        ("productpage", None, None, False),  # TCP cannot satisfy an HTTP-only ALLOW rule
+    ],
+)
+def test_allow_policy(
+    source: str | None, method: str | None, path: str | None, allowed: bool
+) -> None:
+    d = authorize(policies(ONLY_FRONTEND), source, method, path)
+    assert d.allowed is allowed
+    assert d.reason == (
+        "RBAC: allowed (policy only-frontend)"
+        if allowed
+        else "RBAC: access denied (no ALLOW policy matched)"
+    )
+
+
+def test_or_across_items_and_policies() -> None:
+    ps = policies(
+        {"name": "reads", "to": [{"methods": ["GET"]}, {"paths": ["/public/*"]}]},
+        {"name": "ratings-any", "from": ["ratings"]},
+    )
+    assert authorize(ps, "details", "GET", "/x").reason == "RBAC: allowed (policy reads)"
+    assert authorize(ps, "details", "POST", "/public/a").allowed
+    assert not authorize(ps, "details", "POST", "/private").allowed
+    assert authorize(ps, "ratings", "POST", "/private").reason == (
+        "RBAC: allowed (policy ratings-any)"
+    )
+    assert authorize(ps, "ratings", None, None).allowed  # a TCP-capable rule
+    assert not authorize(ps, "details", None, None).allowed
+
+
+def test_from_semantics() -> None:
+    omitted = policies({"name": "all", "to": [{"methods": ["GET"]}]})
+    assert authorize(omitted, None, "GET", "/").allowed  # from left out: unauthenticated too
+    star = policies({"name": "mesh", "from": ["*"]})
+    assert authorize(star, "details", "GET", "/").allowed
+    assert authorize(star, "reviews", None, None).allowed
+    assert not authorize(star, None, "GET", "/").allowed  # "*" needs an identity
+
+
+def test_deny_takes_precedence() -> None:
+    ps = policies(
+        {"name": "allow-all", "from": ["*"]},
+        {"name": "no-delete", "action": "DENY", "to": [{"methods": ["DELETE"]}]},
+        {"name": "no-ratings", "action": "DENY", "from": ["ratings"]},
+    )
+    assert authorize(ps, "productpage", "GET", "/").allowed
+    d = authorize(ps, "productpage", "DELETE", "/reviews/1")
+    assert d == Decision(False, "RBAC: access denied (policy no-delete)")
+    d = authorize(ps, "ratings", "GET", "/")
+    assert d == Decision(False, "RBAC: access denied (policy no-ratings)")
+    assert not authorize(ps, None, "GET", "/").allowed  # no ALLOW matches without identity
+
+
+def test_deny_only_means_allow_the_rest() -> None:
+    ps = policies({"name": "no-admin", "action": "DENY", "to": [{"paths": ["/admin/*"]}]})
+    assert authorize(ps, None, "GET", "/reviews").reason == "RBAC: allowed (no ALLOW policy)"
+    assert not authorize(ps, "productpage", "GET", "/admin/users").allowed
+    # the normalized path is what is matched: no way around the DENY by spelling
+    for sneaky in (
+        "/public/../admin/users",
+        "//admin/users",
+        "/./admin/x",
+        "/%61dmin/x",
+        "\\admin\\x",
+    ):
+        assert not authorize(ps, "productpage", "GET", sneaky).allowed, sneaky
+
+
+def test_tcp_against_http_rules() -> None:
+    # ALLOW with HTTP conditions never grants a TCP connection...
+    allow = policies({"name": "gets", "from": ["productpage"], "to": [{"methods": ["GET"]}]})
+    assert not authorize(allow, "productpage", None, None).allowed
+    # ...but ALLOW without them does
+    plain = policies({"name": "pp", "from": ["productpage"]})
+    assert authorize(plain, "productpage", None, None).allowed
+    # DENY with HTTP conditions denies the TCP connection (fail closed, like Istio)
+    deny = policies(
+        {"name": "allow-all"},
+        {
+            "name": "no-delete",
+            "action": "DENY",
+            "from": ["ratings"],
+            "to": [{"methods": ["DELETE"]}],
+        },
+    )
+    assert authorize(deny, "ratings", None, None) == Decision(
+        False, "RBAC: access denied (policy no-delete)"
+    )
+    assert authorize(deny, "productpage", None, None).allowed  # from still applies
+
+
+def test_http_request_without_path_does_not_match_path_rules() -> None:
+    ps = policies({"name": "p", "to": [{"paths": ["*"]}]})
+    assert authorize(ps, "productpage", "GET", "/anything").allowed
+    assert not authorize(ps, "productpage", "GET", None).allowed
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "matches"),
+    [
+        ("*", "/", True),
+        ("/health", "/health", True),
+        ("/health", "/health/", False),
+        ("/reviews/*", "/reviews/", True),
+        ("/reviews/*", "/reviews/1/x", True),
+        ("/reviews/*", "/reviewsX", False),
+        ("/reviews*", "/reviewsX", True),
+        ("*.png", "/img/a.png", True),
+        ("*.png", "/img/a.png.bak", False),
+        ("*/edit", "/doc/1/edit", True),
+    ],
+)
+def test_path_patterns(pattern: str, path: str, matches: bool) -> None:
+    assert path_matches(pattern, path) is matches
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("/a/b", "/a/b"),
+        ("", "/"),
+        ("a", "/a"),
+        ("/a?b=1#c", "/a"),
+        ("/a#c?d", "/a"),
+        ("/a//b///c", "/a/b/c"),
+        ("/a/./b", "/a/b"),
+        ("/a/b/../c", "/a/c"),
+        ("/a/b/..", "/a/"),
+        ("/a/.", "/a/"),
+        ("/../../a", "/a"),
+        ("/..", "/"),
+        ("/a/.hidden", "/a/.hidden"),
+        ("/a/..b", "/a/..b"),
+        ("/%61%2E%2e/b", "/a../b"),
+        ("/%2e%2e/b", "/b"),
+        ("/a%2fb", "/a%2Fb"),  # an encoded slash stays encoded
+        ("/a%20b", "/a%20b"),
+        ("\\a\\..\\b", "/b"),
+    ],
+)
+def test_normalize_path(raw: str, normal: str) -> None:
+    assert normalize_path(raw) == normal
+
+
+# --------------------------------------------------------------------------- codec
+
+
+def test_json_round_trip() -> None:
+    section = {
+        "reviews": [ONLY_FRONTEND, {"action": "DENY", "from": ["*", "ratings"]}],
+        "details": [{"name": "open"}],
+    }
+    parsed = parse_policies(section, SERVICES)
+    wire = json.loads(json.dumps(policies_to_json(parsed)))
+    assert list(wire) == ["details", "reviews"]
+    assert wire["details"] == [{"name": "open", "action": "ALLOW", "from": None, "to": []}]
+    assert policies_from_json(wire) == parsed
+
+
+@pytest.mark.parametrize(
+    ("obj", "where"),
+    [
+        ([], "policies: must be an object"),
+        ({"r": {}}, "policies.r: must be a list"),
+        ({"r": [1]}, "policies.r[0]: must be an object"),
+        ({"r": [{"name": "a", "action": "ALLOW", "from": None}]}, "policies.r[0].to: missing"),
+        ({"r": [{"name": "", "action": "ALLOW", "from": None, "to": []}]}, "policies.r[0].name"),
+        ({"r": [{"name": "a", "action": "AUDIT", "from": None, "to": []}]}, "policies.r[0].action"),
+        ({"r": [{"name": "a", "action": "DENY", "from": "x", "to": []}]}, "policies.r[0].from"),
+        (
+            {
+                "r": [
+                    {
+                        "name": "a",
+                        "action": "DENY",
+                        "from": None,
+                        "to": [{"methods": ["get"], "paths": []}],
+                    }
+                ]
+            },
+            "policies.r[0].to[0].methods",
+        ),
+        (
+            {
+                "r": [
+                    {
+                        "name": "a",
+                        "action": "DENY",
+                        "from": None,
+                        "to": [{"methods": [], "paths": [3]}],
+                    }
+                ]
+            },
+            "policies.r[0].to[0].paths",
+        ),
+    ],
+)
+def test_json_errors(obj: object, where: str) -> None:
+    with pytest.raises(ValueError, match=None) as info:
+        policies_from_json(obj)
+    assert str(info.value).startswith(where)
