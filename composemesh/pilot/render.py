@@ -22,6 +22,7 @@ def render_snapshot(state: MeshState, workload: Workload) -> Snapshot:
         "trust_domain": state.settings.trust_domain,
         "mtls_mode": state.settings.mtls_overrides.get(workload.service, state.settings.mtls_mode),
         "services": _services(state, workload),
+        "idle_addresses": _idle_addresses(state),
         "routing": {name: routing_to_json(r) for name, r in sorted(state.routing.items())},
         "protocols": _protocols(state),
     }
@@ -45,6 +46,15 @@ def _services(state: MeshState, me: Workload) -> dict[str, list[dict[str, object
             }
         )
     return services
+
+
+def _idle_addresses(state: MeshState) -> dict[str, list[str]]:
+    """Addresses of instances that take no traffic: DNS may still hand them to an app."""
+    idle: dict[str, list[str]] = {}
+    for w in sorted(state.workloads, key=lambda w: w.node):
+        if not w.running:
+            idle.setdefault(w.service, []).extend(w.addresses)
+    return idle
 
 
 def reachable_address(me: Workload, other: Workload) -> str | None:

@@ -166,6 +166,9 @@ async def get_snapshot(request: web.Request) -> web.StreamResponse:
             )
         if workload is not None:
             pilot.last_seen[workload.node] = time.time()
+            applied = request.query.get("applied", "")
+            if applied and workload.node not in pilot.acks:  # a pilot that lost its memory
+                pilot.acks[workload.node] = AckRecord(applied, True, "", time.time())
             snapshot = render_snapshot(pilot.state, workload)
             if snapshot.version != have:
                 return web.Response(body=encode_snapshot(snapshot), content_type="application/json")

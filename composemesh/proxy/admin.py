@@ -15,6 +15,7 @@ from aiohttp import web
 from composemesh import __version__
 from composemesh.model.snapshot import encode_snapshot
 from composemesh.model.wellknown import PORT_HEALTH
+from composemesh.proxy.http import OutboundHttp
 from composemesh.proxy.pilot_client import ConfigStore, PilotClient
 from composemesh.proxy.stats import ProxyStats
 
@@ -29,6 +30,7 @@ class AdminContext:
     stats: ProxyStats
     store: ConfigStore
     pilot: PilotClient | None = None
+    http: OutboundHttp | None = None  # the outbound HTTP path: its routing table and pool
     listeners: dict[str, bool] = field(default_factory=dict)  # direction -> bound
     info: dict[str, Any] = field(default_factory=dict)  # claims from the environment, pilot URL
     started_at: float = field(default_factory=time.time)
@@ -61,6 +63,13 @@ class AdminContext:
             "ack_state": self.ack_state(),
             "last_answer": asdict(answer) if answer else None,
             "seen_version": self.store.seen_version,
+            "routing_table": self.http.router.table.to_json() if self.http else None,
+            "upstream_pool": None if self.http is None else {
+                "opened": self.http.pool.opened,
+                "reused": self.http.pool.reused,
+                "idle": self.http.pool.idle_count(),
+                "open": len(self.http.pool.connections),
+            },
             "pilot": None if pilot is None else {
                 "url": pilot.url,
                 "last_contact": pilot.last_contact,
@@ -91,7 +100,7 @@ def build_admin_app(ctx: AdminContext) -> web.Application:
         return _ready_response(ctx, LIVE)
 
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response(ctx.stats.totals())
+        return web.json_response({**ctx.stats.totals(), "http": ctx.stats.http_totals()})
 
     async def config_dump(request: web.Request) -> web.Response:
         return web.json_response(ctx.config_dump())

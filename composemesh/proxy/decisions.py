@@ -10,7 +10,7 @@ import functools
 import random
 import re
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass
 
 from composemesh.model.routing import (
@@ -85,9 +85,17 @@ def select_route(
     return None
 
 
-def pick_version(route: HttpRoute, rng: random.Random) -> str | None:
-    """A version of ``route``'s destinations, drawn by weight; None if every weight is 0."""
+def pick_version(
+    route: HttpRoute, rng: random.Random, serving: Container[str] | None = None
+) -> str | None:
+    """A version of ``route``'s destinations, drawn by weight; None if every weight is 0.
+
+    With ``serving`` (the versions that have endpoints), a version with none is skipped and
+    its share goes to the others in proportion: a stopped version fails no request.
+    """
     destinations = route.destinations
+    if serving is not None:
+        destinations = tuple(d for d in destinations if d.version in serving)
     total = 0
     for d in destinations:
         total += d.weight

@@ -2,10 +2,11 @@
 
 Protocol (HTTP/1.1, JSON bodies from ``composemesh.model.snapshot``):
 
-- ``GET {pilot}/v1/snapshot?version=<last version seen, or empty>`` with the informational
-  header ``X-Composemesh-Service``; the pilot knows the proxy by its source address. The pilot
-  answers ``200`` with an encoded Snapshot as soon as it has a version other than the one given,
-  or ``304`` (no body) when its wait (about 30 s) runs out.
+- ``GET {pilot}/v1/snapshot?version=<last version seen, or empty>&applied=<version in force>``
+  (so a pilot that restarted and lost its memory learns what each proxy serves), with the
+  informational header ``X-Composemesh-Service``; the pilot knows the proxy by its source
+  address. The pilot answers ``200`` with an encoded Snapshot as soon as it has a version
+  other than the one given, or ``304`` (no body) when its wait (about 30 s) runs out.
 - ``POST {pilot}/v1/ack`` with an encoded Ack: ``ok=true`` once a snapshot is applied,
   ``ok=false`` with the reason when it was rejected (the previous one stays in force). The pilot
   answers 2xx; a 5xx or no answer makes the proxy send it again before its next poll, a 4xx
@@ -174,9 +175,9 @@ class PilotClient:
         """
         if self.pending is not None:
             await self._answer(session, self.pending)
-        async with session.get(
-            self.url + SNAPSHOT_PATH, params={"version": self.store.seen_version}
-        ) as response:
+        applied = self.store.snapshot.version if self.store.snapshot else ""
+        params = {"version": self.store.seen_version, "applied": applied}
+        async with session.get(self.url + SNAPSHOT_PATH, params=params) as response:
             if response.status == 304:
                 self.last_contact = time.time()
                 return True

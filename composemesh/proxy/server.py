@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -32,6 +33,7 @@ from composemesh.proxy.admin import (
     build_health_app,
     build_prometheus_app,
 )
+from composemesh.proxy.http import OutboundHttp
 from composemesh.proxy.original_dst import original_dst
 from composemesh.proxy.pilot_client import ConfigStore, PilotClient
 from composemesh.proxy.stats import (
@@ -41,7 +43,8 @@ from composemesh.proxy.stats import (
     passthrough_labels,
     workload_of,
 )
-from composemesh.proxy.tcp import CONNECT_TIMEOUT, Forwarder, Resolver, passthrough
+from composemesh.proxy.table import table_from_snapshot
+from composemesh.proxy.tcp import CONNECT_TIMEOUT, Forwarder, Resolver, Router, passthrough
 
 ENV_PILOT_URL = "COMPOSEMESH_PILOT_URL"
 ENV_SERVICE = "COMPOSEMESH_SERVICE"
@@ -96,18 +99,28 @@ class ProxyConfig:
 
 
 def routing_applier(
-    outbound: Forwarder, inbound: Forwarder
+    outbound: Forwarder, inbound: Forwarder, http: OutboundHttp | None = None,
+    rng: random.Random | None = None,
 ) -> Callable[[Snapshot], Callable[[], None]]:
-    """Applier: a snapshot's decisions for both forwarders, swapped in together on commit."""
+    """Applier: a snapshot's routing table and decisions, swapped in together on commit.
+
+    Decoding the table is the part that can fail (SnapshotError: the NACK reason); the
+    outbound router is built from it whole before anything changes. Without ``http`` the
+    mesh services' HTTP ports are carried as TCP.
+    """
 
     def prepare(snapshot: Snapshot) -> Callable[[], None]:
+        table = table_from_snapshot(snapshot)
         me = workload_of(snapshot.identity)
-        out_chooser = passthrough(passthrough_labels(OUTBOUND, me))
+        router = Router(table, me, rng=rng, http=http.entry if http is not None else None,
+                        previous=http.router if http is not None else None)
         in_chooser = passthrough(passthrough_labels(INBOUND, me))
 
         def commit() -> None:
-            outbound.chooser = out_chooser
+            outbound.chooser = router.choose
             inbound.chooser = in_chooser
+            if http is not None:
+                http.router = router
 
         return commit
 
@@ -129,10 +142,11 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
                              resolver=config.resolver, connect_timeout=config.connect_timeout)
         for direction in (OUTBOUND, INBOUND)
     }
-    store = ConfigStore([routing_applier(forwarders[OUTBOUND], forwarders[INBOUND])])
+    http = OutboundHttp(stats)
+    store = ConfigStore([routing_applier(forwarders[OUTBOUND], forwarders[INBOUND], http)])
     pilot = PilotClient(config.pilot_url, store, service=config.compose_service or config.service)
     ctx = AdminContext(
-        stats=stats, store=store, pilot=pilot,
+        stats=stats, store=store, pilot=pilot, http=http,
         listeners=dict.fromkeys(forwarders, False),
         info={"pilot_url": config.pilot_url, "claimed": {
             "service": config.service, "version": config.version,
@@ -142,6 +156,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
         context.append(ctx)
 
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(http.close)  # once the listeners are closed: no new connections
         ports = {OUTBOUND: config.outbound_port, INBOUND: config.inbound_port}
         for direction, forwarder in forwarders.items():
             server = await _listen(

@@ -3,7 +3,8 @@
 The snapshot's ``settings`` carry three mappings keyed by mesh service (the pilot's contract):
 
 - ``services``: ``{service: [{"node", "version", "address"}, ...]}``, the running endpoints,
-  each with the one address this proxy reaches it at (``compose_service`` optional);
+  each with the one address this proxy reaches it at; optional ``addresses`` (all of the
+  endpoint's, any of which the app may have dialed) and ``compose_service`` (a label);
 - ``routing``: ``{service: routing_to_json(ServiceRouting)}``;
 - ``protocols``: ``{service: {"default": "http" | "tcp" | null, "ports": {"9080": "http"}}}``,
   null meaning "detect".
@@ -39,12 +40,17 @@ UNKNOWN = "unknown"
 _EMPTY: Mapping[Any, Any] = MappingProxyType({})
 
 
+def _empty() -> Any:
+    """A dataclass default: the one shared empty read-only mapping."""
+    return field(default_factory=lambda: _EMPTY)
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceProtocols:
     """The declared protocol of a service's ports; None means "detect from the first bytes"."""
 
     default: str | None = None
-    ports: Mapping[int, str] = _EMPTY
+    ports: Mapping[int, str] = _empty()
 
     def at(self, port: int) -> str | None:
         return self.ports.get(port, self.default)
@@ -57,13 +63,20 @@ _DETECT = ServiceProtocols()
 class RoutingTable:
     """What the outbound path looks up, per connection and per request; never mutated."""
 
-    by_address: Mapping[str, str] = _EMPTY  # endpoint IP -> mesh service
-    routing: Mapping[str, ServiceRouting] = _EMPTY  # mesh service -> its routing
-    endpoints: Mapping[tuple[str, str], tuple[Endpoint, ...]] = _EMPTY  # (service, version)
-    service_endpoints: Mapping[str, tuple[Endpoint, ...]] = _EMPTY  # service -> all versions
-    protocols: Mapping[str, ServiceProtocols] = _EMPTY
-    workloads: Mapping[str, str] = _EMPTY  # endpoint node -> its compose service
+    by_address: Mapping[str, str] = _empty()  # endpoint IP -> mesh service
+    routing: Mapping[str, ServiceRouting] = _empty()  # mesh service -> its routing
+    endpoints: Mapping[tuple[str, str], tuple[Endpoint, ...]] = _empty()  # (service, version)
+    service_endpoints: Mapping[str, tuple[Endpoint, ...]] = _empty()  # service -> all versions
+    protocols: Mapping[str, ServiceProtocols] = _empty()
+    workloads: Mapping[str, str] = _empty()  # endpoint node -> its compose service
     services: tuple[str, ...] = field(default=())  # every mesh service, sorted
+    # compose service name (a DNS alias of its own) -> its endpoints, for names that are
+    # not a mesh service: `reviews-v2:9080` means that version, `reviews:9080` the split
+    pinned: Mapping[str, tuple[Endpoint, ...]] = _empty()
+
+    def serving_versions(self, service: str) -> frozenset[str]:
+        """The versions of ``service`` that have at least one endpoint."""
+        return frozenset(ep.version for ep in self.service_endpoints.get(service, ()))
 
     def service_at(self, ip: str) -> str | None:
         """The mesh service whose endpoint has address ``ip``; None for the world outside."""
@@ -120,9 +133,9 @@ def build_table(settings: Mapping[str, Any], project: str = "") -> RoutingTable:
 
 
 def _build(settings: Mapping[str, Any], project: str) -> RoutingTable:
-    services_obj = _mapping(settings.get("services") or {}, "settings.services")
-    routing_obj = _mapping(settings.get("routing") or {}, "settings.routing")
-    protocols_obj = _mapping(settings.get("protocols") or {}, "settings.protocols")
+    services_obj = _mapping(_absent_empty(settings.get("services")), "settings.services")
+    routing_obj = _mapping(_absent_empty(settings.get("routing")), "settings.routing")
+    protocols_obj = _mapping(_absent_empty(settings.get("protocols")), "settings.protocols")
 
     by_address: dict[str, str] = {}
     per_version: dict[tuple[str, str], list[Endpoint]] = {}
@@ -138,11 +151,13 @@ def _build(settings: Mapping[str, Any], project: str) -> RoutingTable:
             e = _mapping(entry, ew)
             ep = Endpoint(node=_text(e, "node", ew), version=_text(e, "version", ew),
                           address=_address(e, ew))
-            owner = by_address.get(ep.address)
-            if owner is not None:
-                raise ValueError(f"{ew}.address: {ep.address} is already an endpoint "
-                                 f"of {owner!r}")
-            by_address[ep.address] = service
+            dialed = {ep.address, *_addresses(e, ew)}  # what the app's DNS may answer
+            for address in sorted(dialed):
+                owner = by_address.get(address)
+                if owner is not None:
+                    raise ValueError(f"{ew}.address: {address} is already an endpoint "
+                                     f"of {owner!r}")
+                by_address[address] = service
             endpoints.append(ep)
             per_version.setdefault((service, ep.version), []).append(ep)
             compose_service = e.get("compose_service")
@@ -152,6 +167,17 @@ def _build(settings: Mapping[str, Any], project: str) -> RoutingTable:
             if workload:
                 workloads[ep.node] = workload
         per_service[service] = tuple(endpoints)
+
+    # Addresses of a service's instances that take no traffic now (app stopped, unhealthy):
+    # the app's DNS may still answer them, so they must still be routed as that service.
+    idle_obj = _mapping(_absent_empty(settings.get("idle_addresses")), "settings.idle_addresses")
+    for service, addresses in idle_obj.items():
+        if not isinstance(addresses, list):
+            raise ValueError(f"settings.idle_addresses.{service}: must be a list")
+        for address in addresses:
+            by_address.setdefault(_ip(address, f"settings.idle_addresses.{service}"),
+                                  str(service))
+        per_service.setdefault(str(service), ())
 
     routing: dict[str, ServiceRouting] = {}
     for service, obj in routing_obj.items():
@@ -163,15 +189,22 @@ def _build(settings: Mapping[str, Any], project: str) -> RoutingTable:
             raise ValueError(f"settings.routing.{service}.service: {decoded.service!r} "
                              f"is not the service it is listed under")
         routing[service] = decoded
-    for service, endpoints in per_service.items():
+    for service, listed in per_service.items():
         if service not in routing:  # not expected from the pilot: an even split over versions
-            routing[service] = default_routing(service, endpoints)
+            routing[service] = default_routing(service, listed)
 
     protocols: dict[str, ServiceProtocols] = {}
     for service, obj in protocols_obj.items():
         protocols[service] = _protocols(obj, f"settings.protocols.{service}")
 
+    pinned: dict[str, list[Endpoint]] = {}
+    for listed in per_service.values():
+        for ep in listed:
+            name = workloads.get(ep.node)
+            if name and name not in per_service:
+                pinned.setdefault(name, []).append(ep)
     return RoutingTable(
+        pinned=MappingProxyType({name: tuple(eps) for name, eps in pinned.items()}),
         by_address=MappingProxyType(by_address),
         routing=MappingProxyType(routing),
         endpoints=MappingProxyType({key: tuple(eps) for key, eps in per_version.items()}),
@@ -195,7 +228,7 @@ def _protocols(obj: object, where: str) -> ServiceProtocols:
     default = d.get("default")
     if default is not None and default not in PROTOCOLS:
         raise ValueError(f"{where}.default: {default!r} is not http, tcp or null")
-    ports_obj = _mapping(d.get("ports") or {}, f"{where}.ports")
+    ports_obj = _mapping(_absent_empty(d.get("ports")), f"{where}.ports")
     ports: dict[int, str] = {}
     for key, proto in ports_obj.items():
         if not (isinstance(key, str) and key.isdigit() and 0 < int(key) < 65536):
@@ -216,6 +249,10 @@ def _compose_service_of(node: str, project: str) -> str:
     return match.group(1) if match else ""
 
 
+def _absent_empty(obj: object) -> object:
+    return {} if obj is None else obj
+
+
 def _mapping(obj: object, where: str) -> Mapping[str, Any]:
     if not isinstance(obj, Mapping):
         raise ValueError(f"{where}: must be an object, not {type(obj).__name__}")
@@ -229,9 +266,24 @@ def _text(d: Mapping[str, Any], key: str, where: str) -> str:
     return value
 
 
+def _addresses(d: Mapping[str, Any], where: str) -> list[str]:
+    """The optional ``addresses``: every address of the endpoint, on each of its networks."""
+    value = d.get("addresses")
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"{where}.addresses: must be a list of IP addresses")
+    return [_ip(a, f"{where}.addresses[{i}]") for i, a in enumerate(value)]
+
+
 def _address(d: Mapping[str, Any], where: str) -> str:
-    value = _text(d, "address", where)
+    return _ip(d.get("address"), f"{where}.address")
+
+
+def _ip(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: must be a non-empty string")
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        raise ValueError(f"{where}.address: {value!r} is not an IP address") from None
+        raise ValueError(f"{where}: {value!r} is not an IP address") from None

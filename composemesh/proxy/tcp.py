@@ -1,25 +1,48 @@
-"""The TCP data path: accept a captured connection, choose its destination, pump bytes both ways.
+"""The TCP data path: accept a captured connection, classify it, choose its destination, pump bytes.
 
-The decisions are plain functions (``Chooser``, ``is_proxy_address``) that later issues replace
-with routing; the protocols below only move bytes, apply flow control and count.
+The decisions are plain functions (a ``Chooser``, ``is_proxy_address``, ``sniff_http``) and a
+``Router`` built per snapshot from the routing table; the protocols below only move bytes,
+apply flow control and count, or hand the connection over to the HTTP path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
+from composemesh.model.routing import ServiceRouting
 from composemesh.model.wellknown import PROXY_PORTS
+from composemesh.proxy.decisions import Endpoint, EndpointPicker, OutlierDetector, pick_version
 from composemesh.proxy.original_dst import Address, original_dst
-from composemesh.proxy.stats import ProxyStats, TcpCounters, TcpLabels
+from composemesh.proxy.stats import (
+    OUTBOUND,
+    REPORTER,
+    ProxyStats,
+    TcpCounters,
+    TcpLabels,
+    Workload,
+    passthrough_labels,
+)
+from composemesh.proxy.table import EMPTY_TABLE, HTTP, TCP, RoutingTable
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach a destination before the connection is dropped
 WRITE_HIGH_WATER = 1024 * 1024  # a side stops reading its peer when its own buffer holds this
 WRITE_LOW_WATER = 256 * 1024  # ... and starts again once the buffer drains below this
+SNIFF_TIMEOUT = 0.1  # seconds to wait for a client's first bytes (server-first protocols: none)
 
 _LOCAL_HOSTS = frozenset({"0.0.0.0", "::", "::1"})
+
+# Request methods that mark a connection as HTTP/1.x when followed by a space.
+HTTP_METHODS = frozenset({
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
+    b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"REPORT",
+    b"SEARCH", b"PURGE",
+})
+_MAX_METHOD = max(len(m) for m in HTTP_METHODS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +54,25 @@ class Destination:
     labels: TcpLabels
 
 
-Chooser = Callable[[Address], "Destination | None"]  # original destination -> where to go
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """Hand a captured connection to another protocol (the HTTP path), with its first bytes."""
+
+    take: Callable[[asyncio.Transport, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Sniff:
+    """The protocol is not declared: HTTP if the first bytes say so, else TCP to ``tcp()``."""
+
+    http: Handoff
+    tcp: Callable[[], Destination | None]
+
+
+Decision = Destination | Handoff | Sniff
+Chooser = Callable[[Address], "Decision | None"]  # original destination -> what to do
 Resolver = Callable[[Any], Address]  # accepted socket -> its original destination
+HttpEntry = Callable[[str, int], Handoff]  # (mesh service, port) -> the HTTP path's handoff
 
 
 def passthrough(labels: TcpLabels) -> Chooser:
@@ -42,6 +82,17 @@ def passthrough(labels: TcpLabels) -> Chooser:
         return Destination(original[0], original[1], labels)
 
     return choose
+
+
+def sniff_http(data: bytes) -> bool | None:
+    """Whether ``data``, a connection's first bytes, start an HTTP/1.x request (a method token
+    and a space); None while too few bytes have come to tell."""
+    space = data.find(b" ", 0, _MAX_METHOD + 1)
+    if space >= 0:
+        return data[:space] in HTTP_METHODS
+    if len(data) > _MAX_METHOD:
+        return False
+    return None if any(m.startswith(data) for m in HTTP_METHODS) else False
 
 
 def is_proxy_address(original: Address, local: Address, proxy_ports: Collection[int]) -> bool:
@@ -55,6 +106,95 @@ def is_proxy_address(original: Address, local: Address, proxy_ports: Collection[
     return port in proxy_ports and (
         host == local[0] or host.startswith("127.") or host in _LOCAL_HOSTS
     )
+
+
+class ServiceState:
+    """What the data path keeps about one mesh service between connections and requests."""
+
+    __slots__ = ("routing", "picker", "outlier", "needs_headers")
+
+    def __init__(self, routing: ServiceRouting, rng: random.Random) -> None:
+        self.routing = routing
+        self.picker = EndpointPicker(routing.load_balancer, rng)
+        self.outlier = OutlierDetector(routing.outlier)
+        # Only routes that match on headers need the request's headers as a dict.
+        self.needs_headers = any(m.headers for r in routing.routes for m in r.matches)
+
+
+class Router:
+    """One snapshot's outbound decisions: which path a connection takes, which endpoint.
+
+    Built in full when a snapshot is prepared, swapped in on commit. Pickers and outlier
+    state carry over from ``previous`` for services whose routing did not change.
+    """
+
+    def __init__(self, table: RoutingTable, me: Workload, *, rng: random.Random | None = None,
+                 http: HttpEntry | None = None, previous: Router | None = None) -> None:
+        self.table = table
+        self.me = me
+        self.rng = rng or random.Random()
+        self.http = http
+        self.passthrough = passthrough_labels(OUTBOUND, me)
+        self.services: dict[str, ServiceState] = {}
+        old = previous.services if previous is not None else {}
+        for service, routing in table.routing.items():
+            state = old.get(service)
+            if state is None or state.routing != routing:
+                state = ServiceState(routing, self.rng)
+            else:
+                state.outlier.retain(table.service_endpoints.get(service, ()))
+            self.services[service] = state
+        self._tcp_labels: dict[tuple[str, Endpoint], TcpLabels] = {}
+
+    def choose(self, original: Address) -> Decision | None:
+        """The outbound chooser: pass-through, TCP to an endpoint, HTTP, or sniff first."""
+        service = self.table.service_at(original[0])
+        if service is None:
+            return Destination(original[0], original[1], self.passthrough)
+        protocol = self.table.protocol(service, original[1])
+        if protocol == TCP or self.http is None:
+            return self.tcp_destination(service, original[1])
+        if protocol == HTTP:
+            return self.http(service, original[1])
+        return Sniff(self.http(service, original[1]),
+                     partial(self.tcp_destination, service, original[1]))
+
+    def tcp_destination(self, service: str, port: int) -> Destination | None:
+        """An endpoint of ``service`` for one TCP connection: a version drawn by the weights of
+        the default (last) route, then an endpoint of it by the load balancer."""
+        state = self.services.get(service)
+        if state is None:
+            return None
+        routes = state.routing.routes
+        if routes:
+            version = pick_version(routes[-1], self.rng, self.table.serving_versions(service))
+            endpoints = self.table.endpoints.get((service, version), ()) if version else ()
+        else:
+            endpoints = self.table.service_endpoints.get(service, ())
+        endpoint = state.picker.pick(state.outlier.available(endpoints)) if endpoints else None
+        if endpoint is None:
+            return None
+        return Destination(endpoint.address, port, self.tcp_labels(service, endpoint))
+
+    def tcp_labels(self, service: str, endpoint: Endpoint) -> TcpLabels:
+        key = (service, endpoint)
+        labels = self._tcp_labels.get(key)
+        if labels is None:
+            me = self.me
+            labels = self._tcp_labels[key] = TcpLabels(
+                reporter=REPORTER[OUTBOUND],
+                source=me,
+                destination=Workload(workload=self.table.workload(endpoint),
+                                     namespace=me.namespace, app=service,
+                                     version=endpoint.version),
+                destination_service=service,
+                destination_service_name=service,
+                destination_service_namespace=me.namespace,
+            )
+        return labels
+
+
+EMPTY_ROUTER = Router(EMPTY_TABLE, Workload())
 
 
 class Forwarder:
@@ -137,7 +277,8 @@ class _Side(asyncio.Protocol):
 class Downstream(_Side):
     """The accepted (captured) connection: decides where it goes and owns the pair's accounting."""
 
-    __slots__ = ("forwarder", "counters", "connecting", "upstream", "early")
+    __slots__ = ("forwarder", "counters", "connecting", "upstream", "early", "sniff", "sniffed",
+                 "sniffing")
 
     def __init__(self, forwarder: Forwarder) -> None:
         self.forwarder = forwarder
@@ -147,6 +288,9 @@ class Downstream(_Side):
         self.connecting: asyncio.Task[None] | None = None
         self.upstream: Upstream | None = None  # set as soon as it exists, linked or not
         self.early: list[bytes] | None = None  # what came before the destination answered
+        self.sniff: Sniff | None = None  # while the first bytes are awaited
+        self.sniffed = b""  # the first bytes so far, too few to tell
+        self.sniffing: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop: no subclass
@@ -161,20 +305,77 @@ class Downstream(_Side):
             fwd.stats.error(fwd.direction, "loop")
             transport.abort()
             return
-        destination = fwd.chooser(original)
-        if destination is None:
+        decision = fwd.chooser(original)
+        if decision is None:
             fwd.stats.error(fwd.direction, "no_route")
             transport.abort()
             return
+        if type(decision) is Destination:
+            self._start(decision)
+        elif type(decision) is Handoff:
+            decision.take(transport, b"")
+        else:
+            assert isinstance(decision, Sniff)
+            self.sniff = decision
+            self.counters = _UNCOUNTED  # counted once the verdict is in
+            self.forward = self._sniff_data
+            fwd.connections.add(self)
+            self.sniffing = asyncio.get_running_loop().call_later(
+                SNIFF_TIMEOUT, self._sniff_timeout)
+
+    def _start(self, destination: Destination, early: list[bytes] | None = None) -> None:
+        """Connect to ``destination``, then pump bytes."""
+        transport = self.transport
+        fwd = self.forwarder
         counters = self.counters = fwd.stats.tcp(destination.labels)
         counters.opened += 1
         fwd.connections.add(self)
         # Hold the client until the destination answers. uvloop starts reading only after
         # connection_made returns, so the first chunk may still come: _hold keeps it.
         transport.pause_reading()
+        self.early = early
         self.forward = self._hold
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.connecting = asyncio.get_running_loop().create_task(self._connect(destination))
+
+    def _sniff_data(self, data: bytes) -> None:
+        buf = self.sniffed + data if self.sniffed else data
+        verdict = sniff_http(buf)
+        if verdict is None:
+            self.sniffed = buf
+            return
+        self._sniffed(verdict, buf, len(buf) - len(data))  # data_received counts ``data``
+
+    def _sniff_timeout(self) -> None:
+        self.sniffing = None
+        self._sniffed(False, self.sniffed, len(self.sniffed))
+
+    def _sniffed(self, is_http: bool, first: bytes, uncounted: int) -> bool:
+        """The verdict is in: hand over to HTTP, or connect TCP with ``first`` to send first.
+
+        Returns False when the connection was refused (no endpoint)."""
+        if self.sniffing is not None:
+            self.sniffing.cancel()
+            self.sniffing = None
+        sniff = self.sniff
+        assert sniff is not None
+        self.sniff = None
+        self.sniffed = b""
+        fwd = self.forwarder
+        if is_http:
+            fwd.connections.discard(self)
+            sniff.http.take(self.transport, first)
+            return True
+        destination = sniff.tcp()
+        if destination is None:
+            fwd.connections.discard(self)
+            fwd.stats.error(fwd.direction, "no_route")
+            self.counters = None
+            self.transport.abort()
+            return False
+        self._start(destination, [first] if first else None)
+        self.counters.received += uncounted  # type: ignore[union-attr]
+        return True
 
     async def _connect(self, destination: Destination) -> None:
         fwd = self.forwarder
@@ -229,6 +430,16 @@ class Downstream(_Side):
             self.upstream.transport.resume_reading()
 
     def eof_received(self) -> bool:
+        if self.sniff is not None:  # the client ended before saying enough: decide now
+            self.eof_in = True
+            first = self.sniffed
+            is_http = bool(sniff_http(first))
+            if not self._sniffed(is_http, first, len(first)):
+                return False
+            if is_http:  # the HTTP path owns the transport now: it sees the FIN too
+                protocol = cast(asyncio.Protocol, self.transport.get_protocol())
+                return bool(protocol.eof_received())
+            return True
         if self.peer is None:  # still connecting: passed on by _link
             self.eof_in = True
             return True
@@ -239,6 +450,11 @@ class Downstream(_Side):
         self.counters.received += len(data)  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.sniff is not None:  # gone before its first bytes told what it speaks
+            if self.sniffing is not None:
+                self.sniffing.cancel()
+            self.forwarder.connections.discard(self)
+            return
         counters = self.counters
         if counters is None:  # refused before it was counted
             return
@@ -254,11 +470,54 @@ class Downstream(_Side):
         self._lost(exc)
 
     def abort(self) -> None:
+        if self.sniffing is not None:
+            self.sniffing.cancel()
         if self.connecting is not None:
             self.connecting.cancel()
         if self.upstream is not None:
             self.upstream.transport.abort()
         self.transport.abort()
+
+
+class Pipe(_Side):
+    """One end of a plain byte pipe between two open transports (an upgraded HTTP connection)."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, transport: asyncio.Transport, owner: set[asyncio.Protocol]) -> None:
+        self.transport = transport
+        self.peer = None
+        self.eof_in = self.eof_out = False
+        self.owner = owner
+
+    def data_received(self, data: bytes) -> None:
+        self.forward(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.discard(self)
+        self._lost(exc)
+
+
+def splice(a: asyncio.Transport, b: asyncio.Transport, a_first: bytes, b_first: bytes,
+           owner: set[asyncio.Protocol]) -> None:
+    """Join two open transports into a flow-controlled pipe; ``a_first`` (read from ``a``
+    already) goes to ``b`` first, ``b_first`` to ``a``. Both ends are kept in ``owner``."""
+    pa, pb = Pipe(a, owner), Pipe(b, owner)
+    pa.peer, pb.peer = pb, pa
+    pa.forward, pb.forward = b.write, a.write
+    owner.add(pa)
+    owner.add(pb)
+    a.set_protocol(pa)
+    b.set_protocol(pb)
+    if a_first:
+        b.write(a_first)
+    if b_first:
+        a.write(b_first)
+    a.resume_reading()
+    b.resume_reading()
+
+
+_UNCOUNTED = TcpCounters()  # what a connection's bytes add to before it has its own counters
 
 
 class Upstream(_Side):

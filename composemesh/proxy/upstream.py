@@ -31,6 +31,7 @@ UNTIL_CLOSE = 3  # neither: the body runs until the upstream closes
 
 # Response headers that are the connection's own and do not pass on.
 _RESPONSE_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
+_SWITCHING_HOP = frozenset({b"keep-alive", b"proxy-connection"})
 _STATUS_LINE = {"1.1": b"HTTP/1.1 %d %s\r\n", "1.0": b"HTTP/1.0 %d %s\r\n"}
 
 # Where a response stands on its connection.
@@ -48,6 +49,9 @@ class ResponseSink(Protocol):
     def response_body(self, data: bytes) -> None:
         """A piece of the body, de-chunked."""
 
+    def flush(self) -> None:
+        """What came in one read is handled: send on what was held to send at once."""
+
     def response_done(self, conn: UpstreamConnection, reusable: bool) -> None:
         """The whole response came; ``reusable``: the connection may carry another request.
 
@@ -59,6 +63,11 @@ class ResponseSink(Protocol):
 
     def upstream_paused(self, paused: bool) -> None:
         """The connection's write buffer filled up (True) or drained (False)."""
+
+    def upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        """The upstream switched protocols (101); ``rest``: what it sent after the head.
+
+        The connection is no longer HTTP: the sink takes its transport over."""
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -159,6 +168,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.idle_since = self.pool.clock()
         self.pool.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -168,8 +178,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._broken()  # 101 to a request we did not let ask for it
+            if self.sink is not None:
+                self.sink.flush()
+        except httptools.HttpParserUpgrade as exc:
+            sink = self.sink
+            if sink is None or self._status != 101:  # not asked for: not ours to follow
+                self._broken()
+                return
+            self.sink = None
+            self._state = _IDLE
+            sink.upgraded(self, data[exc.args[0]:])
         except httptools.HttpParserError:
             self._broken()
 
@@ -211,11 +229,14 @@ class UpstreamConnection(asyncio.Protocol):
         line = _STATUS_LINE.get(parser.get_http_version(), b"HTTP/1.1 %d %s\r\n")
         parts = [line % (status, self._reason)]
         has_length = chunked = False
-        drop: frozenset[bytes] | set[bytes] = _RESPONSE_HOP
-        for name, value in self._pairs:
-            if name.lower() == b"connection":
-                drop = _RESPONSE_HOP | _connection_tokens(value)
-                break
+        drop: frozenset[bytes] = _RESPONSE_HOP
+        if status == 101:  # switching protocols: Connection and Upgrade are the answer
+            drop = _SWITCHING_HOP
+        else:
+            for name, value in self._pairs:
+                if name.lower() == b"connection":
+                    drop = _RESPONSE_HOP | _connection_tokens(value)
+                    break
         for name, value in self._pairs:
             lname = name.lower()
             if lname in drop:
@@ -273,8 +294,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.close()
 
     def _broken(self) -> None:
-        """The upstream sent what is not HTTP/1.x: drop the connection."""
-        self.abort()
+        """The upstream sent what is not HTTP/1.x: drop the connection (the sink hears of it)."""
+        if not self.closed:
+            self.transport.abort()
 
 
 def _connection_tokens(value: bytes) -> set[bytes]:

@@ -113,10 +113,18 @@ class Mesh:
         assert proc.returncode == 0, f"{cmd} in {compose_service}: {proc.stdout}{proc.stderr}"
         return proc.stdout
 
-    def get_json(self, compose_service: str, url: str, *extra: str) -> list[dict]:
-        """HTTP GETs made by an app container, as an app would make them."""
-        lines = self.exec(compose_service, "python3", "/app/demo.py", "get", url, *extra)
-        return [json.loads(line) for line in lines.splitlines() if line.strip()]
+    def get_json(self, compose_service: str, url: str, *extra: str,
+                 timeout: float = 120) -> list[dict]:
+        """HTTP GETs made by an app container, as an app would make them: one JSON line each
+        (status 0 when no answer came); every request must have produced a line."""
+        proc = subprocess.run(
+            ["docker", "exec", self.container(compose_service),
+             "python3", "/app/demo.py", "get", url, *extra],
+            capture_output=True, text=True, timeout=timeout)
+        answers = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+        count = int(extra[extra.index("--count") + 1]) if "--count" in extra else 1
+        assert len(answers) == count, f"{url} from {compose_service}: {proc.stdout}{proc.stderr}"
+        return answers
 
     def address(self, compose_service: str) -> str:
         """An address of the netns holder of ``compose_service`` (reachable from the host)."""

@@ -20,6 +20,11 @@ def opened(stats: dict, direction: str) -> int:
     return int(stats[direction]["connections_opened"])
 
 
+def http_requests(stats: dict) -> int:
+    """Requests the outbound HTTP path routed (HTTP is routed per request, not per connection)."""
+    return int(stats["http"]["requests"])
+
+
 def sent_bytes(stats: dict, direction: str) -> int:
     return int(stats[direction]["bytes_sent"]) + int(stats[direction]["bytes_received"])
 
@@ -52,15 +57,17 @@ def test_http_call_goes_through_both_sidecars(bookinfo: Mesh) -> None:
     assert {a["service"] for a in answers} == {"reviews"}
     src_after = bookinfo.proxy_stats("ratings")
     dst_after = [bookinfo.proxy_stats(s) for s in ("reviews-v1", "reviews-v2")]
-    # each call opened one connection: captured outbound by ratings' proxy ...
-    assert opened(src_after, "outbound") - opened(src_before, "outbound") >= 4
-    # ... and captured inbound by whichever reviews instance answered it
-    inbound = sum(
-        opened(a, "inbound") - opened(b, "inbound")
+    # each call was captured outbound by ratings' proxy and routed as an HTTP request ...
+    assert http_requests(src_after) - http_requests(src_before) == 4
+    routed = src_after["http"]["requests_by_version"]["reviews"]
+    assert sum(routed.values()) >= 4
+    # ... and captured inbound by the reviews instances that answered (over pooled
+    # keep-alive connections from ratings' proxy: fewer connections than requests)
+    received = sum(
+        int(a["inbound"]["bytes_received"]) - int(b["inbound"]["bytes_received"])
         for a, b in zip(dst_after, dst_before, strict=True)
     )
-    assert inbound >= 4
-    assert sent_bytes(src_after, "outbound") > sent_bytes(src_before, "outbound")
+    assert received >= 4 * len("GET /reviews/0 HTTP/1.1\r\n")
 
 
 def test_raw_tcp_call_goes_through_both_sidecars(bookinfo: Mesh) -> None:
@@ -85,15 +92,17 @@ def test_published_port_reaches_the_app_through_its_proxy(bookinfo: Mesh) -> Non
     assert page["reviews"]["service"] == "reviews" and page["details"]["service"] == "details"
     after = bookinfo.proxy_stats("productpage")
     assert opened(after, "inbound") > opened(before, "inbound")
-    assert opened(after, "outbound") >= opened(before, "outbound") + 2  # reviews + details
+    assert http_requests(after) > http_requests(before)  # to reviews, over HTTP
+    assert opened(after, "outbound") > opened(before, "outbound")  # to details, over TCP
 
 
 def test_prometheus_endpoint_uses_istio_metric_names(bookinfo: Mesh) -> None:
     bookinfo.get_json("ratings", "http://reviews:9080/reviews/0")
     text = bookinfo.prometheus("ratings")
-    assert "istio_tcp_connections_opened_total{" in text
-    assert 'reporter="source"' in text
-    assert "istio_tcp_sent_bytes_total{" in text
+    assert "istio_requests_total{" in text
+    assert 'reporter="source"' in text and 'destination_service_name="reviews"' in text
+    assert "istio_request_duration_milliseconds_bucket{" in text
+    assert "istio_tcp_connections_opened_total{" in text  # inbound, reporter="destination"
 
 
 def test_capture_rules_are_installed_in_the_namespace(bookinfo: Mesh) -> None:
@@ -128,8 +137,8 @@ def assert_pair_has_network(mesh: Mesh, compose_service: str) -> None:
     mesh.get_json("ratings", f"http://{compose_service}:9080/healthz")
     mesh.get_json(compose_service, "http://ratings:9080/ratings/0")
     after = mesh.proxy_stats(compose_service)
-    assert opened(after, "inbound") > opened(before, "inbound")
-    assert opened(after, "outbound") > opened(before, "outbound")
+    assert after["inbound"]["bytes_received"] > before["inbound"]["bytes_received"]
+    assert http_requests(after) > http_requests(before)
 
 
 def restart_count(container: str) -> int:

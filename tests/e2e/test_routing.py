@@ -85,6 +85,13 @@ def test_header_match_sends_the_marked_user_to_v2_only(mesh: Mesh) -> None:
     assert versions(others)["v1"] > 50
 
 
+def test_calling_a_version_by_its_compose_name_reaches_that_version(mesh: Mesh) -> None:
+    for version in ("v1", "v2"):
+        answers = mesh.get_json("client", f"http://reviews-{version}:9080/reviews/0",
+                                "--count", "30")
+        assert versions(answers) == {version: 30}
+
+
 def test_retry_turns_every_other_503_into_success(mesh: Mesh) -> None:
     answers = mesh.get_json("client", "http://flaky:9080/ratings/0", "--count", "50")
     assert [a["status"] for a in answers] == [200] * 50

@@ -480,3 +480,18 @@ def test_fractional_percent() -> None:
     aborts = sum(1 for _ in range(N) if fault_decision(fault, rng)[1] == 500)
     assert abs(aborts / N - 0.005) < 0.01
     assert aborts > 0
+
+
+def test_a_version_without_endpoints_gives_its_share_to_the_others() -> None:
+    import random as _random
+
+    from composemesh.model.routing import HttpRoute, WeightedSubset
+    from composemesh.proxy.decisions import pick_version as _pick
+
+    route = HttpRoute(name="default", matches=(), destinations=(
+        WeightedSubset("v1", 0), WeightedSubset("v2", 50), WeightedSubset("v3", 50)))
+    rng = _random.Random(3)
+    picks = {_pick(route, rng, frozenset({"v1", "v2"})) for _ in range(500)}
+    assert picks == {"v2"}
+    assert _pick(route, rng, frozenset({"v1"})) is None
+    assert _pick(route, rng, frozenset()) is None

@@ -1,0 +1,805 @@
+"""The outbound HTTP/1.1 path: route each of the app's requests, carry it upstream, answer it.
+
+A captured connection that speaks HTTP becomes an ``HttpDownstream``: httptools parses its
+requests; each becomes an ``Exchange`` that takes the decisions of ``proxy.decisions``
+(route, fault, version, endpoint), sends the request over a pooled ``UpstreamConnection``,
+and streams the response back, or tries again (retries, per-try and route timeouts, outlier
+ejection). Requests and responses pass byte for byte but for the hop-by-hop headers; only
+the answers the proxy makes itself (404, 503, 504, injected faults) carry its own headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from functools import partial
+from http import HTTPStatus
+from typing import cast
+
+import httptools
+
+from composemesh.model.routing import IDEMPOTENT_METHODS, HttpRoute
+from composemesh.proxy.decisions import (
+    Endpoint,
+    Outcome,
+    fault_decision,
+    pick_version,
+    select_route,
+    should_retry,
+)
+from composemesh.proxy.stats import (
+    BAD_REQUEST,
+    CONNECT_FAILURE,
+    DOWNSTREAM_CLOSED,
+    FAULT_ABORT,
+    FAULT_DELAY,
+    NO_FLAGS,
+    NO_HEALTHY_UPSTREAM,
+    NO_ROUTE,
+    RETRIES_EXHAUSTED,
+    UNKNOWN,
+    UPSTREAM_RESET,
+    UPSTREAM_TIMEOUT,
+    ProxyStats,
+)
+from composemesh.proxy.tcp import (
+    EMPTY_ROUTER,
+    WRITE_HIGH_WATER,
+    WRITE_LOW_WATER,
+    Handoff,
+    Router,
+    ServiceState,
+    splice,
+)
+from composemesh.proxy.upstream import CHUNKED, UNTIL_CLOSE, UpstreamConnection, UpstreamPool
+
+BODY_BUFFER_LIMIT = 1024 * 1024  # request bodies up to this are kept for retries; larger stream
+
+# Request headers that are the connection's own: the upstream connection has its own.
+_REQUEST_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade"})
+_UPGRADE_HOP = _REQUEST_HOP - {b"upgrade"}  # an upgrade request's Upgrade header passes on
+_NOT_HOP_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
+_NO_HEADERS: dict[str, str] = {}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+# Why the client's reading is paused (bits of HttpDownstream.paused).
+_PAUSE_QUEUED = 1  # a request waits behind the one being answered
+_PAUSE_UPSTREAM = 2  # the upstream connection's write buffer is full
+_PAUSE_HELD = 4  # body bytes are held until the upstream connection is there
+
+# The answers the proxy makes itself.
+NO_ROUTE_BODY = "no route to {service}"
+NO_HEALTHY_UPSTREAM_BODY = b"no healthy upstream"
+TIMEOUT_BODY = b"upstream request timeout"
+CONNECT_FAILURE_BODY = b"upstream connect error or disconnect/reset before headers"
+FAULT_ABORT_BODY = b"fault filter abort"
+BAD_REQUEST_BODY = b"bad request"
+CONNECT_METHOD_BODY = b"CONNECT is not supported"
+
+log = logging.getLogger("composemesh.proxy.http")
+
+
+class OutboundHttp:
+    """The HTTP side of the outbound listener, for the proxy's whole life.
+
+    Owns the upstream pool and the app's HTTP connections; ``router`` is swapped whole when
+    a snapshot is applied, and each request reads the one in force when it is routed.
+    """
+
+    def __init__(self, stats: ProxyStats, pool: UpstreamPool | None = None) -> None:
+        self.stats = stats
+        self.pool = pool or UpstreamPool()
+        self.router: Router = EMPTY_ROUTER
+        self.connections: set[HttpDownstream] = set()
+        self.tunnels: set[asyncio.Protocol] = set()  # upgraded connections, spliced
+
+    def entry(self, service: str, port: int) -> Handoff:
+        """The handoff that makes a captured connection to ``service`` an HTTP one (a
+        ``Router``'s ``http``)."""
+        return Handoff(partial(self._take, service, port))
+
+    def _take(self, service: str, port: int, transport: asyncio.Transport, first: bytes) -> None:
+        downstream = HttpDownstream(self, service, port)
+        transport.set_protocol(downstream)
+        downstream.connection_made(transport)
+        if first:
+            downstream.data_received(first)
+
+    def close(self) -> None:
+        """Drop every connection, the app's and the upstream ones (shutdown)."""
+        for downstream in list(self.connections):
+            downstream.abort()
+        for tunnel in list(self.tunnels):
+            cast(asyncio.Transport, getattr(tunnel, "transport")).abort()  # noqa: B009
+        self.pool.close()
+
+
+class HttpDownstream(asyncio.Protocol):
+    """The app's connection to one mesh service (and port), speaking HTTP/1.x.
+
+    Requests are answered one at a time, in order; one parsed while another is being
+    answered waits (pipelining works, without concurrency).
+    """
+
+    __slots__ = ("http", "service", "port", "transport", "parser", "current", "active", "queue",
+                 "paused", "writing_paused", "closed", "eof", "tunnel_first", "_url", "_pairs")
+
+    transport: asyncio.Transport
+
+    def __init__(self, http: OutboundHttp, service: str, port: int) -> None:
+        self.http = http
+        self.service = service
+        self.port = port
+        self.parser = httptools.HttpRequestParser(self)
+        self.current: Exchange | None = None  # the request being parsed
+        self.active: Exchange | None = None  # the request being answered
+        self.queue: deque[Exchange] = deque()  # parsed, waiting for ``active`` to end
+        self.paused = 0  # _PAUSE_* bits: reading is paused while any is set
+        self.writing_paused = False  # our write buffer to the app is full
+        self.closed = False
+        self.eof = False  # the app sent FIN: answer what came, then close
+        self.tunnel_first: list[bytes] | None = None  # after an upgrade request: bytes held
+        self._url = b""
+        self._pairs: list[tuple[bytes, bytes]] = []
+
+    # ---- asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.http.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel_first is not None:  # upgrading: held for the tunnel
+            self.tunnel_first.append(data)
+            self.transport.pause_reading()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrading(data[exc.args[0]:])
+        except httptools.HttpParserCallbackError:
+            log.exception("HTTP request handling failed")
+            self.abort()
+        except httptools.HttpParserError:
+            self._bad_request()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return self.active is not None or bool(self.queue)  # else close now
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.http.connections.discard(self)
+        self.queue.clear()
+        active = self.active
+        if active is not None:
+            self.active = None
+            active.client_gone()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        active = self.active
+        if active is not None and active.conn is not None:
+            active.conn.pause()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        active = self.active
+        if active is not None and active.conn is not None:
+            active.conn.resume()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    # ---- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._pairs = []
+        if self.active is not None:
+            self.pause_for(_PAUSE_QUEUED)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._pairs.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.closed:  # pipelined behind an answer that closes the connection: dropped
+            self.current = None
+            return
+        parser = self.parser
+        method = parser.get_method()
+        v11 = parser.get_http_version() == "1.1"
+        upgrade = parser.should_upgrade()
+        url = self._url
+        pairs = self._pairs
+        line = b"%s %s HTTP/1.1\r\n" if v11 else b"%s %s HTTP/1.0\r\n"
+        drop = _UPGRADE_HOP if upgrade else _REQUEST_HOP
+        parts, connection, chunked, expect = _request_head(line % (method, url), pairs, drop)
+        if connection is not None:
+            tokens = {t.strip().lower() for t in connection.split(b",")} - _NOT_HOP_TOKENS
+            if tokens:  # headers the app marked as this connection's own
+                parts, _, chunked, expect = _request_head(parts[0], pairs, drop | tokens)
+        if upgrade:
+            parts.append(b"Connection: upgrade\r\n")
+        parts.append(b"\r\n")
+        if url[:1] == b"/":
+            q = url.find(b"?")
+            path = (url if q < 0 else url[:q]).decode("latin-1")
+        else:  # absolute-form (or *): route on its path
+            try:
+                path = (httptools.parse_url(url).path or b"/").decode("latin-1")
+            except httptools.HttpParserInvalidURLError:
+                path = "/"
+        exchange = self.current = Exchange(
+            self, method.decode("latin-1"), path, pairs, b"".join(parts), v11,
+            parser.should_keep_alive() and not upgrade, chunked, expect, upgrade)
+        if self.active is None:
+            self._activate(exchange)
+        else:
+            self.queue.append(exchange)
+
+    def on_body(self, body: bytes) -> None:
+        if self.current is not None:
+            self.current.add_body(body)
+
+    def on_message_complete(self) -> None:
+        current = self.current
+        if current is not None:
+            self.current = None
+            current.body_done()
+
+    # ---- the exchanges, one after another
+
+    def _activate(self, exchange: Exchange) -> None:
+        self.active = exchange
+        if exchange.method == "CONNECT":
+            exchange.local(405, CONNECT_METHOD_BODY, NO_FLAGS)
+        elif exchange.complete or not exchange.replayable or exchange.expect:
+            exchange.dispatch()
+
+    def finished(self, exchange: Exchange, close: bool) -> None:
+        """``exchange`` is answered; ``close``: the connection ends with it."""
+        if self.active is exchange:
+            self.active = None
+        self.resume_for(_PAUSE_UPSTREAM | _PAUSE_HELD)
+        if close or self.closed:
+            self.queue.clear()
+            self.closed = True
+            self.transport.close()  # after what is buffered
+            return
+        if self.queue:
+            self._activate(self.queue.popleft())
+            return
+        if self.eof:
+            self.transport.close()
+            return
+        self.resume_for(_PAUSE_QUEUED)
+
+    def pause_for(self, bit: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= bit
+
+    def resume_for(self, bits: int) -> None:
+        if not self.paused & bits:
+            return
+        self.paused &= ~bits
+        if not self.paused and not self.closed:
+            self.transport.resume_reading()
+
+    def _bad_request(self) -> None:
+        """The app sent what is not HTTP/1.x: answer 400 after what is in flight, and close."""
+        self.current = None
+        self.closed = True  # nothing more is parsed; finished() closes
+        self.transport.pause_reading()
+        if self.active is not None:
+            self.queue.clear()
+            return
+        self.http.stats.http_request(self.http.router.me, self.service, UNKNOWN, UNKNOWN, None,
+                                     400, BAD_REQUEST, 0.0, 0, 0)
+        self.transport.write(_local_head(400, len(BAD_REQUEST_BODY), True) + BAD_REQUEST_BODY)
+        self.transport.close()
+
+    def _upgrading(self, rest: bytes) -> None:
+        """The request asked to switch protocols: hold what follows until the upstream says."""
+        self.tunnel_first = [rest] if rest else []
+        self.transport.pause_reading()
+
+    def tunnel(self, conn: UpstreamConnection, upstream_first: bytes) -> None:
+        """The upstream switched protocols: from now on, bytes pass both ways untouched."""
+        self.http.connections.discard(self)
+        self.http.pool.connections.discard(conn)
+        self.active = None
+        first = b"".join(self.tunnel_first or ())
+        self.tunnel_first = None
+        splice(self.transport, conn.transport, first, upstream_first, self.http.tunnels)
+
+
+class Exchange:
+    """One request and its answer: routing, tries, timeouts, and streaming the response."""
+
+    __slots__ = (
+        "down", "method", "path", "pairs", "head", "v11", "keep_alive", "chunked", "expect",
+        "upgrade", "head_only", "body", "body_size", "complete", "replayable", "lost_body",
+        "dispatched", "started", "router", "state", "route", "attempt", "tried", "endpoint",
+        "in_try", "connecting", "conn", "sent", "fresh_retry", "per_try", "deadline", "delay",
+        "status", "flags", "framing", "responding", "close_client", "response_size", "done",
+        "held", "pinned",
+    )
+
+    def __init__(self, down: HttpDownstream, method: str, path: str,
+                 pairs: list[tuple[bytes, bytes]], head: bytes, v11: bool, keep_alive: bool,
+                 chunked: bool, expect: bool, upgrade: bool) -> None:
+        self.down = down
+        self.method = method
+        self.path = path
+        self.pairs = pairs
+        self.head = head
+        self.v11 = v11
+        self.keep_alive = keep_alive
+        self.chunked = chunked
+        self.expect = expect
+        self.upgrade = upgrade
+        self.head_only = method == "HEAD"
+        self.body: list[bytes] = []  # as sent upstream (chunked bodies stay chunked)
+        self.body_size = 0
+        self.complete = False  # the whole request has come from the app
+        self.replayable = True  # the whole body so far is kept in ``body``
+        self.lost_body = False  # some body was sent and not kept: no more tries
+        self.dispatched = False
+        self.started = asyncio.get_running_loop().time()
+        self.router: Router | None = None
+        self.state: ServiceState | None = None
+        self.route: HttpRoute | None = None
+        self.attempt = 0  # tries made so far
+        self.tried: list[Endpoint] = []
+        self.pinned: tuple[Endpoint, ...] = ()  # Host named one compose service: only these
+        self.endpoint: Endpoint | None = None  # of the current (or last) try
+        self.in_try = False
+        self.connecting: asyncio.Task[UpstreamConnection] | None = None
+        self.conn: UpstreamConnection | None = None
+        self.sent = False  # the head went out on ``conn``
+        self.fresh_retry = False  # a stale pooled connection was replaced once already
+        self.per_try: asyncio.TimerHandle | None = None
+        self.deadline: asyncio.TimerHandle | None = None
+        self.delay: asyncio.TimerHandle | None = None
+        self.status = 0
+        self.flags = NO_FLAGS
+        self.framing = 0
+        self.responding = False  # response bytes went to the app: no more tries
+        self.close_client = False
+        self.response_size = 0
+        self.done = False
+        self.held: list[bytes] | None = None  # response bytes for the app, sent per read
+
+    # ---- the request, as it comes from the app
+
+    def add_body(self, data: bytes) -> None:
+        self.body_size += len(data)
+        parts = (b"%x\r\n" % len(data), data, b"\r\n") if self.chunked else (data,)
+        self._put(parts)
+
+    def body_done(self) -> None:
+        if self.chunked:
+            self._put((_LAST_CHUNK,))
+        self.complete = True
+        if not self.dispatched and self.down.active is self:
+            self.dispatch()
+
+    def _put(self, parts: tuple[bytes, ...]) -> None:
+        if self.sent:  # the head is upstream: stream what comes
+            self.conn.transport.writelines(parts)  # type: ignore[union-attr]
+            if self.replayable:
+                self.body.extend(parts)
+                if self.body_size > BODY_BUFFER_LIMIT:
+                    self.replayable = False
+                    self.lost_body = True
+                    self.body = []
+            return
+        self.body.extend(parts)  # held until the head goes out
+        if self.replayable and self.body_size > BODY_BUFFER_LIMIT:
+            self.replayable = False
+        if not self.replayable and not self.done:
+            self.down.pause_for(_PAUSE_HELD)
+            if not self.dispatched and self.down.active is self:
+                self.dispatch()
+
+    def host(self) -> str:
+        """The Host header's name, lower-case, without a port ("" if there is none)."""
+        for name, value in self.pairs:
+            if len(name) == 4 and name.lower() == b"host":
+                return value.decode("latin-1").rsplit(":", 1)[0].strip().lower()
+        return ""
+
+    def header_map(self) -> dict[str, str]:
+        """The request's headers by lower-case name (repeated ones joined), for matching."""
+        headers: dict[str, str] = {}
+        for name, value in self.pairs:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]},{text}" if key in headers else text
+        return headers
+
+    # ---- routing
+
+    def dispatch(self) -> None:
+        """Route the request: no route, fault, or the first try."""
+        self.dispatched = True
+        down = self.down
+        router = self.router = down.http.router
+        state = self.state = router.services.get(down.service)
+        if state is None:  # the service left the mesh under a kept-alive connection
+            self.local(503, NO_HEALTHY_UPSTREAM_BODY, NO_HEALTHY_UPSTREAM)
+            return
+        headers = self.header_map() if state.needs_headers else _NO_HEADERS
+        if router.table.pinned:
+            self.pinned = router.table.pinned.get(self.host(), ())
+        route = self.route = select_route(state.routing, self.method, self.path, headers)
+        if route is None:
+            self.local(404, NO_ROUTE_BODY.format(service=down.service).encode(), NO_ROUTE)
+            return
+        if route.fault is not None:
+            delay, abort = fault_decision(route.fault, router.rng)
+            if delay > 0:
+                self.flags = FAULT_DELAY
+                self.delay = asyncio.get_running_loop().call_later(delay, self._go, abort)
+                return
+            self._go(abort)
+            return
+        self._go(None)
+
+    def _go(self, abort: int | None) -> None:
+        self.delay = None
+        if abort is not None:
+            self.local(abort, FAULT_ABORT_BODY, FAULT_ABORT)
+            return
+        timeout = self.route.timeout_s  # type: ignore[union-attr]
+        if timeout is not None and timeout > 0:
+            self.deadline = asyncio.get_running_loop().call_later(timeout, self._deadline)
+        self._try()
+
+    def _try(self) -> None:
+        """One try: a version by weight, an endpoint of it, a connection to it."""
+        router = self.router
+        state = self.state
+        assert router is not None and state is not None and self.route is not None
+        if self.pinned:
+            endpoints = self.pinned
+        else:
+            version = pick_version(self.route, router.rng)
+            if version is not None and (self.down.service, version) not in router.table.endpoints:
+                # that version has no endpoint (stopped, scaled to 0): the others take its share
+                version = pick_version(self.route, router.rng, router.table.serving_versions(
+                    self.down.service))
+            endpoints = (
+                router.table.endpoints.get((self.down.service, version), ()) if version else ()
+            )
+        endpoint = None
+        if endpoints:
+            available = state.outlier.available(endpoints)
+            endpoint = state.picker.pick(available, self.tried)
+            if endpoint is None and self.tried:  # every one tried already: any will do
+                endpoint = state.picker.pick(available)
+        if endpoint is None:
+            self.local(503, NO_HEALTHY_UPSTREAM_BODY, NO_HEALTHY_UPSTREAM)
+            return
+        self.attempt += 1
+        self.tried.append(endpoint)
+        self.endpoint = endpoint
+        self.in_try = True
+        self.fresh_retry = False
+        state.picker.started(endpoint)
+        per_try = self.route.retries.per_try_timeout_s
+        if per_try is not None and per_try > 0:
+            self.per_try = asyncio.get_running_loop().call_later(per_try, self._per_try_timeout)
+        key = (endpoint.address, self.down.port)
+        conn = None if self.upgrade else self.down.http.pool.acquire(key)
+        if conn is None:
+            self._connect(key)
+        else:
+            self._send(conn)
+
+    def _connect(self, key: tuple[str, int]) -> None:
+        assert self.state is not None
+        task = self.connecting = self.down.http.pool.connect(
+            key, self.state.routing.connect_timeout_s)
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
+        if task is not self.connecting:  # abandoned meanwhile
+            if not task.cancelled() and task.exception() is None:
+                self.down.http.pool.release(task.result())
+            return
+        self.connecting = None
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            self._end_try(False)
+            self._failed(Outcome(error="connect-failure"), CONNECT_FAILURE)
+            return
+        self._send(task.result())
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        conn.attach(self, self.head_only)
+        transport = conn.transport
+        if self.body:
+            transport.writelines((self.head, *self.body))
+            if not self.replayable:  # sent, and not kept: no more tries after this one
+                self.body = []
+                self.lost_body = True
+        else:
+            transport.write(self.head)
+        self.sent = True
+        down = self.down
+        down.resume_for(_PAUSE_HELD)
+        if down.writing_paused:
+            conn.pause()
+
+    def _can_retry(self) -> bool:
+        return not self.lost_body and not self.responding and not self.done
+
+    def _retry_or_fail(self, outcome: Outcome) -> bool:
+        """Start the next try if the policy wants one; False if it does not."""
+        policy = self.route.retries  # type: ignore[union-attr]
+        if self._can_retry() and should_retry(policy, self.method, self.attempt, outcome):
+            self.down.http.stats.retries += 1
+            self._try()
+            return True
+        return False
+
+    def _exhausted(self, outcome: Outcome) -> bool:
+        """Whether retries were made and ran out on a failure the policy retries."""
+        policy = self.route.retries  # type: ignore[union-attr]
+        return self.attempt > 1 and should_retry(policy, self.method, 0, outcome)
+
+    def _end_try(self, ok: bool | None) -> None:
+        """The current try is over: ``ok`` for the outlier detector (None: not its fault)."""
+        if self.per_try is not None:
+            self.per_try.cancel()
+            self.per_try = None
+        if not self.in_try:
+            return
+        self.in_try = False
+        self.sent = False
+        self.conn = None
+        endpoint = self.endpoint
+        state = self.state
+        assert endpoint is not None and state is not None
+        state.picker.finished(endpoint)
+        if ok is None:
+            return
+        outlier = state.outlier
+        if ok or outlier.is_ejected(endpoint):
+            outlier.record(endpoint, ok)
+            return
+        outlier.record(endpoint, False)
+        if outlier.is_ejected(endpoint):
+            self.down.http.stats.ejections += 1
+
+    def _abandon_try(self) -> None:
+        """Stop the current try where it is (a timeout, or the app left)."""
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        if self.conn is not None:
+            self.conn.abort()
+            self.conn = None
+
+    def _failed(self, outcome: Outcome, flags: str) -> None:
+        if self._retry_or_fail(outcome):
+            return
+        if self._exhausted(outcome):
+            flags = RETRIES_EXHAUSTED
+        if outcome.error == "timeout":
+            self.local(504, TIMEOUT_BODY, flags)
+        else:
+            self.local(503, CONNECT_FAILURE_BODY, flags)
+
+    def _per_try_timeout(self) -> None:
+        self.per_try = None
+        if self.responding or self.done:
+            return
+        self._abandon_try()
+        self._end_try(False)
+        self._failed(Outcome(error="timeout"), UPSTREAM_TIMEOUT)
+
+    def _deadline(self) -> None:
+        self.deadline = None
+        if self.responding or self.done:
+            return
+        self._abandon_try()
+        self._end_try(False)
+        self.local(504, TIMEOUT_BODY, UPSTREAM_TIMEOUT)
+
+    # ---- the response (ResponseSink)
+
+    def response_head(self, conn: UpstreamConnection, status: int, head: bytes,
+                      framing: int) -> None:
+        if status < 200:
+            if status == 100 and self.expect:
+                self.down.transport.write(_CONTINUE)
+            elif status == 101 and self.upgrade:
+                self._respond(status, head, framing)
+            return
+        policy = self.route.retries  # type: ignore[union-attr]
+        if (self.complete and self._can_retry()
+                and should_retry(policy, self.method, self.attempt, Outcome(status=status))):
+            conn.detach()  # read to its end, then back to the pool
+            self._end_try(status < 500)
+            self.down.http.stats.retries += 1
+            self._try()
+            return
+        if status >= 500 and self._exhausted(Outcome(status=status)):
+            self.flags = RETRIES_EXHAUSTED
+        self._respond(status, head, framing)
+
+    def _respond(self, status: int, head: bytes, framing: int) -> None:
+        self._cancel_timers()
+        self.status = status
+        self.framing = framing
+        self.responding = True
+        close = self.close_client = status != 101 and (
+            not self.keep_alive or framing == UNTIL_CLOSE or not self.complete or self.down.eof)
+        head = head + (b"connection: close\r\n\r\n" if close and self.v11 else b"\r\n")
+        self.response_size = len(head)
+        self.held = [head]
+
+    def response_body(self, data: bytes) -> None:
+        self.response_size += len(data)
+        held = self.held
+        if held is None:
+            held = self.held = []
+        if self.framing == CHUNKED:
+            held += (b"%x\r\n" % len(data), data, b"\r\n")
+        else:
+            held.append(data)
+
+    def flush(self) -> None:
+        held = self.held
+        if held:
+            self.held = None
+            if len(held) == 1:
+                self.down.transport.write(held[0])
+            else:
+                self.down.transport.writelines(held)
+
+    def response_done(self, conn: UpstreamConnection, reusable: bool) -> None:
+        if self.framing == CHUNKED:
+            self._last_chunk()
+        self.flush()
+        if reusable and self.complete:
+            self.down.http.pool.release(conn)
+        else:
+            conn.close()
+        self._end_try(self.status < 500)
+        self._finish(self.close_client or not self.complete)
+
+    def _last_chunk(self) -> None:
+        if self.held is None:
+            self.held = [_LAST_CHUNK]
+        else:
+            self.held.append(_LAST_CHUNK)
+
+    def upstream_lost(self, conn: UpstreamConnection) -> None:
+        if self.responding:  # the app has part of a response: it cannot have the rest
+            self._end_try(False)
+            self.flags = UPSTREAM_RESET
+            self.held = None
+            self.down.transport.abort()
+            self._finish(True)
+            return
+        if (not conn.got_bytes and conn.reused and not self.fresh_retry and self._can_retry()
+                and (self.method in IDEMPOTENT_METHODS)):
+            # A pooled connection the upstream had closed: once more on a new one, same try.
+            self.fresh_retry = True
+            self.conn = None
+            self.sent = False
+            self._connect(conn.key)
+            return
+        self._end_try(False)
+        self._failed(Outcome(error="reset"), UPSTREAM_RESET)
+
+    def upstream_paused(self, paused: bool) -> None:
+        if paused:
+            self.down.pause_for(_PAUSE_UPSTREAM)
+        else:
+            self.down.resume_for(_PAUSE_UPSTREAM)
+
+    def upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        """The upstream answered 101: the connection becomes a tunnel."""
+        if not self.upgrade or self.done:  # a switch nobody asked for
+            conn.abort()
+            self.upstream_lost(conn)
+            return
+        self.flush()
+        self._end_try(True)
+        self._finish(False, tunnel=True)
+        self.down.tunnel(conn, rest)
+
+    # ---- the end
+
+    def local(self, status: int, body: bytes, flags: str) -> None:
+        """Answer the app ourselves."""
+        self._cancel_timers()
+        self.flags = flags
+        self.status = status
+        close = (not self.keep_alive or not self.complete or self.down.eof
+                 or self.upgrade)
+        head = _local_head(status, len(body), close)
+        self.response_size = len(head) + len(body)
+        self.down.transport.write(head if self.head_only else head + body)
+        self._finish(close)
+
+    def client_gone(self) -> None:
+        """The app closed its connection before its answer was complete."""
+        if self.done:
+            return
+        self._cancel_timers()
+        self._abandon_try()
+        self._end_try(None)
+        self.flags = DOWNSTREAM_CLOSED
+        self._finish(True, tell=False)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self.per_try, self.deadline, self.delay):
+            if timer is not None:
+                timer.cancel()
+        self.per_try = self.deadline = self.delay = None
+
+    def _finish(self, close: bool, *, tell: bool = True, tunnel: bool = False) -> None:
+        self.done = True
+        down = self.down
+        http = down.http
+        router = self.router or http.router
+        endpoint = self.endpoint
+        if endpoint is None:
+            version = workload = UNKNOWN
+            node = None
+        else:
+            version, workload, node = (endpoint.version, router.table.workload(endpoint),
+                                       endpoint.node)
+        http.stats.http_request(
+            router.me, down.service, version, workload, node, self.status, self.flags,
+            (asyncio.get_running_loop().time() - self.started) * 1000.0,
+            len(self.head) + self.body_size, self.response_size)
+        if tell and not tunnel:
+            down.finished(self, close)
+
+
+def _request_head(line: bytes, pairs: list[tuple[bytes, bytes]], drop: frozenset[bytes]
+                  ) -> tuple[list[bytes], bytes | None, bool, bool]:
+    """The request head's pieces for upstream (``line``, then the headers not in ``drop``),
+    the Connection header's value, whether the body is chunked, whether 100-continue is
+    expected."""
+    parts = [line]
+    connection = None
+    chunked = expect = False
+    for name, value in pairs:
+        lname = name.lower()
+        if lname in drop:
+            if lname == b"connection":
+                connection = value if connection is None else connection + b"," + value
+            continue
+        if lname == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+        elif lname == b"expect":
+            expect = value.lower() == b"100-continue"
+        parts += (name, b": ", value, b"\r\n")
+    return parts, connection, chunked, expect
+
+
+def _local_head(status: int, length: int, close: bool) -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        phrase = b"Unknown"
+    return (b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\ncontent-type: text/plain\r\n"
+            b"server: composemesh\r\n%s\r\n"
+            % (status, phrase, length, b"connection: close\r\n" if close else b""))
