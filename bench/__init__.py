@@ -1,0 +1,1 @@
+"""Benchmarks: figures as ratios against baselines run in the same command (README.md)."""

@@ -1,0 +1,234 @@
+# ruff: noqa: E402
+"""HTTP/1.1 on loopback: requests/s and latency with wrk, against direct and HAProxy.
+
+    python -m bench.http_proxy [--rounds 3] [--duration 5] [--connections 50] [--quick]
+
+One fast upstream answers every GET with a 13-byte body, keep-alive: nginx (one worker) when
+it is installed, else a Python one (httptools on uvloop, one process); the output says which.
+Subjects, each in its own process and all on the same hop to that upstream:
+
+- direct: wrk to the upstream;
+- haproxy: HAProxy in ``mode http``, keep-alive on both sides, server connections reused
+  (one thread unless --haproxy-threads);
+- composemesh: the proxy's outbound HTTP path on uvloop, as the outbound capture hands it
+  a connection: a routing table with one mesh service and one endpoint (the upstream), the
+  original destination given by an injected resolver; every request is parsed, routed and
+  carried over a pooled upstream connection;
+- composemesh tcp (with --tcp-path): the same service declared ``tcp``: bytes pass through.
+
+Figures per subject, with wrk (keep-alive, one request in flight per connection) at one
+connection (the latency of a lone client: Debian's wrk has no fixed-rate mode) and at
+--connections: requests/s, and the p50 and p99 latency.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a file: put the repository, not bench/, first on sys.path
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import asyncio
+
+from bench._common import (
+    Baseline,
+    BenchError,
+    Components,
+    Metric,
+    Ready,
+    Results,
+    components,
+    console,
+    fail,
+    find_tool,
+    print_header,
+    print_ratio_note,
+    progress,
+    require_tools,
+    results_table,
+    rotated,
+    run_wrk,
+    serve_forever,
+    start_haproxy,
+    start_nginx,
+    tool_version,
+)
+
+SCRIPT = "bench/http_proxy.py"
+UPSTREAM_HOST = "127.0.0.2"  # the mesh service's endpoint address in the routing table
+PROXY_HOST = "127.0.0.1"
+BODY = "Hello, world!"
+ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nContent-Type: text/plain\r\n\r\n"
+          + BODY.encode())
+BASELINES = (Baseline("direct", "÷ direct"), Baseline("haproxy", "÷ HAProxy"))
+
+
+# --------------------------------------------------------------------------- components
+
+
+def python_upstream(ready: Ready) -> None:
+    """Answers every request with ANSWER, keep-alive: httptools on uvloop."""
+    import httptools
+
+    class Answer(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: asyncio.WriteTransport = transport  # type: ignore[assignment]
+            self.parser = httptools.HttpRequestParser(self)
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_complete(self) -> None:
+            self.transport.write(ANSWER)
+
+    async def start() -> asyncio.Server:
+        return await asyncio.get_running_loop().create_server(
+            Answer, UPSTREAM_HOST, 0, backlog=4096)
+
+    serve_forever(ready, start)
+
+
+def composemesh_outbound(ready: Ready, upstream_port: int, protocol: str) -> None:
+    """The outbound listener of a proxy whose snapshot knows one service, ``upstream``, with
+    one endpoint: the upstream, its port's protocol ``protocol``."""
+    import random
+
+    from composemesh.model.routing import (
+        HttpRoute,
+        ServiceRouting,
+        WeightedSubset,
+        routing_to_json,
+    )
+    from composemesh.model.snapshot import ProxyIdentity, Snapshot
+    from composemesh.proxy.http import OutboundHttp
+    from composemesh.proxy.stats import OUTBOUND, ProxyStats, workload_of
+    from composemesh.proxy.table import table_from_snapshot
+    from composemesh.proxy.tcp import Forwarder, Router
+
+    async def start() -> asyncio.Server:
+        routing = ServiceRouting("upstream", (HttpRoute("default", (), (
+            WeightedSubset("v1", 100),)),))
+        identity = ProxyIdentity("bench-client-1", "bench", "client", "client", "v1")
+        snapshot = Snapshot("1", identity, settings={
+            "services": {"upstream": [{"node": "bench-upstream-1", "version": "v1",
+                                       "address": UPSTREAM_HOST}]},
+            "routing": {"upstream": routing_to_json(routing)},
+            "protocols": {"upstream": {"default": protocol, "ports": {}}},
+        })
+        stats = ProxyStats()
+        http = OutboundHttp(stats)
+        router = Router(table_from_snapshot(snapshot), workload_of(identity),
+                        rng=random.Random(1), http=http.entry)
+        http.router = router
+        forwarder = Forwarder(OUTBOUND, stats, router.choose,
+                              resolver=lambda sock: (UPSTREAM_HOST, upstream_port))
+        return await asyncio.get_running_loop().create_server(
+            forwarder, PROXY_HOST, 0, backlog=4096)
+
+    serve_forever(ready, start)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=SCRIPT, description=__doc__.split("\n")[1])
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 2)")
+    parser.add_argument("--duration", type=float,
+                        help="seconds of each wrk run, whole seconds (default 5; quick 1)")
+    parser.add_argument("--connections", type=int, default=50,
+                        help="the concurrent level, besides one connection (default 50)")
+    parser.add_argument("--upstream", choices=("auto", "nginx", "python"), default="auto",
+                        help="nginx when installed (auto), or the Python one")
+    parser.add_argument("--tcp-path", action="store_true",
+                        help="also the proxy with the service declared tcp (pass-through)")
+    parser.add_argument("--haproxy-threads", type=int, default=1,
+                        help="HAProxy's nbthread (default 1, as the proxy has one loop)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run, under 30 s")
+    args = parser.parse_args(argv)
+    defaults = {"rounds": (3, 2), "duration": (5.0, 1.0)}
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    if args.rounds < 1 or args.duration < 1 or args.connections < 2:
+        parser.error("--rounds must be positive, --duration at least 1, --connections at least 2")
+    return args
+
+
+def start_upstream(args: argparse.Namespace, comps: Components) -> tuple[int, str]:
+    """The upstream's port and how the output names it."""
+    nginx = find_tool("nginx") if args.upstream != "python" else None
+    if args.upstream == "nginx" and nginx is None:
+        raise BenchError("nginx not found on PATH: apt-get install nginx-light, "
+                         "or --upstream python")
+    if nginx is not None:
+        version = tool_version([nginx, "-v"], r"nginx/(\S+)")
+        return start_nginx(comps, nginx, UPSTREAM_HOST, BODY), f"nginx {version}, 1 worker"
+    port = comps.spawn("python upstream", python_upstream)
+    why = "; nginx is not installed" if args.upstream == "auto" else ""
+    return port, f"Python (httptools on uvloop, 1 process{why})"
+
+
+def run(args: argparse.Namespace, comps: Components) -> Results:
+    tools = require_tools("haproxy", "wrk")
+    out = console()
+    upstream_port, upstream_name = start_upstream(args, comps)
+    urls = {
+        "direct": f"http://{UPSTREAM_HOST}:{upstream_port}/",
+        "haproxy": "http://{}:{}/".format(PROXY_HOST, start_haproxy(
+            comps, tools["haproxy"], "http", (UPSTREAM_HOST, upstream_port),
+            args.haproxy_threads)),
+    }
+    for subject, protocol in (("composemesh", "http"), ("composemesh tcp", "tcp")):
+        if protocol == "tcp" and not args.tcp_path:
+            continue
+        port = comps.spawn(f"{subject} proxy", composemesh_outbound, upstream_port, protocol)
+        urls[subject] = f"http://{PROXY_HOST}:{port}/"
+    subjects = tuple(urls)
+    levels = (1, args.connections)
+    metrics = tuple(
+        metric for c in levels for metric in (
+            Metric(f"rps@{c}", f"req/s, {c} conn."),
+            Metric(f"p50@{c}", f"p50 ms, {c} conn.", digits=3),
+            Metric(f"p99@{c}", f"p99 ms, {c} conn.", digits=3),
+        )
+    )
+    haproxy_version = tool_version([tools["haproxy"], "-v"], r"version (\S+)")
+    print_header(out, SCRIPT, [
+        f"{args.rounds} round(s); wrk {args.duration:g} s per run, keep-alive, at 1 and "
+        f"{args.connections} connections",
+        f"upstream: {upstream_name}",
+        f"haproxy {haproxy_version}: mode http, "
+        f"keep-alive, http-reuse always, nbthread {args.haproxy_threads}",
+        "composemesh: outbound HTTP path (one service, one endpoint) on uvloop",
+    ])
+    results: Results = {}
+    for round_no in range(args.rounds):
+        for connections in levels:
+            for subject in rotated(subjects, round_no):
+                got = run_wrk(tools["wrk"], urls[subject], connections, args.duration)
+                for key, value in (("rps", got.requests_per_s), ("p50", got.p50_ms),
+                                   ("p99", got.p99_ms)):
+                    results.setdefault((f"{key}@{connections}", subject), []).append(value)
+        comps.check_alive()
+        progress(f"round {round_no + 1}/{args.rounds} done")
+    out.print(results_table("HTTP/1.1 on loopback, wrk (medians)", metrics, subjects, results,
+                            BASELINES))
+    print_ratio_note(out, "the p50 and p99 latencies")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        with components() as comps:
+            run(args, comps)
+    except BenchError as exc:
+        fail(SCRIPT, str(exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
