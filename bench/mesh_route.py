@@ -121,7 +121,7 @@ def main() -> int:
                                              strict=True)))
         worker.start()
         time.sleep(1)
-        loaded = []
+        loaded: list[float] = []
         while worker.is_alive() and len(loaded) < args.changes:
             loaded.append(change_and_time(url, {"v1": 100 * (len(loaded) % 2),
                                                 "v2": 100 * ((len(loaded) + 1) % 2)}))

@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -216,13 +217,29 @@ def down(files: tuple[str, ...], project: str | None, volumes: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the pilot's status as JSON.")
 @handle_errors
 def status(project: str | None, as_json: bool) -> None:
-    """Per service and version: instances, proxy ready, config in sync."""
+    """Per service and version: instances, proxy ready, config in sync, certificate expiry."""
     project = project or _project_from_cwd()
     data = _pilot_status(project)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     _print_status(data)
+
+
+@main.command()
+@click.option("-p", "--project-name", "project", envvar="COMPOSE_PROJECT_NAME", default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the CA and identities as JSON.")
+@handle_errors
+def certs(project: str | None, as_json: bool) -> None:
+    """The mesh's root CA and trust bundle, and each proxy's identity and certificate expiry."""
+    project = project or _project_from_cwd()
+    ca = _pilot_get(project, "/v1/ca")
+    data = _pilot_status(project)
+    if as_json:
+        ca = {k: v for k, v in ca.items() if k != "trust_bundle_pem"}
+        click.echo(json.dumps({"ca": ca, "proxies": data.get("proxies", [])}, indent=2))
+        return
+    _print_certs(ca, data)
 
 
 @main.command()
@@ -385,11 +402,23 @@ def _pilot_url(project: str) -> str:
 
 
 def _pilot_status(project: str) -> dict[str, Any]:
-    url = _pilot_url(project) + "/v1/status"
+    return _pilot_get(project, "/v1/status")
+
+
+def _pilot_get(project: str, path: str) -> dict[str, Any]:
+    url = _pilot_url(project) + path
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             data: dict[str, Any] = json.load(resp)
             return data
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc).get("error", str(exc))
+        except (ValueError, AttributeError):
+            message = str(exc)
+        raise EngineError(
+            f"the pilot of {project!r} answered {exc.code} at {url}: {message}"
+        ) from None
     except (OSError, ValueError) as exc:
         raise EngineError(f"the pilot of {project!r} does not answer at {url}: {exc}") from None
 
@@ -508,6 +537,8 @@ def _print_status(data: dict[str, Any]) -> None:
     table = Table(title=f"proxies of {data.get('project', '?')}")
     for col in ("service", "version", "instance", "address", "proxy", "config", "ACK/NACK"):
         table.add_column(col)
+    table.add_column("identity", overflow="fold")
+    table.add_column("cert expires")
     for p in sorted(data.get("proxies", []), key=lambda p: (p["service"], p["version"], p["node"])):
         proxy_state = "ready" if p["proxy_healthy"] else ("starting" if p["running"] else "down")
         config = f"{p['snapshot_version']} " + ("in sync" if p["in_sync"] else "behind")
@@ -526,10 +557,89 @@ def _print_status(data: dict[str, Any]) -> None:
             proxy_state,
             config,
             ack,
+            p.get("identity") or "—",
+            _expiry(p.get("cert_not_after")),
         )
     out.print(table)
     for error in data.get("errors") or []:
         err.print(f"[yellow]kept last good routing:[/] {escape(error)}", soft_wrap=True)
+
+
+def _when(iso: str | None) -> str:
+    """``2026-11-26 11:50:02 UTC`` from an ISO time; — for none."""
+    if not iso:
+        return "—"
+    try:
+        return f"{datetime.fromisoformat(iso).astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+    except ValueError:
+        return escape(iso)
+
+
+def _expiry(not_after: str | None, now: datetime | None = None) -> str:
+    """``2026-11-26 11:50:02 UTC (in 23h 59m)`` from an ISO time; — for none."""
+    if not not_after:
+        return "—"
+    try:
+        when = datetime.fromisoformat(not_after).astimezone(UTC)
+    except ValueError:
+        return escape(not_after)
+    left = int((when - (now or datetime.now(UTC))).total_seconds())
+    if left <= 0:
+        relative = "[red]expired[/]"
+    else:
+        days, rest = divmod(left, 86400)
+        hours, rest = divmod(rest, 3600)
+        minutes, seconds = divmod(rest, 60)
+        if days:
+            relative = f"in {days}d {hours}h"
+        elif hours:
+            relative = f"in {hours}h {minutes}m"
+        else:
+            relative = f"in {minutes}m {seconds}s"
+    return f"{_when(not_after)} ({relative})"
+
+
+def _print_certs(ca: dict[str, Any], data: dict[str, Any]) -> None:
+    bundle = str(ca.get("trust_bundle_pem") or "")
+    roots = bundle.count("-----BEGIN CERTIFICATE-----")
+    table = Table(title=f"root CA of {ca.get('project', data.get('project', '?'))}")
+    for col in ("subject", "fingerprint (SHA-256)", "not before", "not after", "trust bundle"):
+        table.add_column(col, overflow="fold")
+    table.add_row(
+        escape(str(ca.get("subject", "?"))),
+        str(ca.get("fingerprint", "?")),
+        _when(ca.get("not_before")),
+        _expiry(ca.get("not_after")),
+        f"{roots} root{'s' if roots != 1 else ''}, {len(bundle.encode())} bytes",
+    )
+    out.print(table)
+    out.print(
+        f"trust domain {ca.get('trust_domain', '?')}; root {ca.get('source', '?')}; "
+        f"workload certificates live {_duration(ca.get('workload_ttl_s'))}; "
+        f"{ca.get('signed', 0)} signed since the pilot started"
+    )
+    table = Table(title=f"identities of {data.get('project', '?')}")
+    for col in ("service", "version", "instance", "identity", "serial", "expires"):
+        table.add_column(col, overflow="fold")
+    for p in sorted(data.get("proxies", []), key=lambda p: (p["service"], p["version"], p["node"])):
+        table.add_row(
+            p["service"],
+            p["version"],
+            p["compose_service"],
+            p.get("identity") or "[yellow]no certificate[/]",
+            p.get("cert_serial") or "—",
+            _expiry(p.get("cert_not_after")),
+        )
+    out.print(table)
+
+
+def _duration(seconds: object) -> str:
+    if not isinstance(seconds, int | float):
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 def _published_target(port: object) -> int | None:

@@ -1,4 +1,4 @@
-"""Runs the pilot: the one place that owns its asyncio lifecycle (source watch, API server)."""
+"""Runs the pilot: the one place that owns its asyncio lifecycle (CA, source watch, API server)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ import logging
 import os
 import signal
 import socket
+import sys
 import urllib.request
 
 from aiohttp import web
 
-from composemesh.errors import ConfigError, EngineError
+from composemesh.errors import ConfigError, EngineError, MeshError
 from composemesh.model import wellknown as wk
 from composemesh.model.mesh import MeshState
 from composemesh.model.settings import MeshSettings, parse_settings
+from composemesh.pilot.ca_service import CAService
 from composemesh.pilot.server import Pilot, make_app
 from composemesh.pilot.sources.docker.controller import DockerSource
 from composemesh.pilot.sources.docker.convert import PROJECT_LABEL
@@ -51,7 +53,8 @@ async def serve(port: int = wk.PORT_PILOT) -> None:
     watch: asyncio.Task[None] | None = None
     try:
         project = await own_project(api)
-        pilot = Pilot(MeshState(project=project, settings=settings), OverrideStore())
+        ca = CAService.load_or_create(settings, project)
+        pilot = Pilot(MeshState(project=project, settings=settings), OverrideStore(), ca)
         source = DockerSource(api, project, pilot.update_workloads)
         runner = web.AppRunner(make_app(pilot), access_log=None)
         await runner.setup()
@@ -74,7 +77,11 @@ async def serve(port: int = wk.PORT_PILOT) -> None:
 
 def run_pilot() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except MeshError as exc:  # a root that cannot serve, an engine that does not answer
+        print(f"composemesh pilot: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def probe_ready(port: int = wk.PORT_PILOT) -> bool:

@@ -9,8 +9,12 @@ from composemesh.model.routing import routing_to_json
 from composemesh.model.snapshot import ProxyIdentity, Snapshot
 
 
-def render_snapshot(state: MeshState, workload: Workload) -> Snapshot:
-    """The snapshot for ``workload``'s proxy. Same view, same version: no needless push."""
+def render_snapshot(state: MeshState, workload: Workload, trust_bundle: str = "") -> Snapshot:
+    """The snapshot for ``workload``'s proxy. Same view, same version: no needless push.
+
+    ``trust_bundle`` is the CA's PEM roots (public): a new bundle is a new version, so a root
+    rotation reaches every proxy as an ordinary push.
+    """
     identity = ProxyIdentity(
         node=workload.node,
         project=state.project,
@@ -25,6 +29,7 @@ def render_snapshot(state: MeshState, workload: Workload) -> Snapshot:
         "idle_addresses": _idle_addresses(state),
         "routing": {name: routing_to_json(r) for name, r in sorted(state.routing.items())},
         "protocols": _protocols(state),
+        "trust_bundle": trust_bundle,
     }
     version = content_version({"identity": asdict(identity), "settings": settings})
     return Snapshot(version=version, identity=identity, settings=settings)

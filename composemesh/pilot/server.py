@@ -1,7 +1,8 @@
-"""The pilot's HTTP API: long-poll snapshot push, ACK/NACK intake, status, readiness.
+"""The pilot's HTTP API: long-poll snapshot push, ACK/NACK intake, certificates, status.
 
 A proxy is known by the address its request comes from, mapped through the Docker
-engine's view to the netns holder that owns that address: never by what it claims.
+engine's view to the netns holder that owns that address: never by what it claims. The
+same attestation names the identity a proxy's certificate carries (``POST /v1/certificate``).
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from composemesh.ca import IssuanceRefused
+from composemesh.ca.authority import MAX_CSR_BYTES
 from composemesh.errors import ConfigError
 from composemesh.model.mesh import MeshState, Workload
 from composemesh.model.routing_config import apply_weights
 from composemesh.model.settings import MeshSettings
-from composemesh.model.snapshot import SnapshotError, decode_ack, encode_snapshot
+from composemesh.model.snapshot import Snapshot, SnapshotError, decode_ack, encode_snapshot
 from composemesh.pilot.build import build_state, default_split, service_versions
+from composemesh.pilot.ca_service import CAService
 from composemesh.pilot.render import render_snapshot
 from composemesh.pilot.store import OverrideStore
 
@@ -38,9 +42,12 @@ class AckRecord:
 class Pilot:
     """Holds the current mesh state and the proxies' answers; wakes long-polls on change."""
 
-    def __init__(self, state: MeshState, store: OverrideStore | None = None) -> None:
+    def __init__(
+        self, state: MeshState, store: OverrideStore | None = None, ca: CAService | None = None
+    ) -> None:
         self.state = state
         self.store = store
+        self.ca = ca  # None: this pilot issues no certificates (tests of routing alone)
         self.overrides: dict[str, dict[str, int]] = store.load() if store else {}
         self.generation = 0
         self.synced = False
@@ -95,10 +102,24 @@ class Pilot:
     def caller(self, request: web.Request) -> Workload | None:
         return self.state.workload_by_address(request.remote or "")
 
+    def snapshot_for(self, workload: Workload) -> Snapshot:
+        """What ``workload``'s proxy is sent: its view of the mesh and the CA's trust bundle."""
+        bundle = self.ca.trust_bundle_pem if self.ca is not None else ""
+        return render_snapshot(self.state, workload, bundle)
+
+    def identity_of(self, workload: Workload) -> dict[str, object]:
+        """The status columns of the certificate last issued to ``workload``'s proxy."""
+        record = self.ca.record_for(workload) if self.ca is not None else None
+        return {
+            "identity": record.spiffe if record else None,
+            "cert_not_after": record.not_after if record else None,
+            "cert_serial": record.serial if record else None,
+        }
+
     def status(self) -> dict[str, object]:
         rows = []
         for w in self.state.workloads:
-            snap = render_snapshot(self.state, w)
+            snap = self.snapshot_for(w)
             ack = self.acks.get(w.node)
             rows.append(
                 {
@@ -118,6 +139,7 @@ class Pilot:
                     "last_seen_s": round(time.time() - self.last_seen[w.node], 1)
                     if w.node in self.last_seen
                     else None,
+                    **self.identity_of(w),
                 }
             )
         versions = service_versions(self.state.workloads)
@@ -169,7 +191,7 @@ async def get_snapshot(request: web.Request) -> web.StreamResponse:
             applied = request.query.get("applied", "")
             if applied and workload.node not in pilot.acks:  # a pilot that lost its memory
                 pilot.acks[workload.node] = AckRecord(applied, True, "", time.time())
-            snapshot = render_snapshot(pilot.state, workload)
+            snapshot = pilot.snapshot_for(workload)
             if snapshot.version != have:
                 return web.Response(body=encode_snapshot(snapshot), content_type="application/json")
         remaining = deadline - time.monotonic()
@@ -197,6 +219,54 @@ async def post_ack(request: web.Request) -> web.Response:
     else:
         log.warning("NACK %s %s: %s", workload.node, ack.version, ack.reason)
     return web.json_response({"ok": True})
+
+
+async def post_certificate(request: web.Request) -> web.Response:
+    """Sign the PEM CSR in the body for the identity attested from the caller's address."""
+    pilot = request.app[PILOT_KEY]
+    address = request.remote or "?"
+    if pilot.ca is None:  # 404: the proxy knows there is no certificate to wait for
+        return web.json_response({"error": "this pilot runs no CA"}, status=404)
+    workload = pilot.caller(request)
+    if workload is None:
+        if not pilot.synced:  # it may be a proxy the pilot has not seen yet: ask again soon
+            return web.json_response(
+                {"error": "the pilot has not synced with the engine yet"}, status=503
+            )
+        reason = f"no workload of project {pilot.state.project!r} has address {address}"
+        log.warning("certificate refused to %s: %s", address, reason)
+        return web.json_response({"error": reason}, status=403)
+    if request.content_length is not None and request.content_length > MAX_CSR_BYTES:
+        reason = f"the CSR is larger than {MAX_CSR_BYTES} bytes"
+        log.warning("certificate refused to %s (%s): %s", address, workload.node, reason)
+        return web.json_response({"error": reason}, status=403)
+    csr = await request.read()  # aiohttp caps a body at 1 MiB; the CA at MAX_CSR_BYTES
+    try:
+        signed = pilot.ca.issue(csr, workload, address)
+    except IssuanceRefused as exc:
+        log.warning("certificate refused to %s (%s): %s", address, workload.node, exc.reason)
+        return web.json_response({"error": exc.reason}, status=403)
+    record = pilot.ca.issued[workload.node]
+    log.info("certificate issued to %s (%s): %s serial %s until %s",
+             address, workload.node, signed.spiffe.uri, record.serial, record.not_after)
+    return web.json_response(
+        {
+            "cert_pem": signed.cert_pem.decode(),
+            "chain_pem": signed.chain_pem.decode(),
+            "trust_bundle_pem": pilot.ca.trust_bundle_pem,
+            "spiffe": signed.spiffe.uri,
+            "not_after": record.not_after,
+            "serial": record.serial,
+        }
+    )
+
+
+async def get_ca(request: web.Request) -> web.Response:
+    """The CA's signing root and trust bundle (public; anyone may ask)."""
+    ca = request.app[PILOT_KEY].ca
+    if ca is None:
+        return web.json_response({"error": "this pilot runs no CA"}, status=503)
+    return web.json_response(ca.info())
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -235,6 +305,8 @@ def make_app(pilot: Pilot) -> web.Application:
     app.router.add_get("/v1/snapshot", get_snapshot)
     app.router.add_post("/v1/ack", post_ack)
     app.router.add_get("/v1/status", get_status)
+    app.router.add_post("/v1/certificate", post_certificate)
+    app.router.add_get("/v1/ca", get_ca)
     app.router.add_put("/v1/routes/{service}", put_route)
     app.router.add_get("/healthz/ready", get_ready)
     return app

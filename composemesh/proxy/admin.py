@@ -16,6 +16,7 @@ from composemesh import __version__
 from composemesh.model.snapshot import encode_snapshot
 from composemesh.model.wellknown import PORT_HEALTH
 from composemesh.proxy.http import OutboundHttp
+from composemesh.proxy.identity import WorkloadIdentity
 from composemesh.proxy.pilot_client import ConfigStore, PilotClient
 from composemesh.proxy.stats import ProxyStats
 
@@ -34,14 +35,26 @@ class AdminContext:
     listeners: dict[str, bool] = field(default_factory=dict)  # direction -> bound
     info: dict[str, Any] = field(default_factory=dict)  # claims from the environment, pilot URL
     started_at: float = field(default_factory=time.time)
+    identity: WorkloadIdentity | None = None  # the workload certificate and its renewal
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready once both capture listeners are bound and a first snapshot is applied."""
+        """Ready once both capture listeners are bound, a first snapshot is applied and the
+        proxy holds a workload certificate that has not expired (if its pilot issues them)."""
         if not self.listeners or not all(self.listeners.values()):
             return False, "capture listeners are not bound yet"
         if self.store.snapshot is None:
             return False, "no snapshot applied from the pilot yet"
+        if self.identity is not None:
+            ok, reason = self.identity.readiness()
+            if not ok:
+                return False, reason
         return True, LIVE
+
+    def certs(self) -> dict[str, Any]:
+        """`/certs`: the workload certificate held (public parts only: never the key)."""
+        if self.identity is None:
+            return {"identity": None, "reason": "this proxy keeps no workload certificate"}
+        return self.identity.describe()
 
     def ack_state(self) -> str:
         """One of: none, pending (the answer is not delivered yet), ACK, NACK."""
@@ -76,6 +89,7 @@ class AdminContext:
                 "failures": pilot.failures,
                 "last_error": pilot.last_error,
             },
+            "identity": self.certs(),
         }
 
     def server_info(self) -> dict[str, Any]:
@@ -94,7 +108,7 @@ class AdminContext:
 
 
 def build_admin_app(ctx: AdminContext) -> web.Application:
-    """Port 15000: /ready, /stats, /config_dump, /server_info, /stats/prometheus."""
+    """Port 15000: /ready, /stats, /config_dump, /certs, /server_info, /stats/prometheus."""
 
     async def ready(request: web.Request) -> web.Response:
         return _ready_response(ctx, LIVE)
@@ -108,11 +122,15 @@ def build_admin_app(ctx: AdminContext) -> web.Application:
     async def server_info(request: web.Request) -> web.Response:
         return web.json_response(ctx.server_info())
 
+    async def certs(request: web.Request) -> web.Response:
+        return web.json_response(ctx.certs())
+
     app = web.Application()
     app.router.add_get("/ready", ready)
     app.router.add_get("/stats", stats)
     app.router.add_get("/config_dump", config_dump)
     app.router.add_get("/server_info", server_info)
+    app.router.add_get("/certs", certs)
     app.router.add_get("/stats/prometheus", _prometheus_handler(ctx))
     return app
 

@@ -34,6 +34,7 @@ from composemesh.proxy.admin import (
     build_prometheus_app,
 )
 from composemesh.proxy.http import OutboundHttp
+from composemesh.proxy.identity import WorkloadIdentity, trust_bundle_applier
 from composemesh.proxy.original_dst import original_dst
 from composemesh.proxy.pilot_client import ConfigStore, PilotClient
 from composemesh.proxy.stats import (
@@ -143,10 +144,14 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
         for direction in (OUTBOUND, INBOUND)
     }
     http = OutboundHttp(stats)
-    store = ConfigStore([routing_applier(forwarders[OUTBOUND], forwarders[INBOUND], http)])
-    pilot = PilotClient(config.pilot_url, store, service=config.compose_service or config.service)
+    claimed = config.compose_service or config.service
+    identity = WorkloadIdentity(config.pilot_url, service=claimed)
+    store = ConfigStore([routing_applier(forwarders[OUTBOUND], forwarders[INBOUND], http),
+                         trust_bundle_applier(identity)])
+    pilot = PilotClient(config.pilot_url, store, service=claimed)
     ctx = AdminContext(
         stats=stats, store=store, pilot=pilot, http=http,
+        identity=identity,
         listeners=dict.fromkeys(forwarders, False),
         info={"pilot_url": config.pilot_url, "claimed": {
             "service": config.service, "version": config.version,
@@ -177,14 +182,18 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
             await _listen(site.start(), host, port)
         pilot_task = loop.create_task(pilot.run(), name="composemesh-pilot-client")
         stack.push_async_callback(_cancel, pilot_task)
+        identity_task = loop.create_task(identity.run(), name="composemesh-identity")
+        stack.push_async_callback(_cancel, identity_task)
         log.info("proxy listening: outbound %s, inbound %s, admin %s:%s; pilot %s",
                  config.outbound_port, config.inbound_port, config.admin_host,
                  config.admin_port, config.pilot_url)
         stopping = loop.create_task(stop.wait())
-        done, _ = await asyncio.wait({stopping, pilot_task}, return_when=asyncio.FIRST_COMPLETED)
-        if pilot_task in done and not pilot_task.cancelled() and pilot_task.exception():
-            stopping.cancel()
-            raise ProxyError(f"pilot client stopped: {pilot_task.exception()!r}")
+        done, _ = await asyncio.wait({stopping, pilot_task, identity_task},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        for task, what in ((pilot_task, "pilot client"), (identity_task, "identity")):
+            if task in done and not task.cancelled() and task.exception():
+                stopping.cancel()
+                raise ProxyError(f"{what} stopped: {task.exception()!r}")
         log.info("proxy stopping")
 
 
