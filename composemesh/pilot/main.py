@@ -23,6 +23,7 @@ from composemesh.pilot.sources.docker.controller import DockerSource
 from composemesh.pilot.sources.docker.convert import PROJECT_LABEL
 from composemesh.pilot.sources.docker.engine_api import EngineAPI
 from composemesh.pilot.store import OverrideStore
+from composemesh.pilot.traffic import TrafficMonitor
 
 log = logging.getLogger("composemesh.pilot")
 
@@ -51,6 +52,7 @@ async def serve(port: int = wk.PORT_PILOT) -> None:
     api = EngineAPI()
     runner: web.AppRunner | None = None
     watch: asyncio.Task[None] | None = None
+    scrape: asyncio.Task[None] | None = None
     try:
         project = await own_project(api)
         ca = CAService.load_or_create(settings, project)
@@ -60,6 +62,8 @@ async def serve(port: int = wk.PORT_PILOT) -> None:
         await runner.setup()
         await web.TCPSite(runner, "0.0.0.0", port).start()
         watch = asyncio.create_task(source.run(), name="docker-watch")
+        pilot.traffic = TrafficMonitor(lambda: pilot.state.workloads)
+        scrape = asyncio.create_task(pilot.traffic.run(), name="traffic-scrape")
         log.info("pilot of project %s listening on :%d", project, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -67,9 +71,10 @@ async def serve(port: int = wk.PORT_PILOT) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
-        if watch:
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
+        for task in (scrape, watch):  # in reverse order of start
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if runner:
             await runner.cleanup()
         await api.close()

@@ -26,6 +26,7 @@ from composemesh.pilot.build import build_state, default_split, service_versions
 from composemesh.pilot.ca_service import CAService
 from composemesh.pilot.render import render_snapshot
 from composemesh.pilot.store import OverrideStore
+from composemesh.pilot.traffic import TrafficMonitor
 
 log = logging.getLogger("composemesh.pilot.server")
 LONG_POLL_S = 25.0
@@ -48,6 +49,7 @@ class Pilot:
         self.state = state
         self.store = store
         self.ca = ca  # None: this pilot issues no certificates (tests of routing alone)
+        self.traffic: TrafficMonitor | None = None  # request/error rates, when scraping
         self.overrides: dict[str, dict[str, int]] = store.load() if store else {}
         self.generation = 0
         self.synced = False
@@ -143,10 +145,17 @@ class Pilot:
                 }
             )
         versions = service_versions(self.state.workloads)
+        traffic = self.traffic.current() if self.traffic is not None else {}
         services = {
             name: {
                 "split": default_split(routing),
                 "overridden": name in self.overrides,
+                "traffic": {
+                    version: {"rps": round(rate.requests_per_s, 2),
+                              "error_ratio": round(rate.error_ratio, 4)}
+                    for (svc, version), rate in traffic.items()
+                    if svc == name
+                },
                 "endpoints": {
                     v: sum(
                         1
@@ -265,7 +274,7 @@ async def get_ca(request: web.Request) -> web.Response:
     """The CA's signing root and trust bundle (public; anyone may ask)."""
     ca = request.app[PILOT_KEY].ca
     if ca is None:
-        return web.json_response({"error": "this pilot runs no CA"}, status=503)
+        return web.json_response({"error": "this pilot runs no CA"}, status=404)
     return web.json_response(ca.info())
 
 

@@ -139,7 +139,6 @@ def assert_pair_has_network(mesh: Mesh, compose_service: str) -> None:
     outbound = mesh.get_json(compose_service, "http://ratings:9080/ratings/0", "--count", "3")
     after = mesh.proxy_stats(compose_service)
     assert [a["status"] for a in inbound + outbound] == [200] * 6
-    assert opened(after, "inbound") >= 1  # the calls in arrived through this proxy
     assert http_requests(after) - http_requests(before) == 3
 
 

@@ -219,3 +219,17 @@ def test_new_version_gets_traffic_and_stopped_one_stops_without_failures(mesh: M
     assert len(failed) <= 1, f"{len(failed)} of {len(results)} failed: {failed[:3]}"
     tail = mesh.get_json("client", "http://reviews:9080/reviews/0", "--count", "50")
     assert versions(tail) == {"v2": 50}
+
+
+def test_status_shows_request_and_error_rates_per_version(mesh: Mesh) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        mesh.get_json("client", "http://flaky:9080/ratings/0", "--count", "30")
+        data = json.loads(composemesh("status", "-p", mesh.project, "--json").stdout)
+        rate = data["services"]["flaky"].get("traffic", {}).get("v1")
+        if rate and rate["rps"] > 0:
+            break
+        assert time.monotonic() < deadline, data["services"]["flaky"]
+    assert 0 <= rate["error_ratio"] < 0.5  # retries hide the app's 503s from the caller
+    table = composemesh("status", "-p", mesh.project)
+    assert "req/s" in table.stdout and "errors" in table.stdout

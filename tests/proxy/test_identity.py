@@ -473,3 +473,21 @@ def test_serve_is_ready_only_once_it_holds_a_certificate() -> None:
             await pilot.stop()
 
     asyncio.run(main())
+
+
+def test_cancelling_run_stops_it_whatever_it_is_doing() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        double = CADouble(clock)
+        async with TestClient(TestServer(double.app(), host="127.0.0.1")) as client:
+            for turns in range(40):
+                identity = WorkloadIdentity(str(client.make_url("")), clock=clock,
+                                            sleep=clock.sleep)
+                task = asyncio.create_task(identity.run())
+                for _ in range(turns):  # let it get somewhere: asking, napping, waking
+                    await asyncio.sleep(0)
+                task.cancel()
+                await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 2)
+                assert task.cancelled()
+
+    asyncio.run(main())

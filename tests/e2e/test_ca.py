@@ -1,0 +1,285 @@
+"""The CA on the real engine: attested workload certificates, renewal, refusals, no key leaked."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from composemesh.ca import cert_from_pem, fingerprint, spiffe_of, verify_chain
+from composemesh.model import wellknown as wk
+from tests.e2e.conftest import Mesh, bring_up, composemesh, docker, tear_down, unique_project
+
+pytestmark = pytest.mark.e2e
+
+SERVICES = ("web", "reviews")
+TTL_S = 120  # short, so that a renewal happens while the tests run (at about half-life)
+COMPOSE = f"""\
+x-composemesh:
+  mtls:
+    workload_cert_ttl: {TTL_S}s
+
+x-demo: &demo
+  image: {wk.DEMO_IMAGE}
+  restart: unless-stopped
+  healthcheck:
+    test: ["CMD", "python3", "/app/demo.py", "get", "http://127.0.0.1:9080/healthz"]
+    interval: 1s
+    timeout: 2s
+    retries: 30
+
+services:
+  web:
+    <<: *demo
+    command: ["ratings"]
+  reviews:
+    <<: *demo
+    command: ["reviews"]
+"""
+STATE = "/var/lib/composemesh/ca"
+PILOT_URL = f"http://{wk.PILOT_SERVICE}:{wk.PORT_PILOT}"
+
+# Run with python3 in a mesh-image container: a fresh key and a CSR (with the URI SAN in
+# argv[1], if any) POSTed to the pilot (argv[2]); prints status, answer and milliseconds.
+POST_CSR = r"""
+import json, sys, time, urllib.error, urllib.request
+from composemesh.ca import csr_to_pem, generate_key, make_csr
+started = time.perf_counter()
+csr = csr_to_pem(make_csr(generate_key(), sys.argv[1] or None))
+request = urllib.request.Request(sys.argv[2] + "/v1/certificate", data=csr, method="POST",
+                                 headers={"Content-Type": "application/pkcs10"})
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+try:
+    with opener.open(request, timeout=10) as response:
+        status, body = response.status, json.load(response)
+except urllib.error.HTTPError as exc:
+    status, body = exc.code, json.load(exc)
+ms = (time.perf_counter() - started) * 1000
+print(json.dumps({"status": status, "body": body, "ms": ms}))
+"""
+
+# Run with python3 inside a proxy: GET a path of its loopback-only admin port (15000).
+ADMIN_GET = (
+    "import sys, urllib.request;"
+    "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:15000' + sys.argv[1],"
+    " timeout=5).read().decode())"
+)
+
+
+@pytest.fixture(scope="module")
+def mesh(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    compose = tmp_path_factory.mktemp("ca") / "compose.yaml"
+    compose.write_text(COMPOSE)
+    m = bring_up(unique_project("ca"), [compose], {})
+    try:
+        yield m
+    finally:
+        tear_down(m)
+
+
+def spiffe(mesh: Mesh, service: str) -> str:
+    return f"spiffe://cluster.local/ns/{mesh.project}/sa/{service}"
+
+
+def python_in(container: str, code: str, *args: str, timeout: float = 60) -> str:
+    proc = subprocess.run(["docker", "exec", container, "python3", "-c", code, *args],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"python in {container}: {proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+def admin(mesh: Mesh, service: str, path: str) -> str:
+    return python_in(mesh.container(f"{service}-proxy"), ADMIN_GET, path)
+
+
+def certs(mesh: Mesh, service: str) -> dict[str, Any]:
+    return dict(json.loads(admin(mesh, service, "/certs")))
+
+
+def pilot_get(mesh: Mesh, path: str) -> dict[str, Any]:
+    code = ADMIN_GET.replace("127.0.0.1:15000", f"127.0.0.1:{wk.PORT_PILOT}")
+    return dict(json.loads(python_in(mesh.container(wk.PILOT_SERVICE), code, path)))
+
+
+def post_csr(container: str, san: str = "") -> dict[str, Any]:
+    return dict(json.loads(python_in(container, POST_CSR, san, PILOT_URL)))
+
+
+def project_network(mesh: Mesh) -> str:
+    nets = docker("network", "ls", "--filter", f"label=com.docker.compose.project={mesh.project}",
+                  "--format", "{{.Name}}").split()
+    assert nets, f"no network of {mesh.project}"
+    return nets[0]
+
+
+def logs_of(container: str) -> str:
+    """Everything ``container`` wrote, both streams (the pilot and proxies log to stderr)."""
+    proc = subprocess.run(["docker", "logs", container], capture_output=True, text=True,
+                          timeout=60)
+    return proc.stdout + proc.stderr
+
+
+def containers_of(mesh: Mesh) -> list[str]:
+    return docker("ps", "-a", "--filter", f"label=com.docker.compose.project={mesh.project}",
+                  "--format", "{{.Names}}").split()
+
+
+# --------------------------------------------------------------------------- issuance
+
+
+def test_every_proxy_holds_a_certificate_for_its_own_service(mesh: Mesh) -> None:
+    ca = pilot_get(mesh, "/v1/ca")
+    root = cert_from_pem(ca["trust_bundle_pem"])
+    assert ca["fingerprint"] == fingerprint(root)
+    for service in SERVICES:
+        held = certs(mesh, service)
+        cert = cert_from_pem(held["cert_pem"])
+        assert spiffe_of(cert) == spiffe(mesh, service) == held["identity"]
+        assert held["serial"] == f"{cert.serial_number:x}"
+        assert held["issuer_fingerprint"] == ca["fingerprint"]
+        verify_chain(cert, [], [root])
+        life = cert.not_valid_after_utc - cert.not_valid_before_utc
+        assert life.total_seconds() == TTL_S + 60  # the TTL, back-dated a minute for skew
+        assert admin(mesh, service, "/ready").strip() == "LIVE"
+
+
+def test_status_shows_each_proxys_identity_and_expiry(mesh: Mesh) -> None:
+    proc = composemesh("status", "-p", mesh.project)
+    assert proc.returncode == 0, proc.stderr
+    for service in SERVICES:
+        line = next(ln for ln in proc.stdout.splitlines() if f"/sa/{service} " in ln)
+        assert spiffe(mesh, service) in line
+        assert " in " in line.split(spiffe(mesh, service))[1]  # "in 1m 12s"
+    data = json.loads(composemesh("status", "-p", mesh.project, "--json").stdout)
+    for row in data["proxies"]:
+        assert row["identity"] == spiffe(mesh, row["service"])
+        assert row["cert_not_after"] and row["cert_serial"]
+
+
+def test_certs_shows_the_root_and_every_identity(mesh: Mesh) -> None:
+    ca = pilot_get(mesh, "/v1/ca")
+    proc = composemesh("certs", "-p", mesh.project)
+    assert proc.returncode == 0, proc.stderr
+    assert ca["fingerprint"] in proc.stdout
+    assert "1 root, " in proc.stdout and ca["subject"] in proc.stdout
+    for service in SERVICES:
+        assert spiffe(mesh, service) in proc.stdout
+    data = json.loads(composemesh("certs", "-p", mesh.project, "--json").stdout)
+    assert data["ca"]["fingerprint"] == ca["fingerprint"]
+
+
+def test_the_root_key_is_private_on_the_pilots_volume(mesh: Mesh) -> None:
+    pilot = mesh.container(wk.PILOT_SERVICE)
+    assert docker("exec", pilot, "stat", "-c", "%a", f"{STATE}/root-key.pem") == "600"
+    assert docker("exec", pilot, "stat", "-c", "%a", STATE) == "700"
+    stored = cert_from_pem(docker("exec", pilot, "cat", f"{STATE}/root.pem") + "\n")
+    assert fingerprint(stored) == pilot_get(mesh, "/v1/ca")["fingerprint"]
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_a_csr_for_another_services_identity_is_refused(mesh: Mesh) -> None:
+    proxy = mesh.container("web-proxy")
+    answer = post_csr(proxy, spiffe(mesh, "reviews"))
+    assert answer["status"] == 403, answer
+    assert f"attested as {spiffe(mesh, 'web')}" in answer["body"]["error"]
+    own = post_csr(proxy, spiffe(mesh, "web"))  # the same request for its own identity: fine
+    assert own["status"] == 200, own
+    assert spiffe_of(cert_from_pem(own["body"]["cert_pem"])) == spiffe(mesh, "web")
+    logs = logs_of(mesh.container(wk.PILOT_SERVICE))
+    refused = [ln for ln in logs.splitlines() if "certificate refused to" in ln]
+    assert any(mesh.address("web") in ln and spiffe(mesh, "reviews") in ln for ln in refused)
+
+
+def test_a_container_outside_the_project_is_refused(mesh: Mesh) -> None:
+    proc = subprocess.run(
+        ["docker", "run", "--rm", "--network", project_network(mesh), wk.MESH_IMAGE,
+         "python3", "-c", POST_CSR, "", PILOT_URL],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert answer["status"] == 403, answer
+    assert f"no workload of project {mesh.project!r}" in answer["body"]["error"]
+    logs = logs_of(mesh.container(wk.PILOT_SERVICE))
+    assert "certificate refused to" in logs and "no workload of project" in logs
+
+
+def test_time_to_issue_a_certificate_inside_the_mesh(mesh: Mesh) -> None:
+    proxy = mesh.container("reviews-proxy")
+    times = []
+    for _ in range(10):
+        answer = post_csr(proxy)
+        assert answer["status"] == 200, answer
+        times.append(answer["ms"])
+    held = certs(mesh, "reviews")
+    print(f"\nCSR -> certificate inside the mesh (key, CSR, POST, answer): median "
+          f"{statistics.median(times):.1f} ms, max {max(times):.1f} ms over {len(times)}; "
+          f"the proxy's own last issuance: {held['last_issuance_ms']} ms")
+    assert statistics.median(times) < 1000
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_no_private_key_in_snapshots_logs_or_cli_output(mesh: Mesh) -> None:
+    for service in SERVICES:
+        dump = admin(mesh, service, "/config_dump")
+        assert "PRIVATE KEY" not in dump
+        assert json.loads(dump)["identity"]["identity"] == spiffe(mesh, service)
+        assert "BEGIN CERTIFICATE" in json.loads(dump)["snapshot"]["settings"]["trust_bundle"]
+        assert "PRIVATE KEY" not in admin(mesh, service, "/certs")
+    for name in containers_of(mesh):
+        logs = logs_of(name)
+        if "proxy" in name or wk.PILOT_SERVICE in name:  # these do log: the right streams
+            assert "certificate" in logs, name
+        assert "PRIVATE KEY" not in logs, name
+    for args in (("status",), ("status", "--json"), ("certs",), ("certs", "--json")):
+        proc = composemesh(*args, "-p", mesh.project)
+        assert proc.returncode == 0 and "PRIVATE KEY" not in proc.stdout + proc.stderr
+    for path in ("/v1/ca", "/v1/status"):
+        assert "PRIVATE KEY" not in json.dumps(pilot_get(mesh, path))
+
+
+def test_certificates_renew_before_they_expire_and_the_proxy_stays_ready(mesh: Mesh) -> None:
+    first = certs(mesh, "web")
+    deadline = time.monotonic() + TTL_S
+    while time.monotonic() < deadline:
+        now = certs(mesh, "web")
+        if now["serial"] != first["serial"]:
+            break
+        time.sleep(2)
+    else:
+        raise AssertionError(f"no renewal within {TTL_S}s: {first}")
+    assert now["not_after"] > first["not_after"]
+    assert now["identity"] == first["identity"]
+    assert admin(mesh, "web", "/ready").strip() == "LIVE"
+    rows = json.loads(composemesh("status", "-p", mesh.project, "--json").stdout)["proxies"]
+    web = next(r for r in rows if r["service"] == "web")
+    assert web["cert_serial"] != first["serial"]
+
+
+def test_a_restarted_pilot_keeps_its_root(mesh: Mesh) -> None:
+    before = pilot_get(mesh, "/v1/ca")
+    pilot = mesh.container(wk.PILOT_SERVICE)
+    docker("restart", "-t", "3", pilot)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            after = pilot_get(mesh, "/v1/ca")
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    assert after["fingerprint"] == before["fingerprint"]
+    assert after["source"] == "stored"
+    status = pilot_get(mesh, "/v1/status")  # what it issued before is remembered
+    assert all(row["identity"] for row in status["proxies"])
+    assert docker("exec", pilot, "stat", "-c", "%a", f"{STATE}/root-key.pem") == "600"
+
