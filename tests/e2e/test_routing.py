@@ -182,34 +182,37 @@ def test_pilot_killed_keeps_last_split_and_resyncs_after_restart(mesh: Mesh) -> 
     assert versions(answers) == {"v1": 100}
 
 
-def test_new_version_gets_traffic_and_stopped_one_stops_without_failures(mesh: Mesh) -> None:
-    assert route(mesh, "v1=50", "v2=50").returncode == 0
+def test_new_container_gets_traffic_without_a_command_and_a_stopped_one_fails_nothing(
+    mesh: Mesh,
+) -> None:
+    assert route(mesh, "v1=0", "v2=100").returncode == 0
     before = started_at(mesh)
-    files = [HERE / "compose.yaml", HERE / "reviews-v3.yaml"]
+    files = [HERE / "compose.yaml", HERE / "reviews-v2b.yaml"]
     proc = composemesh("up", *sum((["-f", str(f)] for f in files), []), "-p", mesh.project)
     assert proc.returncode == 0, proc.stderr
-    mesh.files = files  # so that the teardown removes reviews-v3 too
+    mesh.files = files  # so that the teardown removes reviews-v2b too
     after = started_at(mesh)
-    assert {n: after[n] for n in before} == before, "adding a version restarted others"
-    # v3 has no weight in the split set by `route`: give it some, no command for discovery
-    assert route(mesh, "v1=0", "v2=50", "v3=50").returncode == 0
-    answers = mesh.get_json("client", "http://reviews:9080/reviews/0", "--count", "100")
-    assert versions(answers)["v3"] > 20, versions(answers)
+    assert {n: after[n] for n in before} == before, "adding a container restarted others"
+    # no `route`, no restart: the new container of v2 takes its share of v2's traffic
+    v2b_host = docker("inspect", "-f", "{{.Config.Hostname}}", mesh.container("reviews-v2b"))
+    answers = mesh.get_json("client", "http://reviews:9080/reviews/0", "--count", "60")
+    hosts = collections.Counter(a["host"] for a in answers)
+    assert versions(answers) == {"v2": 60} and len(hosts) == 2, hosts
+    assert hosts[v2b_host] >= 10, hosts
 
     results: list[dict] = []
     stop = threading.Event()
 
     def load() -> None:
         while not stop.is_set():
-            results.extend(
-                mesh.get_json("client", "http://reviews:9080/reviews/0", "--count", "10")
-            )
+            results.extend(mesh.get_json("client", "http://reviews:9080/reviews/0",
+                                         "--count", "10"))
 
     worker = threading.Thread(target=load)
     worker.start()
     try:
         time.sleep(1)
-        stopped = mesh.compose("stop", "reviews-v3")
+        stopped = mesh.compose("stop", "reviews-v2b")
         assert stopped.returncode == 0, stopped.stderr
         time.sleep(2)
     finally:
@@ -219,6 +222,7 @@ def test_new_version_gets_traffic_and_stopped_one_stops_without_failures(mesh: M
     assert len(failed) <= 1, f"{len(failed)} of {len(results)} failed: {failed[:3]}"
     tail = mesh.get_json("client", "http://reviews:9080/reviews/0", "--count", "50")
     assert versions(tail) == {"v2": 50}
+    assert v2b_host not in {a["host"] for a in tail}
 
 
 def test_status_shows_request_and_error_rates_per_version(mesh: Mesh) -> None:
