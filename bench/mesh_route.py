@@ -131,7 +131,9 @@ def main() -> int:
         assert isinstance(load_ms, list)
         fails = int(result["fails"])  # type: ignore[call-overload]
 
-        # 3. latency through two sidecars against a direct call to the unmeshed copy
+        # 3. latency through two sidecars against a direct call to the unmeshed copy (v1 on
+        # both sides: it answers without calling anyone)
+        change_and_time(url, {"v1": 100, "v2": 0})
         direct_ms, direct_fails = latencies(project, "direct", args.requests, "client-direct")
         mesh_ms, mesh_fails = latencies(project, "reviews", args.requests)
     finally:
