@@ -93,19 +93,18 @@ def pick_version(
     With ``serving`` (the versions that have endpoints), a version with none is skipped and
     its share goes to the others in proportion: a stopped version fails no request.
     """
-    destinations = route.destinations
-    if serving is not None:
-        destinations = tuple(d for d in destinations if d.version in serving)
     total = 0
-    for d in destinations:
-        total += d.weight
+    for d in route.destinations:
+        if serving is None or d.version in serving:
+            total += d.weight
     if total <= 0:
         return None
     x = rng.randrange(total)
-    for d in destinations:
-        x -= d.weight
-        if x < 0:
-            return d.version
+    for d in route.destinations:
+        if serving is None or d.version in serving:
+            x -= d.weight
+            if x < 0:
+                return d.version
     return None  # unreachable: the weights add up to total
 
 

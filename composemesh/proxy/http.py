@@ -438,7 +438,7 @@ class Exchange:
             self.local(503, NO_HEALTHY_UPSTREAM_BODY, NO_HEALTHY_UPSTREAM)
             return
         headers = self.header_map() if state.needs_headers else _NO_HEADERS
-        if router.table.pinned:
+        if down.service in router.table.pinned_services:  # only then is Host worth reading
             self.pinned = router.table.pinned.get(self.host(), ())
         route = self.route = select_route(state.routing, self.method, self.path, headers)
         if route is None:
@@ -472,11 +472,9 @@ class Exchange:
         if self.pinned:
             endpoints = self.pinned
         else:
-            version = pick_version(self.route, router.rng)
-            if version is not None and (self.down.service, version) not in router.table.endpoints:
-                # that version has no endpoint (stopped, scaled to 0): the others take its share
-                version = pick_version(self.route, router.rng, router.table.serving_versions(
-                    self.down.service))
+            # versions without endpoints (stopped, scaled to 0) give their share to the others
+            version = pick_version(self.route, router.rng,
+                                   router.table.serving_versions(self.down.service))
             endpoints = (
                 router.table.endpoints.get((self.down.service, version), ()) if version else ()
             )

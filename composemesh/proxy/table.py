@@ -40,6 +40,9 @@ UNKNOWN = "unknown"
 _EMPTY: Mapping[Any, Any] = MappingProxyType({})
 
 
+_NONE_SERVING: frozenset[str] = frozenset()
+
+
 def _empty() -> Any:
     """A dataclass default: the one shared empty read-only mapping."""
     return field(default_factory=lambda: _EMPTY)
@@ -73,10 +76,12 @@ class RoutingTable:
     # compose service name (a DNS alias of its own) -> its endpoints, for names that are
     # not a mesh service: `reviews-v2:9080` means that version, `reviews:9080` the split
     pinned: Mapping[str, tuple[Endpoint, ...]] = _empty()
+    pinned_services: frozenset[str] = frozenset()  # services with a pinned name: read Host
+    serving: Mapping[str, frozenset[str]] = _empty()  # service -> versions with endpoints
 
     def serving_versions(self, service: str) -> frozenset[str]:
-        """The versions of ``service`` that have at least one endpoint."""
-        return frozenset(ep.version for ep in self.service_endpoints.get(service, ()))
+        """The versions of ``service`` that have at least one endpoint (built once)."""
+        return self.serving.get(service, _NONE_SERVING)
 
     def service_at(self, ip: str) -> str | None:
         """The mesh service whose endpoint has address ``ip``; None for the world outside."""
@@ -198,13 +203,20 @@ def _build(settings: Mapping[str, Any], project: str) -> RoutingTable:
         protocols[service] = _protocols(obj, f"settings.protocols.{service}")
 
     pinned: dict[str, list[Endpoint]] = {}
-    for listed in per_service.values():
+    pinned_services: set[str] = set()
+    for service, listed in per_service.items():
         for ep in listed:
             name = workloads.get(ep.node)
             if name and name not in per_service:
                 pinned.setdefault(name, []).append(ep)
+                pinned_services.add(service)
     return RoutingTable(
         pinned=MappingProxyType({name: tuple(eps) for name, eps in pinned.items()}),
+        pinned_services=frozenset(pinned_services),
+        serving=MappingProxyType({
+            service: frozenset(ep.version for ep in listed)
+            for service, listed in per_service.items()
+        }),
         by_address=MappingProxyType(by_address),
         routing=MappingProxyType(routing),
         endpoints=MappingProxyType({key: tuple(eps) for key, eps in per_version.items()}),
