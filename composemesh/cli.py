@@ -113,8 +113,7 @@ def _prepare(files: Sequence[str], project: str | None) -> Any:
 def inject_cmd(files: tuple[str, ...], project: str | None, output: str | None) -> None:
     """Write the meshed compose file (idempotent: a meshed file comes back unchanged)."""
     _, result, text = _prepare(files, project)
-    for warning in result.warnings:
-        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    _print_warnings(result)
     if output:
         _write_atomic(Path(output), text)
         err.print(f"wrote {output}")
@@ -131,8 +130,7 @@ def check(files: tuple[str, ...], project: str | None) -> None:
 
     loaded, result, _ = _prepare(files, project)
     out.print(render_plan(result))
-    for warning in result.warnings:
-        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    _print_warnings(result)
     out.print(f"[green]ok[/]: {', '.join(loaded.files)} (project {loaded.name})")
 
 
@@ -145,12 +143,10 @@ def up(files: tuple[str, ...], project: str | None, timeout: int) -> None:
     from composemesh.engine import compose
 
     loaded, result, text = _prepare(files, project)
-    for warning in result.warnings:
-        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
-    proj = _project(loaded.name, Path(loaded.files[0]).resolve().parent)
+    _print_warnings(result)
     started = time.monotonic()
     with _progress() as progress:
-        _ensure_images(progress, text)
+        _ensure_images(progress)
         meshed = compose.state_dir(loaded.name) / "compose.yaml"
         _write_atomic(meshed, text)
         proj = _project(loaded.name, Path(loaded.files[0]).resolve().parent, meshed)
@@ -234,7 +230,7 @@ def status(project: str | None, as_json: bool) -> None:
 def certs(project: str | None, as_json: bool) -> None:
     """The mesh's root CA and trust bundle, and each proxy's identity and certificate expiry."""
     project = project or _project_from_cwd()
-    ca = _pilot_get(project, "/v1/ca")
+    ca = _pilot_request(project, "/v1/ca")
     data = _pilot_status(project)
     if as_json:
         ca = {k: v for k, v in ca.items() if k != "trust_bundle_pem"}
@@ -256,7 +252,7 @@ def route(service: str, weights: tuple[str, ...], project: str | None, timeout: 
     parsed = parse_weights_args(weights)
     project = project or _project_from_cwd()
     started = time.monotonic()
-    result = _pilot_request(project, "PUT", f"/v1/routes/{service}", {"weights": parsed})
+    result = _pilot_request(project, f"/v1/routes/{service}", "PUT", {"weights": parsed})
     with _progress() as progress:
         status = _wait_in_sync(progress, project, int(result["generation"]), timeout)
     elapsed = time.monotonic() - started
@@ -340,7 +336,7 @@ def _progress() -> Progress:
     )
 
 
-def _ensure_images(progress: Progress, meshed_text: str) -> None:
+def _ensure_images(progress: Progress) -> None:
     import docker
 
     from composemesh.engine.images import ensure_images
@@ -386,6 +382,11 @@ def _build_user_images(progress: Progress, proj: Any, model: dict[str, Any]) -> 
     progress.update(task, description=f"images: built {', '.join(to_build)}")
 
 
+def _print_warnings(result: Any) -> None:
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -403,13 +404,22 @@ def _pilot_url(project: str) -> str:
 
 
 def _pilot_status(project: str) -> dict[str, Any]:
-    return _pilot_get(project, "/v1/status")
+    return _pilot_request(project, "/v1/status")
 
 
-def _pilot_get(project: str, path: str) -> dict[str, Any]:
+def _pilot_request(
+    project: str, path: str, method: str = "GET", body: object = None
+) -> dict[str, Any]:
+    """One call to the pilot's API; a 4xx answer to a sent body is the user's error (exit 2)."""
+    from composemesh.errors import ConfigError
+
     url = _pilot_url(project) + path
+    req = urllib.request.Request(url, method=method)
+    if body is not None:
+        req.data = json.dumps(body).encode()
+        req.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with urllib.request.urlopen(req, timeout=5 if body is None else 10) as resp:
             data: dict[str, Any] = json.load(resp)
             return data
     except urllib.error.HTTPError as exc:
@@ -417,36 +427,11 @@ def _pilot_get(project: str, path: str) -> dict[str, Any]:
             message = json.load(exc).get("error", str(exc))
         except (ValueError, AttributeError):
             message = str(exc)
+        if body is not None and 400 <= exc.code < 500:
+            raise ConfigError(message) from None
         raise EngineError(
             f"the pilot of {project!r} answered {exc.code} at {url}: {message}"
         ) from None
-    except (OSError, ValueError) as exc:
-        raise EngineError(f"the pilot of {project!r} does not answer at {url}: {exc}") from None
-
-
-def _pilot_request(project: str, method: str, path: str, body: object) -> dict[str, Any]:
-    """One call to the pilot's API; its 4xx answers are the user's errors (exit 2)."""
-    from composemesh.errors import ConfigError
-
-    url = _pilot_url(project) + path
-    req = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        method=method,
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            data: dict[str, Any] = json.load(resp)
-            return data
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.load(exc).get("error", str(exc))
-        except ValueError:
-            message = str(exc)
-        if 400 <= exc.code < 500:
-            raise ConfigError(message) from None
-        raise EngineError(f"the pilot failed: {message}") from None
     except (OSError, ValueError) as exc:
         raise EngineError(f"the pilot of {project!r} does not answer at {url}: {exc}") from None
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from composemesh import __version__
-from composemesh.engine.base_image import Progress, ensure_base_image
+from composemesh.engine.base_image import Progress, _noop, ensure_base_image
 from composemesh.engine.process import stream_lines
 from composemesh.errors import ImageBuildError
 from composemesh.model.wellknown import DEMO_IMAGE, MESH_IMAGE, PROXY_UID
@@ -78,10 +78,6 @@ DEMO_DOCKERFILE = DOCKERFILES / "demo.Dockerfile"
 _PROJECT_FILES = ("pyproject.toml", "setup.cfg", "setup.py", "MANIFEST.in", "README.md", "LICENSE")
 _SKIP_DIRS = {"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 _SKIP_SUFFIXES = (".pyc", ".pyo", ".swp", "~")
-
-
-def _noop(stage: str, detail: str) -> None:
-    pass
 
 
 # --- where things are -----------------------------------------------------------------------

@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from composemesh.errors import ConfigError
-from composemesh.model.settings import MTLS_MODES, SECTION
+from composemesh.model.settings import SECTION, parse_mtls
 
 MTLS = f"{SECTION}.mtls"
-MTLS_KEYS = ("mode", "services", "root", "workload_cert_ttl")
 ROOT_KEYS = ("cert", "key")
 DEFAULT_WORKLOAD_TTL_S = 24 * 3600.0  # Istio's default workload certificate lifetime
 MIN_WORKLOAD_TTL_S = 60.0  # shorter would renew faster than clocks agree (1 min skew)
@@ -57,24 +56,9 @@ def parse_ca_config(mtls_section: object, base_dir: str | Path) -> CAConfig:
     ``base_dir`` is the directory of the compose file: relative root paths are resolved
     against it.
     """
-    if mtls_section is None:
-        return CAConfig()
-    if isinstance(mtls_section, str):
-        return CAConfig(mode=_mode(mtls_section, MTLS))
+    mode, overrides = parse_mtls(mtls_section)  # None, a mode, or a mapping: checked there
     if not isinstance(mtls_section, Mapping):
-        raise ConfigError(
-            "must be STRICT, PERMISSIVE or a mapping with " + ", ".join(MTLS_KEYS), field=MTLS
-        )
-    for key in mtls_section:
-        if key not in MTLS_KEYS:
-            raise ConfigError(
-                f"unknown key {key!r}; the keys are {', '.join(MTLS_KEYS)}", field=MTLS
-            )
-    mode = _mode(mtls_section.get("mode", "STRICT"), f"{MTLS}.mode")
-    services = mtls_section.get("services") or {}
-    if not isinstance(services, Mapping):
-        raise ConfigError("must be a mapping of service to mode", field=f"{MTLS}.services")
-    overrides = {str(k): _mode(v, f"{MTLS}.services.{k}") for k, v in services.items()}
+        return CAConfig(mode=mode, overrides=overrides)
     ttl = DEFAULT_WORKLOAD_TTL_S
     if "workload_cert_ttl" in mtls_section:
         ttl = parse_ttl(mtls_section["workload_cert_ttl"], f"{MTLS}.workload_cert_ttl")
@@ -134,8 +118,3 @@ def _root(value: object, base_dir: Path) -> tuple[Path | None, Path | None]:
         paths.append(p if p.is_absolute() else base_dir / p)
     return paths[0], paths[1]
 
-
-def _mode(value: object, where: str) -> str:
-    if not isinstance(value, str) or value.upper() not in MTLS_MODES:
-        raise ConfigError(f"{value!r} is not one of {', '.join(MTLS_MODES)}", field=where)
-    return value.upper()

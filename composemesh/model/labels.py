@@ -11,7 +11,7 @@ from composemesh.model import wellknown as wk
 
 PROTOCOLS = ("http", "tcp")
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$")
-_PORT_LABEL = re.compile(r"^composemesh\.port\.([^.]+)\.protocol$")
+_PORT_LABEL = re.compile("^" + re.escape(wk.LABEL_PORT_PREFIX) + r"([^.]+)\.protocol$")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 KNOWN_LABELS = (

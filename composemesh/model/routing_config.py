@@ -172,7 +172,7 @@ def apply_weights(
                 f"{version!r} is not a version of {routing.service!r} "
                 f"(its versions are {', '.join(sorted(known)) or 'none'})"
             )
-        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
+        if not _is_int(weight) or weight < 0:
             raise bad(f"{weight!r} (for {version}) is not a non-negative integer weight")
     if not any(weights.values()):
         raise bad("every weight is 0, so no request would be routed")

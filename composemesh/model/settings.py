@@ -57,7 +57,7 @@ def parse_settings(section: object) -> MeshSettings:
             field=f"{SECTION}.trust_domain",
         )
 
-    mode, overrides = _parse_mtls(section.get("mtls"))
+    mode, overrides = parse_mtls(section.get("mtls"))
     return MeshSettings(
         trust_domain=trust_domain,
         mtls_mode=mode,
@@ -66,7 +66,7 @@ def parse_settings(section: object) -> MeshSettings:
     )
 
 
-def _parse_mtls(value: object) -> tuple[str, dict[str, str]]:
+def parse_mtls(value: object) -> tuple[str, dict[str, str]]:
     """``mtls: STRICT`` or ``mtls: {mode: STRICT, services: {name: PERMISSIVE}}``."""
     where = f"{SECTION}.mtls"
     if value is None:

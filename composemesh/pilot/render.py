@@ -39,8 +39,10 @@ def _services(state: MeshState, me: Workload) -> dict[str, list[dict[str, object
     """Each mesh service's running endpoints, each with the one address ``me`` can reach."""
     services: dict[str, list[dict[str, object]]] = {}
     for w in sorted(state.workloads, key=lambda w: w.node):
+        if not w.running:
+            continue
         address = reachable_address(me, w)
-        if not w.running or address is None:
+        if address is None:
             continue
         services.setdefault(w.service, []).append(
             {

@@ -8,15 +8,16 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from composemesh.pilot.ca_service import DEFAULT_STATE_DIR, ENV_STATE_DIR
+
 log = logging.getLogger("composemesh.pilot.store")
-DEFAULT_DIR = "/var/lib/composemesh"
 
 
 class OverrideStore:
     """``routes.json``: service -> {version: weight}; written atomically, read at start."""
 
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
-        base = directory or os.environ.get("COMPOSEMESH_STATE_DIR", DEFAULT_DIR)
+        base = directory or os.environ.get(ENV_STATE_DIR, DEFAULT_STATE_DIR)
         self.path = Path(base) / "routes.json"
 
     def load(self) -> dict[str, dict[str, int]]:

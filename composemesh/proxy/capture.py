@@ -8,12 +8,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 from composemesh.errors import MeshError
 from composemesh.model.wellknown import (
-    PORT_ADMIN,
-    PORT_HEALTH,
     PORT_INBOUND,
     PORT_OUTBOUND,
     PORT_PILOT,
-    PORT_PROMETHEUS,
+    PROXY_PORTS,
     PROXY_UID,
 )
 
@@ -23,9 +21,7 @@ CHAIN_OUTBOUND = "COMPOSEMESH_OUTBOUND"  # OUTPUT jumps here: decides what outbo
 CHAIN_REDIRECT = "COMPOSEMESH_REDIRECT"  # REDIRECT to the outbound capture port
 OUR_CHAINS = (CHAIN_INBOUND, CHAIN_IN_REDIRECT, CHAIN_OUTBOUND, CHAIN_REDIRECT)
 
-DEFAULT_EXCLUDE_INBOUND_PORTS = (
-    PORT_ADMIN, PORT_OUTBOUND, PORT_INBOUND, PORT_HEALTH, PORT_PROMETHEUS, PORT_PILOT,
-)
+DEFAULT_EXCLUDE_INBOUND_PORTS = (*PROXY_PORTS, PORT_PILOT)
 LOOPBACK_CIDR = "127.0.0.0/8"  # Docker's embedded DNS (127.0.0.11) and app-local traffic
 IPTABLES_BINARIES = ("iptables", "iptables-legacy")
 _MULTIPORT_MAX = 15  # iptables' multiport match takes at most 15 ports per rule

@@ -237,21 +237,21 @@ class OutlierDetector:
         host = self._hosts.get(ep)
         return host is not None and host.ejected_until > self._clock()
 
-    def available(self, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
+    def available(self, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
         """``endpoints`` without the ejected ones, within the max_ejection_percent cap.
 
         Over the cap, the endpoints ejected first stay out and the others are let back in.
         """
         now = self._clock()
         if self.policy is None or now >= self._ejected_until:
-            return list(endpoints)
+            return endpoints  # nothing is ejected: no copy on the per-request path
         ejected = []
         for ep in endpoints:
             host = self._hosts.get(ep)
             if host is not None and host.ejected_until > now:
                 ejected.append((host.ejected_at, ep))
         if not ejected:
-            return list(endpoints)
+            return endpoints
         cap = len(endpoints) * self.policy.max_ejection_percent // 100
         cap = min(cap, len(endpoints) - 1)
         if len(ejected) > cap:

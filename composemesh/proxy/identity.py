@@ -126,9 +126,7 @@ class _PrivateKey:
         return key_to_pem(self._key)
 
     def public_der(self) -> bytes:
-        return self._key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        return _spki_der(self._key.public_key())
 
     def __repr__(self) -> str:
         return "<private key (not shown)>"
@@ -342,7 +340,7 @@ class WorkloadIdentity:
             raise IdentityError(f"the pilot's certificate is unusable: {exc}") from None
         if spiffe != body.get("spiffe"):
             raise IdentityError(f"the certificate names {spiffe}, the answer {body.get('spiffe')}")
-        if _public_der(cert) != key.public_der():
+        if _spki_der(cert.public_key()) != key.public_der():
             raise IdentityError("the certificate is not for the key this proxy asked with")
         if chain[0] != cert:
             raise IdentityError("the chain does not start with the certificate")
@@ -398,10 +396,11 @@ def trust_bundle_applier(identity: WorkloadIdentity) -> Applier:
     return prepare
 
 
-def _public_der(cert: x509.Certificate) -> bytes:
-    return cert.public_key().public_bytes(
+def _spki_der(public_key: Any) -> bytes:
+    """A public key (a certificate's, or our own key's) as DER SubjectPublicKeyInfo."""
+    return bytes(public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    ))
 
 
 def _issuer_of(

@@ -274,7 +274,6 @@ class ProxyStats:
                 lines.append(f"{ERRORS_METRIC}{{{text}}} {value}")
         return "\n".join(lines) + "\n"
 
-
     def _http_lines(self) -> Iterator[str]:
         series = [(_label_text(http_label_items(key)), s) for key, s in self._http.items()]
         yield f"# HELP {REQUESTS_METRIC} Requests answered, by source and destination."

@@ -148,16 +148,18 @@ class Router:
 
     def choose(self, original: Address) -> Decision | None:
         """The outbound chooser: pass-through, TCP to an endpoint, HTTP, or sniff first."""
-        service = self.table.service_at(original[0])
+        host, port = original[0], original[1]
+        table = self.table
+        service = table.service_at(host)
         if service is None:
-            return Destination(original[0], original[1], self.passthrough)
-        protocol = self.table.protocol(service, original[1])
-        if protocol == TCP or self.http is None:
-            return self.tcp_destination(service, original[1])
+            return Destination(host, port, self.passthrough)
+        protocol = table.protocol(service, port)
+        http = self.http
+        if protocol == TCP or http is None:
+            return self.tcp_destination(service, port)
         if protocol == HTTP:
-            return self.http(service, original[1])
-        return Sniff(self.http(service, original[1]),
-                     partial(self.tcp_destination, service, original[1]))
+            return http(service, port)
+        return Sniff(http(service, port), partial(self.tcp_destination, service, port))
 
     def tcp_destination(self, service: str, port: int) -> Destination | None:
         """An endpoint of ``service`` for one TCP connection: a version drawn by the weights of

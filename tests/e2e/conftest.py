@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from composemesh.engine.compose import state_dir
+
 REPO = Path(__file__).resolve().parents[2]
 BOOKINFO = REPO / "examples" / "bookinfo" / "compose.yaml"
 PREFIX = "cmtest"
@@ -169,7 +171,7 @@ class Mesh:
 
     def compose(self, *args: str) -> subprocess.CompletedProcess[str]:
         """`docker compose` on the meshed file that `up` wrote."""
-        meshed = Path.home() / ".local" / "state" / "composemesh" / self.project / "compose.yaml"
+        meshed = state_dir(self.project) / "compose.yaml"
         return subprocess.run(
             [
                 "docker",

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import composemesh, project_resources, unique_project
+from composemesh.engine.compose import state_dir
+from tests.e2e.conftest import composemesh, force_remove, project_resources, unique_project
 
 GOOD_SERVICE = """
 services:
@@ -102,9 +103,12 @@ def test_check_and_inject_refuse_with_one_sentence(tmp_path: Path, name: str) ->
 def test_up_refuses_and_starts_nothing(tmp_path: Path, name: str, engine: None) -> None:
     path = write_case(tmp_path, name)
     project = unique_project("bad")
-    proc = composemesh("up", "-f", str(path), "-p", project, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    assert "error:" in proc.stderr
-    assert project_resources(project) == {"containers": [], "networks": [], "volumes": []}
-    state = Path.home() / ".local" / "state" / "composemesh" / project
+    try:
+        proc = composemesh("up", "-f", str(path), "-p", project, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "error:" in proc.stderr
+        assert project_resources(project) == {"containers": [], "networks": [], "volumes": []}
+    finally:
+        force_remove(project)  # should `up` start anything after all, it does not outlive us
+    state = state_dir(project)
     assert not state.exists(), "up wrote its meshed file despite the error"

@@ -4,6 +4,7 @@ faults, discovery of new and stopped endpoints, and a pilot that dies and comes 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import subprocess
 import threading
@@ -53,6 +54,32 @@ def started_at(mesh: Mesh) -> dict[str, str]:
         "{{.Names}}",
     ).split()
     return {n: docker("inspect", "-f", "{{.State.StartedAt}}", n) for n in names}
+
+
+@contextlib.contextmanager
+def under_load(mesh: Mesh, count: str) -> Iterator[list[dict]]:
+    """The client GETs reviews in a thread (``count`` at a time) until the block ends; yields
+    the answers so far. An error in that thread fails the test instead of ending the load."""
+    results: list[dict] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        try:
+            while not stop.is_set():
+                results.extend(mesh.get_json("client", "http://reviews:9080/reviews/0",
+                                             "--count", count))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors, f"the load stopped: {errors[0]!r}"
 
 
 def test_weighted_split_80_20_over_2000_requests(mesh: Mesh) -> None:
@@ -116,25 +143,11 @@ def test_abort_fault_at_its_percentage(mesh: Mesh) -> None:
 
 def test_route_change_applies_live_without_restarts_and_under_load(mesh: Mesh) -> None:
     before = started_at(mesh)
-    results: list[dict] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        while not stop.is_set():
-            results.extend(
-                mesh.get_json("client", "http://reviews:9080/reviews/0", "--count", "20")
-            )
-
-    worker = threading.Thread(target=load)
-    worker.start()
-    try:
+    with under_load(mesh, "20") as results:
         time.sleep(2)
         changed = route(mesh, "v1=0", "v2=100")
         changed_at = len(results)
         time.sleep(2)
-    finally:
-        stop.set()
-        worker.join()
     assert changed.returncode == 0, changed.stderr
     assert "80" in changed.stdout and "100" in changed.stdout  # old and new split shown
     assert all(r["status"] == 200 for r in results), collections.Counter(
@@ -200,24 +213,12 @@ def test_new_container_gets_traffic_without_a_command_and_a_stopped_one_fails_no
     assert versions(answers) == {"v2": 60} and len(hosts) == 2, hosts
     assert hosts[v2b_host] >= 10, hosts
 
-    results: list[dict] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        while not stop.is_set():
-            results.extend(mesh.get_json("client", "http://reviews:9080/reviews/0",
-                                         "--count", "10"))
-
-    worker = threading.Thread(target=load)
-    worker.start()
-    try:
+    with under_load(mesh, "10") as results:
         time.sleep(1)
         stopped = mesh.compose("stop", "reviews-v2b")
         assert stopped.returncode == 0, stopped.stderr
         time.sleep(2)
-    finally:
-        stop.set()
-        worker.join()
+    assert results, "no answers at all while reviews-v2b stopped"
     failed = [r for r in results if r["status"] != 200]
     assert len(failed) <= 1, f"{len(failed)} of {len(results)} failed: {failed[:3]}"
     tail = mesh.get_json("client", "http://reviews:9080/reviews/0", "--count", "50")

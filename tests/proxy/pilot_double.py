@@ -1,7 +1,10 @@
 """A test double of the pilot's proxy-facing API (long-poll snapshots, ACK/NACK).
 
-It stands in for the real pilot (``composemesh/pilot``), which needs the Docker engine to
-attest proxies: these tests exercise the proxy's side of the protocol alone, on 127.0.0.1.
+It stands in for the real pilot (``composemesh/pilot``), whose mesh state (and so whom it
+attests) comes from the Docker engine, and which cannot be told to fail on cue: the double
+serves any caller and scripts refusals, lost ACKs and bad statuses, so these tests exercise
+the proxy's side of the protocol alone, on 127.0.0.1. (test_pilot_client.py also polls the
+real pilot's app once, in-process.)
 Run as a script it serves one fixed snapshot: ``python pilot_double.py PORT NODE SERVICE``.
 """
 
@@ -97,7 +100,8 @@ class PilotDouble:
 
     async def stop(self) -> None:
         if self._runner is not None:
-            await self._runner.cleanup()
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
 
 
 async def _serve_forever(port: int, node: str, service: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -127,9 +127,22 @@ class Wire:
     http: OutboundHttp
     upstream: RawUpstream
     extra: list[asyncio.Server] = field(default_factory=list)
+    clients: list[asyncio.StreamWriter] = field(default_factory=list)
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_connection("127.0.0.1", self.port)
+        """An app connection to the proxy; ``wire`` closes it even when the test fails."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.clients.append(writer)
+        return reader, writer
+
+    async def replace_upstream(self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                                       Awaitable[None]]) -> asyncio.Server:
+        """Serve ``handler`` on the endpoint instead of the RawUpstream; ``wire`` closes it."""
+        self.upstream.close()
+        await asyncio.sleep(0.01)
+        server = await asyncio.start_server(handler, V1, self.service_port, reuse_address=True)
+        self.extra.append(server)
+        return server
 
 
 @contextlib.asynccontextmanager
@@ -149,9 +162,14 @@ async def wire(respond: Respond, protocol: str | None = "http",
                                                  protocol)))
     assert answer.ok, answer.reason
     listener = await asyncio.get_running_loop().create_server(outbound, "127.0.0.1", 0)
+    w = Wire(listener.sockets[0].getsockname()[1], port, stats, http, upstream)
     try:
-        yield Wire(listener.sockets[0].getsockname()[1], port, stats, http, upstream)
+        yield w
     finally:
+        for client in w.clients:
+            client.close()
+        for server in w.extra:
+            server.close()
         listener.close()
         outbound.abort_all()
         http.close()
@@ -255,24 +273,26 @@ def test_large_bodies_stream_through_both_ways(loop_kind: str) -> None:
         app.router.add_route("*", "/{tail:.*}", echo_length)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await runner.setup()
-        async with wire(lambda request, i: OK) as w:
-            w.upstream.close()
-            await asyncio.sleep(0.01)
-            await web.TCPSite(runner, V1, w.service_port, reuse_address=True).start()
-            async def upload() -> AsyncIterator[bytes]:
-                for i in range(0, 3 * 1024 * 1024, 65536):
-                    yield big[i:i + 65536]
-            async with aiohttp.ClientSession() as session:
-                for query in ("", "?chunked=1"):
-                    async with session.post(f"http://127.0.0.1:{w.port}/{query}",
-                                            data=big[:3 * 1024 * 1024]) as response:
-                        assert response.headers["x-body-length"] == str(3 * 1024 * 1024)
-                        assert await response.read() == big
-                    async with session.post(f"http://127.0.0.1:{w.port}/{query}",
-                                            data=upload()) as response:  # chunked upload
-                        assert response.headers["x-body-length"] == str(3 * 1024 * 1024)
-                        assert await response.read() == big
-        await runner.cleanup()
+        try:
+            async with wire(lambda request, i: OK) as w:
+                w.upstream.close()
+                await asyncio.sleep(0.01)
+                await web.TCPSite(runner, V1, w.service_port, reuse_address=True).start()
+                async def upload() -> AsyncIterator[bytes]:
+                    for i in range(0, 3 * 1024 * 1024, 65536):
+                        yield big[i:i + 65536]
+                async with aiohttp.ClientSession() as session:
+                    for query in ("", "?chunked=1"):
+                        async with session.post(f"http://127.0.0.1:{w.port}/{query}",
+                                                data=big[:3 * 1024 * 1024]) as response:
+                            assert response.headers["x-body-length"] == str(3 * 1024 * 1024)
+                            assert await response.read() == big
+                        async with session.post(f"http://127.0.0.1:{w.port}/{query}",
+                                                data=upload()) as response:  # chunked upload
+                            assert response.headers["x-body-length"] == str(3 * 1024 * 1024)
+                            assert await response.read() == big
+        finally:
+            await runner.cleanup()
 
     run_on(loop_kind, main())
 
@@ -393,10 +413,7 @@ def test_expect_100_continue_passes_through(loop_kind: str) -> None:
             writer.close()
 
         async with wire(lambda request, i: OK) as w:
-            w.upstream.close()
-            await asyncio.sleep(0.01)
-            server = await asyncio.start_server(continuing, V1, w.service_port,
-                                                reuse_address=True)
+            server = await w.replace_upstream(continuing)
             reader, writer = await w.connect()
             writer.write(b"PUT /up HTTP/1.1\r\nHost: reviews\r\nExpect: 100-continue\r\n"
                          b"Content-Length: 5\r\n\r\n")
@@ -467,17 +484,19 @@ def test_a_websocket_upgrade_becomes_a_tunnel(loop_kind: str) -> None:
         app.router.add_get("/ws", ws_echo)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await runner.setup()
-        async with wire(lambda request, i: OK) as w:
-            w.upstream.close()
-            await asyncio.sleep(0.01)
-            await web.TCPSite(runner, V1, w.service_port, reuse_address=True).start()
-            async with aiohttp.ClientSession() as session, \
-                    session.ws_connect(f"http://127.0.0.1:{w.port}/ws") as ws:
-                for word in ("one", "two"):
-                    await ws.send_str(word)
-                    assert (await ws.receive(timeout=5)).data == f"echo {word}"
-            assert w.stats.http_totals()["responses_by_code"] == {"101": 1}
-        await runner.cleanup()
+        try:
+            async with wire(lambda request, i: OK) as w:
+                w.upstream.close()
+                await asyncio.sleep(0.01)
+                await web.TCPSite(runner, V1, w.service_port, reuse_address=True).start()
+                async with aiohttp.ClientSession() as session, \
+                        session.ws_connect(f"http://127.0.0.1:{w.port}/ws") as ws:
+                    for word in ("one", "two"):
+                        await ws.send_str(word)
+                        assert (await ws.receive(timeout=5)).data == f"echo {word}"
+                assert w.stats.http_totals()["responses_by_code"] == {"101": 1}
+        finally:
+            await runner.cleanup()
 
     run_on(loop_kind, main())
 
@@ -509,9 +528,7 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
 def test_a_tcp_declared_service_is_carried_as_tcp_to_an_endpoint(loop_kind: str) -> None:
     async def main() -> None:
         async with wire(lambda request, i: OK, protocol="tcp") as w:
-            w.upstream.close()
-            await asyncio.sleep(0.01)
-            server = await asyncio.start_server(echo, V1, w.service_port, reuse_address=True)
+            server = await w.replace_upstream(echo)
             reader, writer = await w.connect()
             request = b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n"
             writer.write(request)  # HTTP bytes, but declared TCP: echoed, never parsed
@@ -530,16 +547,18 @@ def test_a_destination_outside_the_mesh_passes_through(loop_kind: str) -> None:
     async def main() -> None:
         outside = await asyncio.start_server(echo, V2, 0)  # V2: no endpoint of any service
         address = outside.sockets[0].getsockname()[:2]
-        async with wire(lambda request, i: OK, resolver=lambda sock: address) as w:
-            reader, writer = await w.connect()
-            request = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"
-            writer.write(request)
-            assert await asyncio.wait_for(reader.readexactly(len(request)), 5) == request
-            writer.close()
-            assert w.stats.http_totals()["requests"] == 0
-            (labels,) = [labels for labels in w.stats._tcp]
-            assert labels.destination_service_name == "PassthroughCluster"
-        outside.close()
+        try:
+            async with wire(lambda request, i: OK, resolver=lambda sock: address) as w:
+                reader, writer = await w.connect()
+                request = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"
+                writer.write(request)
+                assert await asyncio.wait_for(reader.readexactly(len(request)), 5) == request
+                writer.close()
+                assert w.stats.http_totals()["requests"] == 0
+                (labels,) = [labels for labels in w.stats._tcp]
+                assert labels.destination_service_name == "PassthroughCluster"
+        finally:
+            outside.close()
 
     run_on(loop_kind, main())
 
@@ -566,9 +585,7 @@ def test_detection_server_first_and_binary_protocols_take_the_tcp_path(loop_kind
 
     async def main() -> None:
         async with wire(lambda request, i: OK, protocol=None) as w:
-            w.upstream.close()
-            await asyncio.sleep(0.01)
-            server = await asyncio.start_server(banner, V1, w.service_port, reuse_address=True)
+            server = await w.replace_upstream(banner)
             loop = asyncio.get_running_loop()
             reader, writer = await w.connect()
             started = loop.time()

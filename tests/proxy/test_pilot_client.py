@@ -1,6 +1,7 @@
 """The proxy's side of the pilot protocol: apply whole or NACK, survive the pilot going away.
 
-The pilot here is tests/proxy/pilot_double.py, a test double (see its docstring).
+The pilot here is tests/proxy/pilot_double.py, a test double (see its docstring), but for
+the last test, which polls the real pilot's app in-process.
 """
 
 from __future__ import annotations
@@ -8,10 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
+from aiohttp import web
 
+from composemesh.model.mesh import MeshState, Workload
 from composemesh.model.snapshot import Snapshot, SnapshotError
+from composemesh.pilot.server import Pilot, make_app
 from composemesh.proxy.pilot_client import (
     ConfigStore,
     PilotClient,
@@ -106,14 +111,25 @@ async def running(client: PilotClient):  # type: ignore[no-untyped-def]
             await task
 
 
+@contextlib.asynccontextmanager
+async def polling(pilot: PilotDouble, store: ConfigStore | None = None, port: int = 0,
+                  **options: float | str):  # type: ignore[no-untyped-def]
+    """Start ``pilot`` and a PilotClient polling it; both are stopped even when the test fails."""
+    try:
+        port = await pilot.start(port=port)
+        client = PilotClient(f"http://127.0.0.1:{port}", store or ConfigStore(), **options)  # type: ignore[arg-type]
+        async with running(client):
+            yield client
+    finally:
+        await pilot.stop()
+
+
 def test_polls_applies_acks_then_nacks_a_bad_one_and_moves_on() -> None:
     async def main() -> None:
         pilot = PilotDouble(hold=0.2)
         pilot.publish("v1", snapshot_body("v1"))
-        port = await pilot.start()
         store = ConfigStore()
-        client = PilotClient(f"http://127.0.0.1:{port}", store, service="web-v1")
-        async with running(client):
+        async with polling(pilot, store, service="web-v1"):
             await until(lambda: len(pilot.answers) == 1)
             assert pilot.answers[0].ok and pilot.answers[0].version == "v1"
             assert pilot.answers[0].node == "shop-web-netns-1"
@@ -137,7 +153,6 @@ def test_polls_applies_acks_then_nacks_a_bad_one_and_moves_on() -> None:
             await until(lambda: len(pilot.answers) == 3)
             assert pilot.answers[2].ok and pilot.answers[2].version == "v3"
             assert store.snapshot is not None and store.snapshot.version == "v3"
-        await pilot.stop()
 
     asyncio.run(main())
 
@@ -147,24 +162,24 @@ def test_keeps_the_last_snapshot_while_the_pilot_is_gone_and_catches_up_after() 
         port = free_port()
         pilot = PilotDouble(hold=0.2)
         pilot.publish("v1", snapshot_body("v1"))
-        await pilot.start(port=port)
         store = ConfigStore()
-        client = PilotClient(f"http://127.0.0.1:{port}", store,
-                             backoff_initial=0.05, backoff_max=0.2)
-        async with running(client):
+        async with polling(pilot, store, port=port,
+                           backoff_initial=0.05, backoff_max=0.2) as client:
             await until(lambda: store.snapshot is not None)
             await pilot.stop()
             await until(lambda: client.failures >= 3)
             assert store.snapshot is not None and store.snapshot.version == "v1"
             assert client.last_error
 
-            pilot = PilotDouble(hold=0.2)  # the pilot comes back, with news
-            pilot.publish("v2", snapshot_body("v2"))
-            await pilot.start(port=port)
-            await until(lambda: any(a.version == "v2" and a.ok for a in pilot.answers))
-            assert pilot.polls[0].version == "v1"
-            assert client.failures == 0
-        await pilot.stop()
+            back = PilotDouble(hold=0.2)  # the pilot comes back, with news
+            back.publish("v2", snapshot_body("v2"))
+            try:
+                await back.start(port=port)
+                await until(lambda: any(a.version == "v2" and a.ok for a in back.answers))
+                assert back.polls[0].version == "v1"
+                assert client.failures == 0
+            finally:
+                await back.stop()
 
     asyncio.run(main())
 
@@ -174,14 +189,10 @@ def test_an_answer_the_pilot_did_not_take_is_delivered_before_the_next_poll() ->
         pilot = PilotDouble(hold=0.2)
         pilot.publish("v1", snapshot_body("v1"))
         pilot.fail_answers = 1
-        port = await pilot.start()
-        client = PilotClient(f"http://127.0.0.1:{port}", ConfigStore(),
-                             backoff_initial=0.05, backoff_max=0.1)
-        async with running(client):
+        async with polling(pilot, backoff_initial=0.05, backoff_max=0.1) as client:
             await until(lambda: len(pilot.polls) >= 2)
             assert pilot.log[:4] == ["poll ", "refused", "ACK v1", "poll v1"]
             assert client.pending is None
-        await pilot.stop()
 
     asyncio.run(main())
 
@@ -191,14 +202,10 @@ def test_an_answer_the_pilot_refuses_for_good_is_dropped_not_resent() -> None:
         pilot = PilotDouble(hold=0.2)
         pilot.publish("v1", snapshot_body("v1"))
         pilot.refuse_answers = 1
-        port = await pilot.start()
-        client = PilotClient(f"http://127.0.0.1:{port}", ConfigStore(),
-                             backoff_initial=0.05, backoff_max=0.1)
-        async with running(client):
+        async with polling(pilot, backoff_initial=0.05, backoff_max=0.1) as client:
             await until(lambda: len(pilot.polls) >= 3)
             assert pilot.log[:3] == ["poll ", "forbidden", "poll v1"]
             assert client.pending is None
-        await pilot.stop()
 
     asyncio.run(main())
 
@@ -207,15 +214,46 @@ def test_an_unexpected_status_is_a_failure_with_backoff() -> None:
     async def main() -> None:
         pilot = PilotDouble()
         pilot.poll_status = 500
-        port = await pilot.start()
         store = ConfigStore()
-        client = PilotClient(f"http://127.0.0.1:{port}", store,
-                             backoff_initial=0.1, backoff_max=0.1)
-        async with running(client):
+        async with polling(pilot, store, backoff_initial=0.1, backoff_max=0.1) as client:
             await asyncio.sleep(0.55)
             assert 3 <= len(pilot.polls) <= 7
             assert "500" in client.last_error
             assert store.snapshot is None
-        await pilot.stop()
+
+    asyncio.run(main())
+
+
+def test_the_real_pilot_in_process_is_polled_applied_and_acked() -> None:
+    """No double: the pilot's own app on 127.0.0.1, which it attests as the one workload."""
+    me = Workload(node="p-web-netns-1", project="p", compose_service="web", service="web",
+                  version="v1", addresses=("127.0.0.1",), running=True)
+
+    async def main() -> None:
+        pilot = Pilot(MeshState(project="p", workloads=(me,)))
+        pilot.synced = True
+        runner = web.AppRunner(make_app(pilot), access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        try:
+            port = free_port()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            store = ConfigStore()
+            client = PilotClient(f"http://127.0.0.1:{port}", store, service="web")
+            async with running(client):
+                await until(lambda: me.node in pilot.acks)
+                first = store.snapshot
+                assert first is not None and first.identity.node == me.node
+                assert pilot.acks[me.node].ok and pilot.acks[me.node].version == first.version
+
+                other = replace(me, node="p-db-netns-1", compose_service="db", service="db",
+                                addresses=("10.9.0.9",))
+                await pilot.publish(replace(pilot.state, workloads=(me, other)))
+                await until(lambda: pilot.acks[me.node].version != first.version)
+                assert pilot.acks[me.node].ok
+                assert store.snapshot is not None
+                assert store.snapshot.version == pilot.acks[me.node].version
+                assert "db" in store.snapshot.settings["services"]
+        finally:
+            await runner.cleanup()
 
     asyncio.run(main())
