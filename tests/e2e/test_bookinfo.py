@@ -97,7 +97,8 @@ def test_published_port_reaches_the_app_through_its_proxy(bookinfo: Mesh) -> Non
 
 
 def test_prometheus_endpoint_uses_istio_metric_names(bookinfo: Mesh) -> None:
-    bookinfo.get_json("ratings", "http://reviews:9080/reviews/0")
+    bookinfo.get_json("ratings", "http://reviews:9080/reviews/0")  # ratings calls out ...
+    bookinfo.get_json("details", "http://ratings:9080/ratings/0")  # ... and is called
     text = bookinfo.prometheus("ratings")
     assert "istio_requests_total{" in text
     assert 'reporter="source"' in text and 'destination_service_name="reviews"' in text
