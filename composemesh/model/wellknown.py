@@ -10,7 +10,8 @@ from composemesh import __version__
 PORT_ADMIN: Final = 15000  # config dump, ready, stats
 PORT_OUTBOUND: Final = 15001  # outbound capture (iptables REDIRECT target)
 PORT_INBOUND: Final = 15006  # inbound capture (iptables REDIRECT target)
-PORT_PILOT: Final = 15010  # pilot API (control plane)
+PORT_PILOT: Final = 15010  # pilot API, plaintext: attested bootstrap, CA, status (control plane)
+PORT_PILOT_TLS: Final = 15012  # pilot API over mTLS: snapshots and ACKs (istiod's port)
 PORT_HEALTH: Final = 15021  # /healthz/ready
 PORT_PROMETHEUS: Final = 15090  # /stats/prometheus
 PROXY_PORTS: Final = (PORT_ADMIN, PORT_OUTBOUND, PORT_INBOUND, PORT_HEALTH, PORT_PROMETHEUS)

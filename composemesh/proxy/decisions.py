@@ -7,6 +7,7 @@ calls these on every request, so they compile nothing per call and allocate litt
 from __future__ import annotations
 
 import functools
+import ipaddress
 import random
 import re
 import time
@@ -349,3 +350,42 @@ def _hit(percent: float, rng: random.Random) -> bool:
     if percent <= 0:
         return False
     return rng.random() * 100 < percent
+
+
+# --------------------------------------------------------------------------- inbound peers
+
+STRICT = "STRICT"
+PERMISSIVE = "PERMISSIVE"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalNetwork:
+    """One network this workload is on: plaintext from inside it is from the mesh's side."""
+
+    subnet: ipaddress.IPv4Network | ipaddress.IPv6Network
+    gateway: str  # the host's address on it ("" if none)
+
+
+def admits_plaintext(mode: str, port: int, source: str, published: Container[int],
+                     networks: Sequence[LocalNetwork]) -> bool:
+    """Whether a plaintext connection from ``source`` to ``port`` is let in.
+
+    PERMISSIVE lets every one in (migration, Istio's PeerAuthentication). STRICT refuses
+    plaintext, but for one case: a port the service publishes on the host is where traffic
+    enters the project from outside (until an ingress gateway fronts it). Such a port takes
+    plaintext from the host (a network's gateway address: Docker's port proxy) and from
+    clients outside the workload's networks (published ports reached over the host's
+    interfaces), never from a container on one of those networks, mesh or not.
+    """
+    if mode != STRICT:
+        return True
+    if port not in published:
+        return False
+    try:
+        address = ipaddress.ip_address(source.removeprefix("::ffff:"))
+    except ValueError:
+        return False
+    for net in networks:
+        if address.version == net.subnet.version and address in net.subnet:
+            return source.removeprefix("::ffff:") == net.gateway
+    return True

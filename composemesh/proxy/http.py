@@ -127,6 +127,7 @@ class HttpDownstream(asyncio.Protocol):
                  "paused", "writing_paused", "closed", "eof", "tunnel_first", "_url", "_pairs")
 
     transport: asyncio.Transport
+    exchange_type: type[Exchange]  # set below the class: what one request becomes
 
     def __init__(self, http: OutboundHttp, service: str, port: int) -> None:
         self.http = http
@@ -236,7 +237,7 @@ class HttpDownstream(asyncio.Protocol):
                 path = (httptools.parse_url(url).path or b"/").decode("latin-1")
             except httptools.HttpParserInvalidURLError:
                 path = "/"
-        exchange = self.current = Exchange(
+        exchange = self.current = self.exchange_type(
             self, method.decode("latin-1"), path, pairs, b"".join(parts), v11,
             parser.should_keep_alive() and not upgrade, chunked, expect, upgrade)
         if self.active is None:
@@ -301,10 +302,13 @@ class HttpDownstream(asyncio.Protocol):
         if self.active is not None:
             self.queue.clear()
             return
-        self.http.stats.http_request(self.http.router.me, self.service, UNKNOWN, UNKNOWN, None,
-                                     400, BAD_REQUEST, 0.0, 0, 0)
+        self.count_bad_request()
         self.transport.write(_local_head(400, len(BAD_REQUEST_BODY), True) + BAD_REQUEST_BODY)
         self.transport.close()
+
+    def count_bad_request(self) -> None:
+        self.http.stats.http_request(self.http.router.me, self.service, UNKNOWN, UNKNOWN, None,
+                                     400, BAD_REQUEST, 0.0, 0, 0)
 
     def _upgrading(self, rest: bytes) -> None:
         """The request asked to switch protocols: hold what follows until the upstream says."""
@@ -465,25 +469,10 @@ class Exchange:
         self._try()
 
     def _try(self) -> None:
-        """One try: a version by weight, an endpoint of it, a connection to it."""
-        router = self.router
+        """One try: an endpoint (``_pick``), a connection to it."""
         state = self.state
-        assert router is not None and state is not None and self.route is not None
-        if self.pinned:
-            endpoints = self.pinned
-        else:
-            # versions without endpoints (stopped, scaled to 0) give their share to the others
-            version = pick_version(self.route, router.rng,
-                                   router.table.serving_versions(self.down.service))
-            endpoints = (
-                router.table.endpoints.get((self.down.service, version), ()) if version else ()
-            )
-        endpoint = None
-        if endpoints:
-            available = state.outlier.available(endpoints)
-            endpoint = state.picker.pick(available, self.tried)
-            if endpoint is None and self.tried:  # every one tried already: any will do
-                endpoint = state.picker.pick(available)
+        assert state is not None and self.route is not None
+        endpoint = self._pick()
         if endpoint is None:
             self.local(503, NO_HEALTHY_UPSTREAM_BODY, NO_HEALTHY_UPSTREAM)
             return
@@ -503,10 +492,32 @@ class Exchange:
         else:
             self._send(conn)
 
+    def _pick(self) -> Endpoint | None:
+        """A version by weight (or the pinned endpoints), then an endpoint of it."""
+        router = self.router
+        state = self.state
+        assert router is not None and state is not None and self.route is not None
+        if self.pinned:
+            endpoints = self.pinned
+        else:
+            # versions without endpoints (stopped, scaled to 0) give their share to the others
+            version = pick_version(self.route, router.rng,
+                                   router.table.serving_versions(self.down.service))
+            endpoints = (
+                router.table.endpoints.get((self.down.service, version), ()) if version else ()
+            )
+        endpoint = None
+        if endpoints:
+            available = state.outlier.available(endpoints)
+            endpoint = state.picker.pick(available, self.tried)
+            if endpoint is None and self.tried:  # every one tried already: any will do
+                endpoint = state.picker.pick(available)
+        return endpoint
+
     def _connect(self, key: tuple[str, int]) -> None:
         assert self.state is not None
         task = self.connecting = self.down.http.pool.connect(
-            key, self.state.routing.connect_timeout_s)
+            key, self.state.routing.connect_timeout_s, self._peer())
         task.add_done_callback(self._connected)
 
     def _connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
@@ -522,6 +533,11 @@ class Exchange:
             self._failed(Outcome(error="connect-failure"), CONNECT_FAILURE)
             return
         self._send(task.result())
+
+    def _peer(self) -> str | None:
+        """The SPIFFE ID the endpoint must prove over mTLS (None: plaintext)."""
+        tls = self.router.tls if self.router is not None else None
+        return tls.expected(self.down.service) if tls is not None else None
 
     def _send(self, conn: UpstreamConnection) -> None:
         self.conn = conn
@@ -753,6 +769,12 @@ class Exchange:
 
     def _finish(self, close: bool, *, tell: bool = True, tunnel: bool = False) -> None:
         self.done = True
+        self._record()
+        if tell and not tunnel:
+            self.down.finished(self, close)
+
+    def _record(self) -> None:
+        """Count the answered request (Istio's metrics, reporter "source")."""
         down = self.down
         http = down.http
         router = self.router or http.router
@@ -767,8 +789,9 @@ class Exchange:
             router.me, down.service, version, workload, node, self.status, self.flags,
             (asyncio.get_running_loop().time() - self.started) * 1000.0,
             len(self.head) + self.body_size, self.response_size)
-        if tell and not tunnel:
-            down.finished(self, close)
+
+
+HttpDownstream.exchange_type = Exchange
 
 
 def _request_head(line: bytes, pairs: list[tuple[bytes, bytes]], drop: frozenset[bytes]

@@ -238,6 +238,20 @@ class WorkloadIdentity:
         log.info("trust bundle updated: %d root(s)", len(roots))
         self._rotated(updated)
 
+    def use_signing_root(self, fingerprint_hex: str) -> None:
+        """The CA now signs with the certificate of ``fingerprint_hex`` (a root rotation's
+        switch): a certificate from another issuer is renewed at once."""
+        held = self._held
+        if held is None or not fingerprint_hex:
+            return
+        cert, key = held
+        if cert.issuer_fingerprint == fingerprint_hex or cert.renew_at <= self._clock():
+            return
+        log.info("the CA signs with %s now; renewing certificate %s from %s",
+                 fingerprint_hex[:16], cert.serial, cert.issuer_fingerprint[:16])
+        self._held = (replace(cert, renew_at=self._clock()), key)
+        self._wake.set()
+
     # ------------------------------------------------------------------ renewal
 
     async def run(self, session: aiohttp.ClientSession | None = None) -> None:
@@ -384,6 +398,9 @@ def trust_bundle_applier(identity: WorkloadIdentity) -> Applier:
         bundle = snapshot.settings.get("trust_bundle") or ""
         if not isinstance(bundle, str):
             raise SnapshotError("settings.trust_bundle must be PEM text")
+        signing = snapshot.settings.get("signing_root") or ""
+        if not isinstance(signing, str):
+            raise SnapshotError("settings.signing_root must be a fingerprint")
         if not bundle:
             return lambda: None
         try:
@@ -391,7 +408,12 @@ def trust_bundle_applier(identity: WorkloadIdentity) -> Applier:
         except ValueError as exc:
             raise SnapshotError(f"settings.trust_bundle: {exc}") from None
         data = bundle.encode()
-        return lambda: identity.use_trust_bundle(data)
+
+        def commit() -> None:
+            identity.use_trust_bundle(data)
+            identity.use_signing_root(signing)
+
+        return commit
 
     return prepare
 

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable, Iterable
 
@@ -42,6 +43,10 @@ log = logging.getLogger("composemesh.proxy.pilot")
 # Prepares a snapshot (raising SnapshotError to reject it) and returns the commit, which must
 # not fail: a snapshot is applied by every applier or by none.
 Applier = Callable[[Snapshot], Callable[[], None]]
+# How to reach the pilot now: (base URL, TLS context or None for plaintext), or None for
+# "not yet" (the proxy waits for its first certificate before it asks for snapshots).
+Channel = Callable[[], "tuple[str, ssl.SSLContext | None] | None"]
+NOT_YET_WAIT = 0.1  # seconds between looks at the channel while it is not ready
 
 
 class PilotError(MeshError):
@@ -130,8 +135,10 @@ class PilotClient:
         rng: Callable[[], float] = random.random,
         backoff_initial: float = BACKOFF_INITIAL,
         backoff_max: float = BACKOFF_MAX,
+        channel: Channel | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self.channel = channel  # None: always ``url``, in plaintext
         self.store = store
         self.service = service
         self.poll_wait = poll_wait
@@ -173,11 +180,17 @@ class PilotClient:
 
         Returns False when the next poll would only fetch the same unusable answer again.
         """
+        where = self.channel() if self.channel is not None else (self.url, None)
+        if where is None:
+            await asyncio.sleep(NOT_YET_WAIT)
+            return True
+        url, context = where
         if self.pending is not None:
-            await self._answer(session, self.pending)
+            await self._answer(session, self.pending, url, context)
         applied = self.store.snapshot.version if self.store.snapshot else ""
         params = {"version": self.store.seen_version, "applied": applied}
-        async with session.get(self.url + SNAPSHOT_PATH, params=params) as response:
+        async with session.get(url + SNAPSHOT_PATH, params=params,
+                               ssl=context if context is not None else True) as response:
             if response.status == 304:
                 self.last_contact = time.time()
                 return True
@@ -186,14 +199,16 @@ class PilotClient:
             body = await response.read()
         self.last_contact = time.time()
         answer = self.store.offer(body)
-        await self._answer(session, answer)
+        await self._answer(session, answer, url, context)
         return bool(answer.ok or answer.version)
 
-    async def _answer(self, session: aiohttp.ClientSession, answer: Ack) -> None:
+    async def _answer(self, session: aiohttp.ClientSession, answer: Ack, url: str,
+                      context: ssl.SSLContext | None) -> None:
         self.pending = answer
         async with session.post(
-            self.url + ACK_PATH, data=encode_ack(answer),
+            url + ACK_PATH, data=encode_ack(answer),
             headers={"Content-Type": "application/json"},
+            ssl=context if context is not None else True,
         ) as response:
             status = response.status
             if status >= 500:

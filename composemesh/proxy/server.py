@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from composemesh.model.wellknown import (
     PORT_INBOUND,
     PORT_OUTBOUND,
     PORT_PILOT,
+    PORT_PILOT_TLS,
     PORT_PROMETHEUS,
 )
 from composemesh.proxy.admin import (
@@ -34,9 +36,17 @@ from composemesh.proxy.admin import (
     build_prometheus_app,
 )
 from composemesh.proxy.http import OutboundHttp
-from composemesh.proxy.identity import WorkloadIdentity, trust_bundle_applier
+from composemesh.proxy.identity import WorkloadCertificate, WorkloadIdentity, trust_bundle_applier
+from composemesh.proxy.inbound import (
+    InboundConfig,
+    InboundForwarder,
+    InboundHttp,
+    InboundRouter,
+    inbound_config,
+)
+from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.original_dst import original_dst
-from composemesh.proxy.pilot_client import ConfigStore, PilotClient
+from composemesh.proxy.pilot_client import Channel, ConfigStore, PilotClient
 from composemesh.proxy.stats import (
     INBOUND,
     OUTBOUND,
@@ -44,10 +54,12 @@ from composemesh.proxy.stats import (
     passthrough_labels,
     workload_of,
 )
-from composemesh.proxy.table import table_from_snapshot
+from composemesh.proxy.table import ServiceProtocols, table_from_snapshot
 from composemesh.proxy.tcp import CONNECT_TIMEOUT, Forwarder, Resolver, Router, passthrough
+from composemesh.proxy.upstream import UpstreamPool
 
 ENV_PILOT_URL = "COMPOSEMESH_PILOT_URL"
+ENV_PILOT_TLS_URL = "COMPOSEMESH_PILOT_TLS_URL"  # default: the pilot's host, port 15012
 ENV_SERVICE = "COMPOSEMESH_SERVICE"
 ENV_VERSION = "COMPOSEMESH_VERSION"
 ENV_COMPOSE_SERVICE = "COMPOSEMESH_COMPOSE_SERVICE"
@@ -68,6 +80,7 @@ class ProxyConfig:
     """How one proxy runs; ``from_env`` reads what the injector put in its container."""
 
     pilot_url: str = DEFAULT_PILOT_URL
+    pilot_tls_url: str = ""  # "": https://<pilot_url's host>:15012
     service: str = ""  # claimed (informational) until the pilot's snapshot attests it
     version: str = DEFAULT_VERSION
     compose_service: str = ""
@@ -87,6 +100,7 @@ class ProxyConfig:
     def from_env(cls, environ: Mapping[str, str]) -> ProxyConfig:
         return cls(
             pilot_url=environ.get(ENV_PILOT_URL) or DEFAULT_PILOT_URL,
+            pilot_tls_url=environ.get(ENV_PILOT_TLS_URL, ""),
             service=environ.get(ENV_SERVICE, ""),
             version=environ.get(ENV_VERSION) or DEFAULT_VERSION,
             compose_service=environ.get(ENV_COMPOSE_SERVICE, ""),
@@ -100,13 +114,14 @@ class ProxyConfig:
 
 
 def routing_applier(
-    outbound: Forwarder, inbound: Forwarder, http: OutboundHttp | None = None,
-    rng: random.Random | None = None,
+    outbound: Forwarder, inbound: InboundForwarder, http: OutboundHttp | None = None,
+    rng: random.Random | None = None, inbound_http: InboundHttp | None = None,
+    tls: MeshTls | None = None,
 ) -> Callable[[Snapshot], Callable[[], None]]:
-    """Applier: a snapshot's routing table and decisions, swapped in together on commit.
+    """Applier: a snapshot's routing table, inbound rules and decisions, swapped in together.
 
-    Decoding the table is the part that can fail (SnapshotError: the NACK reason); the
-    outbound router is built from it whole before anything changes. Without ``http`` the
+    Decoding is the part that can fail (SnapshotError: the NACK reason); the outbound and
+    inbound routers are built from it whole before anything changes. Without ``http`` the
     mesh services' HTTP ports are carried as TCP.
     """
 
@@ -114,18 +129,60 @@ def routing_applier(
         table = table_from_snapshot(snapshot)
         me = workload_of(snapshot.identity)
         router = Router(table, me, rng=rng, http=http.entry if http is not None else None,
-                        previous=http.router if http is not None else None)
-        in_chooser = passthrough(passthrough_labels(INBOUND, me))
+                        previous=http.router if http is not None else None, tls=tls)
+        config = inbound_config(snapshot, me, table.protocols.get(me.app, ServiceProtocols()))
+        in_router = InboundRouter(config, inbound_http, rng)
+        trust_domain = str(snapshot.settings.get("trust_domain") or "")
 
         def commit() -> None:
+            if tls is not None:
+                tls.name(trust_domain, snapshot.identity.project)
             outbound.chooser = router.choose
-            inbound.chooser = in_chooser
+            inbound.router = in_router
+            if inbound_http is not None:
+                inbound_http.inbound = in_router
             if http is not None:
                 http.router = router
 
         return commit
 
     return prepare
+
+
+def tls_rotator(tls: MeshTls, identity: WorkloadIdentity) -> Callable[[WorkloadCertificate], None]:
+    """An ``on_rotate`` listener: new TLS contexts from the identity's certificate and bundle.
+
+    Connections already open keep theirs, so a rotation drops none."""
+
+    def rotated(_cert: WorkloadCertificate) -> None:
+        current = identity.current()
+        if current is None:
+            return
+        _, key_pem, chain_pem, bundle_pem = current
+        tls.use(chain_pem, key_pem, bundle_pem)
+        log.info("mTLS contexts rebuilt (%d)", tls.rebuilt)
+
+    return rotated
+
+
+def pilot_channel(pilot_url: str, tls: MeshTls, identity: WorkloadIdentity,
+                  secure_url: str = "") -> Channel:
+    """Snapshots come over mutual TLS (``secure_url``, by default the pilot's port 15012)
+    once there is a certificate; from a pilot that runs no CA, over plaintext at
+    ``pilot_url``; before either is known, not yet."""
+    if not secure_url:
+        host = pilot_url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+        secure_url = f"https://{host}:{PORT_PILOT_TLS}"
+    secure_url = secure_url.rstrip("/")
+
+    def channel() -> tuple[str, ssl.SSLContext | None] | None:
+        if tls.pilot is not None:
+            return secure_url, tls.pilot
+        if identity.offered is False:
+            return pilot_url, None
+        return None
+
+    return channel
 
 
 async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
@@ -138,17 +195,26 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
     stop = stop or asyncio.Event()
     stats = ProxyStats()
     me = workload_of(config.claimed_identity())
-    forwarders = {
-        direction: Forwarder(direction, stats, passthrough(passthrough_labels(direction, me)),
-                             resolver=config.resolver, connect_timeout=config.connect_timeout)
-        for direction in (OUTBOUND, INBOUND)
-    }
-    http = OutboundHttp(stats)
+    tls = MeshTls()
+    outbound = Forwarder(OUTBOUND, stats, passthrough(passthrough_labels(OUTBOUND, me)),
+                         resolver=config.resolver, connect_timeout=config.connect_timeout,
+                         tls=tls)
+    inbound_http = InboundHttp(stats)
     claimed = config.compose_service or config.service
     identity = WorkloadIdentity(config.pilot_url, service=claimed)
-    store = ConfigStore([routing_applier(forwarders[OUTBOUND], forwarders[INBOUND], http),
+    inbound = InboundForwarder(stats, InboundRouter(InboundConfig(me=me, node=""), inbound_http),
+                               tls=tls, ca_offered=lambda: identity.offered,
+                               resolver=config.resolver, connect_timeout=config.connect_timeout)
+    inbound_http.inbound = inbound.router
+    forwarders: dict[str, Forwarder] = {OUTBOUND: outbound, INBOUND: inbound}
+    http = OutboundHttp(stats, UpstreamPool(tls=tls))
+    identity.on_rotate.append(tls_rotator(tls, identity))
+    store = ConfigStore([routing_applier(outbound, inbound, http, inbound_http=inbound_http,
+                                         tls=tls),
                          trust_bundle_applier(identity)])
-    pilot = PilotClient(config.pilot_url, store, service=claimed)
+    pilot = PilotClient(config.pilot_url, store, service=claimed,
+                        channel=pilot_channel(config.pilot_url, tls, identity,
+                                              config.pilot_tls_url))
     ctx = AdminContext(
         stats=stats, store=store, pilot=pilot, http=http,
         identity=identity,
@@ -162,6 +228,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
 
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(http.close)  # once the listeners are closed: no new connections
+        stack.callback(inbound_http.close)
         ports = {OUTBOUND: config.outbound_port, INBOUND: config.inbound_port}
         for direction, forwarder in forwarders.items():
             server = await _listen(

@@ -48,6 +48,9 @@ NO_ROUTE = "NR"
 RETRIES_EXHAUSTED = "URX"
 DOWNSTREAM_CLOSED = "DC"  # the client left before its response was complete
 BAD_REQUEST = "DPE"  # the client's request did not parse
+RBAC_DENIED = "RBAC"  # an authorization policy denied the request (inbound)
+MUTUAL_TLS = "mutual_tls"  # Istio's connection_security_policy for an mTLS peer
+NO_SECURITY = "none"
 
 # Why a connection failed, as counted per direction.
 ERROR_KINDS = (
@@ -57,6 +60,10 @@ ERROR_KINDS = (
     "connect_timeout",
     "connect_failed",
     "reset",  # either side ended with an error
+    "tls_handshake",  # a TLS handshake failed (an unknown root, no client certificate, ...)
+    "tls_peer",  # the peer's certificate named another identity than the one expected
+    "plaintext_refused",  # plaintext into a STRICT service, from inside the mesh's networks
+    "rbac_denied",  # an authorization policy denied a TCP connection
 )
 
 
@@ -154,6 +161,8 @@ class Histogram:
 
 # (source, destination service, destination version, destination workload, code, flags)
 HttpKey = tuple[Workload, str, str, str, int, str]
+# (source, destination (this proxy's workload), code, flags, connection security policy)
+InboundKey = tuple[Workload, Workload, int, str, str]
 
 
 class HttpSeries:
@@ -176,6 +185,7 @@ class ProxyStats:
             direction: dict.fromkeys(ERROR_KINDS, 0) for direction in (OUTBOUND, INBOUND)
         }
         self._http: dict[HttpKey, HttpSeries] = {}
+        self._http_in: dict[InboundKey, HttpSeries] = {}
         self._by_endpoint: dict[tuple[str, str], int] = {}  # (service, node) -> requests
         self.retries = 0  # tries after the first, over all requests
         self.ejections = 0  # endpoints ejected by outlier detection
@@ -195,6 +205,33 @@ class ProxyStats:
             by_endpoint = self._by_endpoint
             pair = (service, node)
             by_endpoint[pair] = by_endpoint.get(pair, 0) + 1
+
+    def http_inbound_request(self, source: Workload, me: Workload, code: int, flags: str,
+                             security: str, duration_ms: float, request_bytes: int,
+                             response_bytes: int) -> None:
+        """Count one HTTP request this proxy answered for its app (reporter "destination")."""
+        key = (source, me, code, flags, security)
+        series = self._http_in.get(key)
+        if series is None:
+            series = self._http_in[key] = HttpSeries()
+        series.duration.observe(duration_ms)
+        series.request_bytes.observe(request_bytes)
+        series.response_bytes.observe(response_bytes)
+
+    def http_inbound_totals(self) -> dict[str, Any]:
+        """Inbound requests by source service, by status code, and by connection security."""
+        by_source: dict[str, int] = {}
+        by_code: dict[str, int] = {}
+        by_security: dict[str, int] = {}
+        requests = 0
+        for (source, _, code, _, security), series in self._http_in.items():
+            n = series.duration.count
+            requests += n
+            by_source[source.app] = by_source.get(source.app, 0) + n
+            by_code[str(code)] = by_code.get(str(code), 0) + n
+            by_security[security] = by_security.get(security, 0) + n
+        return {"requests": requests, "requests_by_source": by_source,
+                "responses_by_code": by_code, "requests_by_security": by_security}
 
     def http_totals(self) -> dict[str, Any]:
         """Requests by service and version (of the endpoint that answered) and by endpoint,
@@ -276,6 +313,7 @@ class ProxyStats:
 
     def _http_lines(self) -> Iterator[str]:
         series = [(_label_text(http_label_items(key)), s) for key, s in self._http.items()]
+        series += [(_label_text(inbound_label_items(key)), s) for key, s in self._http_in.items()]
         yield f"# HELP {REQUESTS_METRIC} Requests answered, by source and destination."
         yield f"# TYPE {REQUESTS_METRIC} counter"
         for text, s in series:
@@ -304,6 +342,26 @@ def http_label_items(key: HttpKey) -> Iterator[tuple[str, str]]:
         destination_service_namespace=source.namespace,
         request_protocol="http",
         response_flags=flags,
+    )
+    for name, value in labels.items():
+        yield name, value
+        if name == "request_protocol":
+            yield "response_code", str(code)
+
+
+def inbound_label_items(key: InboundKey) -> Iterator[tuple[str, str]]:
+    """The labels of Istio's HTTP metrics for one inbound series (reporter "destination")."""
+    source, me, code, flags, security = key
+    labels = TcpLabels(
+        reporter=REPORTER[INBOUND],
+        source=source,
+        destination=me,
+        destination_service=me.app,
+        destination_service_name=me.app,
+        destination_service_namespace=me.namespace,
+        request_protocol="http",
+        response_flags=flags,
+        connection_security_policy=security,
     )
     for name, value in labels.items():
         yield name, value

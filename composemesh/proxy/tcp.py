@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
+from composemesh.ca.tls import HANDSHAKE_TIMEOUT, peer_spiffe
 from composemesh.model.routing import ServiceRouting
 from composemesh.model.wellknown import PROXY_PORTS
 from composemesh.proxy.decisions import Endpoint, EndpointPicker, OutlierDetector, pick_version
+from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.original_dst import Address, original_dst
 from composemesh.proxy.stats import (
     OUTBOUND,
@@ -28,6 +31,7 @@ from composemesh.proxy.stats import (
     passthrough_labels,
 )
 from composemesh.proxy.table import EMPTY_TABLE, HTTP, TCP, RoutingTable
+from composemesh.proxy.tls_link import TlsLink
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach a destination before the connection is dropped
 WRITE_HIGH_WATER = 1024 * 1024  # a side stops reading its peer when its own buffer holds this
@@ -52,6 +56,14 @@ class Destination:
     host: str
     port: int
     labels: TcpLabels
+    peer: str | None = None  # the SPIFFE ID the destination must prove (mTLS); None: plaintext
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Refuse the connection: close it, counting ``kind`` (an authorization policy said no)."""
+
+    kind: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +78,10 @@ class Sniff:
     """The protocol is not declared: HTTP if the first bytes say so, else TCP to ``tcp()``."""
 
     http: Handoff
-    tcp: Callable[[], Destination | None]
+    tcp: Callable[[], Destination | Refused | None]
 
 
-Decision = Destination | Handoff | Sniff
+Decision = Destination | Handoff | Sniff | Refused
 Chooser = Callable[[Address], "Decision | None"]  # original destination -> what to do
 Resolver = Callable[[Any], Address]  # accepted socket -> its original destination
 HttpEntry = Callable[[str, int], Handoff]  # (mesh service, port) -> the HTTP path's handoff
@@ -129,9 +141,11 @@ class Router:
     """
 
     def __init__(self, table: RoutingTable, me: Workload, *, rng: random.Random | None = None,
-                 http: HttpEntry | None = None, previous: Router | None = None) -> None:
+                 http: HttpEntry | None = None, previous: Router | None = None,
+                 tls: MeshTls | None = None) -> None:
         self.table = table
         self.me = me
+        self.tls = tls  # None: endpoints are reached in plaintext
         self.rng = rng or random.Random()
         self.http = http
         self.passthrough = passthrough_labels(OUTBOUND, me)
@@ -176,7 +190,9 @@ class Router:
         endpoint = state.picker.pick(state.outlier.available(endpoints)) if endpoints else None
         if endpoint is None:
             return None
-        return Destination(endpoint.address, port, self.tcp_labels(service, endpoint))
+        tls = self.tls
+        return Destination(endpoint.address, port, self.tcp_labels(service, endpoint),
+                           tls.expected(service) if tls is not None else None)
 
     def tcp_labels(self, service: str, endpoint: Endpoint) -> TcpLabels:
         key = (service, endpoint)
@@ -211,8 +227,10 @@ class Forwarder:
         resolver: Resolver = original_dst,
         connect_timeout: float = CONNECT_TIMEOUT,
         proxy_ports: Collection[int] = PROXY_PORTS,
+        tls: MeshTls | None = None,
     ) -> None:
         self.direction = direction
+        self.tls = tls  # the client side of mTLS to destinations that name a peer
         self.stats = stats
         self.chooser = chooser  # replaced whole when a new snapshot changes the decisions
         self.resolver = resolver
@@ -296,26 +314,40 @@ class Downstream(_Side):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop: no subclass
+        original = self.resolve()
+        if original is not None:
+            self.route(self.forwarder.chooser(original))
+
+    def resolve(self) -> Address | None:
+        """The captured connection's original destination; None (and dropped) if there is
+        none, or if it is the proxy itself."""
         fwd = self.forwarder
+        transport = self.transport
         try:
             original = fwd.resolver(transport.get_extra_info("socket"))
         except (OSError, ValueError):
             fwd.stats.error(fwd.direction, "original_dst")
             transport.abort()
-            return
+            return None
         if is_proxy_address(original, transport.get_extra_info("sockname"), fwd.proxy_ports):
             fwd.stats.error(fwd.direction, "loop")
             transport.abort()
-            return
-        decision = fwd.chooser(original)
-        if decision is None:
-            fwd.stats.error(fwd.direction, "no_route")
+            return None
+        return original
+
+    def route(self, decision: Decision | None, first: bytes = b"") -> None:
+        """Carry out ``decision``; ``first``: bytes already read from the client, inside the
+        ``data_received`` that counts them."""
+        fwd = self.forwarder
+        transport = self.transport
+        if decision is None or type(decision) is Refused:
+            fwd.stats.error(fwd.direction, "no_route" if decision is None else decision.kind)
             transport.abort()
             return
         if type(decision) is Destination:
-            self._start(decision)
+            self._start(decision, [first] if first else None)
         elif type(decision) is Handoff:
-            decision.take(transport, b"")
+            decision.take(transport, first)
         else:
             assert isinstance(decision, Sniff)
             self.sniff = decision
@@ -324,6 +356,8 @@ class Downstream(_Side):
             fwd.connections.add(self)
             self.sniffing = asyncio.get_running_loop().call_later(
                 SNIFF_TIMEOUT, self._sniff_timeout)
+            if first:
+                self._sniff_data(first)
 
     def _start(self, destination: Destination, early: list[bytes] | None = None) -> None:
         """Connect to ``destination``, then pump bytes."""
@@ -369,12 +403,14 @@ class Downstream(_Side):
             sniff.http.take(self.transport, first)
             return True
         destination = sniff.tcp()
-        if destination is None:
+        if destination is None or type(destination) is Refused:
             fwd.connections.discard(self)
-            fwd.stats.error(fwd.direction, "no_route")
+            fwd.stats.error(fwd.direction,
+                            "no_route" if destination is None else destination.kind)
             self.counters = None
             self.transport.abort()
             return False
+        assert isinstance(destination, Destination)
         self._start(destination, [first] if first else None)
         self.counters.received += uncounted  # type: ignore[union-attr]
         return True
@@ -382,18 +418,44 @@ class Downstream(_Side):
     async def _connect(self, destination: Destination) -> None:
         fwd = self.forwarder
         loop = asyncio.get_running_loop()
+        tls = fwd.tls
+        context = tls.client if tls is not None and destination.peer is not None else None
+        link: TlsLink | None = None
         try:
             async with asyncio.timeout(fwd.connect_timeout):
-                upstream_transport, _ = await loop.create_connection(
-                    lambda: Upstream(self), destination.host, destination.port)
+                if context is None:
+                    upstream_transport, _ = await loop.create_connection(
+                        lambda: Upstream(self), destination.host, destination.port)
+                else:
+                    _, link = await loop.create_connection(
+                        partial(TlsLink, context, server_side=False,
+                                handshake_timeout=HANDSHAKE_TIMEOUT),
+                        destination.host, destination.port)
+                    await link.handshake
         except TimeoutError:
             kind = "connect_timeout"
+        except ssl.SSLError:
+            kind = "tls_handshake"
         except OSError:
             kind = "connect_failed"
+        except asyncio.CancelledError:
+            if link is not None:
+                link.abort()
+            raise
         else:
-            self.connecting = None
-            self._link(upstream_transport)
-            return
+            kind = ""
+            if link is not None:
+                if peer_spiffe(link.sslobj) == destination.peer:
+                    link.attach(Upstream(self))
+                    upstream_transport = link
+                else:
+                    kind = "tls_peer"
+            if not kind:
+                self.connecting = None
+                self._link(upstream_transport)
+                return
+        if link is not None:
+            link.abort()
         self.connecting = None
         fwd.stats.error(fwd.direction, kind)
         self.transport.abort()

@@ -9,11 +9,16 @@ the exchange that sent the request; it goes back to the pool only after a comple
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 from typing import Protocol, cast
 
 import httptools
+
+from composemesh.ca.tls import HANDSHAKE_TIMEOUT, peer_spiffe
+from composemesh.proxy.mtls import MeshTls
+from composemesh.proxy.tls_link import TlsLink
 
 MAX_IDLE_PER_HOST = 64
 IDLE_EXPIRY = 60.0  # seconds an idle connection is kept
@@ -304,18 +309,25 @@ def _connection_tokens(value: bytes) -> set[bytes]:
     return {t.strip().lower() for t in value.split(b",")} - {b"close", b"keep-alive", b""}
 
 
+class PeerIdentityError(ssl.SSLError):
+    """The endpoint's certificate is good but names another workload than the one expected."""
+
+
 class UpstreamPool:
     """Idle keep-alive connections per (address, port), most recently used first."""
 
     def __init__(self, *, max_idle_per_host: int = MAX_IDLE_PER_HOST,
                  idle_expiry: float = IDLE_EXPIRY,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 tls: MeshTls | None = None) -> None:
+        self.tls = tls  # mTLS to endpoints that name a peer, once the proxy has a certificate
         self.max_idle_per_host = max_idle_per_host
         self.idle_expiry = idle_expiry
         self.clock = clock
         self.idle: dict[Key, list[UpstreamConnection]] = {}
         self.connections: set[UpstreamConnection] = set()  # every open one, idle or busy
         self.opened = 0  # connections opened, ever
+        self.tls_opened = 0  # of which mutual TLS
         self.reused = 0  # requests that found an idle connection
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
@@ -360,16 +372,42 @@ class UpstreamPool:
         if stack and conn in stack:
             stack.remove(conn)
 
-    def connect(self, key: Key, timeout: float) -> asyncio.Task[UpstreamConnection]:
-        """A task opening a new connection to ``key`` (OSError or TimeoutError if it cannot)."""
-        return asyncio.get_running_loop().create_task(self._open(key, timeout))
+    def connect(self, key: Key, timeout: float,
+                peer: str | None = None) -> asyncio.Task[UpstreamConnection]:
+        """A task opening a new connection to ``key`` (OSError or TimeoutError if it cannot).
 
-    async def _open(self, key: Key, timeout: float) -> UpstreamConnection:
+        With ``peer`` (a SPIFFE ID) and a certificate in hand, the connection is mutual TLS
+        and the endpoint must prove to be ``peer`` (PeerIdentityError otherwise)."""
+        return asyncio.get_running_loop().create_task(self._open(key, timeout, peer))
+
+    async def _open(self, key: Key, timeout: float, peer: str | None) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout):
-            _, conn = await loop.create_connection(
-                lambda: UpstreamConnection(self, key), key[0], key[1])
+        tls = self.tls
+        context = tls.client if tls is not None and peer is not None else None
+        if context is None:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self, key), key[0], key[1])
+            self.opened += 1
+            return conn
+        link: TlsLink | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                _, link = await loop.create_connection(
+                    lambda: TlsLink(context, server_side=False,
+                                    handshake_timeout=HANDSHAKE_TIMEOUT), key[0], key[1])
+                await link.handshake
+            seen = peer_spiffe(link.sslobj)
+            if seen != peer:
+                raise PeerIdentityError(f"{key[0]}:{key[1]} is {seen}, not {peer}")
+        except BaseException:
+            if link is not None:
+                link.abort()
+            raise
+        conn = UpstreamConnection(self, key)
+        link.attach(conn)
         self.opened += 1
+        self.tls_opened += 1
         return conn
 
     def idle_count(self) -> int:

@@ -10,10 +10,12 @@ takes milliseconds.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import pickle
 import random
+import ssl
 import urllib.request
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -23,6 +25,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from composemesh.ca import (
@@ -34,9 +38,11 @@ from composemesh.ca import (
     csr_to_pem,
     fingerprint,
     generate_key,
+    key_to_pem,
     make_csr,
     make_root,
 )
+from composemesh.ca.tls import server_context
 from composemesh.model.snapshot import ProxyIdentity, Snapshot, SnapshotError, encode_snapshot
 from composemesh.proxy.admin import AdminContext, build_admin_app, probe_ready
 from composemesh.proxy.identity import (
@@ -419,22 +425,62 @@ def test_admin_certs_and_config_dump_show_the_certificate_but_never_the_key() ->
 
 
 class PilotWithCA(PilotDouble):
-    """pilot_double's snapshot and ACK endpoints plus a CADouble's certificate endpoint."""
+    """pilot_double's snapshot and ACK endpoints plus a CADouble's certificate endpoint.
+
+    Like the real pilot, snapshots and ACKs are also served over mutual TLS (``tls_port``):
+    a server certificate from the CA double for ``composemesh-pilot`` and 127.0.0.1, and a
+    client certificate of the CA required. ``secure_polls`` counts polls that came that way.
+    """
 
     def __init__(self, ca: CADouble) -> None:
         super().__init__(hold=0.2)
         self.ca = ca
+        self.tls_port = 0
+        self.secure_polls = 0
+        self.plain_polls = 0
+
+    async def _counted(self, request: web.Request) -> web.Response:
+        if request.transport is not None and request.transport.get_extra_info("ssl_object"):
+            self.secure_polls += 1
+        else:
+            self.plain_polls += 1
+        return await self._snapshot(request)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         app = web.Application()
-        app.router.add_get("/v1/snapshot", self._snapshot)
+        app.router.add_get("/v1/snapshot", self._counted)
         app.router.add_post("/v1/ack", self._ack)
         app.router.add_post("/v1/certificate", self.ca.certificate)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        await web.TCPSite(self._runner, host, 0, ssl_context=self._server_context()).start()
         self.port = int(self._runner.addresses[0][1])
+        self.tls_port = int(self._runner.addresses[1][1])
         return self.port
+
+    def _server_context(self) -> ssl.SSLContext:
+        key = generate_key()
+        now = datetime.now(UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self.ca.root.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + HOUR)
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("composemesh-pilot"),
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.UniformResourceIdentifier(f"spiffe://{TD}/ns/shop/sa/composemesh-pilot"),
+            ]), critical=True)
+            .sign(self.ca_key(), hashes.SHA256())
+        )
+        return server_context(cert_to_pem(cert), key_to_pem(key), cert_to_pem(self.ca.root))
+
+    def ca_key(self) -> Any:
+        return self.ca.ca.roots.active.key
 
 
 def test_serve_is_ready_only_once_it_holds_a_certificate() -> None:
@@ -446,6 +492,7 @@ def test_serve_is_ready_only_once_it_holds_a_certificate() -> None:
         pilot.publish("v1", snapshot_body("v1"))
         config = ProxyConfig(
             pilot_url=f"http://127.0.0.1:{port}", capture_host="127.0.0.1",
+            pilot_tls_url=f"https://127.0.0.1:{pilot.tls_port}",
             outbound_port=free_port(), inbound_port=free_port(), admin_port=free_port(),
             health_host="127.0.0.1", health_port=free_port(),
             prometheus_host="127.0.0.1", prometheus_port=free_port(),
@@ -467,6 +514,8 @@ def test_serve_is_ready_only_once_it_holds_a_certificate() -> None:
                 lambda: urllib.request.urlopen(url, timeout=5).read()))
             assert certs["identity"] == WEB.uri and "PRIVATE KEY" not in json.dumps(certs)
             assert len(ca.requests) == 4
+            # snapshots came only over mutual TLS, once the certificate was there
+            assert pilot.secure_polls >= 1 and pilot.plain_polls == 0
         finally:
             stop.set()
             await asyncio.wait_for(serving, 5)

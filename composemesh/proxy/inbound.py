@@ -1,0 +1,399 @@
+"""The inbound data path: who the peer is (mTLS or plaintext), whether it may come in, to the app.
+
+A connection captured on its way to the app (port 15006) is held until its first bytes:
+
+- a TLS ClientHello: the proxy terminates mutual TLS (``TlsLink``) with its workload
+  certificate; the peer must present a certificate of the mesh's root, and the service its
+  SPIFFE ID names is the connection's source;
+- anything else (or nothing within ``FIRST_BYTES_TIMEOUT``, a server-first protocol):
+  plaintext, let in only as ``admits_plaintext`` says (STRICT refuses it from the mesh's
+  networks, PERMISSIVE lets it in); its source is unauthenticated.
+
+Then, per the snapshot's authorization policies for this service (``model.policy``): a TCP
+port's connection is allowed or closed whole; an HTTP port's requests are each allowed or
+answered 403 with the reason. What is allowed goes to the app at the connection's original
+destination, in plaintext, inside the namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from composemesh.ca.tls import HANDSHAKE_TIMEOUT, TLS_RECORD, is_tls_client_hello, peer_spiffe
+from composemesh.model.policy import Policy, authorize, policies_from_json
+from composemesh.model.routing import HttpRoute, ServiceRouting, WeightedSubset
+from composemesh.model.snapshot import Snapshot, SnapshotError
+from composemesh.proxy.decisions import (
+    PERMISSIVE,
+    STRICT,
+    Endpoint,
+    LocalNetwork,
+    admits_plaintext,
+)
+from composemesh.proxy.http import (
+    Exchange,
+    HttpDownstream,
+    OutboundHttp,
+)
+from composemesh.proxy.mtls import MeshTls
+from composemesh.proxy.original_dst import Address
+from composemesh.proxy.stats import (
+    INBOUND,
+    MUTUAL_TLS,
+    NO_SECURITY,
+    RBAC_DENIED,
+    REPORTER,
+    ProxyStats,
+    TcpLabels,
+    Workload,
+)
+from composemesh.proxy.table import HTTP, TCP, ServiceProtocols
+from composemesh.proxy.tcp import (
+    _UNCOUNTED,
+    Decision,
+    Destination,
+    Downstream,
+    Forwarder,
+    Handoff,
+    Refused,
+    ServiceState,
+    Sniff,
+)
+from composemesh.proxy.tls_link import TlsLink
+
+FIRST_BYTES_TIMEOUT = 0.1  # seconds to wait for a client's first bytes (server-first: none)
+
+# Inbound requests go to the one local app: one try, no timeout of the proxy's own.
+_INBOUND_ROUTE = HttpRoute(name="inbound", matches=(), destinations=(WeightedSubset("local", 1),))
+
+
+@dataclass(frozen=True)
+class InboundConfig:
+    """What one snapshot says about letting peers in: decoded whole, or a NACK."""
+
+    me: Workload
+    node: str
+    trust_domain: str = ""
+    mode: str = STRICT
+    policies: tuple[Policy, ...] = ()
+    published: frozenset[int] = frozenset()
+    networks: tuple[LocalNetwork, ...] = ()
+    protocols: ServiceProtocols = ServiceProtocols()
+
+
+def inbound_config(snapshot: Snapshot, me: Workload, protocols: ServiceProtocols) -> InboundConfig:
+    """The inbound settings of ``snapshot``; SnapshotError naming the first bad field."""
+    settings = snapshot.settings
+    mode = settings.get("mtls_mode") or STRICT
+    if mode not in (STRICT, PERMISSIVE):
+        raise SnapshotError(f"settings.mtls_mode: {mode!r} is not STRICT or PERMISSIVE")
+    try:
+        policies = policies_from_json(settings.get("policies") or {})
+    except ValueError as exc:
+        raise SnapshotError(f"settings.{exc}") from None
+    published = settings.get("published_ports") or []
+    if not isinstance(published, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in published):
+        raise SnapshotError("settings.published_ports: must be a list of port numbers")
+    networks = []
+    for i, net in enumerate(settings.get("networks") or []):
+        try:
+            networks.append(LocalNetwork(ipaddress.ip_network(net["subnet"], strict=False),
+                                         str(net.get("gateway") or "")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"settings.networks[{i}]: {exc}") from None
+    return InboundConfig(
+        me=me,
+        node=snapshot.identity.node,
+        trust_domain=str(settings.get("trust_domain") or ""),
+        mode=mode,
+        policies=policies.get(snapshot.identity.service, ()),
+        published=frozenset(published),
+        networks=tuple(networks),
+        protocols=protocols,
+    )
+
+
+class InboundRouter:
+    """One snapshot's inbound decisions: admit, authorize, and which path (TCP or HTTP)."""
+
+    def __init__(self, config: InboundConfig, http: InboundHttp | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.me = config.me
+        self.http = http
+        self.state = ServiceState(
+            ServiceRouting(service=config.me.app, routes=(_INBOUND_ROUTE,), outlier=None),
+            rng or random.Random())
+        self._labels: dict[tuple[str | None, bool], TcpLabels] = {}
+
+    def admits(self, port: int, source: str) -> bool:
+        c = self.config
+        return admits_plaintext(c.mode, port, source, c.published, c.networks)
+
+    def decide(self, original: Address, peer: str | None, secure: bool) -> Decision:
+        """Where a let-in connection from ``peer`` (its mesh service; None: unauthenticated)
+        to ``original`` goes: TCP (authorized here, whole), HTTP (per request), or sniff."""
+        port = original[1]
+        protocol = self.config.protocols.at(port)
+        http = self.http
+        if protocol == TCP or http is None:
+            return self.tcp(original, peer, secure)
+        handoff = http.entry(original, peer, secure)
+        if protocol == HTTP:
+            return handoff
+        return Sniff(handoff, partial(self.tcp, original, peer, secure))
+
+    def tcp(self, original: Address, peer: str | None, secure: bool) -> Destination | Refused:
+        if not authorize(self.config.policies, peer, None, None).allowed:
+            return Refused("rbac_denied")
+        return Destination(original[0], original[1], self.labels(peer, secure))
+
+    def labels(self, peer: str | None, secure: bool) -> TcpLabels:
+        key = (peer, secure)
+        labels = self._labels.get(key)
+        if labels is None:
+            me = self.me
+            labels = self._labels[key] = TcpLabels(
+                reporter=REPORTER[INBOUND],
+                source=self.source(peer),
+                destination=me,
+                destination_service=me.app,
+                destination_service_name=me.app,
+                destination_service_namespace=me.namespace,
+                connection_security_policy=MUTUAL_TLS if secure else NO_SECURITY,
+            )
+        return labels
+
+    def source(self, peer: str | None) -> Workload:
+        """How the metrics name the peer: its mesh service and principal, if it proved them."""
+        if peer is None:
+            return Workload()
+        ns = self.me.namespace
+        return Workload(namespace=ns, app=peer,
+                        principal=f"spiffe://{self.config.trust_domain}/ns/{ns}/sa/{peer}")
+
+
+class InboundDownstream(Downstream):
+    """A captured inbound connection: first bytes, then mTLS or plaintext, then the app."""
+
+    __slots__ = ("original", "waiting", "held")
+
+    def __init__(self, forwarder: InboundForwarder) -> None:
+        super().__init__(forwarder)
+        self.original: Address = ("", 0)
+        self.waiting: asyncio.TimerHandle | None = None
+        self.held = b""  # a lone first byte that may start a ClientHello
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        original = self.resolve()
+        if original is None:
+            return
+        self.original = original
+        self.counters = _UNCOUNTED
+        self.forward = self._first_bytes
+        self.forwarder.connections.add(self)
+        self.waiting = asyncio.get_running_loop().call_later(FIRST_BYTES_TIMEOUT, self._silent)
+
+    def _first_bytes(self, data: bytes) -> None:
+        if self.held:
+            data, self.held = self.held + data, b""
+        if len(data) == 1 and data[0] == TLS_RECORD:
+            self.held = data
+            return
+        self._stop_waiting()
+        if is_tls_client_hello(data):
+            self._tls(data)
+        else:
+            self._plaintext(data)
+
+    def _silent(self) -> None:
+        """No bytes yet: a server-first protocol (or a slow client), in plaintext."""
+        self.waiting = None
+        self._plaintext(self.held)
+
+    def _stop_waiting(self) -> None:
+        if self.waiting is not None:
+            self.waiting.cancel()
+            self.waiting = None
+
+    def _router(self) -> InboundRouter:
+        fwd = self.forwarder
+        assert isinstance(fwd, InboundForwarder)
+        return fwd.router
+
+    def _plaintext(self, first: bytes) -> None:
+        fwd = self.forwarder
+        assert isinstance(fwd, InboundForwarder)
+        router = fwd.router
+        source = self.transport.get_extra_info("peername") or ("", 0)
+        fwd.connections.discard(self)
+        # inside data_received, which counts ``first`` on the counters in force when it ends
+        self.counters = _UNCOUNTED
+        if fwd.ca_offered() is not False and not router.admits(self.original[1], str(source[0])):
+            fwd.stats.error(fwd.direction, "plaintext_refused")
+            self.transport.abort()
+            return
+        self.route(router.decide(self.original, None, False), first)
+
+    def _tls(self, first: bytes) -> None:
+        fwd = self.forwarder
+        tls = fwd.tls
+        if tls is None or tls.server is None:  # no certificate yet: nothing to answer with
+            fwd.connections.discard(self)
+            self.counters = None
+            fwd.stats.error(fwd.direction, "tls_handshake")
+            self.transport.abort()
+            return
+        link = TlsLink(tls.server, server_side=True, handshake_timeout=HANDSHAKE_TIMEOUT)
+        raw = self.transport
+        raw.set_protocol(link)
+        link.connection_made(raw)
+        link.data_received(first)
+        link.handshake.add_done_callback(partial(self._handshaken, link))
+
+    def _handshaken(self, link: TlsLink, done: asyncio.Future[None]) -> None:
+        fwd = self.forwarder
+        fwd.connections.discard(self)
+        self.counters = None
+        if done.cancelled() or done.exception() is not None:
+            fwd.stats.error(fwd.direction, "tls_handshake")
+            link.abort()
+            return
+        tls = fwd.tls
+        peer = tls.source_service(peer_spiffe(link.sslobj)) if tls is not None else None
+        if peer is None:  # a good chain, but not an identity of this mesh's project
+            fwd.stats.error(fwd.direction, "tls_peer")
+            link.abort()
+            return
+        self.transport = link  # type: ignore[assignment]
+        link.adopt(self)
+        self.route(self._router().decide(self.original, peer, True))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiting is not None:
+            self._stop_waiting()  # gone before saying anything
+            self.forwarder.connections.discard(self)
+            return
+        super().connection_lost(exc)
+
+    def abort(self) -> None:
+        self._stop_waiting()
+        super().abort()
+
+
+class InboundForwarder(Forwarder):
+    """The inbound listener's data path (port 15006); ``router`` is swapped per snapshot."""
+
+    def __init__(self, stats: ProxyStats, router: InboundRouter, *, tls: MeshTls | None,
+                 ca_offered: Callable[[], bool | None] = lambda: None, **kwargs: Any) -> None:
+        super().__init__(INBOUND, stats, _no_chooser, tls=tls, **kwargs)
+        self.router = router
+        # False when the pilot runs no CA: no peer can prove anything, so STRICT cannot hold
+        # and plaintext is let in (a mesh without mTLS, as the routing tests run it)
+        self.ca_offered = ca_offered
+
+    def __call__(self) -> InboundDownstream:
+        return InboundDownstream(self)
+
+
+def _no_chooser(original: Address) -> Decision | None:  # inbound decides through its router
+    return None
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class InboundHttp(OutboundHttp):
+    """The HTTP side of the inbound listener: authorize each request, carry it to the app."""
+
+    def __init__(self, stats: ProxyStats, router: InboundRouter | None = None) -> None:
+        super().__init__(stats)
+        self.inbound: InboundRouter | None = router
+
+    def entry(self, original: Address, peer: str | None, secure: bool) -> Handoff:  # type: ignore[override]
+        return Handoff(partial(self._take_inbound, original, peer, secure))
+
+    def _take_inbound(self, original: Address, peer: str | None, secure: bool,
+                      transport: asyncio.Transport, first: bytes) -> None:
+        downstream = InboundHttpDownstream(self, original, peer, secure)
+        transport.set_protocol(downstream)
+        downstream.connection_made(transport)
+        if first:
+            downstream.data_received(first)
+
+
+class InboundHttpDownstream(HttpDownstream):
+    """A peer's HTTP connection into this workload, its source known (or not) once."""
+
+    __slots__ = ("peer", "secure", "endpoint")
+
+    def __init__(self, http: InboundHttp, original: Address, peer: str | None,
+                 secure: bool) -> None:
+        router = http.inbound
+        assert router is not None
+        super().__init__(http, router.me.app, original[1])
+        self.peer = peer
+        self.secure = secure
+        # the app, at the address the peer dialed (it may listen on that address only)
+        self.endpoint = Endpoint(node=router.config.node, version=router.me.version,
+                                 address=original[0])
+
+    def count_bad_request(self) -> None:
+        http = self.http
+        assert isinstance(http, InboundHttp) and http.inbound is not None
+        router = http.inbound
+        http.stats.http_inbound_request(router.source(self.peer), router.me, 400, "DPE",
+                                        MUTUAL_TLS if self.secure else NO_SECURITY, 0.0, 0, 0)
+
+
+class InboundExchange(Exchange):
+    """One request into the workload: authorized, then one try to the app."""
+
+    __slots__ = ()
+
+    def dispatch(self) -> None:
+        self.dispatched = True
+        down = self.down
+        assert isinstance(down, InboundHttpDownstream)
+        http = down.http
+        assert isinstance(http, InboundHttp) and http.inbound is not None
+        router = http.inbound  # the one in force now: policy changes apply to the next request
+        decision = authorize(router.config.policies, down.peer, self.method, self.path)
+        if not decision.allowed:
+            self.local(403, decision.reason.encode(), RBAC_DENIED)
+            return
+        self.state = router.state
+        self.route = _INBOUND_ROUTE
+        self._go(None)
+
+    def _pick(self) -> Endpoint | None:
+        down = self.down
+        assert isinstance(down, InboundHttpDownstream)
+        return down.endpoint
+
+    def _peer(self) -> str | None:
+        return None  # the app is in this namespace: plaintext
+
+    def _record(self) -> None:
+        down = self.down
+        assert isinstance(down, InboundHttpDownstream)
+        http = down.http
+        assert isinstance(http, InboundHttp) and http.inbound is not None
+        router = http.inbound
+        http.stats.http_inbound_request(
+            router.source(down.peer), router.me, self.status, self.flags,
+            MUTUAL_TLS if down.secure else NO_SECURITY,
+            (asyncio.get_running_loop().time() - self.started) * 1000.0,
+            len(self.head) + self.body_size, self.response_size)
+
+
+InboundHttpDownstream.exchange_type = InboundExchange
+
