@@ -100,7 +100,7 @@ def _prepare(files: Sequence[str], project: str | None) -> Any:
     validated = validate_project(loaded)
     if validated.ca is not None:
         check_user_root(validated.ca)  # the user's own root: readable, a CA, in date, key fits
-    result = inject(loaded.model, validated.labels)
+    result = inject(loaded.model, validated.labels, ca=validated.ca)
     text = dump_yaml(result.model)
     compose_config_check(text, Path(loaded.files[0]).resolve().parent)
     return loaded, result, text
@@ -223,12 +223,15 @@ def status(project: str | None, as_json: bool) -> None:
     _print_status(data)
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("-p", "--project-name", "project", envvar="COMPOSE_PROJECT_NAME", default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the CA and identities as JSON.")
+@click.pass_context
 @handle_errors
-def certs(project: str | None, as_json: bool) -> None:
+def certs(ctx: click.Context, project: str | None, as_json: bool) -> None:
     """The mesh's root CA and trust bundle, and each proxy's identity and certificate expiry."""
+    if ctx.invoked_subcommand is not None:
+        return
     project = project or _project_from_cwd()
     ca = _pilot_request(project, "/v1/ca")
     data = _pilot_status(project)
@@ -237,6 +240,38 @@ def certs(project: str | None, as_json: bool) -> None:
         click.echo(json.dumps({"ca": ca, "proxies": data.get("proxies", [])}, indent=2))
         return
     _print_certs(ca, data)
+
+
+@certs.command("rotate-root")
+@compose_options
+@click.option("--timeout", default=120, show_default=True,
+              help="Seconds each step may take to reach every proxy.")
+@handle_errors
+def rotate_root(files: tuple[str, ...], project: str | None, timeout: int) -> None:
+    """Replace the mesh's root CA live: trust the new root everywhere, sign with it, renew
+    every certificate, then drop the old root. Run it again to go on after a timeout."""
+    project = project if project and not files else _project_name(files, project)
+    started = time.monotonic()
+    info = _pilot_request(project, "/v1/ca")
+    if info.get("source") == "user":
+        raise MeshError(
+            "the mesh's root is your own (x-composemesh.mtls.root); replace its files and "
+            "recreate the pilot to change it"
+        )
+    old_fp, new_fp = rotation_roots(info)
+    with _progress() as progress:
+        for step, take in rotation_plan(str(info.get("rotation_phase", "steady"))):
+            generation = 0
+            if take:
+                answer = _pilot_request(project, "/v1/ca/rotate", "POST", {"step": step})
+                generation = int(answer.get("generation", 0))
+                if step == "begin":
+                    old_fp, new_fp = rotation_roots(answer)
+            _wait_rotation(progress, project, step, new_fp or "", generation, timeout)
+    out.print(f"root CA of {escape(project)} rotated")
+    out.print(Text(f"  old root  {old_fp}\n  new root  {new_fp or '?'}"))
+    out.print(f"[green]every proxy trusts and holds a certificate of the new root[/] "
+              f"in {time.monotonic() - started:.1f}s")
 
 
 @main.command()
@@ -321,9 +356,7 @@ def _project(name: str, project_dir: Path, meshed: Path | None = None) -> Any:
 
 
 def _project_from_cwd() -> str:
-    from composemesh.inject import load_project
-
-    return str(load_project(resolve_files(()), None).name)
+    return _project_name((), None)
 
 
 def _progress() -> Progress:
@@ -460,6 +493,85 @@ def _wait_in_sync(
     raise NotReadyError(f"not every proxy ACKed within {timeout}s: {', '.join(lagging)}")
 
 
+ROTATION_STEPS = ("begin", "switch", "finish")
+_TAKEN_BY_PHASE = {"steady": 0, "trusting": 1, "switched": 2}  # steps already taken
+
+
+def rotation_plan(phase: str) -> list[tuple[str, bool]]:
+    """The steps of a root rotation from ``phase`` on, each with whether to take it (False:
+    the pilot took it already, only wait for the mesh to catch up with it)."""
+    taken = _TAKEN_BY_PHASE.get(phase, 0)
+    return [(step, i >= taken) for i, step in enumerate(ROTATION_STEPS) if i >= taken - 1]
+
+
+def rotation_roots(info: dict[str, Any]) -> tuple[str, str | None]:
+    """The old and new root fingerprints from a ``GET /v1/ca`` answer (new: None if steady)."""
+    trusted = [str(t.get("fingerprint")) for t in info.get("trusted") or []]
+    active = str(info.get("fingerprint", "?"))
+    phase = info.get("rotation_phase")
+    if phase == "trusting" and len(trusted) == 2:
+        return active, trusted[1]
+    if phase == "switched" and len(trusted) == 2:
+        return trusted[0], active
+    return active, None
+
+
+def rotation_progress(
+    status: dict[str, Any], step: str, new_root: str, generation: int = 0
+) -> tuple[bool, str, list[str]]:
+    """Whether every proxy has caught up with ``step`` of a root rotation, the line that says
+    how far they are, and the nodes still behind.
+
+    Every step: the proxy ACKed its current snapshot (begin: the bundle of both roots;
+    finish: the new root's alone). ``switch`` also: its certificate was issued by
+    ``new_root``. A proxy counts if its app or the proxy itself runs.
+    """
+    proxies = [p for p in status.get("proxies", []) if p.get("running") or p.get("proxy_healthy")]
+    published = int(status.get("generation", 0)) >= generation
+    synced = {p["node"] for p in proxies if p.get("in_sync") and published}
+    renewed = {p["node"] for p in proxies if p.get("cert_issuer_fingerprint") == new_root}
+    done = synced & renewed if step == "switch" else synced
+    n = len(proxies)
+    what = {"begin": "the bundle with both roots", "switch": "the new signing root",
+            "finish": "the bundle without the old root"}.get(step, step)
+    line = f"{step}: {len(synced)}/{n} proxies ACKed {what}"
+    if step == "switch":
+        line += f", {len(renewed)}/{n} hold a certificate of the new root"
+    lagging = sorted(p["node"] for p in proxies if p["node"] not in done)
+    return not lagging, line, lagging
+
+
+def _wait_rotation(
+    progress: Progress, project: str, step: str, new_root: str, generation: int, timeout: float
+) -> None:
+    """Until every proxy has caught up with ``step``; NotReadyError naming who did not."""
+    task = progress.add_task(f"{step}: waiting for the proxies", total=None)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, line, lagging = rotation_progress(
+            _pilot_status(project), step, new_root, generation
+        )
+        progress.update(task, description=escape(line))
+        if done:
+            progress.update(task, total=1, completed=1)
+            return
+        if time.monotonic() >= deadline:
+            progress.update(task, description=f"[red]{escape(line)}")
+            raise NotReadyError(
+                f"the root rotation stopped after its {step} step: "
+                f"{', '.join(lagging)} did not catch up within {timeout:g}s; the mesh keeps "
+                f"working as it is, and `composemesh certs rotate-root` goes on from there"
+            )
+        time.sleep(0.2)
+
+
+def _project_name(files: Sequence[str], project: str | None) -> str:
+    """The project as compose names it from ``files`` (or the default file) and ``-p``."""
+    from composemesh.inject import load_project
+
+    return str(load_project(resolve_files(files), project).name)
+
+
 def _wait_ready(progress: Progress, project: str, timeout: float) -> dict[str, Any]:
     task = progress.add_task("proxies: waiting for the pilot", total=None)
     deadline = time.monotonic() + max(timeout, 10)
@@ -552,7 +664,7 @@ def _print_status(data: dict[str, Any]) -> None:
         )
     out.print(table)
     for error in data.get("errors") or []:
-        err.print(f"[yellow]kept last good routing:[/] {escape(error)}", soft_wrap=True)
+        err.print(f"[yellow]kept last good config:[/] {escape(error)}", soft_wrap=True)
 
 
 def _when(iso: str | None) -> str:
@@ -604,6 +716,9 @@ def _print_certs(ca: dict[str, Any], data: dict[str, Any]) -> None:
         ("not after", _expiry(ca.get("not_after"))),
         ("trust bundle", f"{roots} root{'s' if roots != 1 else ''}, {len(bundle.encode())} bytes"),
         ("trust domain", str(ca.get("trust_domain", "?"))),
+        ("rotation", {"trusting": "under way: the new root is trusted, the old one signs",
+                      "switched": "under way: the new root signs, the old one is trusted"}.get(
+                          str(ca.get("rotation_phase")), "none under way")),
         ("root", {"user": "the user's own", "generated": "generated by the pilot (new)",
                   "stored": "generated by the pilot"}.get(str(ca.get("source")), "?")),
         ("workload certificates", f"live {_duration(ca.get('workload_ttl_s'))}; "

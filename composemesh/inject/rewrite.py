@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,13 @@ from typing import Any
 
 from composemesh.errors import ConfigError
 from composemesh.model import wellknown as wk
+from composemesh.model.ca_config import (
+    ENV_CA_CERT_FILE,
+    ENV_CA_KEY_FILE,
+    PILOT_ROOT_CERT,
+    PILOT_ROOT_KEY,
+    CAConfig,
+)
 from composemesh.model.labels import MeshLabels, normalize_labels, parse_labels
 from composemesh.model.settings import SECTION
 
@@ -264,12 +272,15 @@ def inject(
     labels: Mapping[str, MeshLabels] | None = None,
     *,
     image: str = wk.MESH_IMAGE,
+    ca: CAConfig | None = None,
 ) -> InjectResult:
     """Return ``model`` with every meshed service given a netns holder and a proxy.
 
     ``labels`` are the validated MeshLabels per compose service; a service missing from it
-    has its labels parsed here. Raises ConfigError if a user service already has a name
-    the injector needs (validate_project says so with the file first).
+    has its labels parsed here. ``ca`` is the validated ``x-composemesh: mtls:``: a root the
+    user brings is mounted into the pilot, read-only; without ``ca``, the root the pilot of
+    an already meshed ``model`` mounts stays. Raises ConfigError if a user service already
+    has a name the injector needs (validate_project says so with the file first).
     """
     src: dict[str, Any] = copy.deepcopy(dict(model))
     services = _services(src)
@@ -306,7 +317,8 @@ def inject(
     _extend_instance_dependencies(out_services)
 
     if ctx.meshed_any:
-        out_services[wk.PILOT_SERVICE] = _pilot(out_services, src.get(SECTION), image)
+        root = _user_root_files(ca, services)
+        out_services[wk.PILOT_SERVICE] = _pilot(out_services, src.get(SECTION), image, root)
         ctx.added.append(AddedService(wk.PILOT_SERVICE, wk.ROLE_PILOT, None))
     else:
         ctx.warnings.append("no service is in the mesh: nothing was injected")
@@ -701,8 +713,37 @@ def _follow_app(injected: dict[str, Any], app: Mapping[str, Any]) -> None:
 PILOT_VOLUME = "composemesh-pilot-state"
 
 
-def _pilot(services: Mapping[str, Any], settings: Any, image: str) -> dict[str, Any]:
-    """The control plane: on every network a holder is on, reachable from the host's loopback."""
+def _user_root_files(
+    ca: CAConfig | None, services: Mapping[str, Any]
+) -> tuple[str, str] | None:
+    """The host paths (absolute) of the user's root cert and key, None when the CA makes its
+    own: from ``ca``, else from the mounts of the pilot of an already meshed file."""
+    if ca is not None:
+        if ca.root_cert_path is None or ca.root_key_path is None:
+            return None
+        return os.path.abspath(ca.root_cert_path), os.path.abspath(ca.root_key_path)
+    for name, svc in services.items():
+        if _role(svc, name) == wk.ROLE_PILOT:
+            sources = {
+                v.get("target"): v.get("source")
+                for v in svc.get("volumes") or ()
+                if isinstance(v, Mapping) and v.get("type") == "bind"
+            }
+            cert, key = sources.get(PILOT_ROOT_CERT), sources.get(PILOT_ROOT_KEY)
+            if cert and key:
+                return str(cert), str(key)
+    return None
+
+
+def _pilot(
+    services: Mapping[str, Any], settings: Any, image: str, root: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """The control plane: on every network a holder is on, reachable from the host's loopback
+    (its plaintext API only: the mTLS port 15012 is for proxies, on the project's networks).
+
+    ``root``: the host paths of the user's own root cert and key, mounted read-only where
+    the pilot's CA looks for them (named in its environment).
+    """
     networks: set[str] = set()
     for name, svc in services.items():
         if _role(svc, name) == wk.ROLE_NETNS and "network_mode" not in svc:
@@ -734,6 +775,14 @@ def _pilot(services: Mapping[str, Any], settings: Any, image: str) -> dict[str, 
         pilot["environment"] = {
             "COMPOSEMESH_SETTINGS": json.dumps(settings, sort_keys=True, default=str)
         }
+    if root is not None:
+        for source, target in zip(root, (PILOT_ROOT_CERT, PILOT_ROOT_KEY), strict=True):
+            pilot["volumes"].append(
+                {"type": "bind", "source": source, "target": target, "read_only": True}
+            )
+        pilot.setdefault("environment", {}).update(
+            {ENV_CA_CERT_FILE: PILOT_ROOT_CERT, ENV_CA_KEY_FILE: PILOT_ROOT_KEY}
+        )
     return pilot
 
 

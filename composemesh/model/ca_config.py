@@ -25,6 +25,11 @@ from composemesh.errors import ConfigError
 from composemesh.model.settings import SECTION, parse_mtls
 
 MTLS = f"{SECTION}.mtls"
+# Where the injector mounts the user's root in the pilot container, and the env naming it.
+PILOT_ROOT_CERT = "/etc/composemesh/ca/root.pem"
+PILOT_ROOT_KEY = "/etc/composemesh/ca/root-key.pem"
+ENV_CA_CERT_FILE = "COMPOSEMESH_CA_CERT_FILE"
+ENV_CA_KEY_FILE = "COMPOSEMESH_CA_KEY_FILE"
 ROOT_KEYS = ("cert", "key")
 DEFAULT_WORKLOAD_TTL_S = 24 * 3600.0  # Istio's default workload certificate lifetime
 MIN_WORKLOAD_TTL_S = 60.0  # shorter would renew faster than clocks agree (1 min skew)

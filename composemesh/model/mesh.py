@@ -7,8 +7,19 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+from composemesh.model.policy import Policy
 from composemesh.model.routing import ServiceRouting
 from composemesh.model.settings import MeshSettings
+
+
+@dataclass(frozen=True)
+class NetworkAttachment:
+    """A holder's place on one network: its address there, the network's subnet and gateway."""
+
+    name: str
+    address: str
+    subnet: str  # CIDR, e.g. 172.18.0.0/16
+    gateway: str = ""  # "" when the engine names none
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,8 @@ class Workload:
     weight: int | None = None  # label weight of its version, None: unset
     protocol: str | None = None  # declared protocol of its ports, None: detect
     port_protocols: tuple[tuple[int, str], ...] = ()
+    published_ports: tuple[int, ...] = ()  # container ports the holder publishes on the host
+    attachments: tuple[NetworkAttachment, ...] = ()  # the holder's networks, with subnets
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,8 @@ class MeshState:
     settings: MeshSettings = field(default_factory=MeshSettings)
     routing: Mapping[str, ServiceRouting] = field(default_factory=dict)
     route_overrides: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
-    errors: tuple[str, ...] = ()  # why some service kept its last good routing
+    errors: tuple[str, ...] = ()  # why some service kept its last good routing (or policies)
+    policies: Mapping[str, tuple[Policy, ...]] = field(default_factory=dict)  # by destination
 
     def workload_by_address(self, address: str) -> Workload | None:
         for workload in self.workloads:

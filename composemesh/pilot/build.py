@@ -2,7 +2,8 @@
 
 A service whose routing cannot be built (a route names a version that no longer runs, an
 override that no longer fits) keeps its last good routing, and the reason is reported:
-the pilot never pushes a routing it could not build.
+the pilot never pushes a routing it could not build. The authorization policies likewise:
+policies that do not parse leave the last good ones in force.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Mapping
 
 from composemesh.errors import ConfigError
 from composemesh.model.mesh import MeshState, Workload
+from composemesh.model.policy import Policy, parse_policies
 from composemesh.model.routing import ServiceRouting
 from composemesh.model.routing_config import apply_weights, build_routing
 from composemesh.model.settings import MeshSettings
@@ -47,6 +49,11 @@ def build_state(
             errors.append(f"{service}: {exc}")
             if previous is not None and service in previous.routing:
                 routing[service] = previous.routing[service]
+    policies = previous.policies if previous is not None else {}
+    try:
+        policies = build_policies(workloads, settings)
+    except ConfigError as exc:
+        errors.append(f"policies: {exc}")
     return MeshState(
         project=project,
         workloads=workloads,
@@ -54,7 +61,35 @@ def build_state(
         routing=routing,
         route_overrides={k: dict(v) for k, v in overrides.items()},
         errors=tuple(errors),
+        policies=policies,
     )
+
+
+def build_policies(
+    workloads: tuple[Workload, ...], settings: MeshSettings
+) -> dict[str, tuple[Policy, ...]]:
+    """``x-composemesh: policies:`` parsed; ConfigError if it does not parse.
+
+    ``composemesh check`` validated them against the compose file's services. Here the
+    known services are every one running plus every name the section itself uses, so a
+    policy for (or from) a service that has not started yet is kept, not refused.
+    """
+    section = settings.raw.get("policies")
+    known = {w.service for w in workloads} | _names_in(section)
+    return parse_policies(section, known)
+
+
+def _names_in(section: object) -> set[str]:
+    """Every destination and ``from`` source named in a policies section, whatever its shape."""
+    if not isinstance(section, Mapping):
+        return set()
+    names = {str(dest) for dest in section}
+    for items in section.values():
+        for item in items if isinstance(items, list) else ():
+            sources = item.get("from") if isinstance(item, Mapping) else None
+            if isinstance(sources, list):
+                names.update(s for s in sources if isinstance(s, str))
+    return names
 
 
 def default_split(routing: ServiceRouting) -> dict[str, int]:

@@ -19,38 +19,53 @@ from composemesh.ca import (
     CertificateAuthority,
     IssuanceRefused,
     Root,
+    RootSet,
+    RotationError,
     SignedCertificate,
     SpiffeId,
+    begin_rotation,
     cert_from_pem,
     cert_to_pem,
+    certs_from_pem,
     check_user_root,
     fingerprint,
+    finish_rotation,
     key_from_pem,
     key_to_pem,
     make_root,
+    steady,
+    switch_signing,
 )
 from composemesh.ca.pki import check_root
 from composemesh.errors import ConfigError, MeshError
-from composemesh.model.ca_config import MTLS, CAConfig, parse_ca_config
+from composemesh.model.ca_config import (  # the user's root, where the injector mounted it
+    ENV_CA_CERT_FILE,
+    ENV_CA_KEY_FILE,
+    MTLS,
+    CAConfig,
+    parse_ca_config,
+)
 from composemesh.model.mesh import Workload
 from composemesh.model.settings import MeshSettings
 
 log = logging.getLogger("composemesh.pilot.ca")
 
 ENV_STATE_DIR = "COMPOSEMESH_STATE_DIR"
-ENV_CA_CERT_FILE = "COMPOSEMESH_CA_CERT_FILE"  # the user's root, where the injector mounted it
-ENV_CA_KEY_FILE = "COMPOSEMESH_CA_KEY_FILE"
 DEFAULT_STATE_DIR = "/var/lib/composemesh"
 CA_DIR = "ca"
 ROOT_CERT = "root.pem"
 ROOT_KEY = "root-key.pem"
 ISSUED = "issued.json"
+ROOTS = "roots.json"  # which stored roots sign and are trusted; absent: root.pem alone
+ROOT_STEM = "root"  # a root is stored as <stem>.pem and <stem>-key.pem
 DIR_MODE = 0o700
 KEY_MODE = 0o600
 ROOT_COMMON_NAME = "composemesh root CA"
 
 Clock = Callable[[], datetime]
 RootSource = Literal["generated", "stored", "user"]
+RotationStep = Literal["begin", "switch", "finish"]
+ROTATION_STEPS: tuple[RotationStep, ...] = ("begin", "switch", "finish")
 
 
 class CAStateError(MeshError):
@@ -68,6 +83,7 @@ class IssuedRecord:
     not_after: str
     issued_at: str
     address: str  # the caller's address the attestation found the node at
+    issuer_fingerprint: str = ""  # the root that signed it ("" in records of older pilots)
 
     def expired(self, now: datetime) -> bool:
         return datetime.fromisoformat(self.not_after) <= now
@@ -96,12 +112,15 @@ class CAService:
         source: RootSource,
         state_dir: Path | None = None,
         clock: Clock = _system_clock,
+        stems: Mapping[str, str] | None = None,
     ) -> None:
         self.authority = authority
         self.project = project
         self.source: RootSource = source
-        self.state_dir = state_dir  # where issued.json lives; None: kept in memory only
+        self.state_dir = state_dir  # where issued.json and roots live; None: in memory only
         self._clock = clock
+        # the file stem of each stored root, by fingerprint (what roots.json names)
+        self._stems: dict[str, str] = dict(stems or {fingerprint(self.root_cert): ROOT_STEM})
         self.issued: dict[str, IssuedRecord] = self._load_issued()
 
     # ------------------------------------------------------------------ start-up
@@ -125,22 +144,92 @@ class CAService:
         config = ca_config_from(settings, env)
         now = clock()
         source: RootSource
+        stems: dict[str, str] = {}
         if config.user_root:
             root = check_user_root(config, now)
             assert root is not None
             source = "user"
+            roots = steady(root)
             log.info("CA: the user's own root %s (%s)", root.cert.subject.rfc4514_string(),
                      fingerprint(root.cert))
         else:
-            root, created = load_or_create_root(base / CA_DIR, settings.trust_domain, project, now)
+            roots, stems, created = load_or_create_roots(
+                base / CA_DIR, settings.trust_domain, project, now
+            )
+            root = roots.active
             source = "generated" if created else "stored"
             log.info("CA: %s root %s (%s)", "generated a new" if created else "loaded the stored",
                      root.cert.subject.rfc4514_string(), fingerprint(root.cert))
+            if roots.phase != "steady":
+                log.info("CA: a root rotation is under way (phase %s)", roots.phase)
         authority = CertificateAuthority(
             root.cert, root.key, settings.trust_domain,
             workload_ttl=timedelta(seconds=config.workload_ttl_s), clock=clock,
         )
-        return cls(authority, project, source, base / CA_DIR, clock)
+        authority.use_roots(roots)
+        return cls(authority, project, source, base / CA_DIR, clock, stems or None)
+
+    # ------------------------------------------------------------------ root rotation
+
+    def rotate(self, step: str) -> RootSet:
+        """Take one step of a root rotation (begin, switch, finish), stored before it is used.
+
+        RotationError (nothing changed) for the user's own root, an unknown step, or a step
+        that does not follow the current phase. ``begin`` makes a new root like the first;
+        ``switch`` drops the old root's key; ``finish`` its certificate.
+        """
+        if self.source == "user":
+            raise RotationError(
+                "the root is the user's own (x-composemesh.mtls.root): rotate it by replacing "
+                "its files and recreating the pilot"
+            )
+        if step not in ROTATION_STEPS:
+            raise RotationError(f"unknown rotation step {step!r}; the steps are "
+                                f"{', '.join(ROTATION_STEPS)}")
+        old = self.authority.roots
+        now = self._clock()
+        if step == "begin":
+            cert, key = make_root(f"{ROOT_COMMON_NAME} ({self.project})",
+                                  self.authority.trust_domain, now=now)
+            new = begin_rotation(old, Root(cert, key), now)
+            self._stems[fingerprint(cert)] = f"{ROOT_STEM}-{serial_hex(cert)[:16]}"
+        elif step == "switch":
+            new = switch_signing(old)
+        else:
+            new = finish_rotation(old)
+        try:
+            self._store(new)
+        except OSError:
+            self._forget(old)  # a new root's files, if it got that far: the old set stands
+            raise
+        self.authority.use_roots(new)
+        self._forget(new)
+        log.info("CA: root rotation %s: %s signs, %d root(s) trusted", step,
+                 fingerprint(new.active.cert), len(new.trusted))
+        return new
+
+    def _store(self, roots: RootSet) -> None:
+        """Write ``roots``: an incoming root's files first, then ``roots.json`` at once."""
+        if self.state_dir is None:
+            return
+        if roots.incoming is not None:
+            fp = fingerprint(roots.incoming.cert)
+            _store_root(self.state_dir, self._stems[fp], roots.incoming)
+        _write_public(self.state_dir / ROOTS, _manifest(roots, self._stems))
+
+    def _forget(self, roots: RootSet) -> None:
+        """Delete what ``roots`` no longer needs: a key that will not sign, a cert not trusted."""
+        signing = {fingerprint(r.cert) for r in (roots.active, roots.incoming) if r is not None}
+        trusted = {fingerprint(c) for c in roots.trusted}
+        for fp, stem in list(self._stems.items()):
+            unneeded = [f"{stem}-key.pem"] if fp not in signing else []
+            if fp not in trusted:
+                unneeded.append(f"{stem}.pem")
+                del self._stems[fp]
+            for name in unneeded:
+                if self.state_dir is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.state_dir / name).unlink()
 
     # ------------------------------------------------------------------ issuance
 
@@ -154,7 +243,7 @@ class CAService:
     def issue(self, csr_pem: bytes, workload: Workload, address: str = "") -> SignedCertificate:
         """Sign ``csr_pem`` for the attested ``workload``; IssuanceRefused saying why not."""
         signed = self.authority.sign(csr_pem, self.attest(workload))
-        cert = cert_from_pem(signed.cert_pem)
+        cert, issuer = certs_from_pem(signed.chain_pem)[:2]
         self.issued[workload.node] = IssuedRecord(
             node=workload.node,
             spiffe=signed.spiffe.uri,
@@ -163,6 +252,7 @@ class CAService:
             not_after=_iso(cert.not_valid_after_utc),
             issued_at=_iso(self._clock()),
             address=address,
+            issuer_fingerprint=fingerprint(issuer),
         )
         self._save_issued()
         return signed
@@ -266,6 +356,64 @@ def ca_config_from(settings: MeshSettings, environ: Mapping[str, str]) -> CAConf
     return config
 
 
+def load_or_create_roots(
+    directory: Path, trust_domain: str, project: str, now: datetime
+) -> tuple[RootSet, dict[str, str], bool]:
+    """The stored root set (a rotation resumes where it was), or a new root written there.
+
+    Returns the root set, each root's file stem by fingerprint, and whether a root was
+    created now. Without ``roots.json`` the one root is ``root.pem`` (``load_or_create_root``).
+    CAStateError for a root set that cannot be used.
+    """
+    manifest = directory / ROOTS
+    if not manifest.exists():
+        root, created = load_or_create_root(directory, trust_domain, project, now)
+        return steady(root), {fingerprint(root.cert): ROOT_STEM}, created
+    _ensure_private_dir(directory)
+    recover = "remove the CA's volume (composemesh down -v) to start with a new root"
+    try:
+        data = json.loads(manifest.read_text())
+        phase, active_stem = str(data["phase"]), str(data["active"])
+        trusted_stems = [str(s) for s in data["trusted"]]
+        incoming_stem = data.get("incoming")
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CAStateError(f"the CA's {manifest} cannot be read: {exc}; {recover}") from None
+
+    def stored(stem: str) -> Root:
+        return _load_stored_root(directory / f"{stem}.pem", directory / f"{stem}-key.pem", now)
+
+    try:
+        active = stored(active_stem)
+        incoming = stored(str(incoming_stem)) if incoming_stem else None
+        trusted = tuple(
+            active.cert if s == active_stem else incoming.cert if incoming and s == incoming_stem
+            else cert_from_pem((directory / f"{s}.pem").read_bytes())
+            for s in trusted_stems
+        )
+        roots = RootSet(active, trusted, incoming, phase)  # type: ignore[arg-type]
+    except (OSError, ValueError, RotationError) as exc:
+        raise CAStateError(f"the CA's stored roots cannot be used: {exc}; {recover}") from None
+    return roots, {fingerprint(c): s for c, s in zip(trusted, trusted_stems, strict=True)}, False
+
+
+def _manifest(roots: RootSet, stems: Mapping[str, str]) -> bytes:
+    """``roots.json``: the phase and the stems of the active, trusted and incoming roots."""
+    data = {
+        "phase": roots.phase,
+        "active": stems[fingerprint(roots.active.cert)],
+        "trusted": [stems[fingerprint(c)] for c in roots.trusted],
+        "incoming": stems[fingerprint(roots.incoming.cert)] if roots.incoming else None,
+    }
+    return json.dumps(data, indent=2).encode()
+
+
+def _store_root(directory: Path, stem: str, root: Root) -> None:
+    """``<stem>-key.pem`` (0600) then ``<stem>.pem``: a certificate is never stored alone."""
+    _ensure_private_dir(directory)
+    _write_private(directory / f"{stem}-key.pem", key_to_pem(root.key))
+    _write_public(directory / f"{stem}.pem", cert_to_pem(root.cert))
+
+
 def load_or_create_root(
     directory: Path, trust_domain: str, project: str, now: datetime
 ) -> tuple[Root, bool]:
@@ -282,8 +430,7 @@ def load_or_create_root(
     if key_path.exists():
         log.warning("CA: %s has no certificate beside it; generating a new root", key_path)
     cert, key = make_root(f"{ROOT_COMMON_NAME} ({project})", trust_domain, now=now)
-    _write_private(key_path, key_to_pem(key))  # the key first: a cert alone is never stored
-    _write_public(cert_path, cert_to_pem(cert))
+    _store_root(directory, ROOT_STEM, Root(cert, key))
     return Root(cert, key), True
 
 

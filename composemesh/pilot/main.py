@@ -23,6 +23,7 @@ from composemesh.pilot.sources.docker.controller import DockerSource
 from composemesh.pilot.sources.docker.convert import PROJECT_LABEL
 from composemesh.pilot.sources.docker.engine_api import EngineAPI
 from composemesh.pilot.store import OverrideStore
+from composemesh.pilot.tls_port import PilotTLS
 from composemesh.pilot.traffic import TrafficMonitor
 
 log = logging.getLogger("composemesh.pilot")
@@ -47,7 +48,9 @@ async def own_project(api: EngineAPI) -> str:
     return str(project)
 
 
-async def serve(port: int = wk.PORT_PILOT) -> None:
+async def serve(port: int = wk.PORT_PILOT, tls_port: int = wk.PORT_PILOT_TLS) -> None:
+    """Plaintext API on ``port``; the same API over mutual TLS on ``tls_port`` (snapshots and
+    ACKs are served there only), with the pilot's own certificate from its CA."""
     settings = settings_from_env()
     api = EngineAPI()
     runner: web.AppRunner | None = None
@@ -61,10 +64,12 @@ async def serve(port: int = wk.PORT_PILOT) -> None:
         runner = web.AppRunner(make_app(pilot), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "0.0.0.0", port).start()
+        await web.TCPSite(runner, "0.0.0.0", tls_port, ssl_context=PilotTLS(ca).context).start()
         watch = asyncio.create_task(source.run(), name="docker-watch")
         pilot.traffic = TrafficMonitor(lambda: pilot.state.workloads)
         scrape = asyncio.create_task(pilot.traffic.run(), name="traffic-scrape")
-        log.info("pilot of project %s listening on :%d", project, port)
+        log.info("pilot of project %s listening on :%d and :%d (mutual TLS)",
+                 project, port, tls_port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -5,15 +5,20 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from composemesh.model.mesh import MeshState, Workload, content_version
+from composemesh.model.policy import policies_to_json
 from composemesh.model.routing import routing_to_json
 from composemesh.model.snapshot import ProxyIdentity, Snapshot
 
 
-def render_snapshot(state: MeshState, workload: Workload, trust_bundle: str = "") -> Snapshot:
+def render_snapshot(
+    state: MeshState, workload: Workload, trust_bundle: str = "", signing_root: str = ""
+) -> Snapshot:
     """The snapshot for ``workload``'s proxy. Same view, same version: no needless push.
 
     ``trust_bundle`` is the CA's PEM roots (public): a new bundle is a new version, so a root
-    rotation reaches every proxy as an ordinary push.
+    rotation reaches every proxy as an ordinary push. ``signing_root`` is the fingerprint of
+    the root that signs certificates now: a proxy whose certificate another root issued
+    renews it at once. Nothing secret is ever in a snapshot.
     """
     identity = ProxyIdentity(
         node=workload.node,
@@ -30,9 +35,22 @@ def render_snapshot(state: MeshState, workload: Workload, trust_bundle: str = ""
         "routing": {name: routing_to_json(r) for name, r in sorted(state.routing.items())},
         "protocols": _protocols(state),
         "trust_bundle": trust_bundle,
+        "signing_root": signing_root,
+        "policies": _policies(state, workload),
+        "published_ports": list(workload.published_ports),
+        "networks": [
+            {"name": a.name, "address": a.address, "subnet": a.subnet, "gateway": a.gateway}
+            for a in workload.attachments
+        ],
     }
     version = content_version({"identity": asdict(identity), "settings": settings})
     return Snapshot(version=version, identity=identity, settings=settings)
+
+
+def _policies(state: MeshState, me: Workload) -> dict[str, object]:
+    """The authorization policies ``me`` enforces: its own service's, as the destination."""
+    mine = state.policies.get(me.service)
+    return policies_to_json({me.service: mine}) if mine else {}
 
 
 def _services(state: MeshState, me: Workload) -> dict[str, list[dict[str, object]]]:

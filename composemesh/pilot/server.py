@@ -3,6 +3,11 @@
 A proxy is known by the address its request comes from, mapped through the Docker
 engine's view to the netns holder that owns that address: never by what it claims. The
 same attestation names the identity a proxy's certificate carries (``POST /v1/certificate``).
+
+When the pilot runs a CA, one app is served twice: plaintext on 15010 (the attested
+bootstrap ``POST /v1/certificate``, ``GET /v1/ca``, status, readiness, route changes and
+root rotation from the host) and over mutual TLS on 15012, where alone snapshots and ACKs
+are served, to a caller whose certificate names the identity attested at its address.
 """
 
 from __future__ import annotations
@@ -15,21 +20,24 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from composemesh.ca import IssuanceRefused
+from composemesh.ca import IssuanceRefused, RotationError, fingerprint
 from composemesh.ca.authority import MAX_CSR_BYTES
+from composemesh.ca.tls import peer_spiffe
 from composemesh.errors import ConfigError
+from composemesh.model import wellknown as wk
 from composemesh.model.mesh import MeshState, Workload
 from composemesh.model.routing_config import apply_weights
 from composemesh.model.settings import MeshSettings
 from composemesh.model.snapshot import Snapshot, SnapshotError, decode_ack, encode_snapshot
 from composemesh.pilot.build import build_state, default_split, service_versions
-from composemesh.pilot.ca_service import CAService
+from composemesh.pilot.ca_service import ROTATION_STEPS, CAService
 from composemesh.pilot.render import render_snapshot
 from composemesh.pilot.store import OverrideStore
 from composemesh.pilot.traffic import TrafficMonitor
 
 log = logging.getLogger("composemesh.pilot.server")
 LONG_POLL_S = 25.0
+PLAINTEXT_REFUSED = f"snapshots are served over mutual TLS on port {wk.PORT_PILOT_TLS}"
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ class Pilot:
     def _build(self, workloads: tuple[Workload, ...], settings: MeshSettings) -> MeshState:
         state = build_state(self.state.project, workloads, settings, self.overrides, self.state)
         for error in state.errors:
-            log.error("kept the last good routing of %s", error)
+            log.error("kept the last good config of %s", error)
         return state
 
     async def set_weights(self, service: str, weights: dict[str, int]) -> dict[str, object]:
@@ -105,9 +113,13 @@ class Pilot:
         return self.state.workload_by_address(request.remote or "")
 
     def snapshot_for(self, workload: Workload) -> Snapshot:
-        """What ``workload``'s proxy is sent: its view of the mesh and the CA's trust bundle."""
-        bundle = self.ca.trust_bundle_pem if self.ca is not None else ""
-        return render_snapshot(self.state, workload, bundle)
+        """What ``workload``'s proxy is sent: its view of the mesh, the CA's trust bundle and
+        which root signs now."""
+        if self.ca is None:
+            return render_snapshot(self.state, workload)
+        return render_snapshot(
+            self.state, workload, self.ca.trust_bundle_pem, fingerprint(self.ca.root_cert)
+        )
 
     def identity_of(self, workload: Workload) -> dict[str, object]:
         """The status columns of the certificate last issued to ``workload``'s proxy."""
@@ -116,7 +128,18 @@ class Pilot:
             "identity": record.spiffe if record else None,
             "cert_not_after": record.not_after if record else None,
             "cert_serial": record.serial if record else None,
+            "cert_issuer_fingerprint": (record.issuer_fingerprint or None) if record else None,
         }
+
+    async def rotate_root(self, step: str) -> dict[str, object]:
+        """One step of a root rotation, then a push: every snapshot names the new bundle or
+        signing root. RotationError (nothing changed) for a step out of order or a user's
+        root; OSError if the roots cannot be stored (nothing changed either)."""
+        if self.ca is None:
+            raise RotationError("this pilot runs no CA")
+        self.ca.rotate(step)
+        await self.publish(self.state)
+        return {**self.ca.info(), "step": step, "generation": self.generation}
 
     def status(self) -> dict[str, object]:
         rows = []
@@ -180,8 +203,54 @@ class Pilot:
 PILOT_KEY = web.AppKey("pilot", Pilot)
 
 
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def refuse_plaintext(pilot: Pilot, request: web.Request) -> web.Response | None:
+    """403 for a snapshot or ACK asked for without TLS, when the pilot runs a CA."""
+    if pilot.ca is None or _ssl_object(request) is not None:
+        return None
+    log.info("%s %s over plaintext from %s refused", request.method, request.path, request.remote)
+    return _error(403, PLAINTEXT_REFUSED)
+
+
+def refuse_peer(pilot: Pilot, request: web.Request, workload: Workload) -> web.Response | None:
+    """403 unless the caller's certificate names the identity attested for ``workload``."""
+    if pilot.ca is None:
+        return None
+    peer = peer_spiffe(_ssl_object(request))
+    try:
+        expected = pilot.ca.attest(workload).uri
+    except IssuanceRefused as exc:
+        reason = exc.reason
+    else:
+        if peer == expected:
+            return None
+        reason = f"the client certificate names {peer or 'no SPIFFE ID'}, not {expected}"
+    log.warning("%s %s from %s (%s) refused: %s",
+                request.method, request.path, request.remote, workload.node, reason)
+    return _error(403, reason)
+
+
+def _ssl_object(request: web.Request) -> object | None:
+    transport = request.transport
+    return transport.get_extra_info("ssl_object") if transport is not None else None
+
+
+def refuse_workload(pilot: Pilot, request: web.Request, what: str) -> web.Response | None:
+    """403 when the caller is a workload of the mesh: a workload may not steer the mesh."""
+    caller = pilot.caller(request)
+    if caller is None:
+        return None
+    log.warning("%s from workload %s refused", what, caller.node)
+    return _error(403, f"{what}s are not accepted from workloads")
+
+
 async def get_snapshot(request: web.Request) -> web.StreamResponse:
     pilot = request.app[PILOT_KEY]
+    if (refused := refuse_plaintext(pilot, request)) is not None:
+        return refused
     have = request.query.get("version", "")
     deadline = time.monotonic() + float(request.query.get("wait", LONG_POLL_S))
     while True:
@@ -196,6 +265,8 @@ async def get_snapshot(request: web.Request) -> web.StreamResponse:
                 status=403,
             )
         if workload is not None:
+            if (refused := refuse_peer(pilot, request, workload)) is not None:
+                return refused
             pilot.last_seen[workload.node] = time.time()
             applied = request.query.get("applied", "")
             if applied and workload.node not in pilot.acks:  # a pilot that lost its memory
@@ -211,9 +282,13 @@ async def get_snapshot(request: web.Request) -> web.StreamResponse:
 
 async def post_ack(request: web.Request) -> web.Response:
     pilot = request.app[PILOT_KEY]
+    if (refused := refuse_plaintext(pilot, request)) is not None:
+        return refused
     workload = pilot.caller(request)
     if workload is None:
         return web.json_response({"error": f"unknown caller {request.remote}"}, status=403)
+    if (refused := refuse_peer(pilot, request, workload)) is not None:
+        return refused
     try:
         ack = decode_ack(await request.read())
     except SnapshotError as exc:
@@ -289,12 +364,8 @@ async def get_ready(request: web.Request) -> web.Response:
 
 async def put_route(request: web.Request) -> web.Response:
     pilot = request.app[PILOT_KEY]
-    caller = pilot.caller(request)
-    if caller is not None:  # a workload of the mesh may not steer the mesh
-        log.warning("route change from workload %s refused", caller.node)
-        return web.json_response(
-            {"error": "route changes are not accepted from workloads"}, status=403
-        )
+    if (refused := refuse_workload(pilot, request, "route change")) is not None:
+        return refused
     try:
         body = await request.json()
         weights = {str(k): v for k, v in dict(body["weights"]).items()}
@@ -308,6 +379,36 @@ async def put_route(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+async def post_rotate(request: web.Request) -> web.Response:
+    """``{"step": "begin" | "switch" | "finish"}``: one step of a root rotation, from the host.
+
+    403 from a workload, 404 without a CA, 400 for a malformed body or unknown step, 409 for
+    a step out of order or the user's own root, 500 if the roots cannot be stored; else the
+    new ``GET /v1/ca`` answer with ``step`` and the ``generation`` that carries it.
+    """
+    pilot = request.app[PILOT_KEY]
+    if (refused := refuse_workload(pilot, request, "root rotation")) is not None:
+        return refused
+    if pilot.ca is None:
+        return _error(404, "this pilot runs no CA")
+    try:
+        step = (await request.json())["step"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return _error(400, f'malformed request: {exc}; send {{"step": "begin"}} or the like')
+    if step not in ROTATION_STEPS:
+        return _error(400, f"unknown rotation step {step!r}; the steps are "
+                           f"{', '.join(ROTATION_STEPS)}")
+    try:
+        result = await pilot.rotate_root(step)
+    except RotationError as exc:
+        log.warning("root rotation %s refused: %s", step, exc)
+        return _error(409, str(exc))
+    except OSError as exc:
+        log.error("root rotation %s failed: cannot store the roots: %s", step, exc)
+        return _error(500, f"cannot store the CA's roots: {exc}")
+    return web.json_response(result)
+
+
 def make_app(pilot: Pilot) -> web.Application:
     app = web.Application()
     app[PILOT_KEY] = pilot
@@ -316,6 +417,7 @@ def make_app(pilot: Pilot) -> web.Application:
     app.router.add_get("/v1/status", get_status)
     app.router.add_post("/v1/certificate", post_certificate)
     app.router.add_get("/v1/ca", get_ca)
+    app.router.add_post("/v1/ca/rotate", post_rotate)
     app.router.add_put("/v1/routes/{service}", put_route)
     app.router.add_get("/healthz/ready", get_ready)
     return app

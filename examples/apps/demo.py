@@ -59,6 +59,9 @@ def tcp_line(host: str, port: int, line: str, timeout: float = 5.0) -> str:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     role = "?"
+    # http.server writes the head and the body apart: with Nagle on, the body waits for the
+    # ACK of the head, which a keep-alive peer delays (~40 ms). A real server sends at once.
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt: str, *args: object) -> None:  # quiet: tests read stdout
         pass

@@ -46,7 +46,8 @@ def loaded(name: str) -> LoadedProject:
 @functools.cache
 def injected(name: str) -> InjectResult:
     project = loaded(name)
-    return inject(project.model, validate_project(project).labels)
+    validated = validate_project(project)
+    return inject(project.model, validated.labels, ca=validated.ca)
 
 
 def labels_of(svc: dict[str, Any]) -> dict[str, str]:

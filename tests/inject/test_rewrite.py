@@ -12,9 +12,11 @@ from composemesh.errors import ConfigError
 from composemesh.inject import inject
 from composemesh.inject.rewrite import NETNS_KEYS, PILOT_URL, PILOT_VOLUME
 from composemesh.model import wellknown as wk
+from composemesh.model.ca_config import PILOT_ROOT_CERT, PILOT_ROOT_KEY, CAConfig, parse_ca_config
 from composemesh.model.labels import parse_labels
 
 from .casefiles import (
+    CASES_DIR,
     case_names,
     holder_of,
     injected,
@@ -553,6 +555,44 @@ def test_settings_reach_the_pilot_as_json() -> None:
     # Left for compose to interpolate at `up`, like the x-composemesh section itself.
     assert "${CONSUL_TOKEN:-}" in env["COMPOSEMESH_SETTINGS"]
     assert "$$5" in env["COMPOSEMESH_SETTINGS"]
+
+
+def test_the_users_root_is_mounted_read_only_into_the_pilot() -> None:
+    pilot = injected("user_root").model["services"][wk.PILOT_SERVICE]
+    certs = CASES_DIR.resolve() / "certs"
+    assert pilot["volumes"][2:] == [
+        {"type": "bind", "source": str(certs / "root.pem"), "target": PILOT_ROOT_CERT,
+         "read_only": True},
+        {"type": "bind", "source": str(certs / "root-key.pem"), "target": PILOT_ROOT_KEY,
+         "read_only": True},
+    ]
+    assert PILOT_ROOT_CERT == "/etc/composemesh/ca/root.pem"
+    assert PILOT_ROOT_KEY == "/etc/composemesh/ca/root-key.pem"
+    env = pilot["environment"]
+    assert env["COMPOSEMESH_CA_CERT_FILE"] == PILOT_ROOT_CERT
+    assert env["COMPOSEMESH_CA_KEY_FILE"] == PILOT_ROOT_KEY
+    assert json.loads(env["COMPOSEMESH_SETTINGS"])["mtls"]["root"]["cert"] == "certs/root.pem"
+    assert [p["target"] for p in pilot["ports"]] == [wk.PORT_PILOT]  # 15012: networks only
+
+
+def test_root_mounts_follow_the_given_ca_config_and_survive_reinjection() -> None:
+    model: dict[str, Any] = {
+        "services": {"web": {"image": "busybox"}},
+        "x-composemesh": {"mtls": {"root": {"cert": "pki/ca.pem", "key": "/keys/ca-key.pem"}}},
+    }
+    ca = parse_ca_config(model["x-composemesh"]["mtls"], "/srv/shop")
+    once = inject(model, ca=ca).model
+    pilot = once["services"][wk.PILOT_SERVICE]
+    mounts = {v["target"]: v["source"] for v in pilot["volumes"] if v.get("read_only")}
+    assert mounts == {PILOT_ROOT_CERT: "/srv/shop/pki/ca.pem", PILOT_ROOT_KEY: "/keys/ca-key.pem"}
+    assert inject(once).model == once  # a meshed file keeps its pilot's root
+    assert inject(once, ca=ca).model == once
+    # a CA config without a root (the user took it out) is the word: no mounts, no env
+    plain = inject(once, ca=CAConfig()).model["services"][wk.PILOT_SERVICE]
+    assert not any(v.get("read_only") for v in plain["volumes"])
+    assert "COMPOSEMESH_CA_CERT_FILE" not in plain["environment"]
+    untouched = inject({"services": {"web": {"image": "busybox"}}}).model
+    assert "environment" not in untouched["services"][wk.PILOT_SERVICE]
 
 
 def test_an_injected_file_loaded_again_comes_back_unchanged() -> None:

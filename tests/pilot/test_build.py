@@ -63,3 +63,33 @@ def test_a_routing_that_no_longer_builds_keeps_the_last_good_one():
     assert later.routing["reviews"] == good.routing["reviews"]
     assert len(later.errors) == 1 and "reviews" in later.errors[0] and "v2" in later.errors[0]
     assert default_split(later.routing["ratings"]) == {"v1": 100}
+
+
+POLICIES = {
+    "reviews": [
+        {"name": "from-productpage", "from": ["productpage"], "to": [{"methods": ["GET"]}]}
+    ],
+    "ratings": [{"action": "DENY", "from": ["reviews"]}],
+}
+
+
+def test_policies_are_parsed_once_per_state_even_for_services_not_running_yet():
+    state = build_state("p", WORKLOADS, parse_settings({"policies": POLICIES}), {})
+    assert state.errors == ()
+    assert [p.name for p in state.policies["reviews"]] == ["from-productpage"]
+    assert state.policies["reviews"][0].sources == frozenset({"productpage"})  # not running
+    assert state.policies["ratings"][0].action == "DENY"
+    assert build_state("p", WORKLOADS, parse_settings(None), {}).policies == {}
+
+
+def test_policies_that_do_not_parse_keep_the_last_good_ones():
+    good = build_state("p", WORKLOADS, parse_settings({"policies": POLICIES}), {})
+    bad = {"reviews": [{"action": "MAYBE"}]}
+    state = build_state("p", WORKLOADS, parse_settings({"policies": bad}), {}, good)
+    assert state.policies == good.policies
+    assert state.errors == (
+        "policies: x-composemesh.policies.reviews[0].action: 'MAYBE' is not one of ALLOW, DENY",
+    )
+    assert state.routing == good.routing  # the routing is built all the same
+    first = build_state("p", WORKLOADS, parse_settings({"policies": bad}), {})
+    assert first.policies == {} and len(first.errors) == 1

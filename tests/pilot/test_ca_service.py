@@ -39,7 +39,7 @@ from composemesh.pilot.ca_service import (
     CAService,
     CAStateError,
 )
-from composemesh.pilot.server import Pilot, make_app
+from composemesh.pilot.server import PLAINTEXT_REFUSED, Pilot, make_app
 
 WEB = Workload(
     node="shop-web-netns-1",
@@ -227,9 +227,14 @@ def test_post_certificate_issues_for_the_attested_caller(tmp_path: Path,
         assert row["identity"] == answer["spiffe"]
         assert row["cert_serial"] == answer["serial"] == f"{cert.serial_number:x}"
         assert row["cert_not_after"] == answer["not_after"]
-        # the snapshot carries the same (public) trust bundle
-        snap = decode_snapshot(await (await client.get("/v1/snapshot")).read())
+        assert row["cert_issuer_fingerprint"] == fingerprint(chain[1])
+        # the snapshot carries the same (public) trust bundle; with a CA, over mTLS only
+        resp = await client.get("/v1/snapshot")
+        assert resp.status == 403
+        assert await resp.json() == {"error": PLAINTEXT_REFUSED}
+        snap = pilot.snapshot_for(WEB)
         assert snap.settings["trust_bundle"] == answer["trust_bundle_pem"]
+        assert snap.settings["signing_root"] == fingerprint(chain[1])
         assert row["snapshot_version"] == snap.version  # status renders the same snapshot
 
     run(tmp_path, body)
@@ -295,7 +300,7 @@ def test_get_ca_shows_the_root_and_bundle_and_a_pilot_without_a_ca_says_404(
         row = (await (await client.get("/v1/status")).json())["proxies"][0]
         assert (row["identity"], row["cert_not_after"], row["cert_serial"]) == (None, None, None)
         snap = decode_snapshot(await (await client.get("/v1/snapshot")).read())
-        assert snap.settings["trust_bundle"] == ""
+        assert snap.settings["trust_bundle"] == snap.settings["signing_root"] == ""
 
     run(tmp_path, no_ca, ca=False)
 

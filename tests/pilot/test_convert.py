@@ -147,3 +147,29 @@ def test_an_endpoint_serves_only_while_its_app_does(apps, serving):
     listing = [container("h1", "p-web-netns-1", "netns", "web"), *apps]
     (w,), _ = workloads_from_containers(listing, project="p")
     assert w.running is serving
+
+
+def test_published_ports_and_networks_of_the_holder():
+    """What inbound enforcement needs: the ports the host reaches, each network's subnet."""
+    holder = container("h1", "p-web-netns-1", "netns", "web")
+    holder["Ports"] = [
+        {"IP": "0.0.0.0", "PrivatePort": 9080, "PublicPort": 8080, "Type": "tcp"},
+        {"IP": "::", "PrivatePort": 9080, "PublicPort": 8080, "Type": "tcp"},
+        {"IP": "127.0.0.1", "PrivatePort": 443, "PublicPort": 8443, "Type": "tcp"},
+        {"PrivatePort": 7000, "Type": "tcp"},  # exposed, not published
+        {"IP": "0.0.0.0", "PrivatePort": 53, "PublicPort": 5353, "Type": "udp"},
+    ]
+    holder["NetworkSettings"]["Networks"] = {
+        "p_front": {"IPAddress": "172.20.0.2", "IPPrefixLen": 16, "Gateway": "172.20.0.1"},
+        "p_back": {"IPAddress": "10.9.0.5", "IPPrefixLen": 24},
+        "p_odd": {"IPAddress": "10.8.0.5"},  # no prefix length: no subnet to speak of
+    }
+    (web,), _ = workloads_from_containers([holder], project="p")
+    assert web.published_ports == (443, 9080)
+    assert [(a.name, a.address, a.subnet, a.gateway) for a in web.attachments] == [
+        ("p_back", "10.9.0.5", "10.9.0.0/24", ""),
+        ("p_front", "172.20.0.2", "172.20.0.0/16", "172.20.0.1"),
+    ]
+    assert web.networks == (
+        ("p_back", "10.9.0.5"), ("p_front", "172.20.0.2"), ("p_odd", "10.8.0.5")
+    )

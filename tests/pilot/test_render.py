@@ -60,3 +60,52 @@ def test_snapshots_of_different_proxies_differ():
         render_snapshot(STATE, STATE.workloads[0]).version
         != render_snapshot(STATE, STATE.workloads[1]).version
     )
+
+
+def test_inbound_enforcement_settings():
+    """What a destination proxy enforces: its own service's policies, published ports, its
+    networks, and which root signs now."""
+    from composemesh.model.mesh import NetworkAttachment
+    from composemesh.model.snapshot import SCHEMA, decode_snapshot, encode_snapshot
+    from composemesh.pilot.build import build_state
+
+    settings = parse_settings({
+        "policies": {
+            "reviews": [{"name": "pp", "from": ["productpage"], "to": [{"paths": ["/api/*"]}]}],
+            "productpage": [{"from": ["*"]}],
+        },
+    })
+    reviews = replace(
+        STATE.workloads[0],
+        published_ports=(443, 9080),
+        attachments=(NetworkAttachment("p_back", "10.0.0.1", "10.0.0.0/24", "10.0.0.254"),),
+    )
+    state = build_state("p", (reviews, *STATE.workloads[1:]), settings, {})
+    snap = render_snapshot(state, reviews, "PEM", "SHA256:ab:cd")
+    assert snap.schema == SCHEMA == 1
+    assert snap.settings["policies"] == {
+        "reviews": [{"name": "pp", "action": "ALLOW", "from": ["productpage"],
+                     "to": [{"methods": [], "paths": ["/api/*"]}]}],
+    }
+    assert snap.settings["published_ports"] == [443, 9080]
+    assert snap.settings["networks"] == [
+        {"name": "p_back", "address": "10.0.0.1", "subnet": "10.0.0.0/24", "gateway": "10.0.0.254"}
+    ]
+    assert snap.settings["signing_root"] == "SHA256:ab:cd"
+    assert snap.settings["mtls_mode"] == "STRICT"
+    assert decode_snapshot(encode_snapshot(snap)) == snap  # plain JSON on the wire
+
+    ratings = render_snapshot(state, state.workloads[2])  # no policy of its own: none
+    assert ratings.settings["policies"] == {}
+    assert ratings.settings["published_ports"] == [] and ratings.settings["networks"] == []
+    assert ratings.settings["signing_root"] == ""
+
+    # versioned by content: the same view is the same version, each input a new one
+    assert render_snapshot(replace(state), reviews, "PEM", "SHA256:ab:cd").version == snap.version
+    others = [
+        render_snapshot(state, reviews, "PEM", "SHA256:ef"),
+        render_snapshot(state, replace(reviews, published_ports=(9080,)), "PEM", "SHA256:ab:cd"),
+        render_snapshot(replace(state, policies={}), reviews, "PEM", "SHA256:ab:cd"),
+        render_snapshot(state, replace(reviews, attachments=()), "PEM", "SHA256:ab:cd"),
+    ]
+    assert len({snap.version, *(o.version for o in others)}) == 5

@@ -6,11 +6,12 @@ A container that cannot be understood is skipped with a reason, never fatal to t
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from composemesh.model import wellknown as wk
-from composemesh.model.mesh import Workload
+from composemesh.model.mesh import NetworkAttachment, Workload
 
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
@@ -32,6 +33,37 @@ def networks(container: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         (str(name), str(n["IPAddress"])) for name, n in nets.items() if n and n.get("IPAddress")
     ]
     return tuple(sorted(found))
+
+
+def attachments(container: Mapping[str, Any]) -> tuple[NetworkAttachment, ...]:
+    """Each network the container has an address on, with its subnet and gateway, by name.
+
+    A network whose address or prefix length the engine does not give (or gives malformed)
+    is left out: it cannot be told apart from the outside world by its subnet.
+    """
+    nets = ((container.get("NetworkSettings") or {}).get("Networks")) or {}
+    found = []
+    for name, n in nets.items():
+        if not n or not n.get("IPAddress"):
+            continue
+        try:
+            subnet = ipaddress.ip_interface(f"{n['IPAddress']}/{n.get('IPPrefixLen')}").network
+        except ValueError:
+            continue
+        gateway = str(n.get("Gateway") or "")
+        found.append(NetworkAttachment(str(name), str(n["IPAddress"]), str(subnet), gateway))
+    return tuple(sorted(found, key=lambda a: a.name))
+
+
+def published_ports(container: Mapping[str, Any]) -> tuple[int, ...]:
+    """The container's TCP ports published on the host (``PrivatePort`` of each with a
+    ``PublicPort``), sorted, each once (an IPv4 and an IPv6 binding are one port)."""
+    ports = {
+        int(p["PrivatePort"])
+        for p in container.get("Ports") or []
+        if p.get("PublicPort") and p.get("PrivatePort") and p.get("Type", "tcp") == "tcp"
+    }
+    return tuple(sorted(ports))
 
 
 def _weight(labels: Mapping[str, str]) -> int | None:
@@ -104,6 +136,8 @@ def workloads_from_containers(
                 weight=_weight(labels),
                 protocol=labels.get(wk.LABEL_PROTOCOL),
                 port_protocols=_port_protocols(labels),
+                published_ports=published_ports(holder),
+                attachments=attachments(holder),
             )
         )
     return tuple(workloads), tuple(skipped)

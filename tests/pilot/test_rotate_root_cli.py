@@ -1,0 +1,233 @@
+"""`composemesh certs rotate-root`: the pure waiting logic, then the command against a real
+pilot API (its proxies stood in for by a test double that ACKs and renews as proxies do)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from click.testing import CliRunner
+
+from composemesh import cli
+from composemesh.ca import csr_to_pem, fingerprint, generate_key, make_csr
+from composemesh.model.mesh import MeshState, Workload
+from composemesh.model.settings import MeshSettings
+from composemesh.pilot.ca_service import CAService
+from composemesh.pilot.server import AckRecord, Pilot, make_app
+
+# --------------------------------------------------------------------------- pure
+
+
+def test_the_plan_goes_on_from_the_phase_the_pilot_is_in() -> None:
+    assert cli.rotation_plan("steady") == [("begin", True), ("switch", True), ("finish", True)]
+    assert cli.rotation_plan("trusting") == [
+        ("begin", False), ("switch", True), ("finish", True)]
+    assert cli.rotation_plan("switched") == [("switch", False), ("finish", True)]
+
+
+def test_old_and_new_roots_from_the_ca_info() -> None:
+    trusted = [{"fingerprint": "SHA256:old"}, {"fingerprint": "SHA256:new"}]
+    assert cli.rotation_roots({"fingerprint": "SHA256:old", "rotation_phase": "steady",
+                               "trusted": trusted[:1]}) == ("SHA256:old", None)
+    assert cli.rotation_roots({"fingerprint": "SHA256:old", "rotation_phase": "trusting",
+                               "trusted": trusted}) == ("SHA256:old", "SHA256:new")
+    assert cli.rotation_roots({"fingerprint": "SHA256:new", "rotation_phase": "switched",
+                               "trusted": trusted}) == ("SHA256:old", "SHA256:new")
+
+
+def row(node: str, in_sync: bool = True, issuer: str | None = "SHA256:new",
+        running: bool = True, healthy: bool = True) -> dict[str, Any]:
+    return {"node": node, "in_sync": in_sync, "cert_issuer_fingerprint": issuer,
+            "running": running, "proxy_healthy": healthy}
+
+
+def test_begin_and_finish_wait_for_every_ack_of_the_published_generation() -> None:
+    status = {"generation": 7, "proxies": [row("a"), row("b", in_sync=False),
+                                           row("gone", in_sync=False, running=False,
+                                               healthy=False)]}
+    assert cli.rotation_progress(status, "begin", "SHA256:new", 7) == (
+        False, "begin: 1/2 proxies ACKed the bundle with both roots", ["b"])
+    status["proxies"][1]["in_sync"] = True
+    assert cli.rotation_progress(status, "finish", "SHA256:new", 7) == (
+        True, "finish: 2/2 proxies ACKed the bundle without the old root", [])
+    # an ACK of what the pilot rendered before the step was published does not count
+    assert cli.rotation_progress(status, "begin", "SHA256:new", 8)[0:3:2] == (False, ["a", "b"])
+    assert cli.rotation_progress({"generation": 1, "proxies": []}, "begin", "x", 1)[0]
+
+
+def test_switch_waits_for_every_certificate_of_the_new_root_too() -> None:
+    status = {"generation": 3, "proxies": [row("a"), row("b", issuer="SHA256:old"),
+                                           row("c", issuer=None, running=False)]}
+    done, line, lagging = cli.rotation_progress(status, "switch", "SHA256:new", 3)
+    assert (done, lagging) == (False, ["b", "c"])
+    assert line == ("switch: 3/3 proxies ACKed the new signing root, "
+                    "1/3 hold a certificate of the new root")
+    for p in status["proxies"]:
+        p["cert_issuer_fingerprint"] = "SHA256:new"
+    assert cli.rotation_progress(status, "switch", "SHA256:new", 3)[0]
+
+
+# --------------------------------------------------------------------------- the command
+
+WORKLOADS = tuple(
+    Workload(node=f"shop-{s}-netns-1", project="shop", compose_service=s, service=s,
+             version="v1", addresses=(f"10.9.0.{i}",), running=True, proxy_healthy=True)
+    for i, s in enumerate(("web", "db"), start=2)
+)
+
+
+@dataclass
+class FakeProxies:
+    """Stands in for the proxies (their data path is not what is tested here): each ACKs
+    the snapshot the pilot renders for it and, when ``renew``, gets a new certificate as
+    soon as the snapshot names another signing root, as a real proxy does."""
+
+    pilot: Pilot
+    renew: bool = True
+
+    async def run(self) -> None:
+        ca = self.pilot.ca
+        assert ca is not None
+        while True:
+            for w in self.pilot.state.workloads:
+                snap = self.pilot.snapshot_for(w)
+                record = ca.record_for(w)
+                if self.renew and (record is None or
+                                   record.issuer_fingerprint != snap.settings["signing_root"]):
+                    ca.issue(csr_to_pem(make_csr(generate_key())), w, w.addresses[0])
+                self.pilot.acks[w.node] = AckRecord(snap.version, True, "", time.time())
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def pilot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeProxies]:
+    """A pilot with a CA on a loopback port in its own thread; the CLI is pointed at it."""
+    ca = CAService.load_or_create(MeshSettings(), "shop", tmp_path, {})
+    the_pilot = Pilot(MeshState(project="shop", workloads=WORKLOADS), None, ca)
+    the_pilot.synced = True
+    proxies = FakeProxies(the_pilot)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(make_app(the_pilot), access_log=None, shutdown_timeout=0.1)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+    port = runner.addresses[0][1]
+    task = loop.create_task(proxies.run())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(cli, "_pilot_url", lambda project: f"http://127.0.0.1:{port}")
+    try:
+        yield proxies
+    finally:
+        loop.call_soon_threadsafe(task.cancel)
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines as they are, not folded at the runner's 80 columns."""
+    for console in (cli.out, cli.err):
+        monkeypatch.setattr(console, "width", 300)
+
+
+def rotate_root(*args: str) -> Any:
+    return CliRunner().invoke(cli.main, ["certs", "rotate-root", "-p", "shop", *args])
+
+
+def test_rotate_root_takes_every_step_and_waits_for_every_proxy(pilot: FakeProxies) -> None:
+    ca = pilot.pilot.ca
+    assert ca is not None
+    old = fingerprint(ca.root_cert)
+    result = rotate_root("--timeout", "10")
+    assert result.exit_code == 0, result.output
+    new = fingerprint(ca.root_cert)
+    assert new != old and ca.authority.roots.phase == "steady"
+    assert ca.authority.roots.trusted == (ca.root_cert,)
+    assert all(r.issuer_fingerprint == new for r in ca.issued.values())
+    text = " ".join(result.output.split())
+    for line in ("begin: 2/2 proxies ACKed the bundle with both roots",
+                 "switch: 2/2 proxies ACKed the new signing root, 2/2 hold a certificate of "
+                 "the new root",
+                 "finish: 2/2 proxies ACKed the bundle without the old root",
+                 f"old root {old}", f"new root {new}",
+                 "every proxy trusts and holds a certificate of the new root in"):
+        assert line in text, line
+
+
+def test_a_proxy_that_does_not_renew_stops_it_and_a_second_run_goes_on(
+        pilot: FakeProxies) -> None:
+    ca = pilot.pilot.ca
+    assert ca is not None
+    old = fingerprint(ca.root_cert)
+    pilot.renew = False
+    started = time.monotonic()
+    result = rotate_root("--timeout", "1")
+    assert result.exit_code == 1
+    assert time.monotonic() - started < 5
+    assert " ".join(result.output.split()).endswith(
+        "error: the root rotation stopped after its switch step: shop-db-netns-1, "
+        "shop-web-netns-1 did not catch up within 1s; the mesh keeps working as it is, and "
+        "`composemesh certs rotate-root` goes on from there")
+    assert ca.authority.roots.phase == "switched"  # the old root is still trusted
+
+    pilot.renew = True
+    result = rotate_root("--timeout", "10")
+    assert result.exit_code == 0, result.output
+    assert f"old root {old}" in " ".join(result.output.split())  # the same rotation
+    assert ca.authority.roots.phase == "steady"
+
+
+def test_the_users_own_root_is_refused_up_front(pilot: FakeProxies) -> None:
+    assert pilot.pilot.ca is not None
+    pilot.pilot.ca.source = "user"
+    result = rotate_root()
+    assert result.exit_code == 1
+    assert "the mesh's root is your own (x-composemesh.mtls.root)" in result.output
+    assert pilot.pilot.ca.authority.roots.phase == "steady"
+
+
+def test_no_running_pilot_is_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    def nothing(project: str) -> str:
+        raise cli.EngineError(f"no running pilot in project {project!r}; is the mesh up?")
+
+    monkeypatch.setattr(cli, "_pilot_url", nothing)
+    result = rotate_root()
+    assert result.exit_code == 1
+    assert "no running pilot in project 'shop'; is the mesh up?" in result.output
+
+
+def test_the_project_comes_from_the_compose_file_as_compose_names_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+
+    def nothing(project: str) -> str:
+        asked.append(project)
+        raise cli.EngineError(f"no running pilot in project {project!r}; is the mesh up?")
+
+    monkeypatch.setattr(cli, "_pilot_url", nothing)
+    compose = tmp_path / "compose.yaml"
+    compose.write_text("name: shop-two\nservices:\n  web:\n    image: busybox\n")
+    args = ["certs", "rotate-root", "-f", str(compose)]
+    assert CliRunner().invoke(cli.main, args).exit_code == 1
+    assert CliRunner().invoke(cli.main, [*args, "-p", "other"]).exit_code == 1
+    assert asked == ["shop-two", "other"]
+
+
+def test_certs_without_a_subcommand_still_shows_the_ca(pilot: FakeProxies) -> None:
+    result = CliRunner().invoke(cli.main, ["certs", "-p", "shop", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["ca"]["rotation_phase"] == "steady" and "trust_bundle_pem" not in data["ca"]
+    assert {p["node"] for p in data["proxies"]} == {w.node for w in WORKLOADS}
+    result = CliRunner().invoke(cli.main, ["certs", "-p", "shop"])
+    assert result.exit_code == 0 and "none under way" in result.output
