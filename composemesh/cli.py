@@ -333,9 +333,12 @@ def pilot() -> None:
 @main.command("proxy-ready")
 def proxy_ready() -> None:
     """[in the mesh image] Exit 0 when the proxy beside it is ready (container healthcheck)."""
-    from composemesh.proxy.admin import probe_ready
+    from composemesh.proxy.admin import probe_readiness
 
-    sys.exit(0 if probe_ready() else 1)
+    ready, reason = probe_readiness()
+    if not ready:
+        print(reason)  # kept by Docker in the container's health log; `up` shows it
+    sys.exit(0 if ready else 1)
 
 
 @main.command("pilot-ready")
@@ -613,6 +616,20 @@ def _show_logs_of_failed(proj: Any, reason: str) -> None:
     if text:
         err.print(f"[bold]last lines of {m.group(1)}:[/]")
         err.print(text, markup=False, highlight=False)
+    if "unhealthy" in reason:
+        health = subprocess.run(
+            ["docker", "inspect", "-f", "{{json .State.Health.Log}}", m.group(1)],
+            capture_output=True, text=True, check=False,
+        )
+        try:
+            checks = json.loads(health.stdout) or []
+        except ValueError:
+            checks = []
+        if checks:
+            last = checks[-1]
+            err.print(f"[bold]its last healthcheck[/] (exit {last.get('ExitCode')}):")
+            err.print(str(last.get("Output", "")).strip() or "(no output)", markup=False,
+                      highlight=False)
 
 
 def _print_status(data: dict[str, Any]) -> None:

@@ -114,7 +114,8 @@ def build_admin_app(ctx: AdminContext) -> web.Application:
         return _ready_response(ctx, LIVE)
 
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response({**ctx.stats.totals(), "http": ctx.stats.http_totals()})
+        return web.json_response({**ctx.stats.totals(), "http": ctx.stats.http_totals(),
+                                  "http_inbound": ctx.stats.http_inbound_totals()})
 
     async def config_dump(request: web.Request) -> web.Response:
         return web.json_response(ctx.config_dump())
@@ -155,12 +156,21 @@ def build_prometheus_app(ctx: AdminContext) -> web.Application:
 
 def probe_ready(port: int = PORT_HEALTH, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
     """Whether the proxy here says it is ready (GET /healthz/ready answers 200)."""
+    return probe_readiness(port, host, timeout)[0]
+
+
+def probe_readiness(port: int = PORT_HEALTH, host: str = "127.0.0.1",
+                    timeout: float = 2.0) -> tuple[bool, str]:
+    """``probe_ready`` and why not: the proxy's own reason, or why it could not be asked (what
+    the container healthcheck prints, so that ``docker inspect`` and ``up`` can show it)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(f"http://{host}:{port}/healthz/ready", timeout=timeout) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+            return response.status == 200, ""
+    except urllib.error.HTTPError as exc:
+        return False, exc.read().decode(errors="replace").strip() or f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return False, f"the proxy's health port did not answer: {exc}"
 
 
 def _ready_response(ctx: AdminContext, ok_text: str) -> web.Response:

@@ -25,6 +25,11 @@ def http_requests(stats: dict) -> int:
     return int(stats["http"]["requests"])
 
 
+def _inbound(stats: dict, source: str) -> int:
+    """HTTP requests a proxy took in for its app from ``source`` (a mesh service)."""
+    return int(stats["http_inbound"]["requests_by_source"].get(source, 0))
+
+
 def sent_bytes(stats: dict, direction: str) -> int:
     return int(stats[direction]["bytes_sent"]) + int(stats[direction]["bytes_received"])
 
@@ -61,13 +66,15 @@ def test_http_call_goes_through_both_sidecars(bookinfo: Mesh) -> None:
     assert http_requests(src_after) - http_requests(src_before) == 4
     routed = src_after["http"]["requests_by_version"]["reviews"]
     assert sum(routed.values()) >= 4
-    # ... and captured inbound by the reviews instances that answered (over pooled
-    # keep-alive connections from ratings' proxy: fewer connections than requests)
-    received = sum(
-        int(a["inbound"]["bytes_received"]) - int(b["inbound"]["bytes_received"])
+    # ... and taken inbound by the reviews instances that answered, over mutual TLS from
+    # ratings' proxy (pooled keep-alive connections: fewer connections than requests)
+    received = [
+        _inbound(a, "ratings") - _inbound(b, "ratings")
         for a, b in zip(dst_after, dst_before, strict=True)
-    )
-    assert received >= 4 * len("GET /reviews/0 HTTP/1.1\r\n")
+    ]
+    assert sum(received) == 4, received
+    assert all(a["http_inbound"]["requests_by_security"].get("none", 0) == 0
+               for a in dst_after)
 
 
 def test_raw_tcp_call_goes_through_both_sidecars(bookinfo: Mesh) -> None:
@@ -91,7 +98,9 @@ def test_published_port_reaches_the_app_through_its_proxy(bookinfo: Mesh) -> Non
     assert page["service"] == "productpage"
     assert page["reviews"]["service"] == "reviews" and page["details"]["service"] == "details"
     after = bookinfo.proxy_stats("productpage")
-    assert opened(after, "inbound") > opened(before, "inbound")
+    # in from the host through the published port, plaintext: STRICT lets the host in there
+    plain = after["http_inbound"]["requests_by_security"].get("none", 0)
+    assert plain > before["http_inbound"]["requests_by_security"].get("none", 0)
     assert http_requests(after) > http_requests(before)  # to reviews, over HTTP
     assert opened(after, "outbound") > opened(before, "outbound")  # to details, over TCP
 
@@ -103,7 +112,8 @@ def test_prometheus_endpoint_uses_istio_metric_names(bookinfo: Mesh) -> None:
     assert "istio_requests_total{" in text
     assert 'reporter="source"' in text and 'destination_service_name="reviews"' in text
     assert "istio_request_duration_milliseconds_bucket{" in text
-    assert "istio_tcp_connections_opened_total{" in text  # inbound, reporter="destination"
+    assert 'reporter="destination"' in text  # inbound: the call from details
+    assert 'connection_security_policy="mutual_tls"' in text
 
 
 def test_capture_rules_are_installed_in_the_namespace(bookinfo: Mesh) -> None:

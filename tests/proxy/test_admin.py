@@ -14,6 +14,7 @@ from composemesh.proxy.admin import (
     build_admin_app,
     build_health_app,
     build_prometheus_app,
+    probe_readiness,
     probe_ready,
 )
 from composemesh.proxy.pilot_client import ConfigStore
@@ -63,6 +64,7 @@ def test_admin_endpoints() -> None:
 
         _, _, stats = await get(build_admin_app(ctx), "/stats")
         assert json.loads(stats)[OUTBOUND]["connections_opened"] == 2
+        assert {"http", "http_inbound"} <= set(json.loads(stats))  # both HTTP directions
 
         _, _, dump_text = await get(build_admin_app(ctx), "/config_dump")
         dump = json.loads(dump_text)
@@ -103,11 +105,17 @@ def test_probe_ready_follows_the_health_endpoint() -> None:
         await web.TCPSite(runner, "127.0.0.1", port).start()
         try:
             assert await asyncio.to_thread(probe_ready, port) is False
+            # what the healthcheck prints (Docker keeps it; `up` shows it): the proxy's reason
+            assert await asyncio.to_thread(probe_readiness, port) == (
+                False, "not ready: capture listeners are not bound yet")
             ctx.listeners.update({OUTBOUND: True, INBOUND: True})
             ctx.store.offer(snapshot_body("v1"))
             assert await asyncio.to_thread(probe_ready, port) is True
         finally:
             await runner.cleanup()
         assert await asyncio.to_thread(probe_ready, port) is False  # nobody listening
+        ready, reason = await asyncio.to_thread(probe_readiness, port)
+        assert not ready and reason.startswith("the proxy's health port did not answer")
 
     asyncio.run(main())
+
