@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -234,6 +235,19 @@ def tear_down(mesh: Mesh) -> None:
     force_remove(mesh.project)
     assert proc.returncode == 0, f"composemesh down failed:\n{proc.stdout}\n{proc.stderr}"
     assert left == {"containers": [], "networks": [], "volumes": []}, f"left behind: {left}"
+
+
+@contextlib.contextmanager
+def meshed(name: str, folder: Path, compose_text: str) -> Iterator[Mesh]:
+    """A project ``cmtest-<name>-…`` from ``compose_text`` written to ``folder``/compose.yaml:
+    up, yielded, and always removed."""
+    compose = folder / "compose.yaml"
+    compose.write_text(compose_text)
+    mesh = bring_up(unique_project(name), [compose], {})
+    try:
+        yield mesh
+    finally:
+        tear_down(mesh)
 
 
 @pytest.fixture(scope="module")

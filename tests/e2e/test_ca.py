@@ -13,7 +13,7 @@ import pytest
 
 from composemesh.ca import cert_from_pem, fingerprint, spiffe_of, verify_chain
 from composemesh.model import wellknown as wk
-from tests.e2e.conftest import Mesh, bring_up, composemesh, docker, tear_down, unique_project
+from tests.e2e.conftest import Mesh, composemesh, docker, meshed
 
 pytestmark = pytest.mark.e2e
 
@@ -73,13 +73,8 @@ ADMIN_GET = (
 
 @pytest.fixture(scope="module")
 def mesh(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    compose = tmp_path_factory.mktemp("ca") / "compose.yaml"
-    compose.write_text(COMPOSE)
-    m = bring_up(unique_project("ca"), [compose], {})
-    try:
+    with meshed("ca", tmp_path_factory.mktemp("ca"), COMPOSE) as m:
         yield m
-    finally:
-        tear_down(m)
 
 
 def spiffe(mesh: Mesh, service: str) -> str:

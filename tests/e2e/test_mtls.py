@@ -21,7 +21,7 @@ import pytest
 
 from composemesh.ca import cert_from_pem, cert_to_pem, fingerprint, key_to_pem, make_root
 from composemesh.model import wellknown as wk
-from tests.e2e.conftest import Mesh, bring_up, composemesh, docker, tear_down, unique_project
+from tests.e2e.conftest import Mesh, composemesh, docker, meshed
 from tests.e2e.test_ca import admin, certs, logs_of, pilot_get, project_network, python_in
 
 pytestmark = pytest.mark.e2e
@@ -40,6 +40,15 @@ x-demo: &demo
     retries: 30
 """
 
+FRONTEND_AND_REVIEWS = """\
+  frontend:
+    <<: *demo
+    command: ["ratings"]
+  reviews:
+    <<: *demo
+    command: ["reviews"]
+    environment: {VERSION: v1}"""
+
 COMPOSE = f"""\
 x-composemesh:
   mtls:
@@ -53,16 +62,10 @@ x-composemesh:
 
 {DEMO}
 services:
-  frontend:
-    <<: *demo
-    command: ["ratings"]
+{FRONTEND_AND_REVIEWS}
   ratings:
     <<: *demo
     command: ["ratings"]
-  reviews:
-    <<: *demo
-    command: ["reviews"]
-    environment: {{VERSION: v1}}
   legacy:
     <<: *demo
     command: ["ratings"]
@@ -146,13 +149,8 @@ def start_stream(mesh: Mesh, seconds: float) -> Stream:
 
 @pytest.fixture(scope="module")
 def mesh(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    compose = tmp_path_factory.mktemp("mtls") / "compose.yaml"
-    compose.write_text(COMPOSE)
-    m = bring_up(unique_project("mtls"), [compose], {})
-    try:
+    with meshed("mtls", tmp_path_factory.mktemp("mtls"), COMPOSE) as m:
         yield m
-    finally:
-        tear_down(m)
 
 
 @pytest.fixture(scope="module")
@@ -287,13 +285,7 @@ x-composemesh:
 
 {DEMO}
 services:
-  frontend:
-    <<: *demo
-    command: ["ratings"]
-  reviews:
-    <<: *demo
-    command: ["reviews"]
-    environment: {{VERSION: v1}}
+{FRONTEND_AND_REVIEWS}
 """
 
 
@@ -304,10 +296,7 @@ def test_a_root_the_user_brings_signs_the_mesh(images: None, tmp_path: Path) -> 
     key_file = tmp_path / "ca" / "root-key.pem"
     key_file.write_bytes(key_to_pem(key))
     key_file.chmod(0o600)
-    compose = tmp_path / "compose.yaml"
-    compose.write_text(BYO)
-    m = bring_up(unique_project("byo"), [compose], {})
-    try:
+    with meshed("byo", tmp_path, BYO) as m:
         ca = pilot_get(m, "/v1/ca")
         assert ca["source"] == "user" and ca["fingerprint"] == fingerprint(root)
         for service in ("frontend", "reviews"):
@@ -319,5 +308,3 @@ def test_a_root_the_user_brings_signs_the_mesh(images: None, tmp_path: Path) -> 
         pilot = m.container(wk.PILOT_SERVICE)
         mounted = python_in(pilot, "import os;print(os.environ['COMPOSEMESH_CA_KEY_FILE'])")
         assert "PRIVATE KEY" not in logs_of(pilot) and mounted.strip()
-    finally:
-        tear_down(m)
