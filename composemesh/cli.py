@@ -333,20 +333,17 @@ def pilot() -> None:
 @main.command("proxy-ready")
 def proxy_ready() -> None:
     """[in the mesh image] Exit 0 when the proxy beside it is ready (container healthcheck)."""
-    from composemesh.proxy.admin import probe_readiness
+    from composemesh import healthcheck
 
-    ready, reason = probe_readiness()
-    if not ready:
-        print(reason)  # kept by Docker in the container's health log; `up` shows it
-    sys.exit(0 if ready else 1)
+    sys.exit(healthcheck.main([str(wk.PORT_HEALTH)]))
 
 
 @main.command("pilot-ready")
 def pilot_ready() -> None:
     """[in the mesh image] Exit 0 when the pilot has synced with the engine (healthcheck)."""
-    from composemesh.pilot.main import probe_ready
+    from composemesh import healthcheck
 
-    sys.exit(0 if probe_ready() else 1)
+    sys.exit(healthcheck.main([str(wk.PORT_PILOT)]))
 
 
 # --------------------------------------------------------------------------- helpers

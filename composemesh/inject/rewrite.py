@@ -55,14 +55,14 @@ NETNS_KEYS = (
 PILOT_URL = f"http://{wk.PILOT_SERVICE}:{wk.PORT_PILOT}"
 HOLDER_CAPS = ("NET_ADMIN", "NET_RAW")
 PROXY_HEALTHCHECK = {
-    "test": ["CMD", "composemesh", "proxy-ready"],
+    "test": ["CMD", "python3", "-m", "composemesh.healthcheck", str(wk.PORT_HEALTH)],
     "interval": "2s",
     "timeout": "2s",
     "retries": 30,
     "start_period": "30s",
 }
 PILOT_HEALTHCHECK = {
-    "test": ["CMD", "composemesh", "pilot-ready"],
+    "test": ["CMD", "python3", "-m", "composemesh.healthcheck", str(wk.PORT_PILOT)],
     "interval": "2s",
     "timeout": "2s",
     "retries": 30,

@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import sys
-import urllib.request
 
 from aiohttp import web
 
@@ -93,10 +92,3 @@ def run_pilot() -> None:
         print(f"composemesh pilot: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
 
-
-def probe_ready(port: int = wk.PORT_PILOT) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz/ready", timeout=2) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from composemesh import __version__
+from composemesh.healthcheck import probe
 from composemesh.model.snapshot import encode_snapshot
 from composemesh.model.wellknown import PORT_HEALTH
 from composemesh.proxy.http import OutboundHttp
@@ -156,21 +155,7 @@ def build_prometheus_app(ctx: AdminContext) -> web.Application:
 
 def probe_ready(port: int = PORT_HEALTH, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
     """Whether the proxy here says it is ready (GET /healthz/ready answers 200)."""
-    return probe_readiness(port, host, timeout)[0]
-
-
-def probe_readiness(port: int = PORT_HEALTH, host: str = "127.0.0.1",
-                    timeout: float = 2.0) -> tuple[bool, str]:
-    """``probe_ready`` and why not: the proxy's own reason, or why it could not be asked (what
-    the container healthcheck prints, so that ``docker inspect`` and ``up`` can show it)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"http://{host}:{port}/healthz/ready", timeout=timeout) as response:
-            return response.status == 200, ""
-    except urllib.error.HTTPError as exc:
-        return False, exc.read().decode(errors="replace").strip() or f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        return False, f"the proxy's health port did not answer: {exc}"
+    return probe(port, host=host, timeout=timeout)[0]
 
 
 def _ready_response(ctx: AdminContext, ok_text: str) -> web.Response:

@@ -243,7 +243,9 @@ def test_single_service_gets_holder_proxy_and_pilot() -> None:
         "COMPOSEMESH_VERSION": "v1",
         "COMPOSEMESH_COMPOSE_SERVICE": "web",
     }
-    assert proxy["healthcheck"]["test"] == ["CMD", "composemesh", "proxy-ready"]
+    # a cheap check (python3 -m, socket only): a dozen proxies run it every 2 s
+    assert proxy["healthcheck"]["test"] == ["CMD", "python3", "-m", "composemesh.healthcheck",
+                                            "15021"]
     assert PILOT_URL == "http://composemesh-pilot:15010"
     assert pilot["command"] == ["composemesh", "pilot"]
     assert pilot["ports"] == [
@@ -251,7 +253,8 @@ def test_single_service_gets_holder_proxy_and_pilot() -> None:
     ]
     assert pilot["volumes"][0]["source"] == "/var/run/docker.sock"
     assert pilot["networks"] == {"default": None}
-    assert pilot["healthcheck"]["test"] == ["CMD", "composemesh", "pilot-ready"]
+    assert pilot["healthcheck"]["test"] == ["CMD", "python3", "-m", "composemesh.healthcheck",
+                                            "15010"]
     assert "environment" not in pilot  # no x-composemesh section
     assert services["web"] == {
         "image": "nginx:1.27",

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from composemesh import healthcheck
+from composemesh.healthcheck import probe
 from composemesh.proxy.admin import (
     PROMETHEUS_CONTENT_TYPE,
     AdminContext,
     build_admin_app,
     build_health_app,
     build_prometheus_app,
-    probe_readiness,
     probe_ready,
 )
 from composemesh.proxy.pilot_client import ConfigStore
@@ -106,7 +110,7 @@ def test_probe_ready_follows_the_health_endpoint() -> None:
         try:
             assert await asyncio.to_thread(probe_ready, port) is False
             # what the healthcheck prints (Docker keeps it; `up` shows it): the proxy's reason
-            assert await asyncio.to_thread(probe_readiness, port) == (
+            assert await asyncio.to_thread(probe, port) == (
                 False, "not ready: capture listeners are not bound yet")
             ctx.listeners.update({OUTBOUND: True, INBOUND: True})
             ctx.store.offer(snapshot_body("v1"))
@@ -114,8 +118,31 @@ def test_probe_ready_follows_the_health_endpoint() -> None:
         finally:
             await runner.cleanup()
         assert await asyncio.to_thread(probe_ready, port) is False  # nobody listening
-        ready, reason = await asyncio.to_thread(probe_readiness, port)
-        assert not ready and reason.startswith("the proxy's health port did not answer")
+        ready, reason = await asyncio.to_thread(probe, port)
+        assert not ready and reason.startswith(f"the health port {port} did not answer")
 
     asyncio.run(main())
 
+
+
+def test_the_healthcheck_command_says_why_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python3 -m composemesh.healthcheck PORT`` as Docker runs it: 0/1 and one line."""
+    with socket.socket() as server:  # something that answers, but not HTTP
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"SSH-2.0-OpenSSH\r\n")
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        assert healthcheck.main([str(port)]) == 1
+        thread.join()
+    assert "answered no HTTP: 'SSH-2.0-OpenSSH'" in capsys.readouterr().out
+    assert healthcheck.main([str(port)]) == 1  # now nobody listens
+    assert f"the health port {port} did not answer" in capsys.readouterr().out
+    assert healthcheck.main([]) == 2 and "usage" in capsys.readouterr().err
