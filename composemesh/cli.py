@@ -650,35 +650,55 @@ def _print_status(data: dict[str, Any]) -> None:
                     ("`route`" if info["overridden"] else "labels/config") if i == 0 else "",
                 )
         out.print(table)
-    table = Table(title=f"proxies of {data.get('project', '?')}")
-    for col in ("service", "version", "instance", "address", "proxy", "config", "ACK/NACK"):
-        table.add_column(col)
-    table.add_column("identity", overflow="fold")
-    table.add_column("cert expires")
-    for p in sorted(data.get("proxies", []), key=lambda p: (p["service"], p["version"], p["node"])):
-        proxy_state = "ready" if p["proxy_healthy"] else ("starting" if p["running"] else "down")
-        config = f"{p['snapshot_version']} " + ("in sync" if p["in_sync"] else "behind")
-        ack = (
-            "ACK"
-            if p["acked_version"]
-            else f"NACK {p['nacked_version']}: {p['nack_reason']}"
-            if p["nacked_version"]
-            else "—"
-        )
-        table.add_row(
-            p["service"],
-            p["version"],
-            p["compose_service"],
-            (p["addresses"] or ["—"])[0],
-            proxy_state,
-            config,
-            ack,
-            Text(p.get("identity") or "—"),
-            _expiry(p.get("cert_not_after"), relative_only=True),
-        )
+    proxies = data.get("proxies", [])
+
+    def proxies_table(full: bool, caption: str | None) -> Table:
+        table = Table(title=f"proxies of {data.get('project', '?')}", caption=caption)
+        columns = ["instance", "service", "address", "proxy", "config"]
+        for col in columns + (["identity"] if full else []) + ["cert expires"]:
+            table.add_column(col, overflow="fold")
+        for p in sorted(proxies, key=lambda p: (p["service"], p["version"], p["node"])):
+            table.add_row(
+                p["compose_service"],
+                f"{p['service']} {p['version']}",
+                (p["addresses"] or ["—"])[0],
+                "ready" if p["proxy_healthy"] else ("starting" if p["running"] else "down"),
+                _config_state(p),
+                *([Text(p.get("identity") or "—")] if full else []),
+                _expiry(p.get("cert_not_after"), relative_only=True),
+            )
+        return table
+
+    table = _fitted(proxies_table, proxies)
     out.print(table)
     for error in data.get("errors") or []:
         err.print(f"[yellow]kept last good config:[/] {escape(error)}", soft_wrap=True)
+
+
+def _config_state(p: dict[str, Any]) -> Text:
+    """``in sync`` (ACKed), ``behind``, or the NACK and its reason (versions: ``--json``)."""
+    if p.get("nacked_version"):
+        return Text(f"NACK: {p.get('nack_reason')}", style="red")
+    if p.get("in_sync"):
+        return Text("in sync" + ("" if p.get("acked_version") else ", no ACK"))
+    return Text("behind", style="yellow")
+
+
+def _fitted(build: Callable[[bool, str | None], Table],
+            proxies: Sequence[dict[str, Any]]) -> Table:
+    """``build(True, None)``: a table with each proxy's whole SPIFFE ID in a column, unless it
+    would not fit the console and every ID is ``spiffe://<td>/ns/<project>/sa/<service>``;
+    then ``build(False, caption)``, the caption saying that form once."""
+    from rich.measure import Measurement
+
+    full = build(True, None)
+    if Measurement.get(out, out.options.update_width(10_000), full).maximum <= out.width:
+        return full
+    prefixes = {(p.get("identity") or "").rsplit("/", 1)[0] + "/" for p in proxies}
+    prefix = prefixes.pop() if len(prefixes) == 1 else ""
+    if not prefix or any(p.get("identity") != prefix + p["service"] for p in proxies):
+        return full  # some proxy's ID says what the service column does not: keep them all
+    return build(False, f"identity: {prefix}<service>")
 
 
 def _when(iso: str | None) -> str:
@@ -741,18 +761,25 @@ def _print_certs(ca: dict[str, Any], data: dict[str, Any]) -> None:
     for name, value in rows:
         table.add_row(name, value)
     out.print(table)
-    table = Table(title=f"identities of {data.get('project', '?')}")
-    for col in ("service", "version", "instance", "identity", "serial", "expires"):
-        table.add_column(col, overflow="fold")
-    for p in sorted(data.get("proxies", []), key=lambda p: (p["service"], p["version"], p["node"])):
-        table.add_row(
-            p["service"],
-            p["version"],
-            p["compose_service"],
-            Text(p["identity"]) if p.get("identity") else "[yellow]no certificate[/]",
-            Text(p.get("cert_serial") or "—"),
-            _expiry(p.get("cert_not_after")),
-        )
+    proxies = data.get("proxies", [])
+
+    def identities_table(full: bool, caption: str | None) -> Table:
+        table = Table(title=f"identities of {data.get('project', '?')}", caption=caption)
+        columns = ["instance", "service"] + (["identity"] if full else []) + ["serial", "expires"]
+        for col in columns:
+            table.add_column(col, overflow="fold")
+        for p in sorted(proxies, key=lambda p: (p["service"], p["version"], p["node"])):
+            table.add_row(
+                p["compose_service"],
+                f"{p['service']} {p['version']}",
+                *([Text(p.get("identity") or "—")] if full else []),
+                Text(p.get("cert_serial") or "—"),
+                _expiry(p.get("cert_not_after")) if p.get("identity")
+                else "[yellow]no certificate[/]",
+            )
+        return table
+
+    table = _fitted(identities_table, proxies)
     out.print(table)
 
 
