@@ -61,6 +61,10 @@ class MeshState:
                 return workload
         return None
 
+    def gateways(self) -> frozenset[str]:
+        """The gateway addresses of the project's networks: the host's own address on each."""
+        return frozenset(a.gateway for w in self.workloads for a in w.attachments if a.gateway)
+
     def workload_by_node(self, node: str) -> Workload | None:
         for workload in self.workloads:
             if workload.node == node:

@@ -238,13 +238,26 @@ def _ssl_object(request: web.Request) -> object | None:
     return transport.get_extra_info("ssl_object") if transport is not None else None
 
 
-def refuse_workload(pilot: Pilot, request: web.Request, what: str) -> web.Response | None:
-    """403 when the caller is a workload of the mesh: a workload may not steer the mesh."""
+LOOPBACK = frozenset({"127.0.0.1", "::1"})  # a process in the pilot's own namespace
+
+
+def refuse_unless_host(pilot: Pilot, request: web.Request, what: str) -> web.Response | None:
+    """403 unless the caller is the host: routes and the root are steered from the host only.
+
+    The CLI reaches the pilot through its published port, so its connections arrive from
+    the gateway of one of the project's networks (Docker's port proxy, or the host on the
+    bridge); a process in the pilot's container comes from loopback. A workload of the mesh,
+    or any other container on the project's networks, may not steer the mesh.
+    """
     caller = pilot.caller(request)
-    if caller is None:
+    address = (request.remote or "").removeprefix("::ffff:")
+    if caller is None and (address in LOOPBACK or address in pilot.state.gateways()):
         return None
-    log.warning("%s from workload %s refused", what, caller.node)
-    return _error(403, f"{what}s are not accepted from workloads")
+    if caller is not None:
+        log.warning("%s from workload %s refused", what, caller.node)
+        return _error(403, f"{what}s are not accepted from workloads")
+    log.warning("%s from %s refused: not the host", what, address or "?")
+    return _error(403, f"{what}s are accepted from the host only, not from {address or '?'}")
 
 
 async def get_snapshot(request: web.Request) -> web.StreamResponse:
@@ -364,7 +377,7 @@ async def get_ready(request: web.Request) -> web.Response:
 
 async def put_route(request: web.Request) -> web.Response:
     pilot = request.app[PILOT_KEY]
-    if (refused := refuse_workload(pilot, request, "route change")) is not None:
+    if (refused := refuse_unless_host(pilot, request, "route change")) is not None:
         return refused
     try:
         body = await request.json()
@@ -382,12 +395,12 @@ async def put_route(request: web.Request) -> web.Response:
 async def post_rotate(request: web.Request) -> web.Response:
     """``{"step": "begin" | "switch" | "finish"}``: one step of a root rotation, from the host.
 
-    403 from a workload, 404 without a CA, 400 for a malformed body or unknown step, 409 for
+    403 unless from the host, 404 without a CA, 400 for a malformed body or unknown step, 409 for
     a step out of order or the user's own root, 500 if the roots cannot be stored; else the
     new ``GET /v1/ca`` answer with ``step`` and the ``generation`` that carries it.
     """
     pilot = request.app[PILOT_KEY]
-    if (refused := refuse_workload(pilot, request, "root rotation")) is not None:
+    if (refused := refuse_unless_host(pilot, request, "root rotation")) is not None:
         return refused
     if pilot.ca is None:
         return _error(404, "this pilot runs no CA")

@@ -21,24 +21,13 @@ import pytest
 
 from composemesh.ca import cert_from_pem, cert_to_pem, fingerprint, key_to_pem, make_root
 from composemesh.model import wellknown as wk
-from tests.e2e.conftest import Mesh, composemesh, docker, meshed
+from tests.e2e.conftest import DEMO, Mesh, composemesh, docker, meshed
 from tests.e2e.test_ca import admin, certs, logs_of, pilot_get, project_network, python_in
 
 pytestmark = pytest.mark.e2e
 
 TTL_S = 120
 STREAM_S = 300  # the issue's five minutes: at least two renewals at a 2-minute lifetime
-
-DEMO = f"""\
-x-demo: &demo
-  image: {wk.DEMO_IMAGE}
-  restart: unless-stopped
-  healthcheck:
-    test: ["CMD", "python3", "/app/demo.py", "get", "http://127.0.0.1:9080/healthz"]
-    interval: 1s
-    timeout: 2s
-    retries: 30
-"""
 
 FRONTEND_AND_REVIEWS = """\
   frontend:
@@ -123,6 +112,19 @@ try:
     print("answered: " + repr(data[:40]) if data else "closed")
 except (ssl.SSLError, OSError) as exc:
     print(f"refused: {type(exc).__name__}: {exc}")
+"""
+
+# Run with python3 in a mesh-image container on the project's network: what the pilot answers
+# to argv[2] (PUT or POST) of argv[3] (JSON) at argv[1].
+STEER = r"""
+import sys, urllib.error, urllib.request
+request = urllib.request.Request(sys.argv[1], data=sys.argv[3].encode(), method=sys.argv[2],
+                                 headers={"Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(request, timeout=10) as response:
+        print(response.status, response.read().decode())
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode())
 """
 
 
@@ -227,6 +229,20 @@ def test_only_frontend_may_call_reviews(mesh: Mesh, stream: Stream) -> None:
     assert "RBAC: access denied" in json.dumps(denied[0])
     # the policy is the destination's: ratings itself may still be called by anyone
     assert mesh.get_json("reviews", "http://ratings:9080/ratings/0")[0]["status"] == 200
+
+
+def test_a_container_outside_the_mesh_may_not_steer_it(mesh: Mesh, stream: Stream) -> None:
+    pilot = f"http://{wk.PILOT_SERVICE}:{wk.PORT_PILOT}"
+    before = pilot_get(mesh, "/v1/ca")
+    for method, path, body, what in (
+        ("PUT", "/v1/routes/reviews", '{"weights": {"v1": 100}}', "route change"),
+        ("POST", "/v1/ca/rotate", '{"step": "begin"}', "root rotation"),
+    ):
+        out = outsider(mesh, wk.MESH_IMAGE, "python3", "-c", STEER, pilot + path, method, body)
+        assert out.startswith("403 ") and f"{what}s are accepted from the host only" in out, out
+    after = pilot_get(mesh, "/v1/ca")
+    assert (after["rotation_phase"], after["fingerprint"]) == (before["rotation_phase"],
+                                                               before["fingerprint"])
 
 
 # --------------------------------------------------------------------------- rotation

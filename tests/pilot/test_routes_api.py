@@ -1,12 +1,13 @@
-"""`composemesh route` at the pilot: validated, persisted, pushed; refused from workloads."""
+"""`composemesh route` at the pilot: validated, persisted, pushed; from the host only."""
 
 import asyncio
 import json
 from dataclasses import replace
 
+import aiohttp
 from aiohttp.test_utils import TestClient, TestServer
 
-from composemesh.model.mesh import MeshState, Workload
+from composemesh.model.mesh import MeshState, NetworkAttachment, Workload
 from composemesh.model.routing import routing_from_json
 from composemesh.model.snapshot import decode_snapshot
 from composemesh.pilot.build import default_split
@@ -110,3 +111,31 @@ def test_snapshot_carries_routing_and_reachable_endpoints(tmp_path):
         assert default_split(routing) == {"v1": 80, "v2": 20}
 
     run(tmp_path, body, workloads=(me, other))
+
+
+def test_only_the_host_may_change_routes(tmp_path):
+    """A container on the project's network that is no workload (127.0.0.3 here) is refused;
+    the host, which reaches the pilot from a network's gateway (127.0.0.4 here), is not."""
+    on_net = NetworkAttachment("front", "10.1.0.1", "10.1.0.0/24", gateway="127.0.0.4")
+    v1 = replace(V1, attachments=(on_net,))
+
+    async def put_from(client, source, v1_weight):
+        connector = aiohttp.TCPConnector(local_addr=(source, 0))
+        weights = {"v1": v1_weight, "v2": 100 - v1_weight}
+        async with (aiohttp.ClientSession(connector=connector) as session,
+                    session.put(client.make_url("/v1/routes/reviews"),
+                                json={"weights": weights}) as resp):
+            return resp.status, await resp.json()
+
+    async def body(pilot, client):
+        status, answer = await put_from(client, "127.0.0.3", 0)
+        assert status == 403
+        assert answer["error"] == (
+            "route changes are accepted from the host only, not from 127.0.0.3")
+        assert default_split(pilot.state.routing["reviews"]) == {"v1": 80, "v2": 20}
+        assert not (tmp_path / "routes.json").exists()
+        status, _ = await put_from(client, "127.0.0.4", 0)
+        assert status == 200
+        assert default_split(pilot.state.routing["reviews"]) == {"v1": 0, "v2": 100}
+
+    run(tmp_path, body, workloads=(v1, V2))

@@ -34,7 +34,7 @@ from composemesh.ca import (
     verify_chain,
 )
 from composemesh.ca.tls import client_context, peer_spiffe
-from composemesh.model.mesh import MeshState, Workload
+from composemesh.model.mesh import MeshState, NetworkAttachment, Workload
 from composemesh.model.settings import MeshSettings
 from composemesh.model.snapshot import Ack, decode_snapshot, encode_ack
 from composemesh.pilot.ca_service import CAService
@@ -49,6 +49,8 @@ WEB = Workload(
     version="v1",
     addresses=("127.0.0.1",),
     running=True,
+    # the host reaches the pilot from its network's gateway (here 127.0.0.2: the CLI)
+    attachments=(NetworkAttachment("default", "127.0.0.1", "127.0.0.0/8", "127.0.0.2"),),
 )
 DB = replace(WEB, node="shop-db-netns-1", compose_service="db", service="db",
              addresses=("10.9.0.9",))
