@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from composemesh.engine.compose import state_dir
+from composemesh.model.wellknown import DEMO_IMAGE
 
 REPO = Path(__file__).resolve().parents[2]
 BOOKINFO = REPO / "examples" / "bookinfo" / "compose.yaml"
@@ -213,6 +214,19 @@ def images(engine: None) -> None:
     from composemesh.engine.images import ensure_images
 
     ensure_images(docker_sdk.from_env(timeout=900))
+
+
+# The demo app as a compose anchor (`<<: *demo`), for the meshes a test module writes itself.
+DEMO = f"""\
+x-demo: &demo
+  image: {DEMO_IMAGE}
+  restart: unless-stopped
+  healthcheck:
+    test: ["CMD", "python3", "/app/demo.py", "get", "http://127.0.0.1:9080/healthz"]
+    interval: 1s
+    timeout: 2s
+    retries: 30
+"""
 
 
 def bring_up(project: str, files: list[Path], env: dict[str, str]) -> Mesh:

@@ -13,7 +13,7 @@ import pytest
 
 from composemesh.ca import cert_from_pem, fingerprint, spiffe_of, verify_chain
 from composemesh.model import wellknown as wk
-from tests.e2e.conftest import Mesh, composemesh, docker, meshed
+from tests.e2e.conftest import DEMO, Mesh, composemesh, docker, meshed
 
 pytestmark = pytest.mark.e2e
 
@@ -24,15 +24,7 @@ x-composemesh:
   mtls:
     workload_cert_ttl: {TTL_S}s
 
-x-demo: &demo
-  image: {wk.DEMO_IMAGE}
-  restart: unless-stopped
-  healthcheck:
-    test: ["CMD", "python3", "/app/demo.py", "get", "http://127.0.0.1:9080/healthz"]
-    interval: 1s
-    timeout: 2s
-    retries: 30
-
+{DEMO}
 services:
   web:
     <<: *demo
