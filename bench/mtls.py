@@ -57,9 +57,7 @@ from bench._common import (
     Metric,
     Ready,
     Results,
-    components,
     console,
-    fail,
     free_port,
     haproxy_config,
     print_header,
@@ -68,6 +66,7 @@ from bench._common import (
     require_tools,
     results_table,
     rotated,
+    run_with_components,
     serve_forever,
     start_haproxy,
     tool_version,
@@ -133,56 +132,29 @@ def issue_certificates() -> Certificates:
 
 def mesh_proxy(ready: Ready, side: str, host: str, original: tuple[str, int],
                service: str, settings: dict[str, Any], material: Material | None) -> None:
-    """A proxy's data path as ``proxy.server.serve`` builds it (outbound and inbound
-    forwarders, both HTTP paths, mTLS contexts, one snapshot applied through the routing
-    applier), listening with its ``side`` listener on ``host``. ``original`` stands in for
+    """A proxy's data path as ``proxy.server.serve`` builds it (``server.data_path``: both
+    forwarders, both HTTP paths, mTLS contexts), fed one snapshot through its applier and
+    listening with its ``side`` listener on ``host``. ``original`` stands in for
     SO_ORIGINAL_DST; without ``material`` the proxy has no certificate (plaintext)."""
     import random
 
     from composemesh.model.snapshot import ProxyIdentity, Snapshot, encode_snapshot
-    from composemesh.proxy.http import OutboundHttp
-    from composemesh.proxy.inbound import (
-        InboundConfig,
-        InboundForwarder,
-        InboundHttp,
-        InboundRouter,
-    )
-    from composemesh.proxy.mtls import MeshTls
     from composemesh.proxy.pilot_client import ConfigStore
-    from composemesh.proxy.server import routing_applier
-    from composemesh.proxy.stats import (
-        INBOUND,
-        OUTBOUND,
-        ProxyStats,
-        Workload,
-        passthrough_labels,
-    )
-    from composemesh.proxy.tcp import Forwarder, passthrough
-    from composemesh.proxy.upstream import UpstreamPool
+    from composemesh.proxy.server import data_path
+    from composemesh.proxy.stats import INBOUND, Workload
 
     async def start() -> asyncio.Server:
-        stats = ProxyStats()
-        tls = MeshTls()
+        path = data_path(Workload(), lambda: True, resolver=lambda sock: original,
+                         rng=random.Random(1))
         if material is not None:
-            tls.use(*material)
-        outbound = Forwarder(OUTBOUND, stats, passthrough(passthrough_labels(OUTBOUND,
-                                                                             Workload())),
-                             resolver=lambda sock: original, tls=tls)
-        inbound_http = InboundHttp(stats)
-        inbound = InboundForwarder(stats, InboundRouter(InboundConfig(me=Workload(), node=""),
-                                                        inbound_http),
-                                   tls=tls, ca_offered=lambda: True,
-                                   resolver=lambda sock: original)
-        http = OutboundHttp(stats, UpstreamPool(tls=tls))
-        store = ConfigStore([routing_applier(outbound, inbound, http, random.Random(1),
-                                             inbound_http=inbound_http, tls=tls)])
+            path.tls.use(*material)
         identity = ProxyIdentity(node=f"{PROJECT}-{service}-1", project=PROJECT,
                                  compose_service=service, service=service, version="v1")
-        answer = store.offer(encode_snapshot(Snapshot(
+        answer = ConfigStore([path.apply]).offer(encode_snapshot(Snapshot(
             "1", identity, settings={"trust_domain": TD, **settings})))
         if not answer.ok:
             raise BenchError(f"{service}'s proxy refused its snapshot: {answer.reason}")
-        listener = inbound if side == INBOUND else outbound
+        listener = path.inbound if side == INBOUND else path.outbound
         return await asyncio.get_running_loop().create_server(listener, host, 0, backlog=4096)
 
     serve_forever(ready, start)
@@ -524,13 +496,7 @@ def run(args: argparse.Namespace, comps: Components) -> Results:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        with components() as comps:
-            run(args, comps)
-    except BenchError as exc:
-        fail(SCRIPT, str(exc))
-    except OSError as exc:
-        fail(SCRIPT, f"a benchmark connection failed: {exc}")
+    run_with_components(SCRIPT, run, args)
     if not args.no_ca_sign:  # the proxies are stopped: the CA's figures on a quiet machine
         print(flush=True)
         ca_sign.main(["--rounds", str(args.rounds)] + (["--quick"] if args.quick else []))

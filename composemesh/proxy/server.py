@@ -51,6 +51,7 @@ from composemesh.proxy.stats import (
     INBOUND,
     OUTBOUND,
     ProxyStats,
+    Workload,
     passthrough_labels,
     workload_of,
 )
@@ -149,6 +150,44 @@ def routing_applier(
     return prepare
 
 
+@dataclass
+class DataPath:
+    """A sidecar's data path, wired in one place: both capture listeners' forwarders, both
+    HTTP paths, the mTLS contexts they share, and the applier that swaps a snapshot's
+    decisions into all of them at once. ``serve`` runs it; bench/mtls.py runs the same."""
+
+    stats: ProxyStats
+    tls: MeshTls
+    outbound: Forwarder
+    inbound: InboundForwarder
+    http: OutboundHttp
+    inbound_http: InboundHttp
+    apply: Callable[[Snapshot], Callable[[], None]]  # a ConfigStore applier
+
+    def close(self) -> None:
+        """Close both HTTP paths' pooled connections (once the listeners are closed)."""
+        self.http.close()
+        self.inbound_http.close()
+
+
+def data_path(me: Workload, ca_offered: Callable[[], bool | None], *,
+              resolver: Resolver = original_dst, connect_timeout: float = CONNECT_TIMEOUT,
+              rng: random.Random | None = None) -> DataPath:
+    """A new data path for workload ``me`` (its metric labels until a snapshot names it);
+    ``ca_offered`` says whether the pilot issues certificates (see InboundForwarder)."""
+    stats, tls = ProxyStats(), MeshTls()
+    outbound = Forwarder(OUTBOUND, stats, passthrough(passthrough_labels(OUTBOUND, me)),
+                         resolver=resolver, connect_timeout=connect_timeout, tls=tls)
+    inbound_http = InboundHttp(stats)
+    inbound = InboundForwarder(stats, InboundRouter(InboundConfig(me=me, node=""), inbound_http),
+                               tls=tls, ca_offered=ca_offered, resolver=resolver,
+                               connect_timeout=connect_timeout)
+    inbound_http.inbound = inbound.router  # until a snapshot's router replaces both
+    http = OutboundHttp(stats, UpstreamPool(tls=tls))
+    apply = routing_applier(outbound, inbound, http, rng, inbound_http=inbound_http, tls=tls)
+    return DataPath(stats, tls, outbound, inbound, http, inbound_http, apply)
+
+
 def tls_rotator(tls: MeshTls, identity: WorkloadIdentity) -> Callable[[WorkloadCertificate], None]:
     """An ``on_rotate`` listener: new TLS contexts from the identity's certificate and bundle.
 
@@ -193,30 +232,18 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
     """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
-    stats = ProxyStats()
-    me = workload_of(config.claimed_identity())
-    tls = MeshTls()
-    outbound = Forwarder(OUTBOUND, stats, passthrough(passthrough_labels(OUTBOUND, me)),
-                         resolver=config.resolver, connect_timeout=config.connect_timeout,
-                         tls=tls)
-    inbound_http = InboundHttp(stats)
     claimed = config.compose_service or config.service
     identity = WorkloadIdentity(config.pilot_url, service=claimed)
-    inbound = InboundForwarder(stats, InboundRouter(InboundConfig(me=me, node=""), inbound_http),
-                               tls=tls, ca_offered=lambda: identity.offered,
-                               resolver=config.resolver, connect_timeout=config.connect_timeout)
-    inbound_http.inbound = inbound.router
-    forwarders: dict[str, Forwarder] = {OUTBOUND: outbound, INBOUND: inbound}
-    http = OutboundHttp(stats, UpstreamPool(tls=tls))
-    identity.on_rotate.append(tls_rotator(tls, identity))
-    store = ConfigStore([routing_applier(outbound, inbound, http, inbound_http=inbound_http,
-                                         tls=tls),
-                         trust_bundle_applier(identity)])
+    path = data_path(workload_of(config.claimed_identity()), lambda: identity.offered,
+                     resolver=config.resolver, connect_timeout=config.connect_timeout)
+    forwarders: dict[str, Forwarder] = {OUTBOUND: path.outbound, INBOUND: path.inbound}
+    identity.on_rotate.append(tls_rotator(path.tls, identity))
+    store = ConfigStore([path.apply, trust_bundle_applier(identity)])
     pilot = PilotClient(config.pilot_url, store, service=claimed,
-                        channel=pilot_channel(config.pilot_url, tls, identity,
+                        channel=pilot_channel(config.pilot_url, path.tls, identity,
                                               config.pilot_tls_url))
     ctx = AdminContext(
-        stats=stats, store=store, pilot=pilot, http=http,
+        stats=path.stats, store=store, pilot=pilot, http=path.http,
         identity=identity,
         listeners=dict.fromkeys(forwarders, False),
         info={"pilot_url": config.pilot_url, "claimed": {
@@ -227,8 +254,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
         context.append(ctx)
 
     async with contextlib.AsyncExitStack() as stack:
-        stack.callback(http.close)  # once the listeners are closed: no new connections
-        stack.callback(inbound_http.close)
+        stack.callback(path.close)  # once the listeners are closed: no new connections
         ports = {OUTBOUND: config.outbound_port, INBOUND: config.inbound_port}
         for direction, forwarder in forwarders.items():
             server = await _listen(
