@@ -196,6 +196,19 @@ def components() -> Iterator[Components]:
         comps.close()
 
 
+def run_with_components(script: str, run: Callable[[Any, Components], object],
+                        args: Any) -> None:
+    """``run(args, comps)`` with every component stopped after it; a BenchError or a failed
+    benchmark connection ends the script with one error line (exit 2)."""
+    try:
+        with components() as comps:
+            run(args, comps)
+    except BenchError as exc:
+        fail(script, str(exc))
+    except OSError as exc:
+        fail(script, f"a benchmark connection failed: {exc}")
+
+
 # --------------------------------------------------------------------------- HAProxy
 
 

@@ -39,9 +39,7 @@ from bench._common import (
     Metric,
     Ready,
     Results,
-    components,
     console,
-    fail,
     find_tool,
     print_header,
     print_ratio_note,
@@ -49,6 +47,7 @@ from bench._common import (
     require_tools,
     results_table,
     rotated,
+    run_with_components,
     run_wrk,
     serve_forever,
     start_haproxy,
@@ -222,11 +221,7 @@ def run(args: argparse.Namespace, comps: Components) -> Results:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        with components() as comps:
-            run(args, comps)
-    except BenchError as exc:
-        fail(SCRIPT, str(exc))
+    run_with_components(SCRIPT, run, args)
     return 0
 
 

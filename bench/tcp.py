@@ -38,15 +38,14 @@ from bench._common import (
     Metric,
     Ready,
     Results,
-    components,
     console,
-    fail,
     print_header,
     print_ratio_note,
     progress,
     require_tools,
     results_table,
     rotated,
+    run_with_components,
     serve_forever,
     start_haproxy,
     tool_version,
@@ -211,13 +210,7 @@ def run(args: argparse.Namespace, comps: Components) -> Results:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        with components() as comps:
-            run(args, comps)
-    except BenchError as exc:
-        fail(SCRIPT, str(exc))
-    except OSError as exc:
-        fail(SCRIPT, f"a benchmark connection failed: {exc}")
+    run_with_components(SCRIPT, run, args)
     return 0
 
 
