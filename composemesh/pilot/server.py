@@ -250,14 +250,14 @@ def refuse_unless_host(pilot: Pilot, request: web.Request, what: str) -> web.Res
     or any other container on the project's networks, may not steer the mesh.
     """
     caller = pilot.caller(request)
-    address = (request.remote or "").removeprefix("::ffff:")
-    if caller is None and (address in LOOPBACK or address in pilot.state.gateways()):
-        return None
     if caller is not None:
         log.warning("%s from workload %s refused", what, caller.node)
         return _error(403, f"{what}s are not accepted from workloads")
-    log.warning("%s from %s refused: not the host", what, address or "?")
-    return _error(403, f"{what}s are accepted from the host only, not from {address or '?'}")
+    address = (request.remote or "?").removeprefix("::ffff:")
+    if address in LOOPBACK or address in pilot.state.gateways():
+        return None
+    log.warning("%s from %s refused: not the host", what, address)
+    return _error(403, f"{what}s are accepted from the host only, not from {address}")
 
 
 async def get_snapshot(request: web.Request) -> web.StreamResponse:
