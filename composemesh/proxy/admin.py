@@ -11,9 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from composemesh import __version__
-from composemesh.healthcheck import probe
 from composemesh.model.snapshot import encode_snapshot
-from composemesh.model.wellknown import PORT_HEALTH
 from composemesh.proxy.http import OutboundHttp
 from composemesh.proxy.identity import WorkloadIdentity
 from composemesh.proxy.pilot_client import ConfigStore, PilotClient
@@ -151,11 +149,6 @@ def build_prometheus_app(ctx: AdminContext) -> web.Application:
     app = web.Application()
     app.router.add_get("/stats/prometheus", _prometheus_handler(ctx))
     return app
-
-
-def probe_ready(port: int = PORT_HEALTH, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
-    """Whether the proxy here says it is ready (GET /healthz/ready answers 200)."""
-    return probe(port, host=host, timeout=timeout)[0]
 
 
 def _ready_response(ctx: AdminContext, ok_text: str) -> web.Response:

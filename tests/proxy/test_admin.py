@@ -19,7 +19,6 @@ from composemesh.proxy.admin import (
     build_admin_app,
     build_health_app,
     build_prometheus_app,
-    probe_ready,
 )
 from composemesh.proxy.pilot_client import ConfigStore
 from composemesh.proxy.stats import INBOUND, OUTBOUND, ProxyStats, Workload, passthrough_labels
@@ -100,7 +99,7 @@ def test_a_nack_shows_in_the_config_dump_beside_the_snapshot_kept() -> None:
     assert "schema" in dump["last_answer"]["reason"]
 
 
-def test_probe_ready_follows_the_health_endpoint() -> None:
+def test_the_probe_follows_the_health_endpoint() -> None:
     async def main() -> None:
         ctx = context()
         port = free_port()
@@ -108,21 +107,20 @@ def test_probe_ready_follows_the_health_endpoint() -> None:
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         try:
-            assert await asyncio.to_thread(probe_ready, port) is False
+            assert (await asyncio.to_thread(probe, port))[0] is False
             # what the healthcheck prints (Docker keeps it; `up` shows it): the proxy's reason
             assert await asyncio.to_thread(probe, port) == (
                 False, "not ready: capture listeners are not bound yet")
             ctx.listeners.update({OUTBOUND: True, INBOUND: True})
             ctx.store.offer(snapshot_body("v1"))
-            assert await asyncio.to_thread(probe_ready, port) is True
+            assert (await asyncio.to_thread(probe, port))[0] is True
         finally:
             await runner.cleanup()
-        assert await asyncio.to_thread(probe_ready, port) is False  # nobody listening
+        assert (await asyncio.to_thread(probe, port))[0] is False  # nobody listening
         ready, reason = await asyncio.to_thread(probe, port)
         assert not ready and reason.startswith(f"the health port {port} did not answer")
 
     asyncio.run(main())
-
 
 
 def test_the_healthcheck_command_says_why_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
@@ -130,6 +128,7 @@ def test_the_healthcheck_command_says_why_and_exits_1(capsys: pytest.CaptureFixt
     with socket.socket() as server:  # something that answers, but not HTTP
         server.bind(("127.0.0.1", 0))
         server.listen()
+        server.settimeout(10)  # the thread ends even if the probe never connects
         port = server.getsockname()[1]
 
         def answer() -> None:
@@ -138,7 +137,7 @@ def test_the_healthcheck_command_says_why_and_exits_1(capsys: pytest.CaptureFixt
                 conn.recv(1024)
                 conn.sendall(b"SSH-2.0-OpenSSH\r\n")
 
-        thread = threading.Thread(target=answer)
+        thread = threading.Thread(target=answer, daemon=True)
         thread.start()
         assert healthcheck.main([str(port)]) == 1
         thread.join()

@@ -63,9 +63,8 @@ def test_app_traffic_is_captured_both_ways_and_counted(
                        "run_proxy; sys.exit(run_proxy())"], "ACK snapshot v1",
           env={"COMPOSEMESH_PILOT_URL": "http://127.0.0.1:15010",
                "COMPOSEMESH_SERVICE": "web", "COMPOSEMESH_COMPOSE_SERVICE": "web-v1"})
-    probe = "import sys; from composemesh.proxy.admin import probe_ready; " \
-            "sys.exit(0 if probe_ready() else 1)"
-    assert sh(*in_ns(a, PYTHON, "-c", probe), check=False).returncode == 0
+    ready = sh(*in_ns(a, PYTHON, "-m", "composemesh.healthcheck", "15021"), check=False)
+    assert ready.returncode == 0, ready.stdout
 
     # Outbound: the app's client in A dials B; A's proxy carries it.
     assert tool(a, "call", B_ADDR, "7000", "hello B") == f"peer {A_ADDR}\nhello B"

@@ -43,8 +43,9 @@ from composemesh.ca import (
     make_root,
 )
 from composemesh.ca.tls import server_context
+from composemesh.healthcheck import probe
 from composemesh.model.snapshot import ProxyIdentity, Snapshot, SnapshotError, encode_snapshot
-from composemesh.proxy.admin import AdminContext, build_admin_app, probe_ready
+from composemesh.proxy.admin import AdminContext, build_admin_app
 from composemesh.proxy.identity import (
     IdentityError,
     WorkloadCertificate,
@@ -508,7 +509,7 @@ def test_serve_is_ready_only_once_it_holds_a_certificate() -> None:
                 ready, reason = ctx.readiness()
                 assert not ready and "no workload certificate" in reason
             await until(lambda: ctx.readiness()[0], timeout=15)
-            assert await asyncio.to_thread(probe_ready, config.health_port)
+            assert (await asyncio.to_thread(probe, config.health_port))[0]
             url = f"http://127.0.0.1:{config.admin_port}/certs"
             certs = json.loads(await asyncio.to_thread(
                 lambda: urllib.request.urlopen(url, timeout=5).read()))

@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import pytest
 
-from composemesh.proxy.admin import AdminContext, probe_ready
+from composemesh.healthcheck import probe
+from composemesh.proxy.admin import AdminContext
 from composemesh.proxy.server import ProxyConfig, ProxyError, serve
 
 from .conftest import PYTHON, Processes, free_port, run_on
@@ -54,7 +55,7 @@ def test_serve_becomes_ready_labels_by_the_snapshot_and_stops_cleanly(loop_kind:
         serving = asyncio.create_task(serve(config, stop, contexts))
 
         async def ready() -> bool:
-            return await asyncio.to_thread(probe_ready, config.health_port)
+            return (await asyncio.to_thread(probe, config.health_port))[0]
 
         for _ in range(100):
             if contexts and all(contexts[0].listeners.values()):
