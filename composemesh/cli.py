@@ -650,26 +650,15 @@ def _print_status(data: dict[str, Any]) -> None:
                     ("`route`" if info["overridden"] else "labels/config") if i == 0 else "",
                 )
         out.print(table)
-    proxies = data.get("proxies", [])
-
-    def proxies_table(full: bool, caption: str | None) -> Table:
-        table = Table(title=f"proxies of {data.get('project', '?')}", caption=caption)
-        columns = ["instance", "service", "address", "proxy", "config"]
-        for col in columns + (["identity"] if full else []) + ["cert expires"]:
-            table.add_column(col, overflow="fold")
-        for p in sorted(proxies, key=lambda p: (p["service"], p["version"], p["node"])):
-            table.add_row(
-                p["compose_service"],
-                f"{p['service']} {p['version']}",
-                (p["addresses"] or ["—"])[0],
-                "ready" if p["proxy_healthy"] else ("starting" if p["running"] else "down"),
-                _config_state(p),
-                *([Text(p.get("identity") or "—")] if full else []),
-                _expiry(p.get("cert_not_after"), relative_only=True),
-            )
-        return table
-
-    table = _fitted(proxies_table, proxies)
+    table = _proxies_table(f"proxies of {data.get('project', '?')}", data.get("proxies", []), (
+        *WHICH_PROXY,
+        ("address", lambda p: (p["addresses"] or ["—"])[0]),
+        ("proxy", lambda p: "ready" if p["proxy_healthy"]
+         else ("starting" if p["running"] else "down")),
+        ("config", _config_state),
+    ), (
+        ("cert expires", lambda p: _expiry(p.get("cert_not_after"), relative_only=True)),
+    ))
     out.print(table)
     for error in data.get("errors") or []:
         err.print(f"[yellow]kept last good config:[/] {escape(error)}", soft_wrap=True)
@@ -684,21 +673,42 @@ def _config_state(p: dict[str, Any]) -> Text:
     return Text("behind", style="yellow")
 
 
-def _fitted(build: Callable[[bool, str | None], Table],
-            proxies: Sequence[dict[str, Any]]) -> Table:
-    """``build(True, None)``: a table with each proxy's whole SPIFFE ID in a column, unless it
-    would not fit the console and every ID is ``spiffe://<td>/ns/<project>/sa/<service>``;
-    then ``build(False, caption)``, the caption saying that form once."""
+Column = tuple[str, Callable[[dict[str, Any]], Any]]  # heading, and the cell of a proxy
+WHICH_PROXY: tuple[Column, ...] = (
+    ("instance", lambda p: p["compose_service"]),
+    ("service", lambda p: f"{p['service']} {p['version']}"),
+)
+
+
+def _proxies_table(title: str, proxies: Sequence[dict[str, Any]], before: Sequence[Column],
+                   after: Sequence[Column]) -> Table:
+    """A row per proxy: the ``before`` columns, its whole SPIFFE ID, the ``after`` columns.
+
+    When the IDs would make the table wider than the console and every one is
+    ``spiffe://<td>/ns/<project>/sa/<service>``, that form is said once under the table
+    instead of in a column (the service is in a column of its own already).
+    """
     from rich.measure import Measurement
 
-    full = build(True, None)
+    rows = sorted(proxies, key=lambda p: (p["service"], p["version"], p["node"]))
+
+    def build(identity: Sequence[Column], caption: str | None) -> Table:
+        table = Table(title=title, caption=caption)
+        columns = [*before, *identity, *after]
+        for heading, _ in columns:
+            table.add_column(heading, overflow="fold")
+        for p in rows:
+            table.add_row(*(cell(p) for _, cell in columns))
+        return table
+
+    full = build((("identity", lambda p: Text(p.get("identity") or "—")),), None)
     if Measurement.get(out, out.options.update_width(10_000), full).maximum <= out.width:
         return full
     prefixes = {(p.get("identity") or "").rsplit("/", 1)[0] + "/" for p in proxies}
     prefix = prefixes.pop() if len(prefixes) == 1 else ""
     if not prefix or any(p.get("identity") != prefix + p["service"] for p in proxies):
         return full  # some proxy's ID says what the service column does not: keep them all
-    return build(False, f"identity: {prefix}<service>")
+    return build((), f"identity: {prefix}<service>")
 
 
 def _when(iso: str | None) -> str:
@@ -761,25 +771,12 @@ def _print_certs(ca: dict[str, Any], data: dict[str, Any]) -> None:
     for name, value in rows:
         table.add_row(name, value)
     out.print(table)
-    proxies = data.get("proxies", [])
-
-    def identities_table(full: bool, caption: str | None) -> Table:
-        table = Table(title=f"identities of {data.get('project', '?')}", caption=caption)
-        columns = ["instance", "service"] + (["identity"] if full else []) + ["serial", "expires"]
-        for col in columns:
-            table.add_column(col, overflow="fold")
-        for p in sorted(proxies, key=lambda p: (p["service"], p["version"], p["node"])):
-            table.add_row(
-                p["compose_service"],
-                f"{p['service']} {p['version']}",
-                *([Text(p.get("identity") or "—")] if full else []),
-                Text(p.get("cert_serial") or "—"),
-                _expiry(p.get("cert_not_after")) if p.get("identity")
-                else "[yellow]no certificate[/]",
-            )
-        return table
-
-    table = _fitted(identities_table, proxies)
+    table = _proxies_table(f"identities of {data.get('project', '?')}",
+                           data.get("proxies", []), WHICH_PROXY, (
+        ("serial", lambda p: Text(p.get("cert_serial") or "—")),
+        ("expires", lambda p: _expiry(p.get("cert_not_after")) if p.get("identity")
+         else "[yellow]no certificate[/]"),
+    ))
     out.print(table)
 
 
