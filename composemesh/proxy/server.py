@@ -172,10 +172,11 @@ class DataPath:
 
 def data_path(me: Workload, ca_offered: Callable[[], bool | None], *,
               resolver: Resolver = original_dst, connect_timeout: float = CONNECT_TIMEOUT,
-              rng: random.Random | None = None) -> DataPath:
+              rng: random.Random | None = None, tls: MeshTls | None = None) -> DataPath:
     """A new data path for workload ``me`` (its metric labels until a snapshot names it);
-    ``ca_offered`` says whether the pilot issues certificates (see InboundForwarder)."""
-    stats, tls = ProxyStats(), MeshTls()
+    ``ca_offered`` says whether the pilot issues certificates (see InboundForwarder);
+    ``tls``: the mTLS contexts, filled by the identity's rotations (new and empty if None)."""
+    stats, tls = ProxyStats(), tls or MeshTls()
     outbound = Forwarder(OUTBOUND, stats, passthrough(passthrough_labels(OUTBOUND, me)),
                          resolver=resolver, connect_timeout=connect_timeout, tls=tls)
     inbound_http = InboundHttp(stats)

@@ -26,13 +26,10 @@ from composemesh.model.policy import Operation, Policy, policies_to_json
 from composemesh.model.routing import ServiceRouting, routing_to_json
 from composemesh.model.snapshot import ProxyIdentity, Snapshot, encode_snapshot
 from composemesh.proxy.decisions import LocalNetwork, admits_plaintext
-from composemesh.proxy.http import OutboundHttp
-from composemesh.proxy.inbound import InboundConfig, InboundForwarder, InboundHttp, InboundRouter
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.pilot_client import ConfigStore
-from composemesh.proxy.server import routing_applier
-from composemesh.proxy.stats import OUTBOUND, ProxyStats, Workload, passthrough_labels
-from composemesh.proxy.tcp import Forwarder, passthrough
+from composemesh.proxy.server import DataPath, data_path
+from composemesh.proxy.stats import ProxyStats, Workload
 from composemesh.proxy.upstream import UpstreamPool
 
 from .test_http import route
@@ -145,53 +142,35 @@ async def pair(pki: Pki, *, protocol: str = "http", client: str = "productpage",
             tcp_server = await asyncio.start_server(echo, APP_ADDR, port)
             cleanups.append(_closer(tcp_server))
 
-        # proxy B: inbound
-        b_tls = b_tls or mesh_tls(pki, "reviews")
-        b_stats = ProxyStats()
-        b_http = InboundHttp(b_stats)
-        b_in = InboundForwarder(b_stats, InboundRouter(InboundConfig(me=Workload(), node=""),
-                                                       b_http),
-                                tls=b_tls, ca_offered=lambda: True,
-                                resolver=lambda sock: (APP_ADDR, port))
-        b_out = Forwarder(OUTBOUND, b_stats, passthrough(passthrough_labels(OUTBOUND,
-                                                                            Workload())))
-        b_store = ConfigStore([routing_applier(b_out, b_in, None, random.Random(1),
-                                               inbound_http=b_http, tls=b_tls)])
+        # proxy B, the app's sidecar: its inbound listener (SO_ORIGINAL_DST: the app)
+        b = data_path(Workload(), lambda: True, resolver=lambda sock: (APP_ADDR, port),
+                      rng=random.Random(1), tls=b_tls or mesh_tls(pki, "reviews"))
+        b_store = ConfigStore([b.apply])
         answer = b_store.offer(snapshot("reviews", "reviews", server_settings(protocol, **server)))
         assert answer.ok, answer.reason
-        b_listener = await loop.create_server(b_in, B_ADDR, port)
-        cleanups.append(_closer(b_listener, b_in, b_http))
+        b_listener = await loop.create_server(b.inbound, B_ADDR, port)
+        cleanups.append(_closer(b_listener, b))
 
-        # proxy A: outbound
-        a_tls = a_tls or mesh_tls(pki, client)
-        a_stats = ProxyStats()
-        pool = UpstreamPool(tls=a_tls)
-        a_http = OutboundHttp(a_stats, pool)
-        a_out = Forwarder(OUTBOUND, a_stats, passthrough(passthrough_labels(OUTBOUND,
-                                                                            Workload())),
-                          tls=a_tls, resolver=lambda sock: (B_ADDR, port))
-        a_in = Forwarder("inbound", a_stats, passthrough(passthrough_labels(OUTBOUND,
-                                                                             Workload())))
-        a_store = ConfigStore([routing_applier(a_out, a_in, a_http, random.Random(1),  # type: ignore[arg-type]
-                                               tls=a_tls)])
-        answer = a_store.offer(snapshot(client, client, client_settings(protocol)))
+        # proxy A, the client's sidecar: its outbound listener (SO_ORIGINAL_DST: B)
+        a = data_path(Workload(), lambda: True, resolver=lambda sock: (B_ADDR, port),
+                      rng=random.Random(1), tls=a_tls or mesh_tls(pki, client))
+        answer = ConfigStore([a.apply]).offer(snapshot(client, client, client_settings(protocol)))
         assert answer.ok, answer.reason
-        a_listener = await loop.create_server(a_out, A_ADDR, port)
-        cleanups.append(_closer(a_listener, a_out, a_http))
-        yield Pair(port, a_stats, b_stats, pool, b_store, a_tls, b_tls, app_peers)
+        a_listener = await loop.create_server(a.outbound, A_ADDR, port)
+        cleanups.append(_closer(a_listener, a))
+        yield Pair(port, a.stats, b.stats, a.http.pool, b_store, a.tls, b.tls, app_peers)
     finally:
         for cleanup in reversed(cleanups):
             await cleanup()
 
 
-def _closer(server: asyncio.AbstractServer, forwarder: Forwarder | None = None,
-            http: OutboundHttp | None = None) -> Any:
+def _closer(server: asyncio.AbstractServer, path: DataPath | None = None) -> Any:
     async def close() -> None:
         server.close()
-        if forwarder is not None:
-            forwarder.abort_all()
-        if http is not None:
-            http.close()
+        if path is not None:
+            path.outbound.abort_all()
+            path.inbound.abort_all()
+            path.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 1)
 
