@@ -14,11 +14,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from composemesh.engine.compose import state_dir
-from composemesh.model.wellknown import DEMO_IMAGE
+from composemesh.model.wellknown import DEMO_IMAGE, PILOT_SERVICE, PORT_ADMIN, PORT_PILOT
 
 REPO = Path(__file__).resolve().parents[2]
 BOOKINFO = REPO / "examples" / "bookinfo" / "compose.yaml"
@@ -83,6 +84,22 @@ def unique_project(tag: str) -> str:
     return f"{PREFIX}-{tag}-{uuid.uuid4().hex[:6]}"
 
 
+# Run with python3 in a container: GET http://127.0.0.1:<argv[1]><argv[2]>, the body to stdout
+# (a proxy's admin port is loopback-only, as Istio's; the pilot's API seen from inside it).
+LOOPBACK_GET = (
+    "import sys, urllib.request;"
+    "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:' + sys.argv[1] + sys.argv[2],"
+    " timeout=5).read().decode())"
+)
+
+
+def logs_of(container: str) -> str:
+    """Everything ``container`` wrote, both streams (the pilot and proxies log to stderr)."""
+    proc = subprocess.run(["docker", "logs", container], capture_output=True, text=True,
+                          timeout=60)
+    return proc.stdout + proc.stderr
+
+
 @dataclass
 class Mesh:
     """A running meshed compose project, as `composemesh up` left it."""
@@ -136,34 +153,56 @@ class Mesh:
         nets = json.loads(docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", holder))
         return next(n["IPAddress"] for n in nets.values() if n["IPAddress"])
 
+    def admin(self, compose_service: str, path: str) -> str:
+        """GET ``path`` of the admin port of ``compose_service``'s sidecar, from inside it."""
+        return self.exec(f"{compose_service}-proxy", "python3", "-c", LOOPBACK_GET,
+                         str(PORT_ADMIN), path)
+
+    def certs(self, compose_service: str) -> dict[str, Any]:
+        """The workload certificate ``compose_service``'s sidecar holds (admin /certs)."""
+        return dict(json.loads(self.admin(compose_service, "/certs")))
+
+    def pilot_get(self, path: str) -> dict[str, Any]:
+        """The pilot's JSON answer to ``GET path``, asked from inside the pilot."""
+        return dict(json.loads(self.exec(PILOT_SERVICE, "python3", "-c", LOOPBACK_GET,
+                                         str(PORT_PILOT), path)))
+
     def proxy_stats(self, compose_service: str) -> dict:
-        """The admin /stats JSON of the sidecar of ``compose_service`` (admin is loopback-only,
-        as Istio's, so it is read from inside the proxy's namespace)."""
-        code = (
-            "import urllib.request,sys;"
-            "sys.stdout.write(urllib.request.urlopen("
-            "'http://127.0.0.1:15000/stats',timeout=5).read().decode())"
-        )
+        """The admin /stats JSON of the sidecar of ``compose_service``; asked again for up to
+        30 s while the proxy (re)starts."""
         deadline = time.monotonic() + 30
         while True:
-            proc = subprocess.run(
-                [
-                    "docker",
-                    "exec",
-                    self.container(f"{compose_service}-proxy"),
-                    "python3",
-                    "-c",
-                    code,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            if proc.returncode == 0:
-                return json.loads(proc.stdout)
-            if time.monotonic() > deadline:
-                raise AssertionError(f"stats of {compose_service}: {proc.stderr}")
+            try:
+                return dict(json.loads(self.admin(compose_service, "/stats")))
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
             time.sleep(0.5)
+
+    def containers(self) -> list[str]:
+        """The names of every container of the project."""
+        return docker("ps", "-a", "--filter", f"label=com.docker.compose.project={self.project}",
+                      "--format", "{{.Names}}").split()
+
+    def network(self) -> str:
+        """One network of the project (the test meshes have one)."""
+        nets = docker("network", "ls", "--filter",
+                      f"label=com.docker.compose.project={self.project}",
+                      "--format", "{{.Name}}").split()
+        assert nets, f"no network of {self.project}"
+        return nets[0]
+
+    def outsider(self, image: str, *cmd: str,
+                 timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """``cmd`` run in a new container of ``image`` on the project's network, not in the
+        mesh; the container is removed even when the command hangs past ``timeout``."""
+        name = f"{PREFIX}-outsider-{uuid.uuid4().hex[:8]}"
+        try:
+            return subprocess.run(
+                ["docker", "run", "--rm", "--name", name, "--network", self.network(), image,
+                 *cmd], capture_output=True, text=True, timeout=timeout)
+        finally:
+            subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
 
     def prometheus(self, compose_service: str) -> str:
         """What Prometheus scrapes: port 15090 on the namespace's address, from the host."""

@@ -13,7 +13,7 @@ import pytest
 
 from composemesh.ca import cert_from_pem, fingerprint, spiffe_of, verify_chain
 from composemesh.model import wellknown as wk
-from tests.e2e.conftest import DEMO, Mesh, composemesh, docker, meshed
+from tests.e2e.conftest import DEMO, Mesh, composemesh, docker, logs_of, meshed
 
 pytestmark = pytest.mark.e2e
 
@@ -55,12 +55,6 @@ ms = (time.perf_counter() - started) * 1000
 print(json.dumps({"status": status, "body": body, "ms": ms}))
 """
 
-# Run with python3 inside a proxy: GET a path of its loopback-only admin port (15000).
-ADMIN_GET = (
-    "import sys, urllib.request;"
-    "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:15000' + sys.argv[1],"
-    " timeout=5).read().decode())"
-)
 
 
 @pytest.fixture(scope="module")
@@ -80,51 +74,31 @@ def python_in(container: str, code: str, *args: str, timeout: float = 60) -> str
     return proc.stdout
 
 
-def admin(mesh: Mesh, service: str, path: str) -> str:
-    return python_in(mesh.container(f"{service}-proxy"), ADMIN_GET, path)
 
 
-def certs(mesh: Mesh, service: str) -> dict[str, Any]:
-    return dict(json.loads(admin(mesh, service, "/certs")))
 
 
-def pilot_get(mesh: Mesh, path: str) -> dict[str, Any]:
-    code = ADMIN_GET.replace("127.0.0.1:15000", f"127.0.0.1:{wk.PORT_PILOT}")
-    return dict(json.loads(python_in(mesh.container(wk.PILOT_SERVICE), code, path)))
 
 
 def post_csr(container: str, san: str = "") -> dict[str, Any]:
     return dict(json.loads(python_in(container, POST_CSR, san, PILOT_URL)))
 
 
-def project_network(mesh: Mesh) -> str:
-    nets = docker("network", "ls", "--filter", f"label=com.docker.compose.project={mesh.project}",
-                  "--format", "{{.Name}}").split()
-    assert nets, f"no network of {mesh.project}"
-    return nets[0]
 
 
-def logs_of(container: str) -> str:
-    """Everything ``container`` wrote, both streams (the pilot and proxies log to stderr)."""
-    proc = subprocess.run(["docker", "logs", container], capture_output=True, text=True,
-                          timeout=60)
-    return proc.stdout + proc.stderr
 
 
-def containers_of(mesh: Mesh) -> list[str]:
-    return docker("ps", "-a", "--filter", f"label=com.docker.compose.project={mesh.project}",
-                  "--format", "{{.Names}}").split()
 
 
 # --------------------------------------------------------------------------- issuance
 
 
 def test_every_proxy_holds_a_certificate_for_its_own_service(mesh: Mesh) -> None:
-    ca = pilot_get(mesh, "/v1/ca")
+    ca = mesh.pilot_get("/v1/ca")
     root = cert_from_pem(ca["trust_bundle_pem"])
     assert ca["fingerprint"] == fingerprint(root)
     for service in SERVICES:
-        held = certs(mesh, service)
+        held = mesh.certs(service)
         cert = cert_from_pem(held["cert_pem"])
         assert spiffe_of(cert) == spiffe(mesh, service) == held["identity"]
         assert held["serial"] == f"{cert.serial_number:x}"
@@ -132,7 +106,7 @@ def test_every_proxy_holds_a_certificate_for_its_own_service(mesh: Mesh) -> None
         verify_chain(cert, [], [root])
         life = cert.not_valid_after_utc - cert.not_valid_before_utc
         assert life.total_seconds() == TTL_S + 60  # the TTL, back-dated a minute for skew
-        assert admin(mesh, service, "/ready").strip() == "LIVE"
+        assert mesh.admin(service, "/ready").strip() == "LIVE"
 
 
 def test_status_shows_each_proxys_identity_and_expiry(mesh: Mesh) -> None:
@@ -149,7 +123,7 @@ def test_status_shows_each_proxys_identity_and_expiry(mesh: Mesh) -> None:
 
 
 def test_certs_shows_the_root_and_every_identity(mesh: Mesh) -> None:
-    ca = pilot_get(mesh, "/v1/ca")
+    ca = mesh.pilot_get("/v1/ca")
     proc = composemesh("certs", "-p", mesh.project)
     assert proc.returncode == 0, proc.stderr
     assert ca["fingerprint"] in proc.stdout
@@ -165,7 +139,7 @@ def test_the_root_key_is_private_on_the_pilots_volume(mesh: Mesh) -> None:
     assert docker("exec", pilot, "stat", "-c", "%a", f"{STATE}/root-key.pem") == "600"
     assert docker("exec", pilot, "stat", "-c", "%a", STATE) == "700"
     stored = cert_from_pem(docker("exec", pilot, "cat", f"{STATE}/root.pem") + "\n")
-    assert fingerprint(stored) == pilot_get(mesh, "/v1/ca")["fingerprint"]
+    assert fingerprint(stored) == mesh.pilot_get("/v1/ca")["fingerprint"]
 
 
 # --------------------------------------------------------------------------- refusals
@@ -185,10 +159,7 @@ def test_a_csr_for_another_services_identity_is_refused(mesh: Mesh) -> None:
 
 
 def test_a_container_outside_the_project_is_refused(mesh: Mesh) -> None:
-    proc = subprocess.run(
-        ["docker", "run", "--rm", "--network", project_network(mesh), wk.MESH_IMAGE,
-         "python3", "-c", POST_CSR, "", PILOT_URL],
-        capture_output=True, text=True, timeout=120)
+    proc = mesh.outsider(wk.MESH_IMAGE, "python3", "-c", POST_CSR, "", PILOT_URL)
     assert proc.returncode == 0, proc.stderr
     answer = json.loads(proc.stdout)
     assert answer["status"] == 403, answer
@@ -204,7 +175,7 @@ def test_time_to_issue_a_certificate_inside_the_mesh(mesh: Mesh) -> None:
         answer = post_csr(proxy)
         assert answer["status"] == 200, answer
         times.append(answer["ms"])
-    held = certs(mesh, "reviews")
+    held = mesh.certs("reviews")
     print(f"\nCSR -> certificate inside the mesh (key, CSR, POST, answer): median "
           f"{statistics.median(times):.1f} ms, max {max(times):.1f} ms over {len(times)}; "
           f"the proxy's own last issuance: {held['last_issuance_ms']} ms")
@@ -216,12 +187,12 @@ def test_time_to_issue_a_certificate_inside_the_mesh(mesh: Mesh) -> None:
 
 def test_no_private_key_in_snapshots_logs_or_cli_output(mesh: Mesh) -> None:
     for service in SERVICES:
-        dump = admin(mesh, service, "/config_dump")
+        dump = mesh.admin(service, "/config_dump")
         assert "PRIVATE KEY" not in dump
         assert json.loads(dump)["identity"]["identity"] == spiffe(mesh, service)
         assert "BEGIN CERTIFICATE" in json.loads(dump)["snapshot"]["settings"]["trust_bundle"]
-        assert "PRIVATE KEY" not in admin(mesh, service, "/certs")
-    for name in containers_of(mesh):
+        assert "PRIVATE KEY" not in mesh.admin(service, "/certs")
+    for name in mesh.containers():
         logs = logs_of(name)
         if "proxy" in name or wk.PILOT_SERVICE in name:  # these do log: the right streams
             assert "certificate" in logs, name
@@ -230,14 +201,14 @@ def test_no_private_key_in_snapshots_logs_or_cli_output(mesh: Mesh) -> None:
         proc = composemesh(*args, "-p", mesh.project)
         assert proc.returncode == 0 and "PRIVATE KEY" not in proc.stdout + proc.stderr
     for path in ("/v1/ca", "/v1/status"):
-        assert "PRIVATE KEY" not in json.dumps(pilot_get(mesh, path))
+        assert "PRIVATE KEY" not in json.dumps(mesh.pilot_get(path))
 
 
 def test_certificates_renew_before_they_expire_and_the_proxy_stays_ready(mesh: Mesh) -> None:
-    first = certs(mesh, "web")
+    first = mesh.certs("web")
     deadline = time.monotonic() + TTL_S
     while time.monotonic() < deadline:
-        now = certs(mesh, "web")
+        now = mesh.certs("web")
         if now["serial"] != first["serial"]:
             break
         time.sleep(2)
@@ -245,20 +216,20 @@ def test_certificates_renew_before_they_expire_and_the_proxy_stays_ready(mesh: M
         raise AssertionError(f"no renewal within {TTL_S}s: {first}")
     assert now["not_after"] > first["not_after"]
     assert now["identity"] == first["identity"]
-    assert admin(mesh, "web", "/ready").strip() == "LIVE"
+    assert mesh.admin("web", "/ready").strip() == "LIVE"
     rows = json.loads(composemesh("status", "-p", mesh.project, "--json").stdout)["proxies"]
     web = next(r for r in rows if r["service"] == "web")
     assert web["cert_serial"] != first["serial"]
 
 
 def test_a_restarted_pilot_keeps_its_root(mesh: Mesh) -> None:
-    before = pilot_get(mesh, "/v1/ca")
+    before = mesh.pilot_get("/v1/ca")
     pilot = mesh.container(wk.PILOT_SERVICE)
     docker("restart", "-t", "3", pilot)
     deadline = time.monotonic() + 60
     while True:
         try:
-            after = pilot_get(mesh, "/v1/ca")
+            after = mesh.pilot_get("/v1/ca")
             break
         except AssertionError:
             if time.monotonic() > deadline:
@@ -266,7 +237,7 @@ def test_a_restarted_pilot_keeps_its_root(mesh: Mesh) -> None:
             time.sleep(1)
     assert after["fingerprint"] == before["fingerprint"]
     assert after["source"] == "stored"
-    status = pilot_get(mesh, "/v1/status")  # what it issued before is remembered
+    status = mesh.pilot_get("/v1/status")  # what it issued before is remembered
     assert all(row["identity"] for row in status["proxies"])
     assert docker("exec", pilot, "stat", "-c", "%a", f"{STATE}/root-key.pem") == "600"
 

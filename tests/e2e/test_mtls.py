@@ -9,6 +9,7 @@ starts as soon as the mesh is up and runs for STREAM_S while the other tests run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
@@ -21,8 +22,7 @@ import pytest
 
 from composemesh.ca import cert_from_pem, cert_to_pem, fingerprint, key_to_pem, make_root
 from composemesh.model import wellknown as wk
-from tests.e2e.conftest import DEMO, Mesh, composemesh, docker, meshed
-from tests.e2e.test_ca import admin, certs, logs_of, pilot_get, project_network, python_in
+from tests.e2e.conftest import DEMO, Mesh, composemesh, logs_of, meshed
 
 pytestmark = pytest.mark.e2e
 
@@ -131,7 +131,6 @@ except urllib.error.HTTPError as exc:
 @dataclass
 class Stream:
     process: subprocess.Popen[str]
-    started: float
     certs_before: dict[str, dict[str, Any]]
 
     def result(self) -> dict[str, Any]:
@@ -140,13 +139,20 @@ class Stream:
         return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-def start_stream(mesh: Mesh, seconds: float) -> Stream:
-    before = {s: certs(mesh, s) for s in ("frontend", "reviews")}
+@contextlib.contextmanager
+def streaming(mesh: Mesh, seconds: float) -> Iterator[Stream]:
+    """STREAM from frontend to reviews for ``seconds``; stopped if the test ends before it."""
+    before = {s: mesh.certs(s) for s in ("frontend", "reviews")}
     process = subprocess.Popen(
         ["docker", "exec", mesh.container("frontend"), "python3", "-c", STREAM,
          "http://reviews:9080/reviews/0", str(seconds)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return Stream(process, time.monotonic(), before)
+    try:
+        yield Stream(process, before)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 @pytest.fixture(scope="module")
@@ -157,21 +163,14 @@ def mesh(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mes
 
 @pytest.fixture(scope="module")
 def stream(mesh: Mesh) -> Iterator[Stream]:
-    s = start_stream(mesh, STREAM_S)
-    try:
+    with streaming(mesh, STREAM_S) as s:
         yield s
-    finally:
-        if s.process.poll() is None:
-            s.process.kill()
-            s.process.communicate()
 
 
 def outsider(mesh: Mesh, image: str, *cmd: str) -> str:
-    """Run ``cmd`` in a new container on the project's network that is not in the mesh (the
+    """What ``cmd`` printed in a container on the project's network, not in the mesh (the
     demo image's entrypoint is demo.py: its ``cmd`` starts with a demo command)."""
-    proc = subprocess.run(
-        ["docker", "run", "--rm", "--network", project_network(mesh), image, *cmd],
-        capture_output=True, text=True, timeout=120)
+    proc = mesh.outsider(image, *cmd)
     return proc.stdout + proc.stderr
 
 
@@ -233,14 +232,14 @@ def test_only_frontend_may_call_reviews(mesh: Mesh, stream: Stream) -> None:
 
 def test_a_container_outside_the_mesh_may_not_steer_it(mesh: Mesh, stream: Stream) -> None:
     pilot = f"http://{wk.PILOT_SERVICE}:{wk.PORT_PILOT}"
-    before = pilot_get(mesh, "/v1/ca")
+    before = mesh.pilot_get("/v1/ca")
     for method, path, body, what in (
         ("PUT", "/v1/routes/reviews", '{"weights": {"v1": 100}}', "route change"),
         ("POST", "/v1/ca/rotate", '{"step": "begin"}', "root rotation"),
     ):
         out = outsider(mesh, wk.MESH_IMAGE, "python3", "-c", STEER, pilot + path, method, body)
         assert out.startswith("403 ") and f"{what}s are accepted from the host only" in out, out
-    after = pilot_get(mesh, "/v1/ca")
+    after = mesh.pilot_get("/v1/ca")
     assert (after["rotation_phase"], after["fingerprint"]) == (before["rotation_phase"],
                                                                before["fingerprint"])
 
@@ -253,7 +252,7 @@ def test_a_steady_stream_sees_rotations_and_no_failure(mesh: Mesh, stream: Strea
     assert result["errors"] == [] and set(result["statuses"]) == {"200"}, result
     assert sum(result["statuses"].values()) > STREAM_S * 5  # it was steady
     for service in ("frontend", "reviews"):
-        after = certs(mesh, service)
+        after = mesh.certs(service)
         renewed = after["certificates_issued"] - stream.certs_before[service][
             "certificates_issued"]
         assert renewed >= 2, f"{service}: {renewed} renewals in {STREAM_S}s"
@@ -263,18 +262,18 @@ def test_a_steady_stream_sees_rotations_and_no_failure(mesh: Mesh, stream: Strea
 
 
 def test_a_root_rotation_under_load_fails_no_request(mesh: Mesh) -> None:
-    old = pilot_get(mesh, "/v1/ca")
-    load = start_stream(mesh, 45)
-    time.sleep(3)
-    proc = composemesh("certs", "rotate-root", "-f", str(mesh.files[0]), "-p", mesh.project)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = load.result()
+    old = mesh.pilot_get("/v1/ca")
+    with streaming(mesh, 45) as load:
+        time.sleep(3)
+        proc = composemesh("certs", "rotate-root", "-f", str(mesh.files[0]), "-p", mesh.project)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        result = load.result()
     assert result["errors"] == [] and set(result["statuses"]) == {"200"}, result
-    new = pilot_get(mesh, "/v1/ca")
+    new = mesh.pilot_get("/v1/ca")
     assert new["fingerprint"] != old["fingerprint"]
     assert [t["fingerprint"] for t in new["trusted"]] == [new["fingerprint"]]  # old one gone
     for service in ("frontend", "reviews", "ratings", "legacy"):
-        held = certs(mesh, service)
+        held = mesh.certs(service)
         assert held["issuer_fingerprint"] == new["fingerprint"], service
         assert [r["fingerprint"] for r in held["trust_bundle"]] == [new["fingerprint"]]
     # and a new connection after it all still works
@@ -282,11 +281,9 @@ def test_a_root_rotation_under_load_fails_no_request(mesh: Mesh) -> None:
 
 
 def test_no_private_key_in_logs_after_all_this(mesh: Mesh) -> None:
-    for name in docker("ps", "-a", "--filter",
-                       f"label=com.docker.compose.project={mesh.project}",
-                       "--format", "{{.Names}}").split():
+    for name in mesh.containers():
         assert "PRIVATE KEY" not in logs_of(name), name
-    assert "PRIVATE KEY" not in admin(mesh, "reviews", "/config_dump")
+    assert "PRIVATE KEY" not in mesh.admin("reviews", "/config_dump")
 
 
 # --------------------------------------------------------------------------- your own root
@@ -313,14 +310,14 @@ def test_a_root_the_user_brings_signs_the_mesh(images: None, tmp_path: Path) -> 
     key_file.write_bytes(key_to_pem(key))
     key_file.chmod(0o600)
     with meshed("byo", tmp_path, BYO) as m:
-        ca = pilot_get(m, "/v1/ca")
+        ca = m.pilot_get("/v1/ca")
         assert ca["source"] == "user" and ca["fingerprint"] == fingerprint(root)
         for service in ("frontend", "reviews"):
-            held = certs(m, service)
+            held = m.certs(service)
             assert held["issuer_fingerprint"] == fingerprint(root)
             leaf = cert_from_pem(held["cert_pem"])
             assert leaf.issuer == root.subject
         assert m.get_json("frontend", "http://reviews:9080/reviews/0")[0]["status"] == 200
-        pilot = m.container(wk.PILOT_SERVICE)
-        mounted = python_in(pilot, "import os;print(os.environ['COMPOSEMESH_CA_KEY_FILE'])")
-        assert "PRIVATE KEY" not in logs_of(pilot) and mounted.strip()
+        mounted = m.exec(wk.PILOT_SERVICE, "python3", "-c",
+                         "import os;print(os.environ['COMPOSEMESH_CA_KEY_FILE'])")
+        assert "PRIVATE KEY" not in logs_of(m.container(wk.PILOT_SERVICE)) and mounted.strip()
