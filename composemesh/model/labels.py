@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from composemesh.errors import ConfigError
 from composemesh.model import wellknown as wk
+from composemesh.model.limits import LABEL_PREFIX as LIMITS_PREFIX
+from composemesh.model.limits import ProxyLimits, parse_limits
 
 PROTOCOLS = ("http", "tcp")
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$")
@@ -21,6 +23,7 @@ KNOWN_LABELS = (
     wk.LABEL_WEIGHT,
     wk.LABEL_PROTOCOL,
     "composemesh.port.<N>.protocol",
+    f"{LIMITS_PREFIX}<limit>",
 )
 # Set by the injector itself; accepted on input so that injecting twice changes nothing.
 INJECTOR_LABELS = (wk.LABEL_ROLE, wk.LABEL_OF, wk.LABEL_INSTANCE)
@@ -36,6 +39,7 @@ class MeshLabels:
     weight: int | None  # None: an equal share with the other versions
     protocol: str | None  # None: detect (http where the port speaks HTTP/1.1)
     port_protocols: Mapping[int, str] = field(default_factory=dict)
+    limits: ProxyLimits = field(default_factory=ProxyLimits)  # composemesh.proxy.* labels
 
     def protocol_for(self, port: int) -> str | None:
         """The declared protocol of ``port``: its own label first, then the service's."""
@@ -69,7 +73,7 @@ def parse_labels(labels: Mapping[str, str], *, compose_service: str) -> MeshLabe
     for key in labels:
         if not key.startswith(wk.LABEL_PREFIX) or key in INJECTOR_LABELS:
             continue
-        if key in KNOWN_LABELS or _PORT_LABEL.match(key):
+        if key in KNOWN_LABELS or _PORT_LABEL.match(key) or key.startswith(LIMITS_PREFIX):
             continue
         raise bad(key, f"unknown label; known labels are {', '.join(KNOWN_LABELS)}")
 
@@ -126,6 +130,7 @@ def parse_labels(labels: Mapping[str, str], *, compose_service: str) -> MeshLabe
         weight=weight,
         protocol=protocol,
         port_protocols=port_protocols,
+        limits=parse_limits(labels, compose_service),
     )
 
 

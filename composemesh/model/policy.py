@@ -21,6 +21,14 @@ They are matched against the request path normalized by ``normalize_path`` (quer
 fragment cut, ``\\`` read as ``/``, unreserved percent-escapes decoded, slashes merged, dot
 segments removed), so ``/public/../admin`` is ``/admin`` to every policy.
 
+The proxy does not let the app see another path than the one a policy saw: ``request_path``
+is what Envoy's ``normalize_path`` + ``merge_slashes`` + ``path_with_escaped_slashes_action``
+do, once, and the proxy forwards its result. Escaped slashes and backslashes (``%2F``,
+``%5C``, a raw ``\\``), which one app reads as a separator and another does not, are refused
+(``REJECT_REQUEST``, the default), left encoded and never a separator (``KEEP_UNCHANGED``), or
+decoded into ``/`` before normalizing (``UNESCAPE_AND_FORWARD``); a fragment or an encoded NUL
+is refused whatever the action.
+
 A TCP connection (no method, no path) carries no HTTP to match. Like Istio: a ``to`` item
 with methods or paths never matches TCP in an ALLOW policy (the rule is too narrow to grant a
 whole connection) and always matches TCP in a DENY policy (denying more, never less).
@@ -45,10 +53,21 @@ OPERATION_KEYS = ("methods", "paths")
 
 Action = Literal["ALLOW", "DENY"]
 
+# What ``request_path`` does with escaped slashes and backslashes (Envoy's
+# path_with_escaped_slashes_action, Istio's pathNormalization).
+REJECT_REQUEST = "REJECT_REQUEST"  # answer 400 (the default)
+KEEP_UNCHANGED = "KEEP_UNCHANGED"  # forwarded encoded (a raw backslash as %5C); never a separator
+UNESCAPE_AND_FORWARD = "UNESCAPE_AND_FORWARD"  # decoded to "/", then normalized like the rest
+ESCAPED_SLASHES_ACTIONS = (REJECT_REQUEST, KEEP_UNCHANGED, UNESCAPE_AND_FORWARD)
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\[\]-]*")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
 _SLASHES = re.compile(r"/{2,}")
+_ESCAPED_SLASH = re.compile(r"%(?:2[Ff]|5[Cc])")
+_ENCODED_NUL = re.compile(r"%00")
+# A path without any of these is its own normal form (the fast path of request_path).
+_NOT_NORMAL = re.compile(r"[%\\#]|//|/\.(?:\.)?(?:/|$)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +203,28 @@ def normalize_path(path: str) -> str:
             out.append(seg)
     trailing = segments[-1] in (".", "..")
     return "/" + "/".join(out) + ("/" if trailing and out else "")
+
+
+def request_path(path: str, escaped_slashes: str = REJECT_REQUEST) -> str | None:
+    """The path a request is authorized with and forwarded to the app with; None: refuse it
+    (400). ``path`` is the request target's path, its query cut off.
+
+    The result is ``normalize_path``'s, after the ``escaped_slashes`` action (see the module's
+    doc); a fragment (``#``) or an encoded NUL (``%00``) is always refused. Normalizing the
+    result again changes nothing, so the app and every policy read the same path.
+    """
+    if path[:1] == "/" and _NOT_NORMAL.search(path) is None:
+        return path
+    if "#" in path or _ENCODED_NUL.search(path) is not None:
+        return None
+    if "\\" in path or _ESCAPED_SLASH.search(path) is not None:
+        if escaped_slashes == KEEP_UNCHANGED:
+            path = path.replace("\\", "%5C")
+        elif escaped_slashes == UNESCAPE_AND_FORWARD:
+            path = _ESCAPED_SLASH.sub("/", path).replace("\\", "/")
+        else:
+            return None
+    return normalize_path(path)
 
 
 def _unescape_unreserved(m: re.Match[str]) -> str:

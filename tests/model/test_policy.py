@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
 from composemesh.errors import ConfigError
 from composemesh.model.policy import (
+    KEEP_UNCHANGED,
+    REJECT_REQUEST,
+    UNESCAPE_AND_FORWARD,
     Decision,
     Operation,
     Policy,
@@ -18,6 +23,7 @@ from composemesh.model.policy import (
     path_matches,
     policies_from_json,
     policies_to_json,
+    request_path,
 )
 
 SERVICES = ("productpage", "reviews", "ratings", "details")
@@ -368,6 +374,134 @@ def test_path_patterns(pattern: str, path: str, matches: bool) -> None:
 )
 def test_normalize_path(raw: str, normal: str) -> None:
     assert normalize_path(raw) == normal
+
+
+# --------------------------------------------------------------------------- the path forwarded
+
+DENY_ADMIN = (Policy(name="no-admin", action="DENY", operations=(Operation(paths=("/admin/*",)),)),)
+ALLOW_PUBLIC = (Policy(name="public", operations=(Operation(paths=("/public/*",)),)),)
+
+# Request paths as they come on the wire (the query already cut off), and what the app
+# receives under the default (REJECT_REQUEST): None is a 400.
+ENCODINGS = [
+    ("/admin%2Fsecret", None),
+    ("/admin%2fsecret", None),
+    ("/admin%5Csecret", None),
+    ("/admin%5csecret", None),
+    ("/admin\\secret", None),
+    ("/admin/..\\x", None),
+    ("/public/..%2Fadmin", None),
+    ("/admin/..\\public/x", None),
+    ("/public/%2e%2e%2fadmin", None),
+    ("/admin/./secret", "/admin/secret"),
+    ("/public/./x", "/public/x"),
+    ("/public/../admin", "/admin"),
+    ("/public/%2E%2E/admin", "/admin"),
+    ("/public/%2e%2e/admin", "/admin"),
+    ("/public/.%2e/admin", "/admin"),
+    ("/%2e/admin/x", "/admin/x"),
+    ("/public/x/../../admin/", "/admin/"),
+    ("//admin//x", "/admin/x"),
+    ("/public//..//admin", "/admin"),
+    ("/%61dmin/x", "/admin/x"),  # an unreserved escape is decoded
+    ("/public/%252e%252e/admin", "/public/%252e%252e/admin"),  # decoded once: "%2e", not ".."
+    ("/public/%252F/x", "/public/%252F/x"),
+    ("/admin;x/secret", "/admin;x/secret"),  # path parameters are not stripped (as Envoy)
+    ("/public;/../admin", "/admin"),
+    ("/public/x;y=1", "/public/x;y=1"),
+    ("/admin%00/x", None),
+    ("/public/%00", None),
+    ("/admin%C0%AFsecret", "/admin%C0%AFsecret"),  # overlong UTF-8 "/": not a separator
+    ("/public%c0%af../admin", "/public%C0%AF../admin"),
+    ("/admin#x", None),  # a fragment never belongs in a request
+    ("/public/#/../admin", None),
+    ("/public/x%20y", "/public/x%20y"),
+    ("/PUBLIC/x", "/PUBLIC/x"),
+    ("public/x", "/public/x"),
+    ("/", "/"),
+    ("", "/"),
+]
+
+
+def app_views(forwarded: str) -> list[str]:
+    """Paths an app may make of what it receives: as is, percent-decoded (once), and decoded
+    with dot segments resolved and backslashes read as separators (a lenient server)."""
+    decoded = unquote(forwarded)
+    lenient = posixpath.normpath(decoded.replace("\\", "/"))
+    if decoded.endswith("/") and lenient != "/":
+        lenient += "/"
+    return [forwarded, decoded, lenient]
+
+
+def decisions(path: str) -> tuple[bool, bool]:
+    """What DENY /admin/* and ALLOW /public/* say about ``path`` (``authorize`` normalizes)."""
+    return (authorize(DENY_ADMIN, None, "GET", path).allowed,
+            authorize(ALLOW_PUBLIC, None, "GET", path).allowed)
+
+
+def app_decisions(view: str) -> tuple[bool, bool]:
+    """The same rules read on the path the app resolved, literally (no second normalizing)."""
+    return not path_matches("/admin/*", view), path_matches("/public/*", view)
+
+
+@pytest.mark.parametrize(("raw", "forwarded"), ENCODINGS)
+def test_what_the_app_receives_is_what_the_policy_decided_on(raw: str, forwarded: str | None
+                                                             ) -> None:
+    assert request_path(raw) == forwarded
+    if forwarded is None:
+        return
+    assert request_path(forwarded) == forwarded  # normalized once: a fixed point
+    assert normalize_path(forwarded) == forwarded
+    for view in app_views(forwarded):  # however the app reads it, the same decision
+        assert app_decisions(view) == decisions(forwarded), (raw, view)
+
+
+def test_the_bypasses_of_the_issue_are_closed() -> None:
+    for raw in ("/admin%2Fsecret", "/admin/..\\x", "/public/..%2Fadmin", "/admin/..\\public/x"):
+        assert request_path(raw) is None  # 400: the app never sees them
+    assert decisions(request_path("/public/%2e%2e/admin/x") or "") == (False, False)
+
+
+@pytest.mark.parametrize(("raw", "forwarded"), [
+    ("/admin%2Fsecret", "/admin%2Fsecret"),
+    ("/admin%2fsecret", "/admin%2Fsecret"),
+    ("/admin%5csecret", "/admin%5Csecret"),
+    ("/admin\\secret", "/admin%5Csecret"),  # a raw backslash is sent encoded
+    ("/admin/..\\x", "/admin/..%5Cx"),  # "..\\x" is one segment, not a parent
+    ("/public/..%2Fadmin", "/public/..%2Fadmin"),
+    ("/public/../admin%2Fx", "/admin%2Fx"),
+    ("/admin%00", None),
+    ("/a#b", None),
+])
+def test_keep_unchanged_leaves_escaped_slashes_encoded(raw: str, forwarded: str | None) -> None:
+    assert request_path(raw, KEEP_UNCHANGED) == forwarded
+    if forwarded is not None:
+        assert request_path(forwarded, KEEP_UNCHANGED) == forwarded
+        # never a separator for matching: the policy reads the encoded form the app gets
+        assert app_decisions(forwarded) == decisions(forwarded)
+
+
+@pytest.mark.parametrize(("raw", "forwarded"), [
+    ("/admin%2Fsecret", "/admin/secret"),
+    ("/admin%5Csecret", "/admin/secret"),
+    ("/admin/..\\x", "/x"),
+    ("/public/..%2Fadmin", "/admin"),
+    ("/admin/..\\public/x", "/public/x"),
+    ("/public/%2e%2e%2fadmin", "/admin"),
+    ("/admin%00", None),
+])
+def test_unescape_and_forward_decodes_then_normalizes(raw: str, forwarded: str | None) -> None:
+    assert request_path(raw, UNESCAPE_AND_FORWARD) == forwarded
+    if forwarded is not None:
+        assert request_path(forwarded, UNESCAPE_AND_FORWARD) == forwarded
+        for view in app_views(forwarded):
+            assert app_decisions(view) == decisions(forwarded)
+
+
+def test_the_default_action_is_reject() -> None:
+    assert request_path("/a%2Fb") is None
+    assert request_path("/a%2Fb", REJECT_REQUEST) is None
+    assert request_path("/a/b") == "/a/b"
 
 
 # --------------------------------------------------------------------------- codec
