@@ -18,11 +18,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from composemesh.engine.pilot_api import PilotChannel, find_channel
 
 HERE = Path(__file__).resolve().parent
 COMPOSE = HERE / "mesh" / "compose.yaml"
@@ -51,31 +52,17 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, env={**os.environ, "COLUMNS": "200"})
 
 
-def pilot_url(project: str) -> str:
-    cid = subprocess.run(["docker", "ps", "-q", "--filter",
-                          f"label=com.docker.compose.project={project}", "--filter",
-                          "label=com.docker.compose.service=composemesh-pilot"],
-                         capture_output=True, text=True).stdout.split()[0]
-    port = subprocess.run(["docker", "port", cid, "15010/tcp"], capture_output=True,
-                          text=True).stdout.split()[0]
-    return f"http://{port}"
+def status(pilot: PilotChannel) -> dict:
+    return dict(json.loads(pilot.request("GET", "/v1/status").body))
 
 
-def status(url: str) -> dict:
-    with urllib.request.urlopen(url + "/v1/status", timeout=5) as resp:
-        return json.load(resp)
-
-
-def change_and_time(url: str, weights: dict[str, int]) -> float:
+def change_and_time(pilot: PilotChannel, weights: dict[str, int]) -> float:
     """Seconds from the PUT to every running proxy having ACKed the new snapshots."""
     started = time.perf_counter()
-    req = urllib.request.Request(url + "/v1/routes/reviews", method="PUT",
-                                 data=json.dumps({"weights": weights}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        generation = json.load(resp)["generation"]
+    answer = pilot.request("PUT", "/v1/routes/reviews", json.dumps({"weights": weights}).encode())
+    generation = json.loads(answer.body)["generation"]
     while True:
-        s = status(url)
+        s = status(pilot)
         if s["generation"] >= generation and all(
                 p["in_sync"] for p in s["proxies"] if p["running"]):
             return time.perf_counter() - started
@@ -107,7 +94,7 @@ def main() -> int:
         if up.returncode != 0:
             console.print(up.stdout, up.stderr)
             return 1
-        url = pilot_url(project)
+        url = find_channel(project)  # the pilot's socket, as the CLI reaches it
 
         # 1. route -> all ACKed, idle mesh
         idle = [change_and_time(url, {"v1": 100 * (i % 2), "v2": 100 * ((i + 1) % 2)})

@@ -7,12 +7,10 @@ import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -24,6 +22,9 @@ from rich.text import Text
 from composemesh import __version__
 from composemesh.errors import ComposeError, EngineError, MeshError, NotReadyError
 from composemesh.model import wellknown as wk
+
+if TYPE_CHECKING:
+    from composemesh.engine.pilot_api import PilotChannel
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_FILES = ("compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml")
@@ -343,7 +344,7 @@ def pilot_ready() -> None:
     """[in the mesh image] Exit 0 when the pilot has synced with the engine (healthcheck)."""
     from composemesh import healthcheck
 
-    sys.exit(healthcheck.main([str(wk.PORT_PILOT)]))
+    sys.exit(healthcheck.main([f"unix:{wk.PILOT_SOCKET}"]))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -427,13 +428,14 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _pilot_url(project: str) -> str:
-    from composemesh.engine.compose import published_port
+def _pilot_channel(project: str) -> PilotChannel:
+    """The way to the pilot of ``project``: its Unix socket (see ``engine.pilot_api``)."""
+    from composemesh.engine.pilot_api import PilotUnreachable, find_channel
 
-    where = published_port(project, wk.PILOT_SERVICE, wk.PORT_PILOT)
-    if not where:
-        raise EngineError(f"no running pilot in project {project!r}; is the mesh up?")
-    return f"http://{where}"
+    try:
+        return find_channel(project)
+    except PilotUnreachable as exc:
+        raise EngineError(str(exc)) from None
 
 
 def _pilot_status(project: str) -> dict[str, Any]:
@@ -444,29 +446,26 @@ def _pilot_request(
     project: str, path: str, method: str = "GET", body: object = None
 ) -> dict[str, Any]:
     """One call to the pilot's API; a 4xx answer to a sent body is the user's error (exit 2)."""
+    from composemesh.engine.pilot_api import PilotUnreachable
     from composemesh.errors import ConfigError
 
-    url = _pilot_url(project) + path
-    req = urllib.request.Request(url, method=method)
-    if body is not None:
-        req.data = json.dumps(body).encode()
-        req.add_header("Content-Type", "application/json")
+    channel = _pilot_channel(project)
+    data = json.dumps(body).encode() if body is not None else None
     try:
-        with urllib.request.urlopen(req, timeout=5 if body is None else 10) as resp:
-            data: dict[str, Any] = json.load(resp)
-            return data
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.load(exc).get("error", str(exc))
-        except (ValueError, AttributeError):
-            message = str(exc)
-        if body is not None and 400 <= exc.code < 500:
-            raise ConfigError(message) from None
-        raise EngineError(
-            f"the pilot of {project!r} answered {exc.code} at {url}: {message}"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise EngineError(f"the pilot of {project!r} does not answer at {url}: {exc}") from None
+        answer = channel.request(method, path, data, timeout=5 if body is None else 10)
+        decoded = answer.json()
+    except PilotUnreachable as exc:
+        raise EngineError(f"the pilot of {project!r} does not answer: {exc}") from None
+    except ValueError:
+        raise EngineError(f"the pilot of {project!r} answered {answer.status} to {path} "
+                          f"with no JSON") from None
+    if 200 <= answer.status < 300 and isinstance(decoded, dict):
+        return decoded
+    message = decoded.get("error", "") if isinstance(decoded, dict) else ""
+    message = message or f"HTTP {answer.status}"
+    if body is not None and 400 <= answer.status < 500:
+        raise ConfigError(message) from None
+    raise EngineError(f"the pilot of {project!r} answered {answer.status} to {path}: {message}")
 
 
 def _wait_in_sync(

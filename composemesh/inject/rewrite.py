@@ -52,8 +52,15 @@ NETNS_KEYS = (
     "links",
     "external_links",
 )
-PILOT_URL = f"http://{wk.PILOT_SERVICE}:{wk.PORT_PILOT}"
-HOLDER_CAPS = ("NET_ADMIN", "NET_RAW")
+PILOT_URL = f"unix://{wk.PILOT_SOCKET}"
+# What each injected container may do: every capability dropped but what it needs, and no
+# gaining more (setuid binaries, file capabilities). The holder installs iptables rules
+# (nf_tables: NET_ADMIN alone); the proxy and the pilot need none. No NET_RAW anywhere: it is
+# what forging addresses and ARP answers takes.
+HOLDER_CAPS = ("NET_ADMIN",)
+DROP_ALL = ["ALL"]
+NO_NEW_PRIVILEGES = ["no-new-privileges:true"]
+SOCKET_VOLUME = "composemesh-pilot-socket"  # the pilot's API socket: mesh containers only
 PROXY_HEALTHCHECK = {
     "test": ["CMD", "python3", "-m", "composemesh.healthcheck", str(wk.PORT_HEALTH)],
     "interval": "2s",
@@ -62,7 +69,7 @@ PROXY_HEALTHCHECK = {
     "start_period": "30s",
 }
 PILOT_HEALTHCHECK = {
-    "test": ["CMD", "python3", "-m", "composemesh.healthcheck", str(wk.PORT_PILOT)],
+    "test": ["CMD", "python3", "-m", "composemesh.healthcheck", f"unix:{wk.PILOT_SOCKET}"],
     "interval": "2s",
     "timeout": "2s",
     "retries": 30,
@@ -72,7 +79,8 @@ DOCKER_SOCKET = "/var/run/docker.sock"
 # Roles of the services this module adds and regenerates; other roles are left alone.
 OWN_ROLES = (wk.ROLE_NETNS, wk.ROLE_PROXY, wk.ROLE_PILOT)
 # Keys of a holder that the injector writes itself; the rest was the app's and is kept.
-_HOLDER_OWN_KEYS = ("image", "command", "cap_add", "restart", "labels", "profiles", "deploy")
+_HOLDER_OWN_KEYS = ("image", "command", "cap_add", "cap_drop", "security_opt", "restart",
+                    "labels", "profiles", "deploy")
 
 
 @dataclass(frozen=True)
@@ -334,6 +342,7 @@ def inject(
     if ctx.meshed_any:  # the pilot's state (route overrides) outlives its container
         volumes = dict(result.get("volumes") or {})
         volumes.setdefault(PILOT_VOLUME, None)
+        volumes.setdefault(SOCKET_VOLUME, None)
         result["volumes"] = volumes
     rows = tuple(
         ServicePlan(
@@ -378,6 +387,9 @@ class _Context:
     ) -> None:
         """Put an app, its holder and its proxy into ``out``, in that order."""
         holder_name, proxy_name = wk.netns_service(app_name), wk.proxy_service(app_name)
+        escape = capture_escape(app)
+        if escape:
+            self.warn(app_name, escape)
         out[app_name] = app
         out[holder_name] = holder
         out[proxy_name] = _proxy(app_name, app, labels, self.image)
@@ -599,6 +611,29 @@ def _depends_on_mapping(svc: dict[str, Any]) -> dict[str, Any]:
     return mapping
 
 
+# Capabilities with which an app in the namespace can undo or step past its proxy's capture.
+_ESCAPE_CAPS = ("ALL", "NET_ADMIN", "NET_RAW", "SYS_ADMIN")
+
+
+def capture_escape(app: Mapping[str, Any]) -> str:
+    """Why ``app`` could leave its proxy (pure): ``privileged``, or capabilities that rewrite
+    the namespace's iptables rules or forge packets; "" when it asks for none of them.
+
+    Every app that runs as root can also ``setuid`` to the proxy's uid, whose traffic is never
+    captured (Istio has the same limit); ``cap_drop: [SETUID]`` or a ``user`` closes that.
+    """
+    added = {str(c).upper().removeprefix("CAP_") for c in app.get("cap_add") or ()}
+    dropped = {str(c).upper().removeprefix("CAP_") for c in app.get("cap_drop") or ()}
+    risky = [c for c in _ESCAPE_CAPS if c in added and c not in dropped]
+    if app.get("privileged") in (True, "true"):
+        risky.insert(0, "privileged")
+    if not risky:
+        return ""
+    return (f"{', '.join(risky)}: the app can rewrite its namespace's capture rules or forge "
+            f"packets, and so bypass its proxy (mTLS, policies); grant it only if you trust "
+            f"the app as much as the mesh")
+
+
 def _join_holder(svc: dict[str, Any], holder: str, proxy: str) -> None:
     """Put ``svc`` into ``holder``'s namespace, starting once ``proxy`` captures traffic."""
     svc["network_mode"] = f"service:{holder}"
@@ -637,7 +672,9 @@ def _holder(
     holder: dict[str, Any] = {
         "image": image,
         "command": ["composemesh", "netns"],
+        "cap_drop": list(DROP_ALL),
         "cap_add": list(HOLDER_CAPS),
+        "security_opt": list(NO_NEW_PRIVILEGES),
         "restart": "unless-stopped",
     }
     holder.update(copy.deepcopy(dict(ns)))
@@ -662,7 +699,12 @@ def _proxy(
         "command": ["composemesh", "proxy"],
         "network_mode": f"service:{wk.netns_service(app_name)}",
         "user": f"{wk.PROXY_UID}:{wk.PROXY_UID}",
+        "cap_drop": list(DROP_ALL),
+        "security_opt": list(NO_NEW_PRIVILEGES),
         "restart": "unless-stopped",
+        # read-only: a proxy can reach the pilot's socket, never put one of its own there
+        "volumes": [{"type": "volume", "source": SOCKET_VOLUME, "target": wk.PILOT_SOCKET_DIR,
+                     "read_only": True}],
         "environment": {
             "COMPOSEMESH_PILOT_URL": PILOT_URL,
             "COMPOSEMESH_SERVICE": labels.service,
@@ -738,8 +780,10 @@ def _user_root_files(
 def _pilot(
     services: Mapping[str, Any], settings: Any, image: str, root: tuple[str, str] | None = None
 ) -> dict[str, Any]:
-    """The control plane: on every network a holder is on, reachable from the host's loopback
-    (its plaintext API only: the mTLS port 15012 is for proxies, on the project's networks).
+    """The control plane: on every network a holder is on (it scrapes the proxies' metrics),
+    listening on none: its API is on the Unix socket in the socket volume, which only the
+    proxies mount. It runs in the host's PID namespace, so that the PID the kernel gives for a
+    caller of that socket names the same process as on the host (``pilot.attest``).
 
     ``root``: the host paths of the user's own root cert and key, mounted read-only where
     the pilot's CA looks for them (named in its environment).
@@ -753,17 +797,13 @@ def _pilot(
         "image": image,
         "command": ["composemesh", "pilot"],
         "restart": "unless-stopped",
+        "pid": "host",
+        "cap_drop": list(DROP_ALL),
+        "security_opt": list(NO_NEW_PRIVILEGES),
         "volumes": [
             {"type": "bind", "source": DOCKER_SOCKET, "target": DOCKER_SOCKET},
             {"type": "volume", "source": PILOT_VOLUME, "target": "/var/lib/composemesh"},
-        ],
-        "ports": [
-            {
-                "mode": "ingress",
-                "host_ip": "127.0.0.1",
-                "target": wk.PORT_PILOT,
-                "protocol": "tcp",
-            }
+            {"type": "volume", "source": SOCKET_VOLUME, "target": wk.PILOT_SOCKET_DIR},
         ],
         "networks": {net: None for net in sorted(networks or {"default"})},
         "healthcheck": copy.deepcopy(PILOT_HEALTHCHECK),

@@ -34,6 +34,7 @@ class Workload:
     addresses: tuple[str, ...]  # the holder's addresses on the project's networks
     running: bool
     proxy_container: str | None = None  # the sidecar's container name, once it exists
+    proxy_container_id: str | None = None  # ... and its id (what the pilot attests callers by)
     proxy_healthy: bool = False
     networks: tuple[tuple[str, str], ...] = ()  # (network name, address) pairs
     weight: int | None = None  # label weight of its version, None: unset

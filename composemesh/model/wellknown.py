@@ -10,8 +10,10 @@ from composemesh import __version__
 PORT_ADMIN: Final = 15000  # config dump, ready, stats
 PORT_OUTBOUND: Final = 15001  # outbound capture (iptables REDIRECT target)
 PORT_INBOUND: Final = 15006  # inbound capture (iptables REDIRECT target)
-PORT_PILOT: Final = 15010  # pilot API, plaintext: attested bootstrap, CA, status (control plane)
-PORT_PILOT_TLS: Final = 15012  # pilot API over mTLS: snapshots and ACKs (istiod's port)
+# The pilot listens on no port: its API is on a Unix socket in a volume that only the mesh's
+# own containers mount (the proxies read-only); callers are attested by the kernel.
+PILOT_SOCKET_DIR: Final = "/run/composemesh"
+PILOT_SOCKET: Final = f"{PILOT_SOCKET_DIR}/pilot.sock"
 PORT_HEALTH: Final = 15021  # /healthz/ready
 PORT_PROMETHEUS: Final = 15090  # /stats/prometheus
 PROXY_PORTS: Final = (PORT_ADMIN, PORT_OUTBOUND, PORT_INBOUND, PORT_HEALTH, PORT_PROMETHEUS)

@@ -119,7 +119,9 @@ def peer_process(sock: socket.socket, proc: str = "/proc") -> PeerProcess:
     try:
         if pidfd is not None:
             pid = _pid_of_pidfd(pidfd, proc)
-        if pid <= 0:
+        if pid < 0:
+            raise AttestationError("the peer's process ended before it was attested")
+        if pid == 0:
             raise AttestationError("the peer's process is not visible to the pilot (the pilot "
                                    "must share the host's PID namespace: pid: host)")
         try:

@@ -66,6 +66,7 @@ Clock = Callable[[], datetime]
 RootSource = Literal["generated", "stored", "user"]
 RotationStep = Literal["begin", "switch", "finish"]
 ROTATION_STEPS: tuple[RotationStep, ...] = ("begin", "switch", "finish")
+RECENT_PER_NODE = 8  # issued records kept in memory per node, to match what a proxy holds
 
 
 class CAStateError(MeshError):
@@ -82,8 +83,14 @@ class IssuedRecord:
     not_before: str  # ISO 8601, UTC
     not_after: str
     issued_at: str
-    address: str  # the caller's address the attestation found the node at
+    container: str = ""  # the id of the proxy container the attestation found asking
     issuer_fingerprint: str = ""  # the root that signed it ("" in records of older pilots)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> IssuedRecord:
+        """A record as stored; keys of older pilots (``address``) are left out."""
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in obj.items() if k in names})
 
     def expired(self, now: datetime) -> bool:
         return datetime.fromisoformat(self.not_after) <= now
@@ -103,7 +110,7 @@ def serial_hex(cert: x509.Certificate) -> str:
 
 
 class CAService:
-    """The pilot's CA: signs CSRs for the identity attested from the caller's address."""
+    """The pilot's CA: signs CSRs for the identity the kernel attested for the calling proxy."""
 
     def __init__(
         self,
@@ -121,7 +128,10 @@ class CAService:
         self._clock = clock
         # the file stem of each stored root, by fingerprint (what roots.json names)
         self._stems: dict[str, str] = dict(stems or {fingerprint(self.root_cert): ROOT_STEM})
-        self.issued: dict[str, IssuedRecord] = self._load_issued()
+        self.issued: dict[str, IssuedRecord] = self._load_issued()  # the last, by node
+        # the last few by node and serial: a proxy may hold one issued before its last
+        self._recent: dict[str, dict[str, IssuedRecord]] = {
+            node: {r.serial: r} for node, r in self.issued.items()}
 
     # ------------------------------------------------------------------ start-up
 
@@ -240,27 +250,37 @@ class CAService:
         except ValueError as exc:
             raise IssuanceRefused(f"no SPIFFE ID for node {workload.node}: {exc}") from None
 
-    def issue(self, csr_pem: bytes, workload: Workload, address: str = "") -> SignedCertificate:
-        """Sign ``csr_pem`` for the attested ``workload``; IssuanceRefused saying why not."""
+    def issue(self, csr_pem: bytes, workload: Workload, container: str = "") -> SignedCertificate:
+        """Sign ``csr_pem`` for the attested ``workload``, whose proxy ``container`` asked;
+        IssuanceRefused saying why not."""
         signed = self.authority.sign(csr_pem, self.attest(workload))
         cert, issuer = certs_from_pem(signed.chain_pem)[:2]
-        self.issued[workload.node] = IssuedRecord(
+        record = IssuedRecord(
             node=workload.node,
             spiffe=signed.spiffe.uri,
             serial=serial_hex(cert),
             not_before=_iso(cert.not_valid_before_utc),
             not_after=_iso(cert.not_valid_after_utc),
             issued_at=_iso(self._clock()),
-            address=address,
+            container=container,
             issuer_fingerprint=fingerprint(issuer),
         )
+        self.issued[workload.node] = record
+        recent = self._recent.setdefault(workload.node, {})
+        recent[record.serial] = record
+        while len(recent) > RECENT_PER_NODE:
+            del recent[next(iter(recent))]
         self._save_issued()
         return signed
 
-    def record_for(self, workload: Workload) -> IssuedRecord | None:
-        """What was last issued to ``workload`` (None if nothing, or to an earlier container)."""
+    def record_for(self, workload: Workload, serial: str | None = None) -> IssuedRecord | None:
+        """The certificate of serial ``serial`` issued to ``workload`` (what its proxy says it
+        holds), or without a serial the last one issued to its current proxy container; None
+        if the CA has no such record."""
+        if serial is not None:
+            return self._recent.get(workload.node, {}).get(serial)
         record = self.issued.get(workload.node)
-        if record is None or (record.address and record.address not in workload.addresses):
+        if record is None or (record.container and record.container != workload.proxy_container_id):
             return None
         return record
 
@@ -309,7 +329,7 @@ class CAService:
             return {}
         try:
             data = json.loads(path.read_text())
-            records = {str(k): IssuedRecord(**v) for k, v in dict(data).items()}
+            records = {str(k): IssuedRecord.from_json(v) for k, v in dict(data).items()}
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, TypeError) as exc:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import socket
+import stat
 import sys
 
 from aiohttp import web
@@ -22,7 +24,6 @@ from composemesh.pilot.sources.docker.controller import DockerSource
 from composemesh.pilot.sources.docker.convert import PROJECT_LABEL
 from composemesh.pilot.sources.docker.engine_api import EngineAPI
 from composemesh.pilot.store import OverrideStore
-from composemesh.pilot.tls_port import PilotTLS
 from composemesh.pilot.traffic import TrafficMonitor
 
 log = logging.getLogger("composemesh.pilot")
@@ -47,9 +48,15 @@ async def own_project(api: EngineAPI) -> str:
     return str(project)
 
 
-async def serve(port: int = wk.PORT_PILOT, tls_port: int = wk.PORT_PILOT_TLS) -> None:
-    """Plaintext API on ``port``; the same API over mutual TLS on ``tls_port`` (snapshots and
-    ACKs are served there only), with the pilot's own certificate from its CA."""
+ENV_SOCKET = "COMPOSEMESH_PILOT_SOCKET"
+SOCKET_MODE = 0o666  # who may connect is bounded by who mounts the volume; each call is attested
+
+
+async def serve(path: str | None = None) -> None:
+    """The API on the Unix socket ``path`` (by default ``/run/composemesh/pilot.sock``), on no
+    network port: proxies reach it through the socket volume, the host's user through the
+    volume's directory or ``docker exec``."""
+    path = path or os.environ.get(ENV_SOCKET) or wk.PILOT_SOCKET
     settings = settings_from_env()
     api = EngineAPI()
     runner: web.AppRunner | None = None
@@ -62,13 +69,11 @@ async def serve(port: int = wk.PORT_PILOT, tls_port: int = wk.PORT_PILOT_TLS) ->
         source = DockerSource(api, project, pilot.update_workloads)
         runner = web.AppRunner(make_app(pilot), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, "0.0.0.0", port).start()
-        await web.TCPSite(runner, "0.0.0.0", tls_port, ssl_context=PilotTLS(ca).context).start()
+        await web.SockSite(runner, bind_socket(path)).start()
         watch = asyncio.create_task(source.run(), name="docker-watch")
         pilot.traffic = TrafficMonitor(lambda: pilot.state.workloads)
         scrape = asyncio.create_task(pilot.traffic.run(), name="traffic-scrape")
-        log.info("pilot of project %s listening on :%d and :%d (mutual TLS)",
-                 project, port, tls_port)
+        log.info("pilot of project %s listening on %s (no network port)", project, path)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,6 +87,20 @@ async def serve(port: int = wk.PORT_PILOT, tls_port: int = wk.PORT_PILOT_TLS) ->
         if runner:
             await runner.cleanup()
         await api.close()
+
+
+def bind_socket(path: str) -> socket.socket:
+    """A listening Unix socket at ``path``, replacing the socket a previous pilot left there."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ConfigError(f"{path} exists and is not a socket; remove it")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, SOCKET_MODE)
+    sock.listen(256)
+    return sock
 
 
 def run_pilot() -> None:

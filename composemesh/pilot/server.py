@@ -1,13 +1,18 @@
 """The pilot's HTTP API: long-poll snapshot push, ACK/NACK intake, certificates, status.
 
-A proxy is known by the address its request comes from, mapped through the Docker
-engine's view to the netns holder that owns that address: never by what it claims. The
-same attestation names the identity a proxy's certificate carries (``POST /v1/certificate``).
+It is served on the pilot's Unix socket only (``pilot.main``), never on a network. Every
+request's caller is attested by the kernel and the engine (``pilot.attest``), never by its
+address or by what it claims, and each endpoint names who may call it:
 
-When the pilot runs a CA, one app is served twice: plaintext on 15010 (the attested
-bootstrap ``POST /v1/certificate``, ``GET /v1/ca``, status, readiness, route changes and
-root rotation from the host) and over mutual TLS on 15012, where alone snapshots and ACKs
-are served, to a caller whose certificate names the identity attested at its address.
+- a proxy, for its own workload: ``GET /v1/snapshot``, ``POST /v1/ack``,
+  ``POST /v1/certificate`` (the CSR is signed for that workload's mesh service only);
+- the host's user (or the pilot's own container, through ``docker exec``): ``GET /v1/status``,
+  ``PUT /v1/routes/<service>``, ``POST /v1/ca/rotate``;
+- any attested caller: ``GET /v1/ca`` (public: the roots and the trust bundle);
+- anyone who can open the socket: ``GET /healthz/ready``.
+
+Refusals are 403 with the reason (503 for a container the pilot may not have seen yet), logged
+with who asked.
 """
 
 from __future__ import annotations
@@ -15,20 +20,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from composemesh.ca import IssuanceRefused, RotationError, fingerprint
 from composemesh.ca.authority import MAX_CSR_BYTES
-from composemesh.ca.tls import peer_spiffe
 from composemesh.errors import ConfigError
-from composemesh.model import wellknown as wk
 from composemesh.model.mesh import MeshState, Workload
 from composemesh.model.routing_config import apply_weights
 from composemesh.model.settings import MeshSettings
 from composemesh.model.snapshot import Snapshot, SnapshotError, decode_ack, encode_snapshot
+from composemesh.pilot.attest import (
+    AttestationError,
+    Caller,
+    Unknown,
+    classify,
+    own_container_id,
+    peer_process,
+)
 from composemesh.pilot.build import build_state, default_split, service_versions
 from composemesh.pilot.ca_service import ROTATION_STEPS, CAService
 from composemesh.pilot.render import render_snapshot
@@ -37,7 +50,39 @@ from composemesh.pilot.traffic import TrafficMonitor
 
 log = logging.getLogger("composemesh.pilot.server")
 LONG_POLL_S = 25.0
-PLAINTEXT_REFUSED = f"snapshots are served over mutual TLS on port {wk.PORT_PILOT_TLS}"
+LONG_POLL_MAX_S = 60.0  # the most ``wait`` a poll may ask for
+UNKNOWN_GRACE_S = 5.0  # a container not known yet: how long a poll waits for the engine's news
+
+
+@dataclass(frozen=True)
+class HeldCertificate:
+    """What a proxy says it holds now (it says so with each poll, as the attested proxy)."""
+
+    serial: str
+    not_after: str
+
+
+# Who sent a request, given the state the pilot holds: the kernel's word by default; tests of
+# the API alone give their own (see KernelAttestor for the real one).
+Attestor = Callable[[web.Request, MeshState], "Caller | Unknown"]
+
+
+class KernelAttestor:
+    """The real attestor: the peer of the Unix socket the request came on (``attest``)."""
+
+    def __init__(self, own_container: str | None = None) -> None:
+        self.own_container = own_container if own_container is not None else own_container_id()
+
+    def __call__(self, request: web.Request, state: MeshState) -> Caller | Unknown:
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or sock.family != socket.AF_UNIX:
+            return Unknown("the pilot answers on its Unix socket only")
+        try:
+            peer = peer_process(sock)
+        except (AttestationError, OSError) as exc:
+            return Unknown(str(exc))
+        return classify(peer, state, self.own_container)
 
 
 @dataclass(frozen=True)
@@ -52,17 +97,20 @@ class Pilot:
     """Holds the current mesh state and the proxies' answers; wakes long-polls on change."""
 
     def __init__(
-        self, state: MeshState, store: OverrideStore | None = None, ca: CAService | None = None
+        self, state: MeshState, store: OverrideStore | None = None, ca: CAService | None = None,
+        attestor: Attestor | None = None,
     ) -> None:
         self.state = state
         self.store = store
         self.ca = ca  # None: this pilot issues no certificates (tests of routing alone)
+        self.attestor: Attestor = attestor or KernelAttestor()
         self.traffic: TrafficMonitor | None = None  # request/error rates, when scraping
         self.overrides: dict[str, dict[str, int]] = store.load() if store else {}
         self.generation = 0
         self.synced = False
         self.acks: dict[str, AckRecord] = {}
         self.last_seen: dict[str, float] = {}
+        self.held: dict[str, HeldCertificate] = {}  # by node
         self._changed = asyncio.Condition()
 
     async def update_workloads(self, workloads: tuple[Workload, ...]) -> None:
@@ -109,8 +157,15 @@ class Pilot:
                     self._changed.wait_for(lambda: self.generation != generation), timeout
                 )
 
-    def caller(self, request: web.Request) -> Workload | None:
-        return self.state.workload_by_address(request.remote or "")
+    def attest(self, request: web.Request) -> Caller | Unknown:
+        """Who is calling, as the kernel and the engine say (``attest.classify``)."""
+        return self.attestor(request, self.state)
+
+    @staticmethod
+    def refreshed(caller: Caller) -> Workload:
+        """The workload of an attested proxy."""
+        assert caller.workload is not None, caller
+        return caller.workload
 
     def snapshot_for(self, workload: Workload) -> Snapshot:
         """What ``workload``'s proxy is sent: its view of the mesh, the CA's trust bundle and
@@ -122,8 +177,17 @@ class Pilot:
         )
 
     def identity_of(self, workload: Workload) -> dict[str, object]:
-        """The status columns of the certificate last issued to ``workload``'s proxy."""
-        record = self.ca.record_for(workload) if self.ca is not None else None
+        """The status columns of the certificate ``workload``'s proxy holds: as it said with
+        its last poll, completed from the CA's record of that serial; before it said, the
+        last one issued to its container."""
+        if self.ca is None:
+            return dict.fromkeys(("identity", "cert_not_after", "cert_serial",
+                                  "cert_issuer_fingerprint"))
+        held = self.held.get(workload.node)
+        record = self.ca.record_for(workload, held.serial if held else None)
+        if record is None and held is not None:
+            return {"identity": self.ca.attest(workload).uri, "cert_not_after": held.not_after,
+                    "cert_serial": held.serial, "cert_issuer_fingerprint": None}
         return {
             "identity": record.spiffe if record else None,
             "cert_not_after": record.not_after if record else None,
@@ -207,80 +271,55 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def refuse_plaintext(pilot: Pilot, request: web.Request) -> web.Response | None:
-    """403 for a snapshot or ACK asked for without TLS, when the pilot runs a CA."""
-    if pilot.ca is None or _ssl_object(request) is not None:
-        return None
-    log.info("%s %s over plaintext from %s refused", request.method, request.path, request.remote)
-    return _error(403, PLAINTEXT_REFUSED)
-
-
-def refuse_peer(pilot: Pilot, request: web.Request, workload: Workload) -> web.Response | None:
-    """403 unless the caller's certificate names the identity attested for ``workload``."""
-    if pilot.ca is None:
-        return None
-    peer = peer_spiffe(_ssl_object(request))
-    try:
-        expected = pilot.ca.attest(workload).uri
-    except IssuanceRefused as exc:
-        reason = exc.reason
+def _attested(pilot: Pilot, request: web.Request, what: str,
+              roles: frozenset[str]) -> Caller | web.Response:
+    """The attested caller of ``request`` if its role may ask for ``what``; else the answer:
+    403 (or 503 for a container the pilot may not have seen yet), logged with the reason."""
+    found = pilot.attest(request)
+    if isinstance(found, Caller) and found.role in roles:
+        return found
+    if isinstance(found, Caller):
+        reason = f"{what} is not for the {found.role}"
+        who = found.describe()
     else:
-        if peer == expected:
-            return None
-        reason = f"the client certificate names {peer or 'no SPIFFE ID'}, not {expected}"
-    log.warning("%s %s from %s (%s) refused: %s",
-                request.method, request.path, request.remote, workload.node, reason)
-    return _error(403, reason)
+        reason, who = found.reason, "an unattested caller"
+    status = 503 if isinstance(found, Unknown) and found.retry else 403
+    log.warning("%s %s from %s refused: %s", request.method, request.path, who, reason)
+    return _error(status, reason)
 
 
-def _ssl_object(request: web.Request) -> object | None:
-    transport = request.transport
-    return transport.get_extra_info("ssl_object") if transport is not None else None
-
-
-LOOPBACK = frozenset({"127.0.0.1", "::1"})  # a process in the pilot's own namespace
-
-
-def refuse_unless_host(pilot: Pilot, request: web.Request, what: str) -> web.Response | None:
-    """403 unless the caller is the host: routes and the root are steered from the host only.
-
-    The CLI reaches the pilot through its published port, so its connections arrive from
-    the gateway of one of the project's networks (Docker's port proxy, or the host on the
-    bridge); a process in the pilot's container comes from loopback. A workload of the mesh,
-    or any other container on the project's networks, may not steer the mesh.
-    """
-    caller = pilot.caller(request)
-    if caller is not None:
-        log.warning("%s from workload %s refused", what, caller.node)
-        return _error(403, f"{what}s are not accepted from workloads")
-    address = (request.remote or "?").removeprefix("::ffff:")
-    if address in LOOPBACK or address in pilot.state.gateways():
-        return None
-    log.warning("%s from %s refused: not the host", what, address)
-    return _error(403, f"{what}s are accepted from the host only, not from {address}")
+PROXY_ONLY = frozenset({"proxy"})
+HOST_ONLY = frozenset({"host", "pilot"})  # the host's user, also through `docker exec` here
+ANY_CALLER = frozenset({"proxy", "host", "pilot"})
 
 
 async def get_snapshot(request: web.Request) -> web.StreamResponse:
     pilot = request.app[PILOT_KEY]
-    if (refused := refuse_plaintext(pilot, request)) is not None:
-        return refused
     have = request.query.get("version", "")
-    deadline = time.monotonic() + float(request.query.get("wait", LONG_POLL_S))
+    try:
+        wait = float(request.query.get("wait", LONG_POLL_S))
+        if not 0 <= wait <= LONG_POLL_MAX_S:
+            raise ValueError
+    except ValueError:
+        return _error(400, f"wait must be a number of seconds from 0 to {LONG_POLL_MAX_S:g}")
+    started = time.monotonic()
+    deadline = started + wait
     while True:
         generation = pilot.generation
-        workload = pilot.caller(request)
-        if workload is None and pilot.synced:
-            return web.json_response(
-                {
-                    "error": f"no workload of project {pilot.state.project!r} "
-                    f"has address {request.remote}"
-                },
-                status=403,
-            )
-        if workload is not None:
-            if (refused := refuse_peer(pilot, request, workload)) is not None:
-                return refused
+        caller = _attested(pilot, request, "a snapshot", PROXY_ONLY)
+        unknown = isinstance(caller, web.Response)
+        if isinstance(caller, web.Response):
+            if caller.status != 503 or time.monotonic() - started > UNKNOWN_GRACE_S:
+                return caller
+            if time.monotonic() >= deadline:
+                return caller
+        else:
+            workload = pilot.refreshed(caller)
             pilot.last_seen[workload.node] = time.time()
+            serial = request.query.get("cert_serial", "")
+            if serial:
+                pilot.held[workload.node] = HeldCertificate(
+                    serial[:64], request.query.get("cert_not_after", "")[:40])
             applied = request.query.get("applied", "")
             if applied and workload.node not in pilot.acks:  # a pilot that lost its memory
                 pilot.acks[workload.node] = AckRecord(applied, True, "", time.time())
@@ -290,18 +329,16 @@ async def get_snapshot(request: web.Request) -> web.StreamResponse:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return web.Response(status=304)
-        await pilot.wait_for_change(generation, remaining)
+        await pilot.wait_for_change(generation, min(remaining, UNKNOWN_GRACE_S) if unknown
+                                    else remaining)
 
 
 async def post_ack(request: web.Request) -> web.Response:
     pilot = request.app[PILOT_KEY]
-    if (refused := refuse_plaintext(pilot, request)) is not None:
-        return refused
-    workload = pilot.caller(request)
-    if workload is None:
-        return web.json_response({"error": f"unknown caller {request.remote}"}, status=403)
-    if (refused := refuse_peer(pilot, request, workload)) is not None:
-        return refused
+    caller = _attested(pilot, request, "an ACK", PROXY_ONLY)
+    if isinstance(caller, web.Response):
+        return caller
+    workload = pilot.refreshed(caller)
     try:
         ack = decode_ack(await request.read())
     except SnapshotError as exc:
@@ -319,31 +356,27 @@ async def post_ack(request: web.Request) -> web.Response:
 
 
 async def post_certificate(request: web.Request) -> web.Response:
-    """Sign the PEM CSR in the body for the identity attested from the caller's address."""
+    """Sign the PEM CSR in the body for the identity attested for the calling proxy."""
     pilot = request.app[PILOT_KEY]
-    address = request.remote or "?"
     if pilot.ca is None:  # 404: the proxy knows there is no certificate to wait for
         return web.json_response({"error": "this pilot runs no CA"}, status=404)
-    workload = pilot.caller(request)
-    if workload is None:
-        if not pilot.synced:  # it may be a proxy the pilot has not seen yet: ask again soon
-            return web.json_response(
-                {"error": "the pilot has not synced with the engine yet"}, status=503
-            )
-        reason = f"no workload of project {pilot.state.project!r} has address {address}"
-        log.warning("certificate refused to %s: %s", address, reason)
-        return web.json_response({"error": reason}, status=403)
+    caller = _attested(pilot, request, "a workload certificate", PROXY_ONLY)
+    if isinstance(caller, web.Response):
+        return caller
+    workload = pilot.refreshed(caller)
+    address = caller.describe()
     if request.content_length is not None and request.content_length > MAX_CSR_BYTES:
         reason = f"the CSR is larger than {MAX_CSR_BYTES} bytes"
         log.warning("certificate refused to %s (%s): %s", address, workload.node, reason)
         return web.json_response({"error": reason}, status=403)
     csr = await request.read()  # aiohttp caps a body at 1 MiB; the CA at MAX_CSR_BYTES
     try:
-        signed = pilot.ca.issue(csr, workload, address)
+        signed = pilot.ca.issue(csr, workload, caller.container_id or "")
     except IssuanceRefused as exc:
         log.warning("certificate refused to %s (%s): %s", address, workload.node, exc.reason)
         return web.json_response({"error": exc.reason}, status=403)
     record = pilot.ca.issued[workload.node]
+    pilot.held[workload.node] = HeldCertificate(record.serial, record.not_after)
     log.info("certificate issued to %s (%s): %s serial %s until %s",
              address, workload.node, signed.spiffe.uri, record.serial, record.not_after)
     return web.json_response(
@@ -359,15 +392,24 @@ async def post_certificate(request: web.Request) -> web.Response:
 
 
 async def get_ca(request: web.Request) -> web.Response:
-    """The CA's signing root and trust bundle (public; anyone may ask)."""
-    ca = request.app[PILOT_KEY].ca
+    """The CA's signing root and trust bundle (public, to any attested caller)."""
+    pilot = request.app[PILOT_KEY]
+    caller = _attested(pilot, request, "the CA", ANY_CALLER)
+    if isinstance(caller, web.Response):
+        return caller
+    ca = pilot.ca
     if ca is None:
         return web.json_response({"error": "this pilot runs no CA"}, status=404)
     return web.json_response(ca.info())
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[PILOT_KEY].status())
+    """Every proxy's state, identity and traffic: for the host's user only."""
+    pilot = request.app[PILOT_KEY]
+    caller = _attested(pilot, request, "status", HOST_ONLY)
+    if isinstance(caller, web.Response):
+        return caller
+    return web.json_response(pilot.status())
 
 
 async def get_ready(request: web.Request) -> web.Response:
@@ -377,8 +419,9 @@ async def get_ready(request: web.Request) -> web.Response:
 
 async def put_route(request: web.Request) -> web.Response:
     pilot = request.app[PILOT_KEY]
-    if (refused := refuse_unless_host(pilot, request, "route change")) is not None:
-        return refused
+    caller = _attested(pilot, request, "a route change", HOST_ONLY)
+    if isinstance(caller, web.Response):
+        return caller
     try:
         body = await request.json()
         weights = {str(k): v for k, v in dict(body["weights"]).items()}
@@ -400,8 +443,9 @@ async def post_rotate(request: web.Request) -> web.Response:
     new ``GET /v1/ca`` answer with ``step`` and the ``generation`` that carries it.
     """
     pilot = request.app[PILOT_KEY]
-    if (refused := refuse_unless_host(pilot, request, "root rotation")) is not None:
-        return refused
+    caller = _attested(pilot, request, "a root rotation", HOST_ONLY)
+    if isinstance(caller, web.Response):
+        return caller
     if pilot.ca is None:
         return _error(404, "this pilot runs no CA")
     try:

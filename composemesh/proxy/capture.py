@@ -8,10 +8,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 from composemesh.errors import MeshError
 from composemesh.model.wellknown import (
+    PORT_HEALTH,
     PORT_INBOUND,
     PORT_OUTBOUND,
-    PORT_PILOT,
-    PROXY_PORTS,
+    PORT_PROMETHEUS,
     PROXY_UID,
 )
 
@@ -21,7 +21,12 @@ CHAIN_OUTBOUND = "COMPOSEMESH_OUTBOUND"  # OUTPUT jumps here: decides what outbo
 CHAIN_REDIRECT = "COMPOSEMESH_REDIRECT"  # REDIRECT to the outbound capture port
 OUR_CHAINS = (CHAIN_INBOUND, CHAIN_IN_REDIRECT, CHAIN_OUTBOUND, CHAIN_REDIRECT)
 
-DEFAULT_EXCLUDE_INBOUND_PORTS = (*PROXY_PORTS, PORT_PILOT)
+# Inbound connections left uncaptured: only the ports the proxy itself serves on the
+# namespace's addresses (health, Prometheus), which the app cannot take (the proxy holds them
+# before the app starts). Its admin port listens on loopback, which capture never sees; the
+# capture ports themselves are captured (a connection to them reaches the app's port of that
+# number, or nothing). Any other port, whatever listens there, goes through the proxy.
+DEFAULT_EXCLUDE_INBOUND_PORTS = (PORT_HEALTH, PORT_PROMETHEUS)
 LOOPBACK_CIDR = "127.0.0.0/8"  # Docker's embedded DNS (127.0.0.11) and app-local traffic
 IPTABLES_BINARIES = ("iptables", "iptables-legacy")
 _MULTIPORT_MAX = 15  # iptables' multiport match takes at most 15 ports per rule

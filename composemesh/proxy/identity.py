@@ -1,12 +1,13 @@
 """The proxy's workload identity: a key kept in memory, a certificate from the pilot, kept fresh.
 
-Protocol: ``POST {pilot}/v1/certificate`` with a PEM PKCS#10 CSR as the body. The pilot
-attests the caller by its source address and answers ``200`` with JSON ``{cert_pem,
-chain_pem, trust_bundle_pem, spiffe, not_after, serial}``, or ``403``/``503`` with
-``{error}``; ``404`` means the pilot runs no CA (it offers no certificates, and the proxy is
-ready without one, asking again now and then). A fresh P-256 key is made for every request;
-it never leaves this process: not written to disk, not logged, not sent (only the CSR,
-which carries its public half).
+Protocol: ``POST {pilot}/v1/certificate`` with a PEM PKCS#10 CSR as the body, over the
+pilot's Unix socket (``proxy.pilot_client.pilot_session``). The pilot attests the caller by
+what the kernel says of the socket's peer (this proxy's container) and answers ``200``
+with JSON ``{cert_pem, chain_pem, trust_bundle_pem, spiffe, not_after, serial}``, or
+``403``/``503`` with ``{error}``; ``404`` means the pilot runs no CA (it offers no
+certificates, and the proxy is ready without one, asking again now and then). A fresh P-256
+key is made for every request; it never leaves this process: not written to disk, not
+logged, not sent (only the CSR, which carries its public half).
 
 The certificate is renewed at half its lifetime, moved by up to ±10 % of it (jitter, so
 proxies started together do not renew together); a failed request is retried with capped
@@ -47,7 +48,7 @@ from composemesh.ca import (
 from composemesh.ca.rotation import RENEW_FRACTION, RENEW_JITTER
 from composemesh.errors import MeshError
 from composemesh.model.snapshot import Snapshot, SnapshotError
-from composemesh.proxy.pilot_client import SERVICE_HEADER, Applier, backoff_delay
+from composemesh.proxy.pilot_client import SERVICE_HEADER, Applier, backoff_delay, pilot_session
 
 CERTIFICATE_PATH = "/v1/certificate"
 CSR_CONTENT_TYPE = "application/pkcs10"
@@ -155,6 +156,7 @@ class WorkloadIdentity:
         timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         self.url = pilot_url.rstrip("/")
+        self._base = self.url  # what requests are made to (the socket's base URL in run())
         self.service = service  # informational header, as the pilot client sends it
         self._clock = clock
         self._sleep = sleep
@@ -178,6 +180,11 @@ class WorkloadIdentity:
     @property
     def certificate(self) -> WorkloadCertificate | None:
         return self._held[0] if self._held else None
+
+    def held(self) -> tuple[str, str] | None:
+        """(serial, not_after) of the certificate held, for the pilot's status; None if none."""
+        cert = self.certificate
+        return (cert.serial, _iso(cert.not_after)) if cert else None
 
     def current(self) -> tuple[bytes, bytes, bytes, bytes] | None:
         """``(cert_pem, key_pem, chain_pem, trust_bundle_pem)`` now in force, or None."""
@@ -259,7 +266,8 @@ class WorkloadIdentity:
         if session is None:
             timeout = aiohttp.ClientTimeout(total=self.timeout, sock_connect=CONNECT_TIMEOUT)
             headers = {SERVICE_HEADER: self.service} if self.service else {}
-            async with aiohttp.ClientSession(timeout=timeout, headers=headers) as own:
+            own, self._base = pilot_session(self.url, timeout, headers)
+            async with own:
                 await self._loop(own)
         else:
             await self._loop(session)
@@ -312,7 +320,7 @@ class WorkloadIdentity:
         key = _PrivateKey(generate_key())
         csr = csr_to_pem(make_csr(key._key))
         async with session.post(
-            self.url + CERTIFICATE_PATH, data=csr, headers={"Content-Type": CSR_CONTENT_TYPE}
+            self._base + CERTIFICATE_PATH, data=csr, headers={"Content-Type": CSR_CONTENT_TYPE}
         ) as response:
             if response.status == 404:
                 raise NotOffered(f"the pilot at {self.url} issues no certificates (404)")

@@ -26,12 +26,11 @@ log = logging.getLogger("composemesh.proxy.mtls")
 class MeshTls:
     """The TLS contexts in force and the identity names of this proxy's mesh."""
 
-    __slots__ = ("client", "server", "pilot", "trust_domain", "project", "_expected", "rebuilt")
+    __slots__ = ("client", "server", "trust_domain", "project", "_expected", "rebuilt")
 
     def __init__(self) -> None:
         self.client: ssl.SSLContext | None = None
         self.server: ssl.SSLContext | None = None
-        self.pilot: ssl.SSLContext | None = None  # to the pilot: its DNS name is checked too
         self.trust_domain = ""
         self.project = ""
         self._expected: dict[str, str] = {}  # mesh service -> its SPIFFE ID
@@ -48,9 +47,7 @@ class MeshTls:
         in force are then kept."""
         client = client_context(chain_pem, key_pem, bundle_pem)
         server = server_context(chain_pem, key_pem, bundle_pem)
-        pilot = client_context(chain_pem, key_pem, bundle_pem)
-        pilot.check_hostname = True
-        self.client, self.server, self.pilot = client, server, pilot
+        self.client, self.server = client, server
         self.rebuilt += 1
 
     def name(self, trust_domain: str, project: str) -> None:

@@ -1,12 +1,17 @@
 """The proxy's side of the pilot protocol: long-poll for snapshots, apply them whole, ACK or NACK.
 
+The pilot is reached on its Unix socket (``unix:///run/composemesh/pilot.sock``, in the socket
+volume mounted read-only into every proxy); it knows the proxy by what the kernel says of the
+socket's peer (its container), never by an address or a claim. ``http://`` URLs are for tests.
+
 Protocol (HTTP/1.1, JSON bodies from ``composemesh.model.snapshot``):
 
 - ``GET {pilot}/v1/snapshot?version=<last version seen, or empty>&applied=<version in force>``
-  (so a pilot that restarted and lost its memory learns what each proxy serves), with the
-  informational header ``X-Composemesh-Service``; the pilot knows the proxy by its source
-  address. The pilot answers ``200`` with an encoded Snapshot as soon as it has a version
-  other than the one given, or ``304`` (no body) when its wait (about 30 s) runs out.
+  (so a pilot that restarted and lost its memory learns what each proxy serves)
+  ``&cert_serial=…&cert_not_after=…`` (the certificate it holds, for ``status``), with the
+  informational header ``X-Composemesh-Service``. The pilot answers ``200`` with an encoded
+  Snapshot as soon as it has a version other than the one given, or ``304`` (no body) when its
+  wait (about 30 s) runs out.
 - ``POST {pilot}/v1/ack`` with an encoded Ack: ``ok=true`` once a snapshot is applied,
   ``ok=false`` with the reason when it was rejected (the previous one stays in force). The pilot
   answers 2xx; a 5xx or no answer makes the proxy send it again before its next poll, a 4xx
@@ -20,7 +25,6 @@ import asyncio
 import json
 import logging
 import random
-import ssl
 import time
 from collections.abc import Callable, Iterable
 
@@ -43,10 +47,21 @@ log = logging.getLogger("composemesh.proxy.pilot")
 # Prepares a snapshot (raising SnapshotError to reject it) and returns the commit, which must
 # not fail: a snapshot is applied by every applier or by none.
 Applier = Callable[[Snapshot], Callable[[], None]]
-# How to reach the pilot now: (base URL, TLS context or None for plaintext), or None for
-# "not yet" (the proxy waits for its first certificate before it asks for snapshots).
-Channel = Callable[[], "tuple[str, ssl.SSLContext | None] | None"]
-NOT_YET_WAIT = 0.1  # seconds between looks at the channel while it is not ready
+# The certificate the proxy holds now, (serial, not_after ISO 8601), or None.
+Held = Callable[[], "tuple[str, str] | None"]
+UNIX_SCHEME = "unix://"
+UNIX_BASE = "http://composemesh-pilot"  # the Host of requests over the socket
+
+
+def pilot_session(url: str, timeout: aiohttp.ClientTimeout,
+                  headers: dict[str, str] | None = None) -> tuple[aiohttp.ClientSession, str]:
+    """A session to the pilot at ``url`` and the base URL its requests use: a Unix socket
+    (``unix:///path``) or, in tests, ``http://host:port``."""
+    if url.startswith(UNIX_SCHEME):
+        connector = aiohttp.UnixConnector(path=url.removeprefix(UNIX_SCHEME))
+        return (aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers),
+                UNIX_BASE)
+    return aiohttp.ClientSession(timeout=timeout, headers=headers), url.rstrip("/")
 
 
 class PilotError(MeshError):
@@ -135,10 +150,10 @@ class PilotClient:
         rng: Callable[[], float] = random.random,
         backoff_initial: float = BACKOFF_INITIAL,
         backoff_max: float = BACKOFF_MAX,
-        channel: Channel | None = None,
+        held: Held | None = None,
     ) -> None:
         self.url = url.rstrip("/")
-        self.channel = channel  # None: always ``url``, in plaintext
+        self.held = held  # what the poll says the proxy holds
         self.store = store
         self.service = service
         self.poll_wait = poll_wait
@@ -155,10 +170,11 @@ class PilotClient:
         timeout = aiohttp.ClientTimeout(
             total=self.poll_wait + POLL_SLACK, sock_connect=CONNECT_TIMEOUT)
         headers = {SERVICE_HEADER: self.service} if self.service else {}
-        async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+        session, base = pilot_session(self.url, timeout, headers)
+        async with session:
             while True:
                 try:
-                    settled = await self.exchange(session)
+                    settled = await self.exchange(session, base)
                 except (aiohttp.ClientError, TimeoutError, PilotError) as exc:
                     self.failures += 1
                     self.last_error = str(exc) or type(exc).__name__
@@ -175,22 +191,21 @@ class PilotClient:
                     await asyncio.sleep(
                         backoff_delay(1, self.rng, self.backoff_initial, self.backoff_max))
 
-    async def exchange(self, session: aiohttp.ClientSession) -> bool:
+    async def exchange(self, session: aiohttp.ClientSession, url: str | None = None) -> bool:
         """One round: deliver any pending answer, long-poll once, answer what came.
 
+        ``url``: the base of the requests (``pilot_session``'s), by default ``self.url``.
         Returns False when the next poll would only fetch the same unusable answer again.
         """
-        where = self.channel() if self.channel is not None else (self.url, None)
-        if where is None:
-            await asyncio.sleep(NOT_YET_WAIT)
-            return True
-        url, context = where
+        url = url or self.url
         if self.pending is not None:
-            await self._answer(session, self.pending, url, context)
+            await self._answer(session, self.pending, url)
         applied = self.store.snapshot.version if self.store.snapshot else ""
         params = {"version": self.store.seen_version, "applied": applied}
-        async with session.get(url + SNAPSHOT_PATH, params=params,
-                               ssl=context if context is not None else True) as response:
+        held = self.held() if self.held is not None else None
+        if held is not None:
+            params["cert_serial"], params["cert_not_after"] = held
+        async with session.get(url + SNAPSHOT_PATH, params=params) as response:
             if response.status == 304:
                 self.last_contact = time.time()
                 return True
@@ -199,16 +214,14 @@ class PilotClient:
             body = await response.read()
         self.last_contact = time.time()
         answer = self.store.offer(body)
-        await self._answer(session, answer, url, context)
+        await self._answer(session, answer, url)
         return bool(answer.ok or answer.version)
 
-    async def _answer(self, session: aiohttp.ClientSession, answer: Ack, url: str,
-                      context: ssl.SSLContext | None) -> None:
+    async def _answer(self, session: aiohttp.ClientSession, answer: Ack, url: str) -> None:
         self.pending = answer
         async with session.post(
             url + ACK_PATH, data=encode_ack(answer),
             headers={"Content-Type": "application/json"},
-            ssl=context if context is not None else True,
         ) as response:
             status = response.status
             if status >= 500:

@@ -8,7 +8,6 @@ import logging
 import os
 import random
 import signal
-import ssl
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -20,13 +19,11 @@ from composemesh.errors import MeshError
 from composemesh.model.snapshot import ProxyIdentity, Snapshot
 from composemesh.model.wellknown import (
     DEFAULT_VERSION,
-    PILOT_SERVICE,
+    PILOT_SOCKET,
     PORT_ADMIN,
     PORT_HEALTH,
     PORT_INBOUND,
     PORT_OUTBOUND,
-    PORT_PILOT,
-    PORT_PILOT_TLS,
     PORT_PROMETHEUS,
 )
 from composemesh.proxy.admin import (
@@ -46,7 +43,7 @@ from composemesh.proxy.inbound import (
 )
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.original_dst import original_dst
-from composemesh.proxy.pilot_client import Channel, ConfigStore, PilotClient
+from composemesh.proxy.pilot_client import ConfigStore, PilotClient
 from composemesh.proxy.stats import (
     INBOUND,
     OUTBOUND,
@@ -60,12 +57,11 @@ from composemesh.proxy.tcp import CONNECT_TIMEOUT, Forwarder, Resolver, Router, 
 from composemesh.proxy.upstream import UpstreamPool
 
 ENV_PILOT_URL = "COMPOSEMESH_PILOT_URL"
-ENV_PILOT_TLS_URL = "COMPOSEMESH_PILOT_TLS_URL"  # default: the pilot's host, port 15012
 ENV_SERVICE = "COMPOSEMESH_SERVICE"
 ENV_VERSION = "COMPOSEMESH_VERSION"
 ENV_COMPOSE_SERVICE = "COMPOSEMESH_COMPOSE_SERVICE"
 ENV_ADMIN_HOST = "COMPOSEMESH_ADMIN_HOST"
-DEFAULT_PILOT_URL = f"http://{PILOT_SERVICE}:{PORT_PILOT}"
+DEFAULT_PILOT_URL = f"unix://{PILOT_SOCKET}"  # the socket volume, mounted read-only
 HTTP_SHUTDOWN_TIMEOUT = 1.0  # seconds an admin request may still take when we stop
 
 log = logging.getLogger("composemesh.proxy")
@@ -81,7 +77,6 @@ class ProxyConfig:
     """How one proxy runs; ``from_env`` reads what the injector put in its container."""
 
     pilot_url: str = DEFAULT_PILOT_URL
-    pilot_tls_url: str = ""  # "": https://<pilot_url's host>:15012
     service: str = ""  # claimed (informational) until the pilot's snapshot attests it
     version: str = DEFAULT_VERSION
     compose_service: str = ""
@@ -101,7 +96,6 @@ class ProxyConfig:
     def from_env(cls, environ: Mapping[str, str]) -> ProxyConfig:
         return cls(
             pilot_url=environ.get(ENV_PILOT_URL) or DEFAULT_PILOT_URL,
-            pilot_tls_url=environ.get(ENV_PILOT_TLS_URL, ""),
             service=environ.get(ENV_SERVICE, ""),
             version=environ.get(ENV_VERSION) or DEFAULT_VERSION,
             compose_service=environ.get(ENV_COMPOSE_SERVICE, ""),
@@ -205,26 +199,6 @@ def tls_rotator(tls: MeshTls, identity: WorkloadIdentity) -> Callable[[WorkloadC
     return rotated
 
 
-def pilot_channel(pilot_url: str, tls: MeshTls, identity: WorkloadIdentity,
-                  secure_url: str = "") -> Channel:
-    """Snapshots come over mutual TLS (``secure_url``, by default the pilot's port 15012)
-    once there is a certificate; from a pilot that runs no CA, over plaintext at
-    ``pilot_url``; before either is known, not yet."""
-    if not secure_url:
-        host = pilot_url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
-        secure_url = f"https://{host}:{PORT_PILOT_TLS}"
-    secure_url = secure_url.rstrip("/")
-
-    def channel() -> tuple[str, ssl.SSLContext | None] | None:
-        if tls.pilot is not None:
-            return secure_url, tls.pilot
-        if identity.offered is False:
-            return pilot_url, None
-        return None
-
-    return channel
-
-
 async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
                 context: list[AdminContext] | None = None) -> None:
     """Run the proxy until ``stop`` is set; then close everything in reverse order of opening.
@@ -240,9 +214,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
     forwarders: dict[str, Forwarder] = {OUTBOUND: path.outbound, INBOUND: path.inbound}
     identity.on_rotate.append(tls_rotator(path.tls, identity))
     store = ConfigStore([path.apply, trust_bundle_applier(identity)])
-    pilot = PilotClient(config.pilot_url, store, service=claimed,
-                        channel=pilot_channel(config.pilot_url, path.tls, identity,
-                                              config.pilot_tls_url))
+    pilot = PilotClient(config.pilot_url, store, service=claimed, held=identity.held)
     ctx = AdminContext(
         stats=path.stats, store=store, pilot=pilot, http=path.http,
         identity=identity,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from composemesh.engine.compose import state_dir
-from composemesh.model.wellknown import DEMO_IMAGE, PILOT_SERVICE, PORT_ADMIN, PORT_PILOT
+from composemesh.model.wellknown import DEMO_IMAGE, PILOT_SERVICE, PORT_ADMIN
 
 REPO = Path(__file__).resolve().parents[2]
 BOOKINFO = REPO / "examples" / "bookinfo" / "compose.yaml"
@@ -85,12 +85,43 @@ def unique_project(tag: str) -> str:
 
 
 # Run with python3 in a container: GET http://127.0.0.1:<argv[1]><argv[2]>, the body to stdout
-# (a proxy's admin port is loopback-only, as Istio's; the pilot's API seen from inside it).
+# (a proxy's admin port is loopback-only, as Istio's).
 LOOPBACK_GET = (
     "import sys, urllib.request;"
     "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:' + sys.argv[1] + sys.argv[2],"
     " timeout=5).read().decode())"
 )
+
+
+SPOOF = Path(__file__).with_name("spoof.py")
+
+
+def spoof(network: str, victim: str, target: str, port: int, *extra: str,
+          tries: int = 3) -> dict[str, Any]:
+    """The JSON line of tests/e2e/spoof.py run by an attacker container on ``network`` with
+    Docker's default capabilities: ARP-poison ``target`` so that it takes the attacker for
+    ``victim``, handshake by hand from the victim's address to ``target:port``, send the
+    payload (``extra``: the tool's options). Run again (up to ``tries``) only when nothing
+    answered at all, as on a busy machine; the container is removed even when it hangs."""
+    result: dict[str, Any] = {}
+    for _ in range(tries):
+        name = f"{PREFIX}-attacker-{uuid.uuid4().hex[:8]}"
+        try:
+            proc = subprocess.run(
+                ["docker", "run", "--rm", "--name", name, "--network", network,
+                 "--entrypoint", "python3", DEMO_IMAGE, "-c", SPOOF.read_text(),
+                 "--victim", victim, "--target", target, "--port", str(port),
+                 "--timeout", "30", *extra],
+                capture_output=True, text=True, timeout=180)
+        finally:
+            subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+        assert proc.returncode == 0, f"spoof.py: {proc.returncode}\n{proc.stdout}{proc.stderr}"
+        lines = [line for line in proc.stdout.splitlines() if line.strip()]
+        assert len(lines) == 1, f"spoof.py printed:\n{proc.stdout}{proc.stderr}"
+        result = dict(json.loads(lines[0]))
+        if result["result"] != "no-answer":
+            break
+    return result
 
 
 def logs_of(container: str) -> str:
@@ -163,9 +194,12 @@ class Mesh:
         return dict(json.loads(self.admin(compose_service, "/certs")))
 
     def pilot_get(self, path: str) -> dict[str, Any]:
-        """The pilot's JSON answer to ``GET path``, asked from inside the pilot."""
-        return dict(json.loads(self.exec(PILOT_SERVICE, "python3", "-c", LOOPBACK_GET,
-                                         str(PORT_PILOT), path)))
+        """The pilot's JSON answer to ``GET path``, asked on its socket from inside it (as
+        the CLI does where it cannot reach the socket's directory on the host)."""
+        status, _, body = self.exec(PILOT_SERVICE, "python3", "-m",
+                                    "composemesh.engine.pilot_api", "GET", path).partition("\n")
+        assert status == "200", f"GET {path} at the pilot: {status} {body}"
+        return dict(json.loads(body))
 
     def proxy_stats(self, compose_service: str) -> dict:
         """The admin /stats JSON of the sidecar of ``compose_service``; asked again for up to

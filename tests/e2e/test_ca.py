@@ -34,25 +34,18 @@ services:
     command: ["reviews"]
 """
 STATE = "/var/lib/composemesh/ca"
-PILOT_URL = f"http://{wk.PILOT_SERVICE}:{wk.PORT_PILOT}"
-
-# Run with python3 in a mesh-image container: a fresh key and a CSR (with the URI SAN in
-# argv[1], if any) POSTed to the pilot (argv[2]); prints status, answer and milliseconds.
-POST_CSR = r"""
-import json, sys, time, urllib.error, urllib.request
+# Run with python3 in a proxy's container (the mesh image, the socket mounted): a fresh key
+# and a CSR (with the URI SAN in argv[1], if any) POSTed to the pilot's socket; prints status,
+# answer and milliseconds.
+POST_CSR = rf"""
+import json, sys, time
 from composemesh.ca import csr_to_pem, generate_key, make_csr
+from composemesh.engine.pilot_api import over_socket
 started = time.perf_counter()
 csr = csr_to_pem(make_csr(generate_key(), sys.argv[1] or None))
-request = urllib.request.Request(sys.argv[2] + "/v1/certificate", data=csr, method="POST",
-                                 headers={"Content-Type": "application/pkcs10"})
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-try:
-    with opener.open(request, timeout=10) as response:
-        status, body = response.status, json.load(response)
-except urllib.error.HTTPError as exc:
-    status, body = exc.code, json.load(exc)
+answer = over_socket({wk.PILOT_SOCKET!r}, "POST", "/v1/certificate", csr)
 ms = (time.perf_counter() - started) * 1000
-print(json.dumps({"status": status, "body": body, "ms": ms}))
+print(json.dumps({{"status": answer.status, "body": json.loads(answer.body), "ms": ms}}))
 """
 
 
@@ -81,7 +74,7 @@ def python_in(container: str, code: str, *args: str, timeout: float = 60) -> str
 
 
 def post_csr(container: str, san: str = "") -> dict[str, Any]:
-    return dict(json.loads(python_in(container, POST_CSR, san, PILOT_URL)))
+    return dict(json.loads(python_in(container, POST_CSR, san)))
 
 
 
@@ -155,17 +148,23 @@ def test_a_csr_for_another_services_identity_is_refused(mesh: Mesh) -> None:
     assert spiffe_of(cert_from_pem(own["body"]["cert_pem"])) == spiffe(mesh, "web")
     logs = logs_of(mesh.container(wk.PILOT_SERVICE))
     refused = [ln for ln in logs.splitlines() if "certificate refused to" in ln]
-    assert any(mesh.address("web") in ln and spiffe(mesh, "reviews") in ln for ln in refused)
+    node = mesh.container("web-netns")
+    assert any(f"proxy of {node}" in ln and spiffe(mesh, "reviews") in ln for ln in refused)
 
 
-def test_a_container_outside_the_project_is_refused(mesh: Mesh) -> None:
-    proc = mesh.outsider(wk.MESH_IMAGE, "python3", "-c", POST_CSR, "", PILOT_URL)
-    assert proc.returncode == 0, proc.stderr
-    answer = json.loads(proc.stdout)
-    assert answer["status"] == 403, answer
-    assert f"no workload of project {mesh.project!r}" in answer["body"]["error"]
-    logs = logs_of(mesh.container(wk.PILOT_SERVICE))
-    assert "certificate refused to" in logs and "no workload of project" in logs
+def test_a_container_outside_the_project_has_no_way_to_ask(mesh: Mesh) -> None:
+    """Not on any port of the pilot's (it listens on none; tests/e2e/test_attacks.py fakes
+    addresses too), and it mounts no socket."""
+    dial = ("import socket\n"
+            "for port in (15010, 15012):\n"
+            "    try:\n"
+            "        socket.create_connection(('composemesh-pilot', port), timeout=5)\n"
+            "        print(port, 'connected')\n"
+            "    except OSError as exc:\n"
+            "        print(port, type(exc).__name__)\n")
+    proc = mesh.outsider(wk.MESH_IMAGE, "python3", "-c", dial)
+    refused = ["15010", "ConnectionRefusedError", "15012", "ConnectionRefusedError"]
+    assert proc.stdout.split() == refused, proc.stdout + proc.stderr
 
 
 def test_time_to_issue_a_certificate_inside_the_mesh(mesh: Mesh) -> None:

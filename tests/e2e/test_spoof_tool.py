@@ -15,14 +15,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
 from composemesh.model.wellknown import DEMO_IMAGE
-from tests.e2e.conftest import PREFIX, docker
+from tests.e2e.conftest import PREFIX, docker, spoof
 
-SPOOF = Path(__file__).with_name("spoof.py")
 PORT = 8080
 CLOSED_PORT = 8081
 
@@ -66,25 +64,9 @@ class Net:
         nets = json.loads(docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", container))
         return str(nets[self.name]["IPAddress"])
 
-    def spoof(self, port: int, *extra: str, tries: int = 3) -> dict:
-        """The tool's JSON line, run as the attacker with Docker's default capabilities; run
-        again (up to ``tries``) only when nothing answered at all, on a busy machine."""
-        for _ in range(tries):
-            name = f"{self.name}-attacker-{uuid.uuid4().hex[:4]}"
-            self.containers.append(name)
-            proc = subprocess.run(
-                ["docker", "run", "--rm", "--name", name, "--network", self.name,
-                 "--entrypoint", "python3", DEMO_IMAGE, "-c", SPOOF.read_text(),
-                 "--victim", self.victim_ip, "--target", self.target_ip, "--port", str(port),
-                 "--timeout", "30", *extra],
-                capture_output=True, text=True, timeout=180)
-            assert proc.returncode == 0, f"spoof.py: {proc.returncode}\n{proc.stdout}{proc.stderr}"
-            lines = [line for line in proc.stdout.splitlines() if line.strip()]
-            assert len(lines) == 1, f"spoof.py printed:\n{proc.stdout}{proc.stderr}"
-            result = dict(json.loads(lines[0]))
-            if result["result"] != "no-answer":
-                break
-        return result
+    def spoof(self, port: int, *extra: str) -> dict:
+        """The tool's JSON line, run as the attacker with Docker's default capabilities."""
+        return spoof(self.name, self.victim_ip, self.target_ip, port, *extra)
 
     def victim_get(self) -> dict:
         proc = subprocess.run(["docker", "exec", self.victim, "python3", "-c", GET,

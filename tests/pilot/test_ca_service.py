@@ -39,7 +39,8 @@ from composemesh.pilot.ca_service import (
     CAService,
     CAStateError,
 )
-from composemesh.pilot.server import PLAINTEXT_REFUSED, Pilot, make_app
+from composemesh.pilot.server import Pilot, make_app
+from tests.pilot.callers import Callers
 
 WEB = Workload(
     node="shop-web-netns-1",
@@ -47,11 +48,13 @@ WEB = Workload(
     compose_service="web-v1",
     service="web",
     version="v1",
-    addresses=("127.0.0.1",),
+    addresses=("10.9.0.2",),
     running=False,  # a proxy asks before its app is healthy: it still gets a certificate
+    proxy_container="shop-web-v1-proxy-1",
+    proxy_container_id="a" * 64,
 )
 DB = replace(WEB, node="shop-db-netns-1", compose_service="db", service="db",
-             addresses=("10.9.0.9",))
+             addresses=("10.9.0.9",), proxy_container_id="b" * 64)
 
 
 def mode(path: Path) -> int:
@@ -171,7 +174,7 @@ def test_attestation_names_the_callers_service_never_what_the_csr_asks(tmp_path:
 
 def test_issued_certificates_are_recorded_and_survive_a_restart(tmp_path: Path) -> None:
     ca = service(tmp_path)
-    signed = ca.issue(csr(), WEB, "127.0.0.1")
+    signed = ca.issue(csr(), WEB, WEB.proxy_container_id or "")
     cert = cert_from_pem(signed.cert_pem)
     record = ca.record_for(WEB)
     assert record is not None
@@ -184,7 +187,9 @@ def test_issued_certificates_are_recorded_and_survive_a_restart(tmp_path: Path) 
 
     again = service(tmp_path)
     assert again.record_for(WEB) == record
-    moved = replace(WEB, addresses=("10.0.0.7",))  # a new container under the same name
+    assert again.record_for(WEB, record.serial) == record  # what the proxy says it holds
+    assert again.record_for(WEB, "0123") is None
+    moved = replace(WEB, proxy_container_id="c" * 64)  # a new proxy container, same name
     assert again.record_for(moved) is None
 
 
@@ -194,7 +199,7 @@ def test_issued_certificates_are_recorded_and_survive_a_restart(tmp_path: Path) 
 async def with_pilot(tmp_path: Path, body: Callable[[Pilot, TestClient], Awaitable[None]],
                      workloads: tuple[Workload, ...] = (WEB,), ca: bool = True) -> None:
     pilot = Pilot(MeshState(project="shop", workloads=workloads), None,
-                  service(tmp_path) if ca else None)
+                  service(tmp_path) if ca else None, attestor=Callers(WEB.node))
     pilot.synced = True
     async with TestClient(TestServer(make_app(pilot), host="127.0.0.1")) as client:
         await body(pilot, client)
@@ -222,23 +227,26 @@ def test_post_certificate_issues_for_the_attested_caller(tmp_path: Path,
         verify_chain(cert, chain[1:], certs_from_pem(answer["trust_bundle_pem"]))
         assert datetime.fromisoformat(answer["not_after"]) == cert.not_valid_after_utc
 
+        pilot.attestor.host()
         status = await (await client.get("/v1/status")).json()
         row = status["proxies"][0]
         assert row["identity"] == answer["spiffe"]
         assert row["cert_serial"] == answer["serial"] == f"{cert.serial_number:x}"
         assert row["cert_not_after"] == answer["not_after"]
         assert row["cert_issuer_fingerprint"] == fingerprint(chain[1])
-        # the snapshot carries the same (public) trust bundle; with a CA, over mTLS only
+        # the snapshot carries the same (public) trust bundle; to the proxy, not the host
+        assert (await client.get("/v1/snapshot")).status == 403
+        assert (await client.post("/v1/certificate", data=csr())).status == 403
+        pilot.attestor.proxy(WEB.node)
         resp = await client.get("/v1/snapshot")
-        assert resp.status == 403
-        assert await resp.json() == {"error": PLAINTEXT_REFUSED}
+        assert resp.status == 200
         snap = pilot.snapshot_for(WEB)
         assert snap.settings["trust_bundle"] == answer["trust_bundle_pem"]
         assert snap.settings["signing_root"] == fingerprint(chain[1])
         assert row["snapshot_version"] == snap.version  # status renders the same snapshot
 
     run(tmp_path, body)
-    assert "certificate issued to 127.0.0.1 (shop-web-netns-1)" in caplog.text
+    assert "certificate issued to proxy of shop-web-netns-1 (pid 4242)" in caplog.text
     assert "PRIVATE KEY" not in caplog.text
 
 
@@ -255,24 +263,31 @@ def test_refusals_are_403_and_logged_with_the_caller_and_reason(
         assert resp.status == 403 and "larger than" in (await resp.json())["error"]
         assert pilot.ca is not None and pilot.ca.record_for(WEB) is None  # nothing issued
 
-        await pilot.publish(replace(pilot.state, workloads=(DB,)))  # we are nobody now
+        pilot.attestor.stranger()  # a container that is no proxy of the project
         resp = await client.post("/v1/certificate", data=csr())
-        assert resp.status == 403
-        assert "no workload of project 'shop' has address 127.0.0.1" in (await resp.json())[
-            "error"]
+        assert resp.status == 503
+        assert "is no proxy of project 'shop'" in (await resp.json())["error"]
+        pilot.attestor.host()  # the host's user is no workload: no certificate either
+        resp = await client.post("/v1/certificate", data=csr())
+        assert resp.status == 403 and "not for the host" in (await resp.json())["error"]
+        assert pilot.ca.record_for(WEB) is None
 
     run(tmp_path, body)
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
-    assert len(lines) == 3
-    assert all(line.startswith("certificate refused to 127.0.0.1") for line in lines)
+    assert len(lines) == 4
+    assert all(line.startswith("certificate refused to proxy of shop-web-netns-1")
+               for line in lines[:2])
     assert "asks for spiffe://cluster.local/ns/shop/sa/db" in lines[0]
-    assert "no workload of project" in lines[2]
+    assert "an unattested caller refused: container" in lines[2]
+    assert "from host (pid 4242) refused" in lines[3]
     assert "PRIVATE KEY" not in caplog.text and "CERTIFICATE REQUEST" not in caplog.text
 
 
 def test_an_unknown_caller_before_the_first_sync_is_told_to_come_back(tmp_path: Path) -> None:
     async def body(pilot: Pilot, client: TestClient) -> None:
         pilot.synced = False
+        assert (await client.post("/v1/certificate", data=csr())).status == 503
+        pilot.attestor.stranger()
         assert (await client.post("/v1/certificate", data=csr())).status == 503
 
     run(tmp_path, body, workloads=())
@@ -297,8 +312,10 @@ def test_get_ca_shows_the_root_and_bundle_and_a_pilot_without_a_ca_says_404(
     async def no_ca(pilot: Pilot, client: TestClient) -> None:
         assert (await client.get("/v1/ca")).status == 404
         assert (await client.post("/v1/certificate", data=csr())).status == 404
+        pilot.attestor.host()
         row = (await (await client.get("/v1/status")).json())["proxies"][0]
         assert (row["identity"], row["cert_not_after"], row["cert_serial"]) == (None, None, None)
+        pilot.attestor.proxy(WEB.node)
         snap = decode_snapshot(await (await client.get("/v1/snapshot")).read())
         assert snap.settings["trust_bundle"] == snap.settings["signing_root"] == ""
 
@@ -309,7 +326,7 @@ def test_get_ca_shows_the_root_and_bundle_and_a_pilot_without_a_ca_says_404(
 def test_expired_records_are_forgotten_by_the_clock(tmp_path: Path) -> None:
     now = [datetime.now(UTC)]
     ca = CAService.load_or_create(MeshSettings(), "shop", tmp_path, {}, clock=lambda: now[0])
-    ca.issue(csr(), WEB, "127.0.0.1")
+    ca.issue(csr(), WEB, WEB.proxy_container_id or "")
     now[0] += timedelta(days=2)  # past the 24 h certificate (the root lives ten years)
     again = CAService.load_or_create(MeshSettings(), "shop", tmp_path, {}, clock=lambda: now[0])
     assert again.record_for(WEB) is None

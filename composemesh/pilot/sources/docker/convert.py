@@ -129,6 +129,7 @@ def workloads_from_containers(
                 addresses=addresses(holder),
                 running=holder.get("State") == "running" and serving(apps.get(holder_id, [])),
                 proxy_container=container_name(proxy) if proxy else None,
+                proxy_container_id=str(proxy.get("Id")) if proxy else None,
                 proxy_healthy=proxy is not None
                 and proxy.get("State") == "running"
                 and "(healthy)" in str(proxy.get("Status", "")),
