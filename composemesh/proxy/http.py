@@ -6,6 +6,14 @@ requests; each becomes an ``Exchange`` that takes the decisions of ``proxy.decis
 and streams the response back, or tries again (retries, per-try and route timeouts, outlier
 ejection). Requests and responses pass byte for byte but for the hop-by-hop headers; only
 the answers the proxy makes itself (404, 503, 504, injected faults) carry its own headers.
+
+A connection is held to its ``ProxyLimits`` as bytes arrive: a request head is fed to the
+parser only up to ``max_request_headers_kb`` (431 past it: never buffered), the URL and the
+header count are counted in the parser's callbacks (414, 431), a request whose framing breaks
+after its head is answered 400 at once, and one timer per connection, re-armed lazily, holds
+the header timeout (408), the keep-alive idle timeout and the stream idle timeout. Every
+answer that ends a connection is followed by a FIN and a short linger that reads and drops
+what the client still sends, so that the client reads the answer rather than a reset.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import cast
 
 import httptools
 
+from composemesh.model.limits import ProxyLimits
 from composemesh.model.routing import IDEMPOTENT_METHODS, HttpRoute
 from composemesh.proxy.decisions import (
     Endpoint,
@@ -37,8 +46,11 @@ from composemesh.proxy.stats import (
     NO_FLAGS,
     NO_HEALTHY_UPSTREAM,
     NO_ROUTE,
+    OUTBOUND,
     RETRIES_EXHAUSTED,
+    STREAM_IDLE_TIMEOUT,
     UNKNOWN,
+    UPSTREAM_PROTOCOL_ERROR,
     UPSTREAM_RESET,
     UPSTREAM_TIMEOUT,
     ProxyStats,
@@ -55,6 +67,8 @@ from composemesh.proxy.tcp import (
 from composemesh.proxy.upstream import CHUNKED, UNTIL_CLOSE, UpstreamConnection, UpstreamPool
 
 BODY_BUFFER_LIMIT = 1024 * 1024  # request bodies up to this are kept for retries; larger stream
+LINGER = 1.0  # seconds a connection closed after an error answer still reads (Envoy's
+# delayed_close_timeout): what the client sends meanwhile is dropped, not answered with a reset
 
 # Request headers that are the connection's own: the upstream connection has its own.
 _REQUEST_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade"})
@@ -75,8 +89,23 @@ NO_HEALTHY_UPSTREAM_BODY = b"no healthy upstream"
 TIMEOUT_BODY = b"upstream request timeout"
 CONNECT_FAILURE_BODY = b"upstream connect error or disconnect/reset before headers"
 FAULT_ABORT_BODY = b"fault filter abort"
-BAD_REQUEST_BODY = b"bad request"
+BAD_REQUEST_BODY = b"Bad Request"  # Envoy's codec errors: the status text
+HEADERS_TOO_LARGE_BODY = b"Request Header Fields Too Large"
+URI_TOO_LONG_BODY = b"URI Too Long"
+HEADER_TIMEOUT_BODY = b"request header timeout"
+STREAM_TIMEOUT_BODY = b"stream timeout"
+UPSTREAM_PROTOCOL_BODY = (b"upstream connect error or disconnect/reset before headers. "
+                          b"reset reason: protocol error")
 CONNECT_METHOD_BODY = b"CONNECT is not supported"
+
+
+class Refusal(Exception):
+    """The request breaks a limit (raised while parsing): answer ``status``, then close."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
 
 log = logging.getLogger("composemesh.proxy.http")
 
@@ -88,12 +117,27 @@ class OutboundHttp:
     a snapshot is applied, and each request reads the one in force when it is routed.
     """
 
-    def __init__(self, stats: ProxyStats, pool: UpstreamPool | None = None) -> None:
+    direction = OUTBOUND
+
+    def __init__(self, stats: ProxyStats, pool: UpstreamPool | None = None,
+                 limits: ProxyLimits = ProxyLimits()) -> None:  # noqa: B008 (frozen)
         self.stats = stats
-        self.pool = pool or UpstreamPool()
+        self.pool = pool or UpstreamPool(limits=limits)
         self.router: Router = EMPTY_ROUTER
         self.connections: set[HttpDownstream] = set()
         self.tunnels: set[asyncio.Protocol] = set()  # upgraded connections, spliced
+        self.limits = limits
+        # what each connection reads, derived once
+        self.head_max = limits.max_request_head
+        self.url_max = limits.max_url
+        self.headers_max = limits.max_headers_count
+        self.header_timeout = limits.request_headers_timeout
+        self.idle_timeout = limits.idle_timeout
+        self.stream_idle = limits.stream_idle_timeout
+        # the timer's period: a quarter of the shorter idle timeout, so that either fires
+        # within 1.25 times its length of the last byte (0: neither is on)
+        quiet = [t for t in (limits.idle_timeout, limits.stream_idle_timeout) if t > 0]
+        self.tick = min(quiet) / 4 if quiet else 0.0
 
     def entry(self, service: str, port: int) -> Handoff:
         """The handoff that makes a captured connection to ``service`` an HTTP one (a
@@ -121,13 +165,24 @@ class HttpDownstream(asyncio.Protocol):
 
     Requests are answered one at a time, in order; one parsed while another is being
     answered waits (pipelining works, without concurrency).
+
+    Timeouts: one timer (``timer``) per connection, looking every ``OutboundHttp.tick``
+    seconds; the hot path reads no clock. Reads only set ``moved``, which the timer turns
+    into ``quiet_since`` (the stream idle timeout runs from it while an exchange is active);
+    the end of an exchange only clears ``idle_since``, which the timer stamps (the idle
+    timeout runs from it). A request head that spans reads has an exact deadline
+    (``head_since`` + the header timeout), the first request's from the accept, so that a
+    connection that never sends a whole head is closed.
     """
 
     __slots__ = ("http", "service", "port", "transport", "parser", "current", "active", "queue",
-                 "paused", "writing_paused", "closed", "eof", "tunnel_first", "_url", "_pairs")
+                 "paused", "writing_paused", "closed", "eof", "tunnel_first", "_url", "_pairs",
+                 "head_left", "heads", "in_head", "in_body", "head_since", "moved",
+                 "quiet_since", "idle_since", "timer", "draining")
 
     transport: asyncio.Transport
     exchange_type: type[Exchange]  # set below the class: what one request becomes
+    rewrites_target = False  # whether request_target may change what is sent and routed
 
     def __init__(self, http: OutboundHttp, service: str, port: int) -> None:
         self.http = http
@@ -144,6 +199,16 @@ class HttpDownstream(asyncio.Protocol):
         self.tunnel_first: list[bytes] | None = None  # after an upgrade request: bytes held
         self._url = b""
         self._pairs: list[tuple[bytes, bytes]] = []
+        self.head_left = http.head_max  # bytes the current (or next) request head may still take
+        self.heads = 0  # request heads parsed on this connection
+        self.in_head = False  # the parser is inside a request head
+        self.in_body = False  # ... inside a request body: reads do not count against the head
+        self.head_since = 0.0  # when the head awaited under the header timeout began (0: none)
+        self.moved = False  # bytes moved since the timer last looked
+        self.quiet_since = 0.0  # when the timer last saw bytes move
+        self.idle_since = 0.0  # when the connection was last seen with no exchange (0: not yet)
+        self.timer: asyncio.TimerHandle | None = None
+        self.draining = False  # answered and closing: what still comes is dropped
 
     # ---- asyncio
 
@@ -151,28 +216,84 @@ class HttpDownstream(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.http.connections.add(self)
+        now = asyncio.get_running_loop().time()
+        self.quiet_since = self.idle_since = now
+        if self.http.header_timeout:
+            self.head_since = now  # the first request's head is due from the accept
+        self._arm(now)
 
     def data_received(self, data: bytes) -> None:
+        self.moved = True
         if self.tunnel_first is not None:  # upgrading: held for the tunnel
             self.tunnel_first.append(data)
             self.transport.pause_reading()
             return
+        if self.draining:
+            return
         try:
-            self.parser.feed_data(data)
+            if self.in_body:
+                self.parser.feed_data(data)
+            elif len(data) <= self.head_left:  # all of it may be head: counted, then parsed
+                self.head_left -= len(data)
+                self.parser.feed_data(data)
+            else:
+                self._feed(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrading(data[exc.args[0]:])
-        except httptools.HttpParserCallbackError:
+            return
+        except Refusal as limit:
+            self.refuse(limit.status, limit.body)
+            return
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, Refusal):
+                self.refuse(cause.status, cause.body)
+                return
             log.exception("HTTP request handling failed")
             self.abort()
+            return
         except httptools.HttpParserError:
-            self._bad_request()
+            self.refuse(400, BAD_REQUEST_BODY)
+            return
+        if self.in_head and not self.head_since and self.http.header_timeout:
+            self._head_started()
+
+    def _feed(self, data: bytes | memoryview) -> None:
+        """Parse ``data``, which may hold (the rest of) a request head: counted against the
+        head's budget before the parser sees it, so that a head is never buffered past it."""
+        if self.in_body:
+            self.parser.feed_data(data)
+            return
+        room = self.head_left
+        if len(data) <= room:
+            self.head_left = room - len(data)
+            self.parser.feed_data(data)
+            return
+        # More than the head may still take: its share first. A head that has not ended
+        # within it is refused unparsed; else the rest is a body, or a next request whose
+        # head began inside the share (so it is counted from there: at most twice the limit).
+        view = memoryview(data)
+        heads = self.heads
+        if room > 0:
+            self.parser.feed_data(view[:room])
+        if self.heads == heads:
+            raise Refusal(431, HEADERS_TOO_LARGE_BODY)
+        try:
+            self._feed(view[room:])
+        except httptools.HttpParserUpgrade as exc:
+            raise httptools.HttpParserUpgrade(room + exc.args[0]) from None
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.draining:
+            return False
         return self.active is not None or bool(self.queue)  # else close now
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.http.connections.discard(self)
         self.queue.clear()
         active = self.active
@@ -188,6 +309,7 @@ class HttpDownstream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        self.moved = True
         active = self.active
         if active is not None and active.conn is not None:
             active.conn.resume()
@@ -200,16 +322,29 @@ class HttpDownstream(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._pairs = []
+        self.in_head = True
         if self.active is not None:
             self.pause_for(_PAUSE_QUEUED)
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        if self._url:
+            url = self._url + url
+        if len(url) > self.http.url_max:
+            raise Refusal(414, URI_TOO_LONG_BODY)
+        self._url = url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._pairs.append((name, value))
+        pairs = self._pairs
+        pairs.append((name, value))
+        if len(pairs) > self.http.headers_max:
+            raise Refusal(431, HEADERS_TOO_LARGE_BODY)
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.in_body = True
+        self.head_since = 0.0
+        self.head_left = self.http.head_max
+        self.heads += 1
         if self.closed:  # pipelined behind an answer that closes the connection: dropped
             self.current = None
             return
@@ -219,6 +354,16 @@ class HttpDownstream(asyncio.Protocol):
         upgrade = parser.should_upgrade()
         url = self._url
         pairs = self._pairs
+        if url[:1] == b"/":
+            q = url.find(b"?")
+            path = (url if q < 0 else url[:q]).decode("latin-1")
+        else:  # absolute-form (or *): route on its path
+            try:
+                path = (httptools.parse_url(url).path or b"/").decode("latin-1")
+            except httptools.HttpParserInvalidURLError:
+                path = "/"
+        if self.rewrites_target:
+            url, path = self.request_target(url, path)
         line = b"%s %s HTTP/1.1\r\n" if v11 else b"%s %s HTTP/1.0\r\n"
         drop = _UPGRADE_HOP if upgrade else _REQUEST_HOP
         parts, connection, chunked, expect = _request_head(line % (method, url), pairs, drop)
@@ -229,14 +374,6 @@ class HttpDownstream(asyncio.Protocol):
         if upgrade:
             parts.append(b"Connection: upgrade\r\n")
         parts.append(b"\r\n")
-        if url[:1] == b"/":
-            q = url.find(b"?")
-            path = (url if q < 0 else url[:q]).decode("latin-1")
-        else:  # absolute-form (or *): route on its path
-            try:
-                path = (httptools.parse_url(url).path or b"/").decode("latin-1")
-            except httptools.HttpParserInvalidURLError:
-                path = "/"
         exchange = self.current = self.exchange_type(
             self, method.decode("latin-1"), path, pairs, b"".join(parts), v11,
             parser.should_keep_alive() and not upgrade, chunked, expect, upgrade)
@@ -245,11 +382,17 @@ class HttpDownstream(asyncio.Protocol):
         else:
             self.queue.append(exchange)
 
+    def request_target(self, url: bytes, path: str) -> tuple[bytes, str]:
+        """The request target to send on and the path to route (and authorize) with; the
+        outbound path sends what the app sent."""
+        return url, path
+
     def on_body(self, body: bytes) -> None:
         if self.current is not None:
             self.current.add_body(body)
 
     def on_message_complete(self) -> None:
+        self.in_body = False
         current = self.current
         if current is not None:
             self.current = None
@@ -271,8 +414,11 @@ class HttpDownstream(asyncio.Protocol):
         self.resume_for(_PAUSE_UPSTREAM | _PAUSE_HELD)
         if close or self.closed:
             self.queue.clear()
-            self.closed = True
-            self.transport.close()  # after what is buffered
+            if self.in_head or self.in_body:  # the client is still sending: let it, unread
+                self.linger()
+            else:
+                self.closed = True
+                self.transport.close()  # after what is buffered
             return
         if self.queue:
             self._activate(self.queue.popleft())
@@ -280,6 +426,7 @@ class HttpDownstream(asyncio.Protocol):
         if self.eof:
             self.transport.close()
             return
+        self.idle_since = 0.0  # idle from now: the timer stamps it at its next look
         self.resume_for(_PAUSE_QUEUED)
 
     def pause_for(self, bit: int) -> None:
@@ -294,21 +441,121 @@ class HttpDownstream(asyncio.Protocol):
         if not self.paused and not self.closed:
             self.transport.resume_reading()
 
-    def _bad_request(self) -> None:
-        """The app sent what is not HTTP/1.x: answer 400 after what is in flight, and close."""
+    def refuse(self, status: int, body: bytes, flags: str = BAD_REQUEST) -> None:
+        """The request being parsed cannot be taken (bad framing, a limit, too slow): answer
+        ``status`` and close at once; after the answer in flight if it is an earlier
+        request's (then the refused one gets no answer: the connection just ends)."""
+        current = self.current
         self.current = None
         self.closed = True  # nothing more is parsed; finished() closes
+        self.in_head = False
+        self.head_since = 0.0
+        self.queue.clear()
         self.transport.pause_reading()
-        if self.active is not None:
-            self.queue.clear()
+        active = self.active
+        if active is not None and active is not current:
             return
-        self.count_bad_request()
-        self.transport.write(_local_head(400, len(BAD_REQUEST_BODY), True) + BAD_REQUEST_BODY)
+        if active is not None:  # the refused request's own exchange: it ends here
+            self.active = None
+            if active.abandon(status, flags):  # the app has part of a response already
+                self.transport.abort()
+                return
+        else:
+            self.count_refused(status, flags)
+        self.transport.write(_local_head(status, len(body), True) + body)
+        self.linger()
+
+    def linger(self) -> None:
+        """Half-close after an answer that ends the connection; drop what still comes for
+        ``LINGER`` seconds, then close (the client's own close ends it sooner)."""
+        self.closed = True
+        self.draining = True
+        transport = self.transport
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        transport.resume_reading()
+        self.timer = asyncio.get_running_loop().call_later(LINGER, transport.abort)
+
+    def count_refused(self, status: int, flags: str) -> None:
+        self.http.stats.http_request(self.http.router.me, self.service, UNKNOWN, UNKNOWN, None,
+                                     status, flags, 0.0, 0, 0)
+
+    # ---- timeouts
+
+    def _arm(self, now: float) -> None:
+        """Set the timer for the next look: a tick from ``now``, or the head's deadline."""
+        http = self.http
+        due = now + http.tick if http.tick else 0.0
+        if self.head_since:
+            deadline = self.head_since + http.header_timeout
+            if not due or deadline < due:
+                due = deadline
+        if due:
+            self.timer = asyncio.get_running_loop().call_at(due, self._tick)
+
+    def _head_started(self) -> None:
+        """A request head did not end in the read that began it: its deadline runs."""
+        loop = asyncio.get_running_loop()
+        self.head_since = now = loop.time()
+        timer = self.timer
+        if timer is None or timer.when() > now + self.http.header_timeout:
+            if timer is not None:
+                timer.cancel()
+            self.timer = None
+            self._arm(now)
+
+    def _tick(self) -> None:
+        self.timer = None
+        if self.draining:
+            return
+        now = asyncio.get_running_loop().time()
+        http = self.http
+        if self.moved:
+            self.moved = False
+            self.quiet_since = now
+        if self.head_since and now >= self.head_since + http.header_timeout:
+            self._head_timeout()
+            return
+        active = self.active
+        if active is not None:
+            if http.stream_idle and now >= self.quiet_since + http.stream_idle:
+                active.stream_idle()
+                if self.closed:
+                    return
+                self.quiet_since = now
+        elif http.idle_timeout and (not self.in_head or not http.header_timeout):
+            # idle from the end of the last exchange (stamped here, at the first look after
+            # it), as Envoy's: bytes that start no request do not keep a connection open
+            if not self.idle_since:
+                self.idle_since = now
+            elif now >= self.idle_since + http.idle_timeout:
+                http.stats.error(http.direction, "idle_timeout")
+                self.closed = True
+                self.transport.close()
+                return
+        self._arm(now)
+
+    def _head_timeout(self) -> None:
+        """The header timeout: 408 for a head that began; a connection that never sent one
+        is closed without a word (HAProxy's ``timeout http-request``)."""
+        if self.in_head:
+            self.refuse(408, HEADER_TIMEOUT_BODY, NO_FLAGS)
+            return
+        self.head_since = 0.0
+        if self.active is not None:
+            self._arm(asyncio.get_running_loop().time())
+            return
+        http = self.http
+        http.stats.error(http.direction, "idle_timeout")
+        self.closed = True
         self.transport.close()
 
-    def count_bad_request(self) -> None:
-        self.http.stats.http_request(self.http.router.me, self.service, UNKNOWN, UNKNOWN, None,
-                                     400, BAD_REQUEST, 0.0, 0, 0)
+    # ---- upgrades
 
     def _upgrading(self, rest: bytes) -> None:
         """The request asked to switch protocols: hold what follows until the upstream says."""
@@ -320,9 +567,13 @@ class HttpDownstream(asyncio.Protocol):
         self.http.connections.discard(self)
         self.http.pool.connections.discard(conn)
         self.active = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         first = b"".join(self.tunnel_first or ())
         self.tunnel_first = None
-        splice(self.transport, conn.transport, first, upstream_first, self.http.tunnels)
+        splice(self.transport, conn.transport, first, upstream_first, self.http.tunnels,
+               self.http.limits.tcp_idle_timeout)
 
 
 class Exchange:
@@ -676,6 +927,7 @@ class Exchange:
             held.append(data)
 
     def flush(self) -> None:
+        self.down.moved = True
         held = self.held
         if held:
             self.held = None
@@ -702,6 +954,10 @@ class Exchange:
             self.held.append(_LAST_CHUNK)
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:
+        if conn.protocol_error and not self.responding:  # not HTTP, or a head past the limit
+            self._end_try(False)
+            self.local(502, UPSTREAM_PROTOCOL_BODY, UPSTREAM_PROTOCOL_ERROR)
+            return
         if self.responding:  # the app has part of a response: it cannot have the rest
             self._end_try(False)
             self.flags = UPSTREAM_RESET
@@ -750,6 +1006,42 @@ class Exchange:
         self.response_size = len(head) + len(body)
         self.down.transport.write(head if self.head_only else head + body)
         self._finish(close)
+
+    def abandon(self, status: int, flags: str) -> bool:
+        """The request was refused while it came (``HttpDownstream.refuse``): stop its try,
+        close its upstream connection, count it as ``status``. True if the app had part of a
+        response already (it cannot have a status now: the caller resets the connection)."""
+        if self.done:
+            return False
+        responding = self.responding
+        self._cancel_timers()
+        self._abandon_try()
+        self._end_try(None)
+        self.held = None
+        self.flags = flags
+        if not responding:
+            self.status = status
+        self.done = True
+        self._record()
+        return responding
+
+    def stream_idle(self) -> None:
+        """Nothing moved either way for the stream idle timeout: 408 if the request has not
+        all come (the client stalled), 504 if it has (the upstream did); a reset if part of
+        the response went out already. Envoy's answers to its stream_idle_timeout."""
+        if self.done:
+            return
+        self._cancel_timers()
+        self._abandon_try()
+        if self.responding:
+            self._end_try(False)
+            self.flags = STREAM_IDLE_TIMEOUT
+            self.held = None
+            self.down.transport.abort()
+            self._finish(True)
+            return
+        self._end_try(False if self.complete else None)
+        self.local(504 if self.complete else 408, STREAM_TIMEOUT_BODY, STREAM_IDLE_TIMEOUT)
 
     def client_gone(self) -> None:
         """The app closed its connection before its answer was complete."""
@@ -816,11 +1108,16 @@ def _request_head(line: bytes, pairs: list[tuple[bytes, bytes]], drop: frozenset
     return parts, connection, chunked, expect
 
 
+_PHRASES = {414: b"URI Too Long"}  # RFC 9110's name (Python's is RFC 2616's)
+
+
 def _local_head(status: int, length: int, close: bool) -> bytes:
-    try:
-        phrase = HTTPStatus(status).phrase.encode()
-    except ValueError:
-        phrase = b"Unknown"
+    phrase = _PHRASES.get(status)
+    if phrase is None:
+        try:
+            phrase = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            phrase = b"Unknown"
     return (b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\ncontent-type: text/plain\r\n"
             b"server: composemesh\r\n%s\r\n"
             % (status, phrase, length, b"connection: close\r\n" if close else b""))

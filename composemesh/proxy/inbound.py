@@ -12,7 +12,13 @@ A connection captured on its way to the app (port 15006) is held until its first
 Then, per the snapshot's authorization policies for this service (``model.policy``): a TCP
 port's connection is allowed or closed whole; an HTTP port's requests are each allowed or
 answered 403 with the reason. What is allowed goes to the app at the connection's original
-destination, in plaintext, inside the namespace.
+destination, in plaintext, inside the namespace. When the policies match on paths, each
+request's path is normalized once (``request_path``): the policy checks it and the app
+receives it, the request line rewritten; escaped slashes are refused (400) or kept as the
+limits say.
+
+No source address holds more than ``max_connections_per_source`` connections at once: the
+next is closed as it is accepted (counted as ``source_limit``).
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import httptools
+
 from composemesh.ca.tls import HANDSHAKE_TIMEOUT, TLS_RECORD, is_tls_client_hello, peer_spiffe
-from composemesh.model.policy import Policy, authorize, policies_from_json
+from composemesh.model.limits import ProxyLimits
+from composemesh.model.policy import Policy, authorize, policies_from_json, request_path
 from composemesh.model.routing import HttpRoute, ServiceRouting, WeightedSubset
 from composemesh.model.snapshot import Snapshot, SnapshotError
 from composemesh.proxy.decisions import (
@@ -44,6 +53,7 @@ from composemesh.proxy.http import (
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.original_dst import Address
 from composemesh.proxy.stats import (
+    BAD_REQUEST,
     INBOUND,
     MUTUAL_TLS,
     NO_SECURITY,
@@ -68,6 +78,7 @@ from composemesh.proxy.tcp import (
 from composemesh.proxy.tls_link import TlsLink
 
 FIRST_BYTES_TIMEOUT = 0.1  # seconds to wait for a client's first bytes (server-first: none)
+SOURCE_SWEEP = 10.0  # seconds between sweeps of closed connections out of the per-source count
 
 # Inbound requests go to the one local app: one try, no timeout of the proxy's own.
 _INBOUND_ROUTE = HttpRoute(name="inbound", matches=(), destinations=(WeightedSubset("local", 1),))
@@ -85,6 +96,11 @@ class InboundConfig:
     published: frozenset[int] = frozenset()
     networks: tuple[LocalNetwork, ...] = ()
     protocols: ServiceProtocols = ServiceProtocols()
+
+    @property
+    def paths_checked(self) -> bool:
+        """Whether a policy matches on paths: then requests carry the path it checked."""
+        return any(op.paths for policy in self.policies for op in policy.operations)
 
 
 def inbound_config(snapshot: Snapshot, me: Workload, protocols: ServiceProtocols) -> InboundConfig:
@@ -131,6 +147,7 @@ class InboundRouter:
         self.state = ServiceState(
             ServiceRouting(service=config.me.app, routes=(_INBOUND_ROUTE,), outlier=None),
             rng or random.Random())
+        self.paths_checked = config.paths_checked
         self._labels: dict[tuple[str | None, bool], TcpLabels] = {}
 
     def admits(self, port: int, source: str) -> bool:
@@ -193,6 +210,11 @@ class InboundDownstream(Downstream):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        fwd = self.forwarder
+        assert isinstance(fwd, InboundForwarder)
+        if not fwd.admit(self.transport):
+            self.transport.abort()
+            return
         original = self.resolve()
         if original is None:
             return
@@ -299,9 +321,50 @@ class InboundForwarder(Forwarder):
         # False when the pilot runs no CA: no peer can prove anything, so STRICT cannot hold
         # and plaintext is let in (a mesh without mTLS, as the routing tests run it)
         self.ca_offered = ca_offered
+        self.source_limit = self.limits.max_connections_per_source
+        # the transports accepted per source address; closed ones are dropped when a source
+        # reaches the limit and by a sweep every SOURCE_SWEEP seconds
+        self.by_source: dict[str, list[asyncio.BaseTransport]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def __call__(self) -> InboundDownstream:
         return InboundDownstream(self)
+
+    def admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Whether a connection just accepted fits its source's limit (counted if it does)."""
+        limit = self.source_limit
+        if not limit:
+            return True
+        peer = transport.get_extra_info("peername")
+        source = str(peer[0]) if peer else ""
+        held = self.by_source.get(source)
+        if held is None:
+            self.by_source[source] = [transport]
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().call_later(SOURCE_SWEEP, self._sweep)
+            return True
+        if len(held) >= limit:
+            held[:] = [t for t in held if not t.is_closing()]
+            if len(held) >= limit:
+                self.stats.error(INBOUND, "source_limit")
+                return False
+        held.append(transport)
+        return True
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        for source, held in list(self.by_source.items()):
+            held[:] = [t for t in held if not t.is_closing()]
+            if not held:
+                del self.by_source[source]
+        if self.by_source:
+            self._sweeper = asyncio.get_running_loop().call_later(SOURCE_SWEEP, self._sweep)
+
+    def abort_all(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        super().abort_all()
 
 
 def _no_chooser(original: Address) -> Decision | None:  # inbound decides through its router
@@ -314,9 +377,13 @@ def _no_chooser(original: Address) -> Decision | None:  # inbound decides throug
 class InboundHttp(OutboundHttp):
     """The HTTP side of the inbound listener: authorize each request, carry it to the app."""
 
-    def __init__(self, stats: ProxyStats, router: InboundRouter | None = None) -> None:
-        super().__init__(stats)
+    direction = INBOUND
+
+    def __init__(self, stats: ProxyStats, router: InboundRouter | None = None,
+                 limits: ProxyLimits = ProxyLimits()) -> None:  # noqa: B008 (frozen)
+        super().__init__(stats, limits=limits)
         self.inbound: InboundRouter | None = router
+        self.escaped_slashes = limits.path_with_escaped_slashes_action
 
     def entry(self, original: Address, peer: str | None, secure: bool) -> Handoff:  # type: ignore[override]
         return Handoff(partial(self._take_inbound, original, peer, secure))
@@ -334,6 +401,7 @@ class InboundHttpDownstream(HttpDownstream):
     """A peer's HTTP connection into this workload, its source known (or not) once."""
 
     __slots__ = ("peer", "secure", "endpoint")
+    rewrites_target = True  # request_target normalizes paths where policies check them
 
     def __init__(self, http: InboundHttp, original: Address, peer: str | None,
                  secure: bool) -> None:
@@ -346,11 +414,37 @@ class InboundHttpDownstream(HttpDownstream):
         self.endpoint = Endpoint(node=router.config.node, version=router.me.version,
                                  address=original[0])
 
-    def count_bad_request(self) -> None:
+    def request_target(self, url: bytes, path: str) -> tuple[bytes, str]:
+        """Where a policy matches on paths, the normalized path (``request_path``), also in
+        the request line sent to the app (in origin-form, the query kept as it came); ""
+        for a path refused (400 when its turn comes)."""
+        http = self.http
+        assert isinstance(http, InboundHttp) and http.inbound is not None
+        if not http.inbound.paths_checked or url == b"*":
+            return url, path
+        if url[:1] == b"/":
+            q = url.find(b"?")
+            query = url[q:] if q >= 0 else b""
+        else:  # absolute-form: the path that was routed on, its query, and no fragment
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                return url, ""
+            if parsed.fragment is not None:
+                return url, ""
+            query = b"?" + parsed.query if parsed.query is not None else b""
+        normal = request_path(path, http.escaped_slashes)
+        if normal is None:
+            return url, ""
+        if normal == path and url[:1] == b"/":
+            return url, path
+        return normal.encode("latin-1") + query, normal
+
+    def count_refused(self, status: int, flags: str) -> None:
         http = self.http
         assert isinstance(http, InboundHttp) and http.inbound is not None
         router = http.inbound
-        http.stats.http_inbound_request(router.source(self.peer), router.me, 400, "DPE",
+        http.stats.http_inbound_request(router.source(self.peer), router.me, status, flags,
                                         MUTUAL_TLS if self.secure else NO_SECURITY, 0.0, 0, 0)
 
 
@@ -366,6 +460,9 @@ class InboundExchange(Exchange):
         http = down.http
         assert isinstance(http, InboundHttp) and http.inbound is not None
         router = http.inbound  # the one in force now: policy changes apply to the next request
+        if not self.path:  # an escaped slash, a fragment, an encoded NUL (request_path)
+            self.local(400, b"", BAD_REQUEST)
+            return
         decision = authorize(router.config.policies, down.peer, self.method, self.path)
         if not decision.allowed:
             self.local(403, decision.reason.encode(), RBAC_DENIED)

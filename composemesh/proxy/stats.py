@@ -47,7 +47,9 @@ FAULT_DELAY = "DI"
 NO_ROUTE = "NR"
 RETRIES_EXHAUSTED = "URX"
 DOWNSTREAM_CLOSED = "DC"  # the client left before its response was complete
-BAD_REQUEST = "DPE"  # the client's request did not parse
+BAD_REQUEST = "DPE"  # the client's request did not parse, or broke a limit (431, 414)
+UPSTREAM_PROTOCOL_ERROR = "UPE"  # the upstream's response did not parse, or its head was too large
+STREAM_IDLE_TIMEOUT = "SI"  # nothing moved on a request for the stream idle timeout
 RBAC_DENIED = "RBAC"  # an authorization policy denied the request (inbound)
 MUTUAL_TLS = "mutual_tls"  # Istio's connection_security_policy for an mTLS peer
 NO_SECURITY = "none"
@@ -64,6 +66,9 @@ ERROR_KINDS = (
     "tls_peer",  # the peer's certificate named another identity than the one expected
     "plaintext_refused",  # plaintext into a STRICT service, from inside the mesh's networks
     "rbac_denied",  # an authorization policy denied a TCP connection
+    "source_limit",  # one source address had max_connections_per_source open already
+    "idle_timeout",  # an HTTP connection closed by the idle (or first request's header) timeout
+    "tcp_idle_timeout",  # a TCP connection that carried nothing for tcp_idle_timeout, closed
 )
 
 

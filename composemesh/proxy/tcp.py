@@ -2,7 +2,9 @@
 
 The decisions are plain functions (a ``Chooser``, ``is_proxy_address``, ``sniff_http``) and a
 ``Router`` built per snapshot from the routing table; the protocols below only move bytes,
-apply flow control and count, or hand the connection over to the HTTP path.
+apply flow control and count, or hand the connection over to the HTTP path. A connected pair
+(and an upgraded HTTP connection) that carries nothing for ``tcp_idle_timeout`` is closed
+(``IdleWatch``: reads set a flag, one timer per pair looks at it).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from functools import partial
 from typing import Any, cast
 
 from composemesh.ca.tls import HANDSHAKE_TIMEOUT, peer_spiffe
+from composemesh.model.limits import ProxyLimits
 from composemesh.model.routing import ServiceRouting
 from composemesh.model.wellknown import PROXY_PORTS
 from composemesh.proxy.decisions import Endpoint, EndpointPicker, OutlierDetector, pick_version
@@ -228,8 +231,11 @@ class Forwarder:
         connect_timeout: float = CONNECT_TIMEOUT,
         proxy_ports: Collection[int] = PROXY_PORTS,
         tls: MeshTls | None = None,
+        limits: ProxyLimits = ProxyLimits(),  # noqa: B008 (frozen)
     ) -> None:
         self.direction = direction
+        self.limits = limits
+        self.tcp_idle = limits.tcp_idle_timeout
         self.tls = tls  # the client side of mTLS to destinations that name a peer
         self.stats = stats
         self.chooser = chooser  # replaced whole when a new snapshot changes the decisions
@@ -250,13 +256,14 @@ class Forwarder:
 class _Side(asyncio.Protocol):
     """One socket of a forwarded pair; what it reads goes to its peer, flow-controlled."""
 
-    __slots__ = ("transport", "peer", "forward", "eof_in", "eof_out")
+    __slots__ = ("transport", "peer", "forward", "eof_in", "eof_out", "moved")
 
     transport: asyncio.Transport
     peer: _Side | None
     forward: Callable[[bytes], None]  # the peer transport's write
     eof_in: bool  # the remote end sent FIN
     eof_out: bool  # we sent FIN to the remote end
+    moved: bool  # bytes came since the pair's IdleWatch last looked
 
     def pause_writing(self) -> None:
         # Our write buffer is full: stop reading what fills it.
@@ -298,12 +305,13 @@ class Downstream(_Side):
     """The accepted (captured) connection: decides where it goes and owns the pair's accounting."""
 
     __slots__ = ("forwarder", "counters", "connecting", "upstream", "early", "sniff", "sniffed",
-                 "sniffing")
+                 "sniffing", "watch")
 
     def __init__(self, forwarder: Forwarder) -> None:
         self.forwarder = forwarder
         self.peer = None  # the Upstream, once connected and linked
-        self.eof_in = self.eof_out = False
+        self.eof_in = self.eof_out = self.moved = False
+        self.watch: IdleWatch | None = None
         self.counters: TcpCounters | None = None
         self.connecting: asyncio.Task[None] | None = None
         self.upstream: Upstream | None = None  # set as soon as it exists, linked or not
@@ -467,6 +475,8 @@ class Downstream(_Side):
             return
         self.peer = upstream
         self.forward = write = upstream.transport.write
+        if self.forwarder.tcp_idle:
+            self.watch = IdleWatch(self, upstream, self.forwarder.tcp_idle, self._idle)
         early, self.early = self.early, None
         for data in early or ():
             write(data)
@@ -477,6 +487,11 @@ class Downstream(_Side):
         upstream.transport.write_eof()
         if upstream.eof_in:
             upstream.transport.close()
+
+    def _idle(self) -> None:
+        fwd = self.forwarder
+        fwd.stats.error(fwd.direction, "tcp_idle_timeout")
+        self.abort()
 
     def _hold(self, data: bytes) -> None:
         if self.early is None:
@@ -510,6 +525,7 @@ class Downstream(_Side):
         return super().eof_received()
 
     def data_received(self, data: bytes) -> None:
+        self.moved = True
         self.forward(data)
         self.counters.received += len(data)  # type: ignore[union-attr]
 
@@ -525,6 +541,8 @@ class Downstream(_Side):
         counters.closed += 1
         fwd = self.forwarder
         fwd.connections.discard(self)
+        if self.watch is not None:
+            self.watch.cancel()
         if exc is not None:
             fwd.stats.error(fwd.direction, "reset")
         if self.connecting is not None:
@@ -534,6 +552,8 @@ class Downstream(_Side):
         self._lost(exc)
 
     def abort(self) -> None:
+        if self.watch is not None:
+            self.watch.cancel()
         if self.sniffing is not None:
             self.sniffing.cancel()
         if self.connecting is not None:
@@ -546,31 +566,42 @@ class Downstream(_Side):
 class Pipe(_Side):
     """One end of a plain byte pipe between two open transports (an upgraded HTTP connection)."""
 
-    __slots__ = ("owner",)
+    __slots__ = ("owner", "watch")
 
     def __init__(self, transport: asyncio.Transport, owner: set[asyncio.Protocol]) -> None:
         self.transport = transport
         self.peer = None
-        self.eof_in = self.eof_out = False
+        self.eof_in = self.eof_out = self.moved = False
         self.owner = owner
+        self.watch: IdleWatch | None = None
 
     def data_received(self, data: bytes) -> None:
+        self.moved = True
         self.forward(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.discard(self)
+        if self.watch is not None:
+            self.watch.cancel()
         self._lost(exc)
 
 
 def splice(a: asyncio.Transport, b: asyncio.Transport, a_first: bytes, b_first: bytes,
-           owner: set[asyncio.Protocol]) -> None:
+           owner: set[asyncio.Protocol], idle_timeout: float = 0.0) -> None:
     """Join two open transports into a flow-controlled pipe; ``a_first`` (read from ``a``
-    already) goes to ``b`` first, ``b_first`` to ``a``. Both ends are kept in ``owner``."""
+    already) goes to ``b`` first, ``b_first`` to ``a``. Both ends are kept in ``owner``;
+    with ``idle_timeout``, both are closed once neither carried a byte for that long."""
     pa, pb = Pipe(a, owner), Pipe(b, owner)
     pa.peer, pb.peer = pb, pa
     pa.forward, pb.forward = b.write, a.write
     owner.add(pa)
     owner.add(pb)
+    if idle_timeout:
+        def expire() -> None:
+            a.abort()
+            b.abort()
+
+        pa.watch = pb.watch = IdleWatch(pa, pb, idle_timeout, expire)
     a.set_protocol(pa)
     b.set_protocol(pb)
     if a_first:
@@ -584,6 +615,44 @@ def splice(a: asyncio.Transport, b: asyncio.Transport, a_first: bytes, b_first: 
 _UNCOUNTED = TcpCounters()  # what a connection's bytes add to before it has its own counters
 
 
+class IdleWatch:
+    """Ends a connected pair once neither side carried a byte for ``timeout`` seconds.
+
+    A read only sets its side's ``moved``; one timer per pair wakes every quarter of the
+    timeout, so the pair is closed between 1 and 1.25 times the timeout after its last byte,
+    and a busy pair costs four timer handles per timeout, not one per read.
+    """
+
+    __slots__ = ("a", "b", "timeout", "expire", "quiet_since", "timer")
+
+    def __init__(self, a: _Side, b: _Side, timeout: float, expire: Callable[[], object]) -> None:
+        self.a, self.b = a, b
+        self.timeout = timeout
+        self.expire = expire
+        loop = asyncio.get_running_loop()
+        self.quiet_since = now = loop.time()
+        self.timer: asyncio.TimerHandle | None = loop.call_at(now + timeout / 4, self._tick)
+
+    def _tick(self) -> None:
+        self.timer = None
+        a, b = self.a, self.b
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if a.moved or b.moved:
+            a.moved = b.moved = False
+            self.quiet_since = now
+        elif now >= self.quiet_since + self.timeout:
+            self.expire()
+            return
+        self.timer = loop.call_at(min(now + self.timeout / 4, self.quiet_since + self.timeout),
+                                  self._tick)
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 class Upstream(_Side):
     """The proxy's own connection to the chosen destination."""
 
@@ -591,7 +660,7 @@ class Upstream(_Side):
 
     def __init__(self, downstream: Downstream) -> None:
         self.peer = downstream
-        self.eof_in = self.eof_out = False
+        self.eof_in = self.eof_out = self.moved = False
         self.counters: TcpCounters = downstream.counters  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -603,6 +672,7 @@ class Upstream(_Side):
         downstream.upstream = self
 
     def data_received(self, data: bytes) -> None:
+        self.moved = True
         self.forward(data)
         self.counters.sent += len(data)
 

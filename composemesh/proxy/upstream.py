@@ -4,6 +4,9 @@ A connection answers httpcore's four questions (``is_available``, ``has_expired`
 ``is_idle``, ``is_closed``); the pool keeps, per (address, port), a LIFO of idle ones.
 A connection parses its responses itself (httptools) and hands the pieces to its ``sink``,
 the exchange that sent the request; it goes back to the pool only after a complete response.
+A response head is counted as it arrives, like a request's (``max_response_headers_kb``,
+``max_headers_count``): past either, or if what comes is not HTTP, the connection is dropped
+with ``protocol_error`` set, and the exchange answers 502.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Protocol, cast
 import httptools
 
 from composemesh.ca.tls import HANDSHAKE_TIMEOUT, peer_spiffe
+from composemesh.model.limits import ProxyLimits
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.tls_link import TlsLink
 
@@ -80,7 +84,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("pool", "key", "transport", "parser", "sink", "requests", "idle_since",
                  "closed", "eof", "got_bytes", "head_only", "discarding", "reading",
-                 "_state", "_status", "_reason", "_pairs", "_framing")
+                 "protocol_error", "head_left", "_state", "_status", "_reason", "_pairs",
+                 "_framing")
 
     transport: asyncio.Transport
 
@@ -97,6 +102,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_only = False  # the current request is HEAD: the response has no body
         self.discarding = False  # the sink gave the response up: read it to the end, drop it
         self.reading = True
+        self.protocol_error = False  # dropped for what it sent (not HTTP, a head too large)
+        self.head_left = pool.head_max  # bytes the response head may still take
         self._state = _IDLE
         self._status = 0
         self._reason = b""
@@ -136,6 +143,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_only = head_only
         self._state = _HEAD
         self._pairs = []
+        self.head_left = self.pool.head_max
         if not self.reading:
             self.resume()
 
@@ -182,7 +190,13 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         try:
-            self.parser.feed_data(data)
+            if self._state != _HEAD:
+                self.parser.feed_data(data)
+            elif len(data) <= self.head_left:  # all of it may be head: counted, then parsed
+                self.head_left -= len(data)
+                self.parser.feed_data(data)
+            else:
+                self._feed_bounded(data)
             if self.sink is not None:
                 self.sink.flush()
         except httptools.HttpParserUpgrade as exc:
@@ -193,8 +207,25 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink = None
             self._state = _IDLE
             sink.upgraded(self, data[exc.args[0]:])
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, HeadTooLarge):
             self._broken()
+
+    def _feed_bounded(self, data: bytes) -> None:
+        """More than the head may still take has come: its share first; a head that has not
+        ended within it is not read further (HeadTooLarge)."""
+        view = memoryview(data)
+        room = self.head_left
+        if room > 0:
+            try:
+                self.parser.feed_data(view[:room])
+            except httptools.HttpParserUpgrade as exc:
+                raise httptools.HttpParserUpgrade(exc.args[0]) from None
+        if self._state == _HEAD:
+            raise HeadTooLarge()
+        try:
+            self.parser.feed_data(view[room:])
+        except httptools.HttpParserUpgrade as exc:
+            raise httptools.HttpParserUpgrade(room + exc.args[0]) from None
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -226,9 +257,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason = reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._pairs.append((name, value))
+        pairs = self._pairs
+        pairs.append((name, value))
+        if len(pairs) > self.pool.headers_max:
+            raise HeadTooLarge()
 
     def on_headers_complete(self) -> None:
+        self.head_left = self.pool.head_max  # a 1xx head: the final one has its own budget
         parser = self.parser
         status = self._status = parser.get_status_code()
         line = _STATUS_LINE.get(parser.get_http_version(), b"HTTP/1.1 %d %s\r\n")
@@ -299,9 +334,15 @@ class UpstreamConnection(asyncio.Protocol):
                 self.close()
 
     def _broken(self) -> None:
-        """The upstream sent what is not HTTP/1.x: drop the connection (the sink hears of it)."""
+        """The upstream sent what is not HTTP/1.x, or a head past the limits: drop the
+        connection (the sink hears of it, ``protocol_error`` set)."""
+        self.protocol_error = True
         if not self.closed:
             self.transport.abort()
+
+
+class HeadTooLarge(Exception):
+    """A response head past ``max_response_headers_kb`` or ``max_headers_count``."""
 
 
 def _connection_tokens(value: bytes) -> set[bytes]:
@@ -319,8 +360,11 @@ class UpstreamPool:
     def __init__(self, *, max_idle_per_host: int = MAX_IDLE_PER_HOST,
                  idle_expiry: float = IDLE_EXPIRY,
                  clock: Callable[[], float] = time.monotonic,
-                 tls: MeshTls | None = None) -> None:
+                 tls: MeshTls | None = None,
+                 limits: ProxyLimits = ProxyLimits()) -> None:  # noqa: B008 (frozen)
         self.tls = tls  # mTLS to endpoints that name a peer, once the proxy has a certificate
+        self.head_max = limits.max_response_head  # a response head's bytes, at most
+        self.headers_max = limits.max_headers_count  # ... and its header fields
         self.max_idle_per_host = max_idle_per_host
         self.idle_expiry = idle_expiry
         self.clock = clock

@@ -18,6 +18,7 @@ import aiohttp
 import httptools
 from aiohttp import web
 
+from composemesh.model.limits import ProxyLimits
 from composemesh.proxy.http import OutboundHttp
 from composemesh.proxy.pilot_client import ConfigStore
 from composemesh.proxy.server import routing_applier
@@ -147,15 +148,16 @@ class Wire:
 
 @contextlib.asynccontextmanager
 async def wire(respond: Respond, protocol: str | None = "http",
-               resolver: Callable[[object], tuple[str, int]] | None = None
+               resolver: Callable[[object], tuple[str, int]] | None = None,
+               limits: ProxyLimits = ProxyLimits()  # noqa: B008 (frozen)
                ) -> AsyncIterator[Wire]:
     """A proxy in front of a RawUpstream on V1, the one endpoint of "reviews"."""
     upstream = RawUpstream(V1, respond)
     port = await upstream.start()
     stats = ProxyStats()
-    http = OutboundHttp(stats)
+    http = OutboundHttp(stats, limits=limits)
     outbound = Forwarder(OUTBOUND, stats, passthrough(passthrough_labels(OUTBOUND, Workload())),
-                         resolver=resolver or (lambda sock: (V1, port)))
+                         resolver=resolver or (lambda sock: (V1, port)), limits=limits)
     inbound = Forwarder(INBOUND, stats, passthrough(passthrough_labels(INBOUND, Workload())))
     store = ConfigStore([routing_applier(outbound, inbound, http, random.Random(1))])
     answer = store.offer(snapshot("s1", settings(routing(route(("v1", 100))), [("v1", V1)],
