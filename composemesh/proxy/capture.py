@@ -23,9 +23,10 @@ OUR_CHAINS = (CHAIN_INBOUND, CHAIN_IN_REDIRECT, CHAIN_OUTBOUND, CHAIN_REDIRECT)
 
 # Inbound connections left uncaptured: only the ports the proxy itself serves on the
 # namespace's addresses (health, Prometheus), which the app cannot take (the proxy holds them
-# before the app starts). Its admin port listens on loopback, which capture never sees; the
-# capture ports themselves are captured (a connection to them reaches the app's port of that
-# number, or nothing). Any other port, whatever listens there, goes through the proxy.
+# before the app starts). Its admin port listens on loopback, which capture never sees; a
+# connection from outside to 15000, 15001 or 15006 on the namespace's address is captured and
+# then dropped as one aimed at the proxy itself (``tcp.is_proxy_address``, counted as a
+# "loop"). Any other port, whatever listens there, goes through the proxy.
 DEFAULT_EXCLUDE_INBOUND_PORTS = (PORT_HEALTH, PORT_PROMETHEUS)
 LOOPBACK_CIDR = "127.0.0.0/8"  # Docker's embedded DNS (127.0.0.11) and app-local traffic
 IPTABLES_BINARIES = ("iptables", "iptables-legacy")

@@ -6,14 +6,25 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from composemesh.errors import ComposeError
 from composemesh.inject import compose_config_check, dump_yaml, inject, load_project
+from composemesh.inject.rewrite import SOCKET_VOLUME
 from composemesh.model import wellknown as wk
 
-from .casefiles import CASES_DIR, case_names, holder_of, injected, loaded, user_services
+from .casefiles import (
+    CASES_DIR,
+    case_names,
+    holder_of,
+    injected,
+    labels_of,
+    loaded,
+    role_of,
+    user_services,
+)
 
 CASES = case_names()
 
@@ -51,11 +62,46 @@ def test_compose_reads_the_output_as_written(case: str, meshed_file: Path) -> No
         assert holder["ports"] == svc["ports"], name
 
 
-def test_the_pilot_publishes_on_loopback_only() -> None:
+def test_the_pilot_publishes_nothing() -> None:
+    """Its API is on a Unix socket in a volume: no port of it on the host or any network."""
     pilot = injected("single").model["services"][wk.PILOT_SERVICE]
-    assert [(p["host_ip"], p["target"], p.get("published")) for p in pilot["ports"]] == [
-        ("127.0.0.1", wk.PORT_PILOT, None)
-    ]
+    assert "ports" not in pilot
+    assert "expose" not in pilot
+    assert {"type": "volume", "source": SOCKET_VOLUME, "target": wk.PILOT_SOCKET_DIR} in pilot[
+        "volumes"]
+
+
+def _origin(svc: dict[str, Any]) -> str:
+    """The user service an injected holder's namespace was made for (instance 1 of a
+    replicated service carries its name; instance N is named ``<name>-N``)."""
+    labels = labels_of(svc)
+    app = labels.get(wk.LABEL_OF, "")
+    instance = labels.get(wk.LABEL_INSTANCE, "1")
+    return app if instance == "1" else app.removesuffix(f"-{instance}")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_no_injected_service_publishes_what_the_user_did_not_write(
+    case: str, meshed_file: Path
+) -> None:
+    """Read back through compose: a holder publishes only ports its app's user wrote (a
+    replica fewer, never more); a proxy and the pilot publish nothing."""
+    result = injected(case)
+    meshed_file.write_text(dump_yaml(result.model))
+    again = load_project([str(meshed_file)], loaded(case).name).model["services"]
+    before = loaded(case).model["services"]
+    injected_names = {a.name for a in result.added}
+    assert injected_names <= set(again)
+    for name in injected_names:
+        svc = again[name]
+        role = role_of(svc)
+        if role != wk.ROLE_NETNS:
+            assert "ports" not in svc, name
+            continue
+        written = list(before.get(name, {}).get("ports") or [])  # a holder of a meshed input
+        written += before.get(_origin(svc), {}).get("ports") or []
+        for port in svc.get("ports") or []:
+            assert port in written, (name, port)
 
 
 def test_compose_config_check_reports_what_compose_says(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from composemesh.errors import ConfigError
 from composemesh.inject import inject
-from composemesh.inject.rewrite import NETNS_KEYS, PILOT_URL, PILOT_VOLUME
+from composemesh.inject.rewrite import NETNS_KEYS, PILOT_URL, PILOT_VOLUME, SOCKET_VOLUME
 from composemesh.model import wellknown as wk
 from composemesh.model.ca_config import PILOT_ROOT_CERT, PILOT_ROOT_KEY, CAConfig, parse_ca_config
 from composemesh.model.labels import parse_labels
@@ -42,6 +42,23 @@ def services_of(name: str) -> dict[str, Any]:
 
 def by_role(services: dict[str, Any], role: str) -> dict[str, Any]:
     return {n: s for n, s in services.items() if role_of(s) == role}
+
+
+def volume_sources(svc: dict[str, Any]) -> list[str]:
+    """The sources of a service's volumes, long or short syntax."""
+    out = []
+    for volume in svc.get("volumes") or []:
+        if isinstance(volume, dict):
+            out.append(str(volume.get("source", "")))
+        else:
+            out.append(str(volume).split(":", 1)[0])
+    return out
+
+
+def socket_mounts(svc: dict[str, Any]) -> list[Any]:
+    """A service's mounts of the pilot's socket volume, as written."""
+    return [v for v, source in zip(svc.get("volumes") or [], volume_sources(svc), strict=True)
+            if source == SOCKET_VOLUME]
 
 
 def as_map(value: Any) -> dict[str, Any]:
@@ -114,7 +131,7 @@ def test_every_meshed_app_has_one_holder_and_one_proxy(case: str) -> None:
         assert deps[wk.proxy_service(app)]["condition"] == "service_healthy"
         assert deps[netns]["condition"] == "service_started"
         holder = holders[netns]
-        assert set(holder["cap_add"]) >= {"NET_ADMIN", "NET_RAW"}
+        assert holder["cap_add"] == ["NET_ADMIN"]  # iptables (nf_tables) needs no more
         assert holder["command"] == ["composemesh", "netns"]
         mesh_service = labels_of(holder)[wk.LABEL_SERVICE]
         for net, spec in (holder.get("networks") or {}).items():
@@ -125,6 +142,62 @@ def test_every_meshed_app_has_one_holder_and_one_proxy(case: str) -> None:
     assert {labels_of(s)[wk.LABEL_OF] for s in proxies.values()} == set(apps)
     pilots = by_role(services, wk.ROLE_PILOT)
     assert list(pilots) == ([wk.PILOT_SERVICE] if apps else [])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_injected_container_is_hardened(case: str) -> None:
+    """Every capability dropped but what each needs (a holder: NET_ADMIN only; NET_RAW,
+    which forging addresses and ARP answers takes, nowhere), no gaining privileges, and the
+    pilot's socket volume mounted by the pilot (read-write) and the proxies (read-only) only."""
+    result = injected(case)
+    model = result.model
+    services = model["services"]
+    added = {a.name for a in result.added}
+    assert added == {n for n, s in services.items() if role_of(s) in
+                     (wk.ROLE_NETNS, wk.ROLE_PROXY, wk.ROLE_PILOT)}
+    for name in added:
+        svc = services[name]
+        role = role_of(svc)
+        assert svc["cap_drop"] == ["ALL"], name
+        assert svc["security_opt"] == ["no-new-privileges:true"], name
+        assert "NET_RAW" not in (svc.get("cap_add") or []), name
+        assert "privileged" not in svc, name
+        assert "ports" not in svc or role == wk.ROLE_NETNS, name  # a holder: the app's own
+        if role == wk.ROLE_NETNS:
+            assert svc["cap_add"] == ["NET_ADMIN"], name
+            assert socket_mounts(svc) == [], name
+        elif role == wk.ROLE_PROXY:
+            assert "cap_add" not in svc, name
+            assert socket_mounts(svc) == [{"type": "volume", "source": SOCKET_VOLUME,
+                                           "target": wk.PILOT_SOCKET_DIR, "read_only": True}]
+            assert svc["environment"]["COMPOSEMESH_PILOT_URL"] == PILOT_URL
+        else:
+            assert name == wk.PILOT_SERVICE
+            assert "cap_add" not in svc
+            assert svc["pid"] == "host"  # the kernel's PID of a socket peer names it here
+            assert "expose" not in svc
+            assert socket_mounts(svc) == [{"type": "volume", "source": SOCKET_VOLUME,
+                                           "target": wk.PILOT_SOCKET_DIR}]
+    for name, svc in services.items():
+        if name not in added:  # the user's: an app never reaches the pilot's socket
+            assert SOCKET_VOLUME not in volume_sources(svc), name
+    if added:
+        assert model["volumes"][SOCKET_VOLUME] is None
+        assert model["volumes"][PILOT_VOLUME] is None
+    else:
+        assert SOCKET_VOLUME not in (model.get("volumes") or {})
+
+
+def test_the_socket_volume_is_not_the_apps_even_when_named_so() -> None:
+    """A user volume of another name is kept as written; the apps get no socket mount."""
+    model = {
+        "services": {"web": {"image": "x", "volumes": ["data:/data"]}},
+        "volumes": {"data": None},
+    }
+    result = inject(model).model
+    assert result["services"]["web"]["volumes"] == ["data:/data"]
+    assert result["volumes"] == {"data": None, PILOT_VOLUME: None, SOCKET_VOLUME: None}
+    assert SOCKET_VOLUME == "composemesh-pilot-socket"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -144,10 +217,10 @@ def test_nothing_of_the_users_file_is_lost(case: str) -> None:
     before = loaded(case).model
     after = injected(case).model
     for key, value in before.items():
-        if key == "volumes":  # the pilot's state volume is the one addition
-            drop = PILOT_VOLUME
-            assert {k: v for k, v in after[key].items() if k != drop} == {
-                k: v for k, v in value.items() if k != drop
+        if key == "volumes":  # the pilot's state and socket volumes are the additions
+            drop = (PILOT_VOLUME, SOCKET_VOLUME)
+            assert {k: v for k, v in after[key].items() if k not in drop} == {
+                k: v for k, v in value.items() if k not in drop
             }
         elif key != "services":
             assert after[key] == value, key
@@ -236,7 +309,17 @@ def test_single_service_gets_holder_proxy_and_pilot() -> None:
         wk.LABEL_SERVICE: "web",
         wk.LABEL_VERSION: "v1",
     }
+    assert holder["cap_drop"] == ["ALL"]
+    assert holder["cap_add"] == ["NET_ADMIN"]
+    assert holder["security_opt"] == ["no-new-privileges:true"]
     assert proxy["command"] == ["composemesh", "proxy"]
+    assert proxy["cap_drop"] == ["ALL"]
+    assert "cap_add" not in proxy
+    assert proxy["security_opt"] == ["no-new-privileges:true"]
+    assert proxy["volumes"] == [
+        {"type": "volume", "source": "composemesh-pilot-socket", "target": "/run/composemesh",
+         "read_only": True}
+    ]
     assert proxy["environment"] == {
         "COMPOSEMESH_PILOT_URL": PILOT_URL,
         "COMPOSEMESH_SERVICE": "web",
@@ -246,15 +329,23 @@ def test_single_service_gets_holder_proxy_and_pilot() -> None:
     # a cheap check (python3 -m, socket only): a dozen proxies run it every 2 s
     assert proxy["healthcheck"]["test"] == ["CMD", "python3", "-m", "composemesh.healthcheck",
                                             "15021"]
-    assert PILOT_URL == "http://composemesh-pilot:15010"
+    assert PILOT_URL == "unix:///run/composemesh/pilot.sock"
+    assert wk.PILOT_SOCKET == "/run/composemesh/pilot.sock"
     assert pilot["command"] == ["composemesh", "pilot"]
-    assert pilot["ports"] == [
-        {"mode": "ingress", "host_ip": "127.0.0.1", "target": 15010, "protocol": "tcp"}
+    assert "ports" not in pilot  # its API is on the socket only: nothing on the host's ports
+    assert pilot["pid"] == "host"
+    assert pilot["cap_drop"] == ["ALL"]
+    assert "cap_add" not in pilot
+    assert pilot["security_opt"] == ["no-new-privileges:true"]
+    assert pilot["volumes"] == [
+        {"type": "bind", "source": "/var/run/docker.sock", "target": "/var/run/docker.sock"},
+        {"type": "volume", "source": PILOT_VOLUME, "target": "/var/lib/composemesh"},
+        {"type": "volume", "source": "composemesh-pilot-socket", "target": "/run/composemesh"},
     ]
-    assert pilot["volumes"][0]["source"] == "/var/run/docker.sock"
-    assert pilot["networks"] == {"default": None}
+    assert pilot["networks"] == {"default": None}  # it scrapes the proxies' metrics there
     assert pilot["healthcheck"]["test"] == ["CMD", "python3", "-m", "composemesh.healthcheck",
-                                            "15010"]
+                                            "unix:/run/composemesh/pilot.sock"]
+    assert injected("single").model["volumes"] == {PILOT_VOLUME: None, SOCKET_VOLUME: None}
     assert "environment" not in pilot  # no x-composemesh section
     assert services["web"] == {
         "image": "nginx:1.27",
@@ -563,7 +654,9 @@ def test_settings_reach_the_pilot_as_json() -> None:
 def test_the_users_root_is_mounted_read_only_into_the_pilot() -> None:
     pilot = injected("user_root").model["services"][wk.PILOT_SERVICE]
     certs = CASES_DIR.resolve() / "certs"
-    assert pilot["volumes"][2:] == [
+    assert [v["source"] for v in pilot["volumes"][:3]] == [
+        "/var/run/docker.sock", PILOT_VOLUME, SOCKET_VOLUME]
+    assert pilot["volumes"][3:] == [
         {"type": "bind", "source": str(certs / "root.pem"), "target": PILOT_ROOT_CERT,
          "read_only": True},
         {"type": "bind", "source": str(certs / "root-key.pem"), "target": PILOT_ROOT_KEY,
@@ -575,7 +668,7 @@ def test_the_users_root_is_mounted_read_only_into_the_pilot() -> None:
     assert env["COMPOSEMESH_CA_CERT_FILE"] == PILOT_ROOT_CERT
     assert env["COMPOSEMESH_CA_KEY_FILE"] == PILOT_ROOT_KEY
     assert json.loads(env["COMPOSEMESH_SETTINGS"])["mtls"]["root"]["cert"] == "certs/root.pem"
-    assert [p["target"] for p in pilot["ports"]] == [wk.PORT_PILOT]  # 15012: networks only
+    assert "ports" not in pilot
 
 
 def test_root_mounts_follow_the_given_ca_config_and_survive_reinjection() -> None:

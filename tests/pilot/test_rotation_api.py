@@ -1,4 +1,7 @@
-"""`POST /v1/ca/rotate`: the steps of a root rotation, refusals, and a pilot restart mid-way."""
+"""`POST /v1/ca/rotate`: the steps of a root rotation, refusals, and a pilot restart mid-way.
+
+Who calls is said by ``tests/pilot/callers.Callers``: the host, unless a test says otherwise
+(attestation itself: test_attest.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import asyncio
 import json
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from composemesh.pilot.ca_service import (
     CAStateError,
 )
 from composemesh.pilot.server import Pilot, make_app
+from tests.pilot.callers import Callers
 
 WEB = Workload(
     node="shop-web-netns-1",
@@ -41,8 +44,10 @@ WEB = Workload(
     compose_service="web",
     service="web",
     version="v1",
-    addresses=("10.9.0.2",),  # the test client (127.0.0.1) is the host, not a workload
+    addresses=("10.9.0.2",),
     running=True,
+    proxy_container="shop-web-proxy-1",
+    proxy_container_id="a" * 64,
 )
 
 
@@ -57,7 +62,8 @@ def csr() -> bytes:
 def run(body: Callable[[Pilot, TestClient], Awaitable[None]], ca: CAService | None,
         workloads: tuple[Workload, ...] = (WEB,)) -> None:
     async def main() -> None:
-        pilot = Pilot(MeshState(project="shop", workloads=workloads), None, ca)
+        pilot = Pilot(MeshState(project="shop", workloads=workloads), None, ca,
+                      attestor=Callers().host())
         pilot.synced = True
         async with TestClient(TestServer(make_app(pilot), host="127.0.0.1")) as client:
             await body(pilot, client)
@@ -103,7 +109,7 @@ def test_the_three_steps_change_the_bundle_then_the_signer_then_drop_the_old_roo
         snap = pilot.snapshot_for(WEB)
         assert snap.settings["signing_root"] == new_fp
         versions.append(snap.version)
-        pilot.ca.issue(csr(), WEB, "10.9.0.2")  # type: ignore[union-attr]
+        pilot.ca.issue(csr(), WEB, WEB.proxy_container_id or "")  # type: ignore[union-attr]
         row = (await (await client.get("/v1/status")).json())["proxies"][0]
         assert row["cert_issuer_fingerprint"] == new_fp
 
@@ -143,12 +149,18 @@ def test_refusals(tmp_path: Path) -> None:
         assert len(list(tmp_path.glob("ca/root-*-key.pem"))) == 1  # no root made for nothing
 
         generation = pilot.generation
-        await pilot.publish(replace(pilot.state, workloads=(replace(WEB, addresses=(
-            "127.0.0.1",)),)))
+        callers = pilot.attestor
+        assert isinstance(callers, Callers)
+        callers.proxy(WEB.node)  # a proxy (or whoever took its place) may not steer
         status, answer = await rotate(client, {"step": "switch"})
-        assert (status, answer) == (403, {
-            "error": "root rotations are not accepted from workloads"})
-        assert ca.authority.roots.phase == "trusting" and pilot.generation == generation + 1
+        assert (status, answer) == (403, {"error": "a root rotation is not for the proxy"})
+        callers.stranger()  # a container that is no proxy of the project
+        status, answer = await rotate(client, {"step": "switch"})
+        assert status == 503 and "is no proxy of project 'shop'" in answer["error"]
+        assert ca.authority.roots.phase == "trusting" and pilot.generation == generation
+        callers.pilot()  # `docker exec` into the pilot's own container: the host's
+        assert (await rotate(client, {"step": "switch"}))[0] == 200
+        assert ca.authority.roots.phase == "switched" and pilot.generation == generation + 1
 
     run(body, ca)
 

@@ -3,14 +3,18 @@
 It stands in for the real pilot (``composemesh/pilot``), whose mesh state (and so whom it
 attests) comes from the Docker engine, and which cannot be told to fail on cue: the double
 serves any caller and scripts refusals, lost ACKs and bad statuses, so these tests exercise
-the proxy's side of the protocol alone, on 127.0.0.1. (test_pilot_client.py also polls the
-real pilot's app once, in-process.)
-Run as a script it serves one fixed snapshot: ``python pilot_double.py PORT NODE SERVICE``.
+the proxy's side of the protocol alone: on a Unix socket, as the pilot serves it
+(``start_unix``), or on 127.0.0.1 (``start``). (test_pilot_client.py also polls the real
+pilot's app once, in-process.)
+Run as a script it serves one fixed snapshot: ``python pilot_double.py PORT|unix:PATH NODE
+SERVICE``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -36,6 +40,7 @@ def snapshot_body(version: str, node: str = "shop-web-netns-1", service: str = "
 class Poll:
     version: str
     service_header: str | None
+    held: tuple[str, str] | None = None  # the certificate the proxy says it holds
 
 
 class PilotDouble:
@@ -61,7 +66,9 @@ class PilotDouble:
 
     async def _snapshot(self, request: web.Request) -> web.Response:
         seen = request.query.get("version", "")
-        self.polls.append(Poll(seen, request.headers.get("X-Composemesh-Service")))
+        serial = request.query.get("cert_serial")
+        held = (serial, request.query.get("cert_not_after", "")) if serial is not None else None
+        self.polls.append(Poll(seen, request.headers.get("X-Composemesh-Service"), held))
         self.log.append(f"poll {seen}")
         if self.poll_status is not None:
             return web.Response(status=self.poll_status)
@@ -87,16 +94,30 @@ class PilotDouble:
         self.log.append(f"{'ACK' if answer.ok else 'NACK'} {answer.version}")
         return web.Response(status=204)
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/v1/snapshot", self._snapshot)
         app.router.add_post("/v1/ack", self._ack)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         return self.port
+
+    async def start_unix(self, path: str, mode: int = 0o600) -> str:
+        """Serve on the Unix socket at ``path`` (a socket left there is replaced), as the pilot
+        serves its API; returns the ``unix://`` URL a proxy is given."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await web.UnixSite(self._runner, path).start()
+        os.chmod(path, mode)
+        return f"unix://{path}"
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -104,14 +125,17 @@ class PilotDouble:
             await runner.cleanup()
 
 
-async def _serve_forever(port: int, node: str, service: str) -> None:
+async def _serve_forever(where: str, node: str, service: str) -> None:
     pilot = PilotDouble(hold=5.0)
     pilot.publish("v1", snapshot_body("v1", node=node, service=service,
                                       compose_service=f"{service}-v1"))
-    await pilot.start("127.0.0.1", port)
+    if where.startswith("unix:"):
+        await pilot.start_unix(where.removeprefix("unix:"), mode=0o666)  # as the pilot's
+    else:
+        await pilot.start("127.0.0.1", int(where))
     print("pilot double ready", flush=True)
     await asyncio.Event().wait()
 
 
 if __name__ == "__main__":
-    asyncio.run(_serve_forever(int(sys.argv[1]), sys.argv[2], sys.argv[3]))
+    asyncio.run(_serve_forever(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -7,11 +7,19 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from composemesh.model.wellknown import (
+    PORT_ADMIN,
+    PORT_HEALTH,
+    PORT_INBOUND,
+    PORT_OUTBOUND,
+    PORT_PROMETHEUS,
+)
 from composemesh.proxy.capture import (
     CHAIN_IN_REDIRECT,
     CHAIN_INBOUND,
     CHAIN_OUTBOUND,
     CHAIN_REDIRECT,
+    DEFAULT_EXCLUDE_INBOUND_PORTS,
     CaptureError,
     apply_rules,
     capture_rules,
@@ -58,13 +66,20 @@ def test_redirect_targets_are_the_capture_ports() -> None:
         ["-p", "tcp", "-j", "REDIRECT", "--to-ports", "15006"]]
 
 
-def test_inbound_excludes_the_proxy_ports_then_redirects() -> None:
+def test_inbound_excludes_only_the_health_and_metrics_ports_then_redirects() -> None:
+    """15021 and 15090 are the proxy's own, served on the namespace's addresses; every other
+    port, the admin (loopback only), the capture ports and the pilot's old 15010 included, is
+    captured: nothing the app listens on is reachable around its proxy."""
     inbound = chain(capture_rules(), CHAIN_INBOUND)
     assert inbound == [
-        ["-p", "tcp", "-m", "multiport", "--dports", "15000,15001,15006,15010,15021,15090",
-         "-j", "RETURN"],
+        ["-p", "tcp", "-m", "multiport", "--dports", "15021,15090", "-j", "RETURN"],
         ["-p", "tcp", "-j", CHAIN_IN_REDIRECT],
     ]
+    assert DEFAULT_EXCLUDE_INBOUND_PORTS == (PORT_HEALTH, PORT_PROMETHEUS) == (15021, 15090)
+    excluded = {p for rule in inbound if "--dports" in rule
+                for p in rule[rule.index("--dports") + 1].split(",")}
+    assert excluded.isdisjoint({str(p) for p in (PORT_ADMIN, PORT_OUTBOUND, PORT_INBOUND,
+                                                 15010, 15012)})
 
 
 def test_excluded_outbound_ports_and_cidrs_return_before_the_redirect() -> None:

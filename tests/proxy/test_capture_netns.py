@@ -3,16 +3,21 @@
 Two namespaces joined by a veth pair (10.233.0.1 in A, 10.233.0.2 in B; nothing leaves the
 machine). A holds what a meshed service's namespace holds: the `composemesh netns` holder's
 rules, the proxy running as uid 1337, an app server, and a client. The pilot is the test double
-of pilot_double.py (the real one needs the Docker engine), on A's loopback.
+of pilot_double.py (the real one needs the Docker engine), on a Unix socket as the pilot's API
+is: the proxy's way to it is no TCP connection, so capture has nothing to leave out for it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
 
 from .conftest import PYTHON, Processes, sh, wait_for_text
 
@@ -35,8 +40,18 @@ def admin(ns: str, path: str) -> str:
     return body
 
 
+@pytest.fixture
+def socket_dir() -> Iterator[str]:
+    """A directory the proxy's uid can reach (tmp_path is root's alone), as the socket volume
+    is to the proxies."""
+    path = tempfile.mkdtemp(prefix="cm-pilot-", dir="/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def test_app_traffic_is_captured_both_ways_and_counted(
-    netns: Callable[[], str], processes: Processes, tmp_path: Path,
+    netns: Callable[[], str], processes: Processes, tmp_path: Path, socket_dir: str,
 ) -> None:
     a, b = netns(), netns()
     sh("ip", "link", "add", "cmveth-a", "netns", a, "type", "veth",
@@ -56,12 +71,13 @@ def test_app_traffic_is_captured_both_ways_and_counted(
     start("app-local", a, [PYTHON, TOOLS, "serve", "127.0.0.1", "8081"], "serving")
     start("holder", a, [PYTHON, "-c", "import sys; from composemesh.proxy.netns import "
                         "run_netns_holder; sys.exit(run_netns_holder())"], "rules applied")
-    start("pilot", a, [PYTHON, os.path.join(HERE, "pilot_double.py"), "15010",
+    sock = os.path.join(socket_dir, "pilot.sock")
+    start("pilot", a, [PYTHON, os.path.join(HERE, "pilot_double.py"), f"unix:{sock}",
                        "shop-web-netns-1", "web"], "pilot double ready")
     start("proxy", a, ["setpriv", "--reuid", "1337", "--regid", "1337", "--clear-groups",
                        PYTHON, "-c", "import sys; from composemesh.proxy.server import "
                        "run_proxy; sys.exit(run_proxy())"], "ACK snapshot v1",
-          env={"COMPOSEMESH_PILOT_URL": "http://127.0.0.1:15010",
+          env={"COMPOSEMESH_PILOT_URL": f"unix://{sock}",
                "COMPOSEMESH_SERVICE": "web", "COMPOSEMESH_COMPOSE_SERVICE": "web-v1"})
     ready = sh(*in_ns(a, PYTHON, "-m", "composemesh.healthcheck", "15021"), check=False)
     assert ready.returncode == 0, ready.stdout
@@ -102,3 +118,13 @@ def test_app_traffic_is_captured_both_ways_and_counted(
 
     dump = json.loads(admin(a, "/config_dump"))
     assert (dump["version"], dump["ack_state"]) == ("v1", "ACK")
+
+    # Captured now: the admin port from outside (it listens on loopback; the capture, which
+    # no longer leaves 15000 out, hands the connection to the proxy, which will not forward a
+    # connection to its own port): B gets nothing of the admin, and it is counted.
+    outside = sh(*in_ns(b, PYTHON, TOOLS, "get", f"http://{A_ADDR}:15000/config_dump"),
+                 check=False)
+    assert outside.returncode != 0 and not outside.stdout.startswith("200"), outside.stdout
+    stats = json.loads(admin(a, "/stats"))
+    assert stats["inbound"]["errors"] == 1
+    assert stats["outbound"]["errors"] == 0

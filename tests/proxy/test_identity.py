@@ -10,23 +10,20 @@ takes milliseconds.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import pickle
 import random
-import ssl
 import urllib.request
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from composemesh.ca import (
@@ -38,11 +35,9 @@ from composemesh.ca import (
     csr_to_pem,
     fingerprint,
     generate_key,
-    key_to_pem,
     make_csr,
     make_root,
 )
-from composemesh.ca.tls import server_context
 from composemesh.healthcheck import probe
 from composemesh.model.snapshot import ProxyIdentity, Snapshot, SnapshotError, encode_snapshot
 from composemesh.proxy.admin import AdminContext, build_admin_app
@@ -426,79 +421,49 @@ def test_admin_certs_and_config_dump_show_the_certificate_but_never_the_key() ->
 
 
 class PilotWithCA(PilotDouble):
-    """pilot_double's snapshot and ACK endpoints plus a CADouble's certificate endpoint.
-
-    Like the real pilot, snapshots and ACKs are also served over mutual TLS (``tls_port``):
-    a server certificate from the CA double for ``composemesh-pilot`` and 127.0.0.1, and a
-    client certificate of the CA required. ``secure_polls`` counts polls that came that way.
-    """
+    """pilot_double's snapshot and ACK endpoints plus a CADouble's certificate endpoint, on one
+    Unix socket, as the pilot serves its whole API (``start_unix``). ``order`` records what was
+    asked, in turn: "certificate" and the polls with what each said the proxy holds."""
 
     def __init__(self, ca: CADouble) -> None:
         super().__init__(hold=0.2)
         self.ca = ca
-        self.tls_port = 0
-        self.secure_polls = 0
-        self.plain_polls = 0
+        self.order: list[str] = []
 
-    async def _counted(self, request: web.Request) -> web.Response:
-        if request.transport is not None and request.transport.get_extra_info("ssl_object"):
-            self.secure_polls += 1
-        else:
-            self.plain_polls += 1
+    async def _polled(self, request: web.Request) -> web.Response:
+        self.order.append(f"poll {request.query.get('cert_serial', '-')}")
         return await self._snapshot(request)
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+    async def _certificate(self, request: web.Request) -> web.Response:
+        self.order.append("certificate")
+        return await self.ca.certificate(request)
+
+    def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/v1/snapshot", self._counted)
+        app.router.add_get("/v1/snapshot", self._polled)
         app.router.add_post("/v1/ack", self._ack)
-        app.router.add_post("/v1/certificate", self.ca.certificate)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, reuse_address=True).start()
-        await web.TCPSite(self._runner, host, 0, ssl_context=self._server_context()).start()
-        self.port = int(self._runner.addresses[0][1])
-        self.tls_port = int(self._runner.addresses[1][1])
-        return self.port
-
-    def _server_context(self) -> ssl.SSLContext:
-        key = generate_key()
-        now = datetime.now(UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(self.ca.root.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=1))
-            .not_valid_after(now + HOUR)
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("composemesh-pilot"),
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                x509.UniformResourceIdentifier(f"spiffe://{TD}/ns/shop/sa/composemesh-pilot"),
-            ]), critical=True)
-            .sign(self.ca_key(), hashes.SHA256())
-        )
-        return server_context(cert_to_pem(cert), key_to_pem(key), cert_to_pem(self.ca.root))
-
-    def ca_key(self) -> Any:
-        return self.ca.ca.roots.active.key
+        app.router.add_post("/v1/certificate", self._certificate)
+        return app
 
 
-def test_serve_is_ready_only_once_it_holds_a_certificate() -> None:
+def test_serve_is_ready_only_once_it_holds_a_certificate(tmp_path: Path) -> None:
+    """The proxy reaches its pilot on the Unix socket its URL names (``pilot_session``'s Unix
+    connector) for certificates and snapshots alike, and says with its polls which certificate
+    it holds."""
     async def main() -> None:
         ca = CADouble(lambda: datetime.now(UTC))
         ca.answer_with = [503] * 3
         pilot = PilotWithCA(ca)
-        port = await pilot.start()
+        url = await pilot.start_unix(str(tmp_path / "pilot.sock"))
         pilot.publish("v1", snapshot_body("v1"))
         config = ProxyConfig(
-            pilot_url=f"http://127.0.0.1:{port}", capture_host="127.0.0.1",
-            pilot_tls_url=f"https://127.0.0.1:{pilot.tls_port}",
+            pilot_url=url, capture_host="127.0.0.1",
             outbound_port=free_port(), inbound_port=free_port(), admin_port=free_port(),
             health_host="127.0.0.1", health_port=free_port(),
             prometheus_host="127.0.0.1", prometheus_port=free_port(),
             resolver=lambda sock: ("127.0.0.1", 1),
         )
+        assert config.pilot_url.startswith("unix://")
         stop = asyncio.Event()
         contexts: list[AdminContext] = []
         serving = asyncio.create_task(serve(config, stop, contexts))
@@ -510,17 +475,50 @@ def test_serve_is_ready_only_once_it_holds_a_certificate() -> None:
                 assert not ready and "no workload certificate" in reason
             await until(lambda: ctx.readiness()[0], timeout=15)
             assert (await asyncio.to_thread(probe, config.health_port))[0]
-            url = f"http://127.0.0.1:{config.admin_port}/certs"
+            admin = f"http://127.0.0.1:{config.admin_port}/certs"
             certs = json.loads(await asyncio.to_thread(
-                lambda: urllib.request.urlopen(url, timeout=5).read()))
+                lambda: urllib.request.urlopen(admin, timeout=5).read()))
             assert certs["identity"] == WEB.uri and "PRIVATE KEY" not in json.dumps(certs)
-            assert len(ca.requests) == 4
-            # snapshots came only over mutual TLS, once the certificate was there
-            assert pilot.secure_polls >= 1 and pilot.plain_polls == 0
+            assert len(ca.requests) == 4  # three 503s, then the certificate, all on the socket
+            assert pilot.answers and pilot.answers[0].ok  # the ACK came the same way
+            # once it holds the certificate, each poll says so: its serial and expiry
+            assert ctx.identity is not None and ctx.identity.certificate is not None
+            serial = ctx.identity.certificate.serial
+            await until(lambda: f"poll {serial}" in pilot.order)
+            held = [p.held for p in pilot.polls if p.held is not None]
+            assert held and held[-1] == (serial, certs["not_after"])
+            assert all(entry in ("certificate", "poll -", f"poll {serial}")
+                       for entry in pilot.order), pilot.order
+            assert pilot.order.index(f"poll {serial}") > pilot.order.index("certificate")
         finally:
             stop.set()
             await asyncio.wait_for(serving, 5)
             await pilot.stop()
+
+    asyncio.run(main())
+
+
+def test_the_identity_asks_for_its_certificate_on_a_unix_socket(tmp_path: Path) -> None:
+    """``WorkloadIdentity.run`` with a ``unix://`` URL makes its own session to that socket."""
+    async def main() -> None:
+        double = CADouble(lambda: datetime.now(UTC))
+        runner = web.AppRunner(double.app(), access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        sock = tmp_path / "pilot.sock"
+        await web.UnixSite(runner, str(sock)).start()
+        identity = WorkloadIdentity(f"unix://{sock}", service="web")
+        task = asyncio.create_task(identity.run())
+        try:
+            await until(lambda: identity.certificate is not None)
+            assert identity.certificate is not None
+            assert identity.certificate.spiffe == WEB.uri
+            assert identity.held() == (identity.certificate.serial, identity.certificate
+                                       .not_after.astimezone(UTC).isoformat(timespec="seconds"))
+            assert len(double.requests) == 1
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await runner.cleanup()
 
     asyncio.run(main())
 

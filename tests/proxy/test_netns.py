@@ -20,7 +20,7 @@ def test_env_adds_exclusions_to_the_proxy_ports() -> None:
                             "COMPOSEMESH_EXCLUDE_OUTBOUND_PORTS": "5432,6379"})
     inbound = [r for r in rules if r[2:4] == ["-A", CHAIN_INBOUND]]
     outbound = [r for r in rules if r[2:4] == ["-A", CHAIN_OUTBOUND]]
-    assert inbound[0][inbound[0].index("--dports") + 1] == "22,15000,15001,15006,15010,15021,15090"
+    assert inbound[0][inbound[0].index("--dports") + 1] == "22,15021,15090"
     assert outbound[2][4:] == \
         ["-p", "tcp", "-m", "multiport", "--dports", "5432,6379", "-j", "RETURN"]
 

@@ -1,7 +1,9 @@
 """The proxy's side of the pilot protocol: apply whole or NACK, survive the pilot going away.
 
 The pilot here is tests/proxy/pilot_double.py, a test double (see its docstring), but for
-the last test, which polls the real pilot's app in-process.
+the last tests, which poll the real pilot's app in-process. Both are served on a Unix socket
+in tmp_path, as the pilot serves its API, so the client's way there (``pilot_session``'s
+Unix connector) is the one a proxy takes.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from composemesh.model.mesh import MeshState, Workload
 from composemesh.model.snapshot import Snapshot, SnapshotError
+from composemesh.pilot import server
+from composemesh.pilot.main import bind_socket
 from composemesh.pilot.server import Pilot, make_app
 from composemesh.proxy.pilot_client import (
     ConfigStore,
@@ -23,8 +28,8 @@ from composemesh.proxy.pilot_client import (
     backoff_delay,
     hints,
 )
+from tests.pilot.callers import Callers
 
-from .conftest import free_port
 from .pilot_double import PilotDouble, snapshot_body
 
 
@@ -112,24 +117,26 @@ async def running(client: PilotClient):  # type: ignore[no-untyped-def]
 
 
 @contextlib.asynccontextmanager
-async def polling(pilot: PilotDouble, store: ConfigStore | None = None, port: int = 0,
-                  **options: float | str):  # type: ignore[no-untyped-def]
-    """Start ``pilot`` and a PilotClient polling it; both are stopped even when the test fails."""
+async def polling(pilot: PilotDouble, sock: Path, store: ConfigStore | None = None,
+                  **options: object):  # type: ignore[no-untyped-def]
+    """Start ``pilot`` on the Unix socket ``sock`` and a PilotClient polling it; both are
+    stopped even when the test fails."""
     try:
-        port = await pilot.start(port=port)
-        client = PilotClient(f"http://127.0.0.1:{port}", store or ConfigStore(), **options)  # type: ignore[arg-type]
+        url = await pilot.start_unix(str(sock))
+        assert url == f"unix://{sock}"
+        client = PilotClient(url, store or ConfigStore(), **options)  # type: ignore[arg-type]
         async with running(client):
             yield client
     finally:
         await pilot.stop()
 
 
-def test_polls_applies_acks_then_nacks_a_bad_one_and_moves_on() -> None:
+def test_polls_applies_acks_then_nacks_a_bad_one_and_moves_on(tmp_path: Path) -> None:
     async def main() -> None:
         pilot = PilotDouble(hold=0.2)
         pilot.publish("v1", snapshot_body("v1"))
         store = ConfigStore()
-        async with polling(pilot, store, service="web-v1"):
+        async with polling(pilot, tmp_path / "pilot.sock", store, service="web-v1"):
             await until(lambda: len(pilot.answers) == 1)
             assert pilot.answers[0].ok and pilot.answers[0].version == "v1"
             assert pilot.answers[0].node == "shop-web-netns-1"
@@ -157,13 +164,14 @@ def test_polls_applies_acks_then_nacks_a_bad_one_and_moves_on() -> None:
     asyncio.run(main())
 
 
-def test_keeps_the_last_snapshot_while_the_pilot_is_gone_and_catches_up_after() -> None:
+def test_keeps_the_last_snapshot_while_the_pilot_is_gone_and_catches_up_after(
+        tmp_path: Path) -> None:
     async def main() -> None:
-        port = free_port()
+        sock = tmp_path / "pilot.sock"
         pilot = PilotDouble(hold=0.2)
         pilot.publish("v1", snapshot_body("v1"))
         store = ConfigStore()
-        async with polling(pilot, store, port=port,
+        async with polling(pilot, sock, store,
                            backoff_initial=0.05, backoff_max=0.2) as client:
             await until(lambda: store.snapshot is not None)
             await pilot.stop()
@@ -174,7 +182,7 @@ def test_keeps_the_last_snapshot_while_the_pilot_is_gone_and_catches_up_after() 
             back = PilotDouble(hold=0.2)  # the pilot comes back, with news
             back.publish("v2", snapshot_body("v2"))
             try:
-                await back.start(port=port)
+                await back.start_unix(str(sock))  # a new pilot, on the same path
                 await until(lambda: any(a.version == "v2" and a.ok for a in back.answers))
                 assert back.polls[0].version == "v1"
                 assert client.failures == 0
@@ -184,12 +192,13 @@ def test_keeps_the_last_snapshot_while_the_pilot_is_gone_and_catches_up_after() 
     asyncio.run(main())
 
 
-def test_an_answer_the_pilot_did_not_take_is_delivered_before_the_next_poll() -> None:
+def test_an_answer_the_pilot_did_not_take_is_delivered_before_the_next_poll(tmp_path: Path) -> None:
     async def main() -> None:
         pilot = PilotDouble(hold=0.2)
         pilot.publish("v1", snapshot_body("v1"))
         pilot.fail_answers = 1
-        async with polling(pilot, backoff_initial=0.05, backoff_max=0.1) as client:
+        async with polling(pilot, tmp_path / "pilot.sock", backoff_initial=0.05,
+                           backoff_max=0.1) as client:
             await until(lambda: len(pilot.polls) >= 2)
             assert pilot.log[:4] == ["poll ", "refused", "ACK v1", "poll v1"]
             assert client.pending is None
@@ -197,12 +206,13 @@ def test_an_answer_the_pilot_did_not_take_is_delivered_before_the_next_poll() ->
     asyncio.run(main())
 
 
-def test_an_answer_the_pilot_refuses_for_good_is_dropped_not_resent() -> None:
+def test_an_answer_the_pilot_refuses_for_good_is_dropped_not_resent(tmp_path: Path) -> None:
     async def main() -> None:
         pilot = PilotDouble(hold=0.2)
         pilot.publish("v1", snapshot_body("v1"))
         pilot.refuse_answers = 1
-        async with polling(pilot, backoff_initial=0.05, backoff_max=0.1) as client:
+        async with polling(pilot, tmp_path / "pilot.sock", backoff_initial=0.05,
+                           backoff_max=0.1) as client:
             await until(lambda: len(pilot.polls) >= 3)
             assert pilot.log[:3] == ["poll ", "forbidden", "poll v1"]
             assert client.pending is None
@@ -210,12 +220,13 @@ def test_an_answer_the_pilot_refuses_for_good_is_dropped_not_resent() -> None:
     asyncio.run(main())
 
 
-def test_an_unexpected_status_is_a_failure_with_backoff() -> None:
+def test_an_unexpected_status_is_a_failure_with_backoff(tmp_path: Path) -> None:
     async def main() -> None:
         pilot = PilotDouble()
         pilot.poll_status = 500
         store = ConfigStore()
-        async with polling(pilot, store, backoff_initial=0.1, backoff_max=0.1) as client:
+        async with polling(pilot, tmp_path / "pilot.sock", store, backoff_initial=0.1,
+                           backoff_max=0.1) as client:
             await asyncio.sleep(0.55)
             assert 3 <= len(pilot.polls) <= 7
             assert "500" in client.last_error
@@ -224,36 +235,98 @@ def test_an_unexpected_status_is_a_failure_with_backoff() -> None:
     asyncio.run(main())
 
 
-def test_the_real_pilot_in_process_is_polled_applied_and_acked() -> None:
-    """No double: the pilot's own app on 127.0.0.1, which it attests as the one workload."""
-    me = Workload(node="p-web-netns-1", project="p", compose_service="web", service="web",
-                  version="v1", addresses=("127.0.0.1",), running=True)
+def test_each_poll_says_which_certificate_the_proxy_holds(tmp_path: Path) -> None:
+    """``held`` is asked at every poll (it changes at rotation); none held: nothing said."""
+    held: list[tuple[str, str] | None] = [None]
 
     async def main() -> None:
-        pilot = Pilot(MeshState(project="p", workloads=(me,)))
-        pilot.synced = True
-        runner = web.AppRunner(make_app(pilot), access_log=None, shutdown_timeout=0.1)
-        await runner.setup()
-        try:
-            port = free_port()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
+        pilot = PilotDouble(hold=0.1)
+        pilot.publish("v1", snapshot_body("v1"))
+        async with polling(pilot, tmp_path / "pilot.sock", held=lambda: held[0]):
+            await until(lambda: len(pilot.polls) >= 2)
+            assert {p.held for p in pilot.polls} == {None}
+            held[0] = ("1f2e", "2030-01-01T00:00:00+00:00")
+            count = len(pilot.polls)
+            await until(lambda: len(pilot.polls) >= count + 2)
+            assert pilot.polls[-1].held == ("1f2e", "2030-01-01T00:00:00+00:00")
+
+    asyncio.run(main())
+
+
+ME = Workload(node="p-web-netns-1", project="p", compose_service="web", service="web",
+              version="v1", addresses=("10.9.0.2",), running=True,
+              proxy_container="p-web-proxy-1", proxy_container_id="a" * 64)
+
+
+@contextlib.asynccontextmanager
+async def real_pilot(sock: Path, attestor: Callers):  # type: ignore[no-untyped-def]
+    """The pilot's own app, on a Unix socket bound as the pilot binds it."""
+    pilot = Pilot(MeshState(project="p", workloads=(ME,)), attestor=attestor)
+    pilot.synced = True
+    runner = web.AppRunner(make_app(pilot), access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, bind_socket(str(sock))).start()
+        yield pilot
+    finally:
+        await runner.cleanup()
+
+
+def test_the_real_pilot_in_process_is_polled_applied_and_acked(tmp_path: Path) -> None:
+    """No double: the pilot's own app on its Unix socket, which attests the caller as the proxy
+    of the one workload (``Callers``: the kernel's attestation is test_attest.py's)."""
+    me = ME
+    sock = tmp_path / "pilot.sock"
+
+    async def main() -> None:
+        attestor = Callers(me.node)
+        async with real_pilot(sock, attestor) as pilot:
             store = ConfigStore()
-            client = PilotClient(f"http://127.0.0.1:{port}", store, service="web")
+            client = PilotClient(f"unix://{sock}", store, service="web",
+                                 held=lambda: ("0a1b", "2030-01-01T00:00:00+00:00"))
             async with running(client):
                 await until(lambda: me.node in pilot.acks)
                 first = store.snapshot
                 assert first is not None and first.identity.node == me.node
                 assert pilot.acks[me.node].ok and pilot.acks[me.node].version == first.version
+                assert attestor.calls >= 2  # the poll and the ACK, each attested
+                # what the proxy said it holds is what status shows
+                assert pilot.held[me.node].serial == "0a1b"
+                assert pilot.held[me.node].not_after == "2030-01-01T00:00:00+00:00"
 
                 other = replace(me, node="p-db-netns-1", compose_service="db", service="db",
-                                addresses=("10.9.0.9",))
+                                addresses=("10.9.0.9",), proxy_container_id="b" * 64)
                 await pilot.publish(replace(pilot.state, workloads=(me, other)))
                 await until(lambda: pilot.acks[me.node].version != first.version)
                 assert pilot.acks[me.node].ok
                 assert store.snapshot is not None
                 assert store.snapshot.version == pilot.acks[me.node].version
                 assert "db" in store.snapshot.settings["services"]
-        finally:
-            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def test_the_real_pilot_gives_a_caller_that_is_no_proxy_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host (or a container that is no proxy) polls the real socket: refused, no snapshot
+    applied, no ACK recorded; the client counts failures and keeps its (empty) state."""
+    monkeypatch.setattr(server, "UNKNOWN_GRACE_S", 0.2)  # how long an unknown poll is held
+    sock = tmp_path / "pilot.sock"
+
+    async def refused(attestor: Callers, status: str) -> None:
+        async with real_pilot(sock, attestor) as pilot:
+            store = ConfigStore()
+            client = PilotClient(f"unix://{sock}", store, backoff_initial=0.05,
+                                 backoff_max=0.05)
+            async with running(client):
+                await until(lambda: client.failures >= 1, timeout=10)
+            assert store.snapshot is None
+            assert pilot.acks == {}
+            assert client.last_error == f"GET /v1/snapshot answered {status}"
+
+    async def main() -> None:
+        await refused(Callers().host(), "403")  # the host steers the mesh; it is no proxy
+        await refused(Callers().stranger(), "503")  # maybe a proxy not seen yet: come back
 
     asyncio.run(main())

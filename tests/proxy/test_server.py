@@ -9,10 +9,13 @@ import socket
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from composemesh.healthcheck import probe
+from composemesh.inject.rewrite import PILOT_URL
+from composemesh.model import wellknown as wk
 from composemesh.proxy.admin import AdminContext
 from composemesh.proxy.server import ProxyConfig, ProxyError, serve
 
@@ -113,23 +116,30 @@ def test_a_taken_port_is_one_clear_error() -> None:
 
 
 def test_config_from_env() -> None:
-    config = ProxyConfig.from_env({"COMPOSEMESH_PILOT_URL": "http://pilot:15010",
+    config = ProxyConfig.from_env({"COMPOSEMESH_PILOT_URL": "unix:///srv/mesh/pilot.sock",
                                    "COMPOSEMESH_SERVICE": "reviews",
                                    "COMPOSEMESH_VERSION": "v2",
                                    "COMPOSEMESH_COMPOSE_SERVICE": "reviews-v2"})
     assert (config.pilot_url, config.service, config.version, config.compose_service) == (
-        "http://pilot:15010", "reviews", "v2", "reviews-v2")
-    assert ProxyConfig.from_env({}).pilot_url == "http://composemesh-pilot:15010"
+        "unix:///srv/mesh/pilot.sock", "reviews", "v2", "reviews-v2")
+    # by default the pilot's socket in the socket volume, as the injector writes it
+    assert ProxyConfig.from_env({}).pilot_url == "unix:///run/composemesh/pilot.sock"
+    assert ProxyConfig.from_env({}).pilot_url == f"unix://{wk.PILOT_SOCKET}" == PILOT_URL
+    assert ProxyConfig.from_env({"COMPOSEMESH_PILOT_URL": ""}).pilot_url == PILOT_URL
     assert ProxyConfig.from_env({}).version == "v1"
+    # no second (TLS) way to the pilot any more
+    assert not hasattr(config, "pilot_tls_url")
+    assert ProxyConfig.from_env({"COMPOSEMESH_PILOT_TLS_URL": "https://x:15012"}) == \
+        ProxyConfig.from_env({})
 
 
 def test_run_proxy_exits_0_quickly_on_sigterm(
-        netns: Callable[[], str], processes: Processes) -> None:
+        netns: Callable[[], str], processes: Processes, tmp_path: Path) -> None:
     ns = netns()  # the well-known ports, free in a namespace of our own
-    proxy = processes.start(
+    proxy = processes.start(  # its pilot's socket is not there: it starts and stops all the same
         ["ip", "netns", "exec", ns, PYTHON, "-c",
          "import sys; from composemesh.proxy.server import run_proxy; sys.exit(run_proxy())"],
-        env={"COMPOSEMESH_PILOT_URL": "http://127.0.0.1:15010"})
+        env={"COMPOSEMESH_PILOT_URL": f"unix://{tmp_path}/pilot.sock"})
     assert proxy.stderr is not None
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
