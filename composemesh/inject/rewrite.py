@@ -34,6 +34,7 @@ from composemesh.model.ca_config import (
     CAConfig,
 )
 from composemesh.model.labels import MeshLabels, normalize_labels, parse_labels
+from composemesh.model.limits import limits_to_env
 from composemesh.model.settings import SECTION
 
 # Keys of a service that belong to its network namespace: Docker refuses them on a container
@@ -710,6 +711,7 @@ def _proxy(
             "COMPOSEMESH_SERVICE": labels.service,
             "COMPOSEMESH_VERSION": labels.version,
             "COMPOSEMESH_COMPOSE_SERVICE": app_name,
+            **limits_to_env(labels.limits),  # the app's composemesh.proxy.* labels
         },
         "healthcheck": copy.deepcopy(PROXY_HEALTHCHECK),
         "depends_on": {

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from composemesh.errors import MeshError
+from composemesh.model.limits import ProxyLimits, limits_from_env
 from composemesh.model.snapshot import ProxyIdentity, Snapshot
 from composemesh.model.wellknown import (
     DEFAULT_VERSION,
@@ -91,6 +92,7 @@ class ProxyConfig:
     prometheus_port: int = PORT_PROMETHEUS
     connect_timeout: float = CONNECT_TIMEOUT
     resolver: Resolver = original_dst  # tests stand in for SO_ORIGINAL_DST here
+    limits: ProxyLimits = ProxyLimits()  # noqa: RUF009 (frozen)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ProxyConfig:
@@ -100,6 +102,7 @@ class ProxyConfig:
             version=environ.get(ENV_VERSION) or DEFAULT_VERSION,
             compose_service=environ.get(ENV_COMPOSE_SERVICE, ""),
             admin_host=environ.get(ENV_ADMIN_HOST) or "127.0.0.1",
+            limits=limits_from_env(environ),
         )
 
     def claimed_identity(self) -> ProxyIdentity:
@@ -166,19 +169,22 @@ class DataPath:
 
 def data_path(me: Workload, ca_offered: Callable[[], bool | None], *,
               resolver: Resolver = original_dst, connect_timeout: float = CONNECT_TIMEOUT,
-              rng: random.Random | None = None, tls: MeshTls | None = None) -> DataPath:
+              rng: random.Random | None = None, tls: MeshTls | None = None,
+              limits: ProxyLimits = ProxyLimits()) -> DataPath:  # noqa: B008 (frozen)
     """A new data path for workload ``me`` (its metric labels until a snapshot names it);
     ``ca_offered`` says whether the pilot issues certificates (see InboundForwarder);
-    ``tls``: the mTLS contexts, filled by the identity's rotations (new and empty if None)."""
+    ``tls``: the mTLS contexts, filled by the identity's rotations (new and empty if None);
+    ``limits``: what hostile clients are held to (the app's ``composemesh.proxy.*`` labels)."""
     stats, tls = ProxyStats(), tls or MeshTls()
     outbound = Forwarder(OUTBOUND, stats, passthrough(passthrough_labels(OUTBOUND, me)),
-                         resolver=resolver, connect_timeout=connect_timeout, tls=tls)
-    inbound_http = InboundHttp(stats)
+                         resolver=resolver, connect_timeout=connect_timeout, tls=tls,
+                         limits=limits)
+    inbound_http = InboundHttp(stats, limits=limits)
     inbound = InboundForwarder(stats, InboundRouter(InboundConfig(me=me, node=""), inbound_http),
                                tls=tls, ca_offered=ca_offered, resolver=resolver,
-                               connect_timeout=connect_timeout)
+                               connect_timeout=connect_timeout, limits=limits)
     inbound_http.inbound = inbound.router  # until a snapshot's router replaces both
-    http = OutboundHttp(stats, UpstreamPool(tls=tls))
+    http = OutboundHttp(stats, UpstreamPool(tls=tls, limits=limits), limits=limits)
     apply = routing_applier(outbound, inbound, http, rng, inbound_http=inbound_http, tls=tls)
     return DataPath(stats, tls, outbound, inbound, http, inbound_http, apply)
 
@@ -210,7 +216,8 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
     claimed = config.compose_service or config.service
     identity = WorkloadIdentity(config.pilot_url, service=claimed)
     path = data_path(workload_of(config.claimed_identity()), lambda: identity.offered,
-                     resolver=config.resolver, connect_timeout=config.connect_timeout)
+                     resolver=config.resolver, connect_timeout=config.connect_timeout,
+                     limits=config.limits)
     forwarders: dict[str, Forwarder] = {OUTBOUND: path.outbound, INBOUND: path.inbound}
     identity.on_rotate.append(tls_rotator(path.tls, identity))
     store = ConfigStore([path.apply, trust_bundle_applier(identity)])
@@ -267,8 +274,8 @@ def run_proxy(environ: Mapping[str, str] | None = None) -> int:
     """`composemesh proxy`: serve until SIGTERM/SIGINT; 0 on a clean stop, 1 if it cannot start."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ProxyConfig.from_env(os.environ if environ is None else environ)
     try:
+        config = ProxyConfig.from_env(os.environ if environ is None else environ)
         _run(_main(config))
     except MeshError as exc:
         print(f"composemesh proxy: {exc}", file=sys.stderr, flush=True)

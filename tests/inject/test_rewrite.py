@@ -823,3 +823,22 @@ def test_added_lists_every_injected_service() -> None:
     assert roles["ratings-proxy"] == (wk.ROLE_PROXY, "ratings")
     assert roles[wk.PILOT_SERVICE] == (wk.ROLE_PILOT, None)
     assert len(roles) == 2 * 6 + 1
+
+
+def test_proxy_limit_labels_reach_the_proxy_and_bad_ones_are_one_error() -> None:
+    from composemesh.model.limits import limits_from_env
+
+    model = {"services": {"web": {"image": "demo", "labels": {
+        "composemesh.proxy.request_headers_timeout": "2s",
+        "composemesh.proxy.max_request_headers_kb": "8"}}}}
+    env = inject(model).model["services"]["web-proxy"]["environment"]
+    limits = limits_from_env(env)
+    assert (limits.request_headers_timeout, limits.max_request_head) == (2.0, 8 * 1024)
+    plain = inject({"services": {"web": {"image": "demo"}}}).model["services"]["web-proxy"]
+    assert "COMPOSEMESH_LIMITS" not in plain["environment"]
+    bad = {"services": {"web": {"image": "demo", "labels": {
+        "composemesh.proxy.request_headers_timeout": "soon"}}}}
+    with pytest.raises(ConfigError) as err:
+        inject(bad)
+    assert "composemesh.proxy.request_headers_timeout" in str(err.value)
+    assert "web" in str(err.value)
