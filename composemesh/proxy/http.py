@@ -167,18 +167,19 @@ class HttpDownstream(asyncio.Protocol):
     answered waits (pipelining works, without concurrency).
 
     Timeouts: one timer (``timer``) per connection, looking every ``OutboundHttp.tick``
-    seconds; the hot path reads no clock. Reads only set ``moved``, which the timer turns
-    into ``quiet_since`` (the stream idle timeout runs from it while an exchange is active);
-    the end of an exchange only clears ``idle_since``, which the timer stamps (the idle
-    timeout runs from it). A request head that spans reads has an exact deadline
-    (``head_since`` + the header timeout), the first request's from the accept, so that a
-    connection that never sends a whole head is closed.
+    seconds; the hot path reads no clock and sets no flag for them. The timer compares the
+    active exchange's byte counts with those it saw last (``seen``): the stream idle timeout
+    runs from the last look that found them moved (``quiet_since``). The end of an exchange
+    only clears ``idle_since``, which the timer stamps: the idle timeout runs from it. A
+    request head that spans reads has an exact deadline (``head_since`` + the header
+    timeout), the first request's from the accept, so that a connection that never sends a
+    whole head is closed.
     """
 
     __slots__ = ("http", "service", "port", "transport", "parser", "current", "active", "queue",
                  "paused", "writing_paused", "closed", "eof", "tunnel_first", "_url", "_pairs",
-                 "head_left", "heads", "in_head", "in_body", "head_since", "moved",
-                 "quiet_since", "idle_since", "timer", "draining")
+                 "head_left", "in_head", "in_body", "head_since", "seen", "quiet_since",
+                 "idle_since", "timer")
 
     transport: asyncio.Transport
     exchange_type: type[Exchange]  # set below the class: what one request becomes
@@ -200,15 +201,13 @@ class HttpDownstream(asyncio.Protocol):
         self._url = b""
         self._pairs: list[tuple[bytes, bytes]] = []
         self.head_left = http.head_max  # bytes the current (or next) request head may still take
-        self.heads = 0  # request heads parsed on this connection
         self.in_head = False  # the parser is inside a request head
         self.in_body = False  # ... inside a request body: reads do not count against the head
         self.head_since = 0.0  # when the head awaited under the header timeout began (0: none)
-        self.moved = False  # bytes moved since the timer last looked
-        self.quiet_since = 0.0  # when the timer last saw bytes move
+        self.seen: tuple[Exchange, int, int] | None = None  # what the timer saw last
+        self.quiet_since = 0.0  # when the timer last saw the active exchange's bytes move
         self.idle_since = 0.0  # when the connection was last seen with no exchange (0: not yet)
         self.timer: asyncio.TimerHandle | None = None
-        self.draining = False  # answered and closing: what still comes is dropped
 
     # ---- asyncio
 
@@ -223,12 +222,9 @@ class HttpDownstream(asyncio.Protocol):
         self._arm(now)
 
     def data_received(self, data: bytes) -> None:
-        self.moved = True
         if self.tunnel_first is not None:  # upgrading: held for the tunnel
             self.tunnel_first.append(data)
             self.transport.pause_reading()
-            return
-        if self.draining:
             return
         try:
             if self.in_body:
@@ -273,10 +269,10 @@ class HttpDownstream(asyncio.Protocol):
         # within it is refused unparsed; else the rest is a body, or a next request whose
         # head began inside the share (so it is counted from there: at most twice the limit).
         view = memoryview(data)
-        heads = self.heads
+        self.head_left = -1  # on_headers_complete sets it again if a head ends in the share
         if room > 0:
             self.parser.feed_data(view[:room])
-        if self.heads == heads:
+        if self.head_left < 0:
             raise Refusal(431, HEADERS_TOO_LARGE_BODY)
         try:
             self._feed(view[room:])
@@ -285,8 +281,6 @@ class HttpDownstream(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.draining:
-            return False
         return self.active is not None or bool(self.queue)  # else close now
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -309,7 +303,6 @@ class HttpDownstream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        self.moved = True
         active = self.active
         if active is not None and active.conn is not None:
             active.conn.resume()
@@ -344,7 +337,6 @@ class HttpDownstream(asyncio.Protocol):
         self.in_body = True
         self.head_since = 0.0
         self.head_left = self.http.head_max
-        self.heads += 1
         if self.closed:  # pipelined behind an answer that closes the connection: dropped
             self.current = None
             return
@@ -467,9 +459,8 @@ class HttpDownstream(asyncio.Protocol):
 
     def linger(self) -> None:
         """Half-close after an answer that ends the connection; drop what still comes for
-        ``LINGER`` seconds, then close (the client's own close ends it sooner)."""
+        ``LINGER`` seconds (``Drain``), then close (the client's own close ends it sooner)."""
         self.closed = True
-        self.draining = True
         transport = self.transport
         if self.timer is not None:
             self.timer.cancel()
@@ -478,6 +469,7 @@ class HttpDownstream(asyncio.Protocol):
             transport.close()
             return
         transport.write_eof()
+        transport.set_protocol(Drain(self))
         transport.resume_reading()
         self.timer = asyncio.get_running_loop().call_later(LINGER, transport.abort)
 
@@ -511,23 +503,22 @@ class HttpDownstream(asyncio.Protocol):
 
     def _tick(self) -> None:
         self.timer = None
-        if self.draining:
-            return
         now = asyncio.get_running_loop().time()
         http = self.http
-        if self.moved:
-            self.moved = False
-            self.quiet_since = now
         if self.head_since and now >= self.head_since + http.header_timeout:
             self._head_timeout()
             return
         active = self.active
         if active is not None:
-            if http.stream_idle and now >= self.quiet_since + http.stream_idle:
+            seen = (active, active.body_size, active.response_size)
+            if seen != self.seen:  # bytes moved (or a new exchange) since the last look
+                self.seen = seen
+                self.quiet_since = now
+            elif http.stream_idle and now >= self.quiet_since + http.stream_idle:
+                self.seen = None
                 active.stream_idle()
                 if self.closed:
                     return
-                self.quiet_since = now
         elif http.idle_timeout and (not self.in_head or not http.header_timeout):
             # idle from the end of the last exchange (stamped here, at the first look after
             # it), as Envoy's: bytes that start no request do not keep a connection open
@@ -574,6 +565,25 @@ class HttpDownstream(asyncio.Protocol):
         self.tunnel_first = None
         splice(self.transport, conn.transport, first, upstream_first, self.http.tunnels,
                self.http.limits.tcp_idle_timeout)
+
+
+class Drain(asyncio.Protocol):
+    """A connection closing after an error answer (``HttpDownstream.linger``): what the client
+    still sends is read and dropped, so that it reads the answer instead of a reset."""
+
+    __slots__ = ("down",)
+
+    def __init__(self, down: HttpDownstream) -> None:
+        self.down = down
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.down.connection_lost(exc)
 
 
 class Exchange:
@@ -927,7 +937,6 @@ class Exchange:
             held.append(data)
 
     def flush(self) -> None:
-        self.down.moved = True
         held = self.held
         if held:
             self.held = None
