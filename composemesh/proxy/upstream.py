@@ -210,20 +210,25 @@ class UpstreamConnection(asyncio.Protocol):
         except (httptools.HttpParserError, HeadTooLarge):
             self._broken()
 
-    def _feed_bounded(self, data: bytes) -> None:
-        """More than the head may still take has come: its share first; a head that has not
-        ended within it is not read further (HeadTooLarge)."""
+    def _feed_bounded(self, data: bytes | memoryview) -> None:
+        """More than the head may still take has come: its share first. A head that has not
+        ended within it is not read further (HeadTooLarge); else the rest is parsed (a 1xx
+        head may be followed by the final one, counted from there)."""
         view = memoryview(data)
         room = self.head_left
+        self.head_left = -1  # on_headers_complete sets it again if a head ends in the share
         if room > 0:
-            try:
-                self.parser.feed_data(view[:room])
-            except httptools.HttpParserUpgrade as exc:
-                raise httptools.HttpParserUpgrade(exc.args[0]) from None
-        if self._state == _HEAD:
+            self.parser.feed_data(view[:room])
+        if self.head_left < 0:
             raise HeadTooLarge()
+        rest = view[room:]
         try:
-            self.parser.feed_data(view[room:])
+            if self._state != _HEAD or len(rest) <= self.head_left:
+                if self._state == _HEAD:
+                    self.head_left -= len(rest)
+                self.parser.feed_data(rest)
+            else:
+                self._feed_bounded(rest)
         except httptools.HttpParserUpgrade as exc:
             raise httptools.HttpParserUpgrade(room + exc.args[0]) from None
 
