@@ -30,7 +30,8 @@ MARKER = "APP-LISTENER-REACHED"
 # Ports an app might listen on that a proxy uses or once left uncaptured; the app binds each
 # it can (the proxy holds 15001, 15006, 15021 and 15090 on every address, 15000 on loopback).
 TRAP_PORTS = (15000, 15001, 15006, 15010, 15012, 15020, 15021, 15053, 15090)
-# The app that listens on them: one thread per port that could be bound, answering MARKER.
+# The app that listens on them: one thread per port that could be bound, answering MARKER to
+# each request.
 TRAP_APP = f"""\
 import socket, sys, threading, time
 bound = []
@@ -38,7 +39,16 @@ def serve(s):
     while True:
         c, _ = s.accept()
         try:
+            c.settimeout(5)
+            head = b""
+            while b"\\r\\n\\r\\n" not in head and len(head) < 65536:
+                chunk = c.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
             c.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: {len(MARKER)}\\r\\n\\r\\n{MARKER}")
+        except OSError:
+            pass
         finally:
             c.close()
 for port in {TRAP_PORTS!r}:
