@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from composemesh.engine.pilot_api import PilotChannel
 
 F = TypeVar("F", bound=Callable[..., Any])
-DEFAULT_FILES = ("compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml")
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 
@@ -47,6 +46,15 @@ def handle_errors(fn: F) -> F:
 
 
 def compose_options(fn: F) -> F:
+    """-f, -p and --env-file, as docker compose has them; with no -f, compose finds the files
+    (COMPOSE_FILE, else compose.yaml and compose.override.yaml, ...) as it does for `up`."""
+    fn = click.option(
+        "--env-file",
+        "env_files",
+        multiple=True,
+        type=click.Path(dir_okay=False),
+        help="An environment file for compose's variables (repeat: later ones win).",
+    )(fn)
     fn = click.option(
         "-p",
         "--project-name",
@@ -66,17 +74,6 @@ def compose_options(fn: F) -> F:
     return fn
 
 
-def resolve_files(files: Sequence[str]) -> list[str]:
-    if files:
-        return [str(Path(f)) for f in files]
-    for name in DEFAULT_FILES:
-        if Path(name).is_file():
-            return [name]
-    raise ComposeError(
-        f"no compose file given and none of {', '.join(DEFAULT_FILES)} in {Path.cwd()}"
-    )
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="composemesh")
 def main() -> None:
@@ -86,7 +83,7 @@ def main() -> None:
 # --------------------------------------------------------------------------- user commands
 
 
-def _prepare(files: Sequence[str], project: str | None) -> Any:
+def _prepare(files: Sequence[str], project: str | None, env_files: Sequence[str] = ()) -> Any:
     """Load, validate and inject: every user error surfaces here, before anything is written."""
     from composemesh.ca import check_user_root
     from composemesh.inject import (
@@ -97,13 +94,13 @@ def _prepare(files: Sequence[str], project: str | None) -> Any:
         validate_project,
     )
 
-    loaded = load_project(resolve_files(files), project)
+    loaded = load_project(files, project, env_files=env_files)
     validated = validate_project(loaded)
     if validated.ca is not None:
         check_user_root(validated.ca)  # the user's own root: readable, a CA, in date, key fits
     result = inject(loaded.model, validated.labels, ca=validated.ca)
     text = dump_yaml(result.model)
-    compose_config_check(text, Path(loaded.files[0]).resolve().parent)
+    compose_config_check(text, loaded.project_dir)
     return loaded, result, text
 
 
@@ -111,9 +108,14 @@ def _prepare(files: Sequence[str], project: str | None) -> Any:
 @compose_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here, not stdout.")
 @handle_errors
-def inject_cmd(files: tuple[str, ...], project: str | None, output: str | None) -> None:
-    """Write the meshed compose file (idempotent: a meshed file comes back unchanged)."""
-    _, result, text = _prepare(files, project)
+def inject_cmd(
+    files: tuple[str, ...], project: str | None, env_files: tuple[str, ...], output: str | None
+) -> None:
+    """Write the meshed compose file (idempotent: a meshed file comes back unchanged).
+
+    It is compose's resolved model, as `docker compose config` prints it: variables in,
+    paths absolute, so it means the same wherever it is written or read."""
+    _, result, text = _prepare(files, project, env_files)
     _print_warnings(result)
     if output:
         _write_atomic(Path(output), text)
@@ -125,11 +127,11 @@ def inject_cmd(files: tuple[str, ...], project: str | None, output: str | None) 
 @main.command()
 @compose_options
 @handle_errors
-def check(files: tuple[str, ...], project: str | None) -> None:
+def check(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...]) -> None:
     """Validate labels and x-composemesh: and show what `up` would add."""
     from composemesh.inject import render_plan
 
-    loaded, result, _ = _prepare(files, project)
+    loaded, result, _ = _prepare(files, project, env_files)
     out.print(render_plan(result))
     _print_warnings(result)
     out.print(f"[green]ok[/]: {', '.join(loaded.files)} (project {loaded.name})")
@@ -139,18 +141,19 @@ def check(files: tuple[str, ...], project: str | None) -> None:
 @compose_options
 @click.option("--timeout", default=300, show_default=True, help="Seconds to wait for readiness.")
 @handle_errors
-def up(files: tuple[str, ...], project: str | None, timeout: int) -> None:
+def up(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...],
+       timeout: int) -> None:
     """Inject, build images offline if needed, start, and wait until every proxy is ready."""
     from composemesh.engine import compose
 
-    loaded, result, text = _prepare(files, project)
+    loaded, result, text = _prepare(files, project, env_files)
     _print_warnings(result)
     started = time.monotonic()
     with _progress() as progress:
         _ensure_images(progress)
         meshed = compose.state_dir(loaded.name) / "compose.yaml"
         _write_atomic(meshed, text)
-        proj = _project(loaded.name, Path(loaded.files[0]).resolve().parent, meshed)
+        proj = _project(loaded.name, Path(loaded.project_dir), meshed)
         before = compose.running_containers(loaded.name)
         _build_user_images(progress, proj, result.model)
         task = progress.add_task("containers: starting", total=None)
@@ -181,16 +184,22 @@ def up(files: tuple[str, ...], project: str | None, timeout: int) -> None:
 @compose_options
 @click.option("-v", "--volumes", is_flag=True, help="Also remove volumes (the CA's too).")
 @handle_errors
-def down(files: tuple[str, ...], project: str | None, volumes: bool) -> None:
+def down(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...],
+         volumes: bool) -> None:
     """Stop and remove everything `up` made."""
     from composemesh.engine import compose
 
     meshed = None
     project_dir = Path.cwd()
-    if files or any(Path(n).is_file() for n in DEFAULT_FILES):
-        loaded, _, text = _prepare(files, project)
+    try:
+        loaded, _, text = _prepare(files, project, env_files)
+    except ComposeError:
+        if files or not project:
+            raise
+        loaded = None  # -p alone, and no project compose can read here: down by name
+    if loaded is not None:
         project = loaded.name
-        project_dir = Path(loaded.files[0]).resolve().parent
+        project_dir = Path(loaded.project_dir)
         meshed = compose.state_dir(project) / "compose.yaml"
         _write_atomic(meshed, text)
     if not project:
@@ -248,10 +257,11 @@ def certs(ctx: click.Context, project: str | None, as_json: bool) -> None:
 @click.option("--timeout", default=120, show_default=True,
               help="Seconds each step may take to reach every proxy.")
 @handle_errors
-def rotate_root(files: tuple[str, ...], project: str | None, timeout: int) -> None:
+def rotate_root(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...],
+                timeout: int) -> None:
     """Replace the mesh's root CA live: trust the new root everywhere, sign with it, renew
     every certificate, then drop the old root. Run it again to go on after a timeout."""
-    project = project if project and not files else _project_name(files, project)
+    project = project if project and not files else _project_name(files, project, env_files)
     started = time.monotonic()
     info = _pilot_request(project, "/v1/ca")
     if info.get("source") == "user":
@@ -564,11 +574,13 @@ def _wait_rotation(
         time.sleep(0.2)
 
 
-def _project_name(files: Sequence[str], project: str | None) -> str:
-    """The project as compose names it from ``files`` (or the default file) and ``-p``."""
+def _project_name(
+    files: Sequence[str], project: str | None, env_files: Sequence[str] = ()
+) -> str:
+    """The project as compose names it from ``files`` (or the files it finds) and ``-p``."""
     from composemesh.inject import load_project
 
-    return str(load_project(resolve_files(files), project).name)
+    return str(load_project(files, project, env_files=env_files).name)
 
 
 def _wait_ready(progress: Progress, project: str, timeout: float) -> dict[str, Any]:

@@ -24,13 +24,14 @@ COMPOSE_TIMEOUT = 120  # seconds; `docker compose config` needs no engine and is
 
 @dataclass(frozen=True)
 class LoadedProject:
-    """A compose project as `docker compose config --no-interpolate` sees it."""
+    """A compose project as `docker compose config` sees it: interpolated and resolved."""
 
-    files: tuple[str, ...]  # the -f files, as the user named them
+    files: tuple[str, ...]  # the files compose read (as the user named them, or found)
     name: str  # the project name compose settled on
-    model: dict[str, Any]  # compose's canonical model (``${VAR}`` left for compose at `up`)
+    model: dict[str, Any]  # compose's canonical model: variables resolved, paths absolute
     raw: tuple[dict[str, Any], ...]  # each file as written, to locate errors
     warnings: tuple[str, ...] = field(default=())  # what compose warned about on the way
+    project_dir: str = ""  # compose's project directory (the first file's)
 
     def file_of(self, service: str, field: str | None = None) -> str:
         """The file that defines ``service``: the last one mentioning it, preferably its field."""
@@ -60,45 +61,70 @@ class LoadedProject:
 
 
 def load_project(
-    files: Sequence[str],
+    files: Sequence[str] = (),
     project_name: str | None = None,
     *,
     env: Mapping[str, str] | None = None,
+    env_files: Sequence[str] = (),
+    workdir: str | os.PathLike[str] | None = None,
 ) -> LoadedProject:
-    """Read ``files`` and let `docker compose config` merge and normalise them.
+    """Let `docker compose config` find, merge, interpolate and normalise the project.
 
-    ``env`` is added to this process's environment for compose (``COMPOSE_PROJECT_NAME`` and
-    the like). Raises ConfigError for a file that is missing or not a YAML mapping, and
-    ComposeError when compose refuses the project or is not installed.
+    With no ``files``, compose finds them itself from ``workdir`` (default: the current
+    directory) exactly as `docker compose up` would: ``COMPOSE_FILE``, else ``compose.yaml``
+    (or its older names) with its ``.override`` file. ``env_files`` are compose's
+    ``--env-file``; ``env`` is added to this process's environment for compose
+    (``COMPOSE_PROJECT_NAME`` and the like).
+
+    The model is the one compose runs: every ``${VAR}`` resolved (from ``.env``, the env
+    files and the environment), every relative path made absolute against the project
+    directory, ``$`` written ``$$``. So the meshed file means the same wherever it is
+    written or read, and what a variable turns into (a bind mount, an absolute path, a build
+    argument taken from the environment) is compose's decision, never a guess made on the
+    variable's name. Every profile's services are kept (with their ``profiles:``), so that
+    ``COMPOSE_PROFILES`` picks among them at `up` as it does without the mesh.
+
+    Raises ConfigError for a file that is missing or not a YAML mapping, and ComposeError
+    when compose refuses the project or is not installed; a refusal that names a service
+    names the same one on every run.
     """
-    if not files:
-        raise ConfigError("no compose file given")
-    paths = tuple(str(f) for f in files)
-    raw = tuple(_read_yaml(path) for path in paths)
+    cwd = Path(workdir if workdir is not None else os.getcwd()).resolve()
+    given = tuple(str(f) for f in files)
+    for path in given:
+        _read_yaml(path, cwd)  # a missing or broken file: our own words, line and column
     args: list[str] = []
-    for path in paths:
-        args += ["-f", str(Path(path).resolve())]
+    for path in given:
+        args += ["-f", str((cwd / path).resolve())]
+    for env_file in env_files:
+        args += ["--env-file", str((cwd / env_file).resolve())]
     if project_name:
         args += ["-p", project_name]
-    cwd = Path(paths[0]).resolve().parent
-    # Only an interpolating run checks references (undefined networks, volumes, services...);
-    # the model itself is read without interpolation so that ``${VAR}`` stays for `up`.
-    check = _run_compose([*args, "config", "-q"], paths, cwd=cwd, env=env)
-    proc = _run_compose(
-        [*args, "config", "--format", "json", "--no-interpolate"], paths, cwd=cwd, env=env
-    )
+    names = given or ("the compose project in " + str(cwd),)
+    # `--profile '*'`: every service, whatever COMPOSE_PROFILES says now; each keeps its
+    # `profiles:`, so compose still picks the active ones at `up`.
+    config = [*args, "--profile", "*", "config", "--format", "json"]
+    try:
+        proc = _run_compose(config, names, cwd=cwd, env=env)
+    except ComposeError as exc:
+        raise _first_refusal(exc, args, names, cwd, env) from None
     try:
         model = json.loads(proc.stdout)
     except json.JSONDecodeError as exc:
         raise ComposeError(
-            f"{', '.join(paths)}: docker compose config printed no JSON ({exc})"
+            f"{', '.join(names)}: docker compose config printed no JSON ({exc})"
         ) from None
     if not isinstance(model, dict):
-        raise ComposeError(f"{', '.join(paths)}: docker compose config printed no mapping")
+        raise ComposeError(f"{', '.join(names)}: docker compose config printed no mapping")
+    paths = given or _found_files(args, cwd, env)
+    raw = tuple(_read_yaml(path, cwd) for path in paths)
     name = str(model.get("name") or project_name or "")
+    _drop_compose_defaults(model)
     _drop_derived_names(model, raw, name)
-    warnings = tuple(dict.fromkeys(_clean_lines(check.stderr + proc.stderr, paths)))
-    return LoadedProject(files=paths, name=name, model=model, raw=raw, warnings=warnings)
+    project_dir = str((cwd / paths[0]).resolve().parent) if paths else str(cwd)
+    warnings = tuple(dict.fromkeys(_clean_lines(proc.stderr, paths)))
+    return LoadedProject(
+        files=paths, name=name, model=model, raw=raw, warnings=warnings, project_dir=project_dir
+    )
 
 
 def compose_config_check(
@@ -129,9 +155,9 @@ def dump_yaml(model: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
+def _read_yaml(path: str, cwd: Path) -> dict[str, Any]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = (cwd / path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("no such file", file=path) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -154,15 +180,116 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return doc
 
 
+# Compose's own names for the files it looks for, in its order (compose-go's
+# DefaultFileNames and DefaultOverrideFileNames); only used to name files in messages.
+_DEFAULT_FILES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml")
+_OVERRIDE_FILES = (
+    "compose.override.yml",
+    "compose.override.yaml",
+    "docker-compose.override.yml",
+    "docker-compose.override.yaml",
+)
+
+
+def _found_files(args: Sequence[str], cwd: Path, env: Mapping[str, str] | None) -> tuple[str, ...]:
+    """The files compose read when it was given none: the model is compose's already; this
+    only names them in messages. ``COMPOSE_FILE`` is taken as compose resolved it (from the
+    environment, ``.env`` or ``--env-file``); without it, the first directory from ``cwd`` up
+    with one of compose's default names, and its override file."""
+    try:
+        proc = _run_compose(
+            [*args, "config", "--no-consistency", "--environment"], (), cwd=cwd, env=env
+        )
+        seen = dict(line.partition("=")[::2] for line in proc.stdout.splitlines())
+    except ComposeError:
+        seen = {}
+    here = Path.cwd().resolve()
+
+    def named(path: Path) -> str:  # as the user would write it: relative where they are
+        return os.path.relpath(path, here) if path.parent == here else str(path)
+
+    listed = seen.get("COMPOSE_FILE", "")
+    if listed:
+        sep = seen.get("COMPOSE_PATH_SEPARATOR") or os.pathsep
+        return tuple(named((cwd / f).resolve()) for f in listed.split(sep) if f)
+    for folder in (cwd, *cwd.parents):
+        base = next((n for n in _DEFAULT_FILES if (folder / n).is_file()), None)
+        if base is None:
+            continue
+        override = next((n for n in _OVERRIDE_FILES if (folder / n).is_file()), None)
+        return tuple(named(folder / n) for n in (base, override) if n)
+    raise ComposeError(
+        f"no compose file given and none of {', '.join(_DEFAULT_FILES)} in {cwd} or above"
+    )
+
+
+def _first_refusal(
+    exc: ComposeError,
+    args: Sequence[str],
+    names: Sequence[str],
+    cwd: Path,
+    env: Mapping[str, str] | None,
+) -> ComposeError:
+    """The same refusal every run: compose checks references in map order, so which service
+    an error names changes from run to run. When it names one, each service is checked on
+    its own (the others stubbed), in name order, and the first one refused is reported in
+    compose's words."""
+    if not _NAMES_A_SERVICE.search(str(exc)):
+        return exc
+    try:
+        proc = _run_compose(
+            [*args, "--profile", "*", "config", "--format", "json", "--no-consistency"],
+            names, cwd=cwd, env=env,
+        )
+        model = json.loads(proc.stdout)
+        services = dict(model.get("services") or {})
+    except (ComposeError, json.JSONDecodeError, AttributeError):
+        return exc
+    project = ["-p", str(model.get("name") or "composemesh-check")]
+    for name in sorted(services):
+        alone = {
+            **model,
+            "services": {n: (svc if n == name else {"image": "stub"}) for n, svc in
+                         services.items()},
+        }
+        try:
+            _run_compose([*project, "-f", "-", "config", "-q"], names, cwd=cwd, env=env,
+                         stdin=json.dumps(alone))
+        except ComposeError as refusal:
+            return refusal
+    return exc
+
+
+_NAMES_A_SERVICE = re.compile(r'service "[^"]+"')
+
+
+def _drop_compose_defaults(model: dict[str, Any]) -> None:
+    """Forget the empty keys compose prints on its own (``command: null``, ``ipam: {}``, ...)."""
+    for svc in (model.get("services") or {}).values():
+        if isinstance(svc, dict):
+            for key in ("command", "entrypoint"):
+                if key in svc and svc[key] is None:
+                    del svc[key]
+            deploy = svc.get("deploy")
+            if isinstance(deploy, dict):
+                for key in ("resources", "placement"):
+                    if deploy.get(key) == {}:
+                        del deploy[key]
+    for spec in (model.get("networks") or {}).values():
+        if isinstance(spec, dict) and spec.get("ipam") == {}:
+            del spec["ipam"]
+
+
 def _drop_derived_names(
     model: dict[str, Any], raw: Sequence[Mapping[str, Any]], project: str
 ) -> None:
-    """Forget the ``name: <project>_<key>`` compose gives networks and volumes by itself.
+    """Forget the ``name: <project>_<key>`` compose gives networks, volumes, secrets and
+    configs by itself.
 
     Kept, they would pin the generated file to this project name; dropped, compose derives
     the same names again at `up`. A ``default`` network nobody declared goes entirely.
     """
-    for section in ("networks", "volumes"):
+    for section in ("networks", "volumes", "secrets", "configs"):
         entries = model.get(section)
         if not isinstance(entries, dict):
             continue

@@ -80,8 +80,9 @@ DOCKER_SOCKET = "/var/run/docker.sock"
 # Roles of the services this module adds and regenerates; other roles are left alone.
 OWN_ROLES = (wk.ROLE_NETNS, wk.ROLE_PROXY, wk.ROLE_PILOT)
 # Keys of a holder that the injector writes itself; the rest was the app's and is kept.
+# Its depends_on is derived each time (its app's start order, links, static addresses).
 _HOLDER_OWN_KEYS = ("image", "command", "cap_add", "cap_drop", "security_opt", "restart",
-                    "labels", "profiles", "deploy")
+                    "labels", "profiles", "deploy", "depends_on")
 
 
 @dataclass(frozen=True)
@@ -324,11 +325,20 @@ def inject(
 
     _rewrite_links(out_services, ctx.link_targets())
     _extend_instance_dependencies(out_services)
+    _follow_start_order(out_services)
 
     if ctx.meshed_any:
         root = _user_root_files(ca, services)
-        out_services[wk.PILOT_SERVICE] = _pilot(out_services, src.get(SECTION), image, root)
+        external = _external_networks(src.get("networks"))
+        out_services[wk.PILOT_SERVICE] = _pilot(
+            out_services, src.get(SECTION), image, root, external
+        )
         ctx.added.append(AddedService(wk.PILOT_SERVICE, wk.ROLE_PILOT, None))
+        for name in _unscraped(out_services, external):
+            ctx.warn(name, "on external networks only: the pilot joins none of them, so "
+                     "this proxy's metrics are not scraped (its traffic is meshed as usual)")
+        for name, text in _protect_static_addresses(out_services):
+            ctx.warn(name, text)
     else:
         ctx.warnings.append("no service is in the mesh: nothing was injected")
     for name, svc in services.items():
@@ -437,7 +447,8 @@ class _Context:
                         del ns["ports"]
                 self.note(inst, f"instance {index} of {len(instances)} of service {name!r}")
             _join_holder(app, wk.netns_service(inst), wk.proxy_service(inst))
-            holder = _holder(inst, name, app, ns, labels, self.image)
+            names = self.answered_names(inst, name, app, labels)
+            holder = _holder(inst, names, app, ns, labels, self.image)
             self.emit(out, inst, app, holder, labels)
         if replicas == 0:
             self.note(name, "0 replicas: its holder and proxy get 0 replicas too")
@@ -468,7 +479,9 @@ class _Context:
         if index.isdigit() and int(index) > 1 and name.endswith(f"-{index}"):
             base = name[: -len(f"-{index}")]
         _join_holder(svc, holder_name, wk.proxy_service(name))
-        self.emit(out, name, svc, _holder(name, base, svc, ns, labels, self.image), labels)
+        names = self.answered_names(name, base, svc, labels)
+        holder = _holder(name, names, svc, ns, labels, self.image)
+        self.emit(out, name, svc, holder, labels)
 
     def join(
         self, name: str, svc: dict[str, Any], decision: _Decision, out: dict[str, Any]
@@ -487,6 +500,20 @@ class _Context:
             decision.holder,
             wk.proxy_service(decision.owner),
         )
+
+    def answered_names(self, app_name: str, base: str, app: Mapping[str, Any],
+                       labels: MeshLabels) -> list[str]:
+        """Every name the app's container answered to on its networks before it was meshed,
+        but its network aliases (they move to the holder with ``networks``): its service name
+        (and its base service's, for an instance), its mesh service and its
+        ``container_name``. The app now sits in its holder's namespace, so the holder carries
+        them as aliases; ``container_name`` itself stays on the app (only one container can
+        have it). The name compose derives for a container (``<project>-<service>-1``) is not
+        carried: it would pin the file to one project name."""
+        names = [app_name, base, labels.service]
+        if app.get("container_name"):
+            names.append(str(app["container_name"]))
+        return list(dict.fromkeys(names))
 
     def link_targets(self) -> dict[str, str]:
         """Meshed services have no network endpoint of their own: links go to their holder."""
@@ -663,13 +690,14 @@ def _with_aliases(networks: Any, aliases: Iterable[str]) -> dict[str, Any]:
 
 def _holder(
     app_name: str,
-    base_name: str,
+    names: Iterable[str],
     app: Mapping[str, Any],
     ns: Mapping[str, Any],
     labels: MeshLabels,
     image: str,
 ) -> dict[str, Any]:
-    """The service that owns ``app_name``'s network namespace."""
+    """The service that owns ``app_name``'s network namespace, answering to ``names`` on
+    each of its networks."""
     holder: dict[str, Any] = {
         "image": image,
         "command": ["composemesh", "netns"],
@@ -680,14 +708,9 @@ def _holder(
     }
     holder.update(copy.deepcopy(dict(ns)))
     if "network_mode" not in holder:
-        holder["networks"] = _with_aliases(
-            holder.get("networks") or {"default": None},
-            dict.fromkeys([app_name, base_name, labels.service]),
-        )
+        holder["networks"] = _with_aliases(holder.get("networks") or {"default": None}, names)
     holder["labels"] = _injected_labels(wk.ROLE_NETNS, app_name, app, labels)
     _follow_app(holder, app)
-    if "depends_on" in holder:  # from links; last, where _rewrite_links puts it the first time
-        holder["depends_on"] = holder.pop("depends_on")
     return holder
 
 
@@ -779,22 +802,57 @@ def _user_root_files(
     return None
 
 
+def _external_networks(networks: Any) -> frozenset[str]:
+    """The keys of the top-level networks that the project does not own (``external``)."""
+    if not isinstance(networks, Mapping):
+        return frozenset()
+    return frozenset(
+        str(key) for key, spec in networks.items()
+        if isinstance(spec, Mapping) and spec.get("external") in (True, "true", "True")
+    )
+
+
+def _holder_networks(svc: Mapping[str, Any]) -> list[str]:
+    if "network_mode" in svc:
+        return []
+    return [str(n) for n in svc.get("networks") or {}]
+
+
+def _unscraped(services: Mapping[str, Any], external: frozenset[str]) -> list[str]:
+    """The apps whose holder is on external networks only (the pilot is on none of them)."""
+    return [
+        _labels_of(svc, name).get(wk.LABEL_OF, name)
+        for name, svc in services.items()
+        if _role(svc, name) == wk.ROLE_NETNS
+        and (nets := _holder_networks(svc)) and set(nets) <= external
+    ]
+
+
 def _pilot(
-    services: Mapping[str, Any], settings: Any, image: str, root: tuple[str, str] | None = None
+    services: Mapping[str, Any],
+    settings: Any,
+    image: str,
+    root: tuple[str, str] | None = None,
+    external: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """The control plane: on every network a holder is on (it scrapes the proxies' metrics),
-    listening on none: its API is on the Unix socket in the socket volume, which only the
-    proxies mount. It runs in the host's PID namespace, so that the PID the kernel gives for a
-    caller of that socket names the same process as on the host (``pilot.attest``).
+    """The control plane: on every network of the project's own that a holder is on (it
+    scrapes the proxies' metrics there), never on an ``external`` one (another project's
+    containers are there: the pilot has no business with them), and listening on none: its
+    API is on the Unix socket in the socket volume, which only the proxies mount. With no
+    network of the project's own it has none (``network_mode: none``). It runs in the host's
+    PID namespace, so that the PID the kernel gives for a caller of that socket names the same
+    process as on the host (``pilot.attest``).
 
     ``root``: the host paths of the user's own root cert and key, mounted read-only where
     the pilot's CA looks for them (named in its environment).
     """
     networks: set[str] = set()
     for name, svc in services.items():
-        if _role(svc, name) == wk.ROLE_NETNS and "network_mode" not in svc:
-            nets = svc.get("networks") or {}
-            networks.update(str(n) for n in nets)
+        if _role(svc, name) == wk.ROLE_NETNS:
+            networks.update(_holder_networks(svc))
+    own = sorted(networks - external)
+    if not own and "default" not in external:
+        own = ["default"]
     pilot: dict[str, Any] = {
         "image": image,
         "command": ["composemesh", "pilot"],
@@ -807,13 +865,13 @@ def _pilot(
             {"type": "volume", "source": PILOT_VOLUME, "target": "/var/lib/composemesh"},
             {"type": "volume", "source": SOCKET_VOLUME, "target": wk.PILOT_SOCKET_DIR},
         ],
-        "networks": {net: None for net in sorted(networks or {"default"})},
+        **({"networks": dict.fromkeys(own)} if own else {"network_mode": "none"}),
         "healthcheck": copy.deepcopy(PILOT_HEALTHCHECK),
         "labels": {wk.LABEL_ROLE: wk.ROLE_PILOT},
     }
     if settings is not None:
-        # Not $-escaped on purpose: the model is read with --no-interpolate, so compose
-        # interpolates this copy at `up` exactly as it does the x-composemesh section itself.
+        # Not $-escaped again: the model is compose's resolved one, a literal `$` in it
+        # written `$$` already, so compose reads this copy at `up` as it reads the section.
         pilot["environment"] = {
             "COMPOSEMESH_SETTINGS": json.dumps(settings, sort_keys=True, default=str)
         }
@@ -882,3 +940,119 @@ def _extend_instance_dependencies(services: dict[str, Any]) -> None:
             for member in groups[base]:
                 if member not in mapping:
                     mapping[member] = copy.deepcopy(mapping[base])
+
+
+def _static_networks(svc: Mapping[str, Any]) -> set[str]:
+    """The networks on which ``svc`` asks for a fixed address."""
+    nets = svc.get("networks") if "network_mode" not in svc else None
+    if not isinstance(nets, Mapping):
+        return set()
+    return {
+        str(net) for net, spec in nets.items()
+        if isinstance(spec, Mapping) and (spec.get("ipv4_address") or spec.get("ipv6_address"))
+    }
+
+
+def _start_edges(svc: Mapping[str, Any]) -> set[str]:
+    """The services compose starts before ``svc``: depends_on, links, network_mode service:,
+    volumes_from."""
+    edges = {str(d) for d in svc.get("depends_on") or ()}
+    edges.update(str(link).partition(":")[0] for link in svc.get("links") or ())
+    mode = str(svc.get("network_mode") or "")
+    if mode.startswith("service:"):
+        edges.add(mode.removeprefix("service:"))
+    for source in svc.get("volumes_from") or ():
+        text = str(source)
+        if not text.startswith("container:"):
+            edges.add(text.partition(":")[0])
+    return edges
+
+
+def _starts_before(services: Mapping[str, Any], first: str, then: str) -> bool:
+    """Whether compose must start ``first`` before ``then`` (a path of start edges)."""
+    seen, todo = set(), [then]
+    while todo:
+        name = todo.pop()
+        if name == first:
+            return True
+        if name in seen or not isinstance(services.get(name), Mapping):
+            continue
+        seen.add(name)
+        todo.extend(_start_edges(services[name]))
+    return False
+
+
+def _protect_static_addresses(services: dict[str, Any]) -> list[tuple[str, str]]:
+    """A fixed address is taken before any container the injector starts dynamically on
+    the same network can be given it: each holder and the pilot, where it has no fixed
+    address of its own on a network, starts after every service with one there.
+
+    Docker hands out a network's free addresses in order, so a holder (or the pilot) that
+    comes up first can take the address a later one asks for, and that one then fails with
+    "address already in use". The edges are order only (``required: false``); one that
+    would close a loop (the fixed one starts after the dynamic one already, as its app asked)
+    is left out, and said: (the app the warning is about, the warning).
+    """
+    statics: dict[str, list[str]] = {}
+    for name, svc in services.items():
+        for net in sorted(_static_networks(svc)):
+            statics.setdefault(net, []).append(name)
+    if not statics:
+        return []
+    said: list[tuple[str, str]] = []
+    for name, svc in services.items():
+        if _role(svc, name) not in (wk.ROLE_NETNS, wk.ROLE_PILOT):
+            continue
+        fixed = _static_networks(svc)
+        for net in sorted(set(_holder_networks(svc)) & set(statics) - fixed):
+            for first in statics[net]:
+                if first == name:
+                    continue
+                if _starts_before(services, name, first):
+                    whose = _labels_of(svc, name).get(wk.LABEL_OF, name)
+                    said.append((whose, f"{name!r} starts before {first!r} (the apps' own "
+                                 f"order), so it could take the fixed address {first!r} asks "
+                                 f"for on network {net!r}; give it a fixed one too"))
+                    continue
+                deps = _depends_on_mapping(svc)
+                if first not in deps:
+                    dependency = _dependency("service_started")
+                    dependency["required"] = False
+                    deps[first] = dependency
+    return said
+
+
+def _namespace_of(services: Mapping[str, Any], name: str) -> str:
+    """The service that owns ``name``'s network namespace: its holder, or itself."""
+    mode = str((services.get(name) or {}).get("network_mode") or "")
+    target = mode.removeprefix("service:")
+    if mode.startswith("service:") and _role(services.get(target), target) == wk.ROLE_NETNS:
+        return target
+    return name
+
+
+def _follow_start_order(services: dict[str, Any]) -> None:
+    """Each holder starts after the namespace of every service its app waits for (that
+    service's holder when it is meshed, else the service itself), so the namespaces come up
+    in the order the apps do; ``required`` as the app has it, first in its depends_on."""
+    for name, holder in services.items():
+        if _role(holder, name) != wk.ROLE_NETNS:
+            continue
+        app_name = _labels_of(holder, name).get(wk.LABEL_OF, "")
+        app = services.get(app_name)
+        if not isinstance(app, Mapping) or _namespace_of(services, app_name) != name:
+            continue
+        deps = app.get("depends_on") or {}
+        order: dict[str, Any] = {}
+        for dep in deps:
+            if _role(services.get(dep), str(dep)) in OWN_ROLES:
+                continue
+            target = _namespace_of(services, str(dep))
+            if target == name:
+                continue
+            spec = deps[dep] if isinstance(deps, Mapping) else None
+            required = spec.get("required", True) if isinstance(spec, Mapping) else True
+            order.setdefault(target, {"condition": "service_started", "required": required})
+        if order:
+            rest = holder.get("depends_on") or {}
+            holder["depends_on"] = {**{k: order[k] for k in sorted(order)}, **rest}

@@ -19,18 +19,34 @@ from composemesh.model.labels import normalize_labels
 
 CASES_DIR = Path(__file__).parent / "cases"
 OVERRIDE_SUFFIX = ".override.yaml"
+# What a directory case's files may take from the environment: where the cases are, as an
+# absolute path (a variable holding an absolute path is a shape of its own).
+CASE_ENV = {"CASES_DIR": str(CASES_DIR.resolve())}
 
 
 def case_names() -> list[str]:
-    """Every case: a ``NAME.yaml`` (with ``NAME.override.yaml`` as a second -f when present)."""
-    return sorted(
+    """Every case: a ``NAME.yaml`` (with ``NAME.override.yaml`` as a second -f when present),
+    or a directory ``NAME/`` that compose reads by itself, as `docker compose up` would in it
+    (its ``compose.yaml``, ``compose.override.yaml``, ``.env``), with no -f."""
+    files = [
         p.name.removesuffix(".yaml")
         for p in CASES_DIR.glob("*.yaml")
         if not p.name.endswith(OVERRIDE_SUFFIX)
-    )
+    ]
+    dirs = [p.name for p in CASES_DIR.iterdir() if (p / "compose.yaml").is_file()]
+    return sorted(files + dirs)
+
+
+def case_dir(name: str) -> Path:
+    """The case's project directory (where compose resolves its relative paths)."""
+    folder = CASES_DIR / name
+    return folder if (folder / "compose.yaml").is_file() else CASES_DIR
 
 
 def case_files(name: str) -> list[str]:
+    """The -f files of a case; none for a directory case (compose finds them)."""
+    if case_dir(name) != CASES_DIR:
+        return []
     files = [str(CASES_DIR / f"{name}.yaml")]
     override = CASES_DIR / f"{name}{OVERRIDE_SUFFIX}"
     if override.exists():
@@ -40,7 +56,7 @@ def case_files(name: str) -> list[str]:
 
 @functools.cache
 def loaded(name: str) -> LoadedProject:
-    return load_project(case_files(name))
+    return load_project(case_files(name), env=CASE_ENV, workdir=case_dir(name))
 
 
 @functools.cache
@@ -71,4 +87,4 @@ def holder_of(model: dict[str, Any], app: str) -> dict[str, Any] | None:
     return svc if svc is not None and role_of(svc) == wk.ROLE_NETNS else None
 
 
-__all__ = ["NETNS_KEYS", "case_files", "case_names", "injected", "loaded"]
+__all__ = ["NETNS_KEYS", "case_dir", "case_files", "case_names", "injected", "loaded"]

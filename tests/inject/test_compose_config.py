@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from composemesh.model import wellknown as wk
 
 from .casefiles import (
     CASES_DIR,
+    case_dir,
     case_names,
     holder_of,
     injected,
@@ -127,3 +129,41 @@ def test_the_written_file_works_from_another_directory(tmp_path: Path) -> None:
     again = load_project([str(out)], "elsewhere")
     context = again.model["services"]["short"]["build"]["context"]
     assert os.path.isabs(context) and Path(context) == CASES_DIR / "app"
+
+
+_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _variables_of(case: str) -> set[str]:
+    """Every variable a case's files mention, and every one its .env sets."""
+    project = loaded(case)
+    texts = [Path(project.project_dir, f).read_text() for f in project.files]
+    names = set()
+    dotenv = case_dir(case) / ".env"
+    if dotenv.is_file():
+        texts.append(dotenv.read_text())
+        names = {ln.partition("=")[0].strip() for ln in texts[-1].splitlines() if "=" in ln}
+    return names | {m.group(1) for t in texts for m in _VARIABLE.finditer(t.replace("$$", ""))}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_output_refers_to_no_variable(case: str) -> None:
+    """Compose's resolved model: a `$` left in it is a literal one, written `$$`."""
+    text = dump_yaml(injected(case).model)
+    assert "$" not in text.replace("$$", ""), case
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_output_means_the_same_written_elsewhere(case: str, tmp_path: Path) -> None:
+    """Written into another folder, beside a .env that gives every variable of the case
+    another value and under an environment that does too, compose reads the same model."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    names = _variables_of(case) - {"COMPOSE_FILE"}
+    (elsewhere / ".env").write_text("".join(f"{n}=/wrong/{n}\n" for n in sorted(names)))
+    out = elsewhere / "meshed.yaml"
+    result = injected(case)
+    out.write_text(dump_yaml(result.model))
+    again = load_project([str(out)], loaded(case).name, env={n: "/wrong" for n in names},
+                         workdir=tmp_path)
+    assert again.model == result.model

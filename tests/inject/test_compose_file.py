@@ -12,7 +12,7 @@ import yaml
 from composemesh.errors import ComposeError, ConfigError
 from composemesh.inject import dump_yaml, load_project
 
-from .casefiles import case_files, loaded
+from .casefiles import CASES_DIR, case_dir, case_files, loaded
 
 
 def write(path: Path, text: str) -> str:
@@ -83,7 +83,8 @@ def test_missing_docker_is_a_compose_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- what is loaded
 
 
-def test_model_is_compose_canonical_and_not_interpolated(tmp_path: Path) -> None:
+def test_model_is_compose_canonical_and_interpolated(tmp_path: Path) -> None:
+    """Variables resolved as compose resolves them for `up`; a literal `$` stays `$$`."""
     path = write(
         tmp_path / "compose.yaml",
         """
@@ -92,19 +93,24 @@ def test_model_is_compose_canonical_and_not_interpolated(tmp_path: Path) -> None
             image: "nginx:${TAG:-latest}"
             ports: ["8080:80"]
             labels: ["a=b"]
+            environment: {PRICE: "$$5"}
         """,
     )
-    project = load_project([path], "myproj")
+    project = load_project([path], "myproj", env={"TAG": ""})
     assert project.name == "myproj"
     web = project.model["services"]["web"]
-    assert web["image"] == "nginx:${TAG:-latest}"
+    assert web["image"] == "nginx:latest"
+    assert web["environment"] == {"PRICE": "$$5"}
     assert web["ports"] == [
         {"mode": "ingress", "protocol": "tcp", "published": "8080", "target": 80}
     ]
     assert web["networks"] == {"default": None}
+    assert "command" not in web and "entrypoint" not in web  # compose's nulls, dropped
     assert project.raw == ({"services": {"web": {
-        "image": "nginx:${TAG:-latest}", "ports": ["8080:80"], "labels": ["a=b"]}}},)
+        "image": "nginx:${TAG:-latest}", "ports": ["8080:80"], "labels": ["a=b"],
+        "environment": {"PRICE": "$$5"}}}},)
     assert project.files == (path,)
+    assert project.project_dir == str(tmp_path)
 
 
 def test_project_name_comes_from_the_file_the_env_or_the_directory(tmp_path: Path) -> None:
@@ -172,16 +178,108 @@ def test_file_of_key_finds_the_last_file_with_the_section(tmp_path: Path) -> Non
 def test_relative_paths_resolve_against_the_first_file(tmp_path: Path) -> None:
     sub = tmp_path / "sub"
     sub.mkdir()
-    write(sub / "app.env", "A=1\n")
-    path = write(sub / "compose.yaml", "services:\n  web:\n    image: x\n    env_file: app.env\n")
+    path = write(sub / "compose.yaml", "services:\n  web:\n    image: x\n"
+                 "    volumes: [./data:/data]\n")
     old = os.getcwd()
     os.chdir(tmp_path)
     try:
         model = load_project([os.path.relpath(path)]).model
     finally:
         os.chdir(old)
-    env_file = model["services"]["web"]["env_file"]
-    assert env_file[0]["path"] == str(sub / "app.env")
+    volume = model["services"]["web"]["volumes"][0]
+    assert (volume["type"], volume["source"]) == ("bind", str(sub / "data"))
+
+
+def test_a_variable_bind_source_stays_a_bind_mount() -> None:
+    """Immich's ``${UPLOAD_LOCATION}:/data`` with ``UPLOAD_LOCATION=./library`` in .env: a
+    bind mount of the project's ./library, never a named volume "./library"."""
+    volumes = loaded("variable_paths").model["services"]["server"]["volumes"]
+    assert volumes[0] == {"type": "bind", "source": str(case_dir("variable_paths") / "library"),
+                          "target": "/data", "bind": {"create_host_path": True}}
+
+
+def test_absolute_paths_from_variables_are_not_put_under_the_project() -> None:
+    model = loaded("variable_paths").model
+    services = model["services"]
+    cases = str(CASES_DIR.resolve())
+    server = services["server"]
+    assert [v["source"] for v in server["volumes"][1:3]] == [
+        "/srv/variable-paths/data", f"{cases}/app"]
+    assert services["builder"]["build"]["context"] == f"{cases}/app"
+    assert services["mixed"]["build"]["context"] == f"{cases}/app"  # ../app, relative
+    assert model["secrets"]["token"]["file"] == f"{cases}/db_password.txt"
+    assert model["configs"]["settings"]["file"] == f"{cases}/app.conf"
+    assert server["environment"] == {"FROM_FILE": "1", "OTHER": "two"}  # env_file: ${APP_ENV}
+    assert server["container_name"] == "vp_server"
+
+
+def test_build_args_given_by_name_take_their_value_from_the_environment() -> None:
+    """Sentry's ``args: [SENTRY_IMAGE]``: alone, beside others, and unset (left out)."""
+    services = loaded("variable_paths").model["services"]
+    assert services["builder"]["build"]["args"] == {"SENTRY_IMAGE": "getsentry/sentry:nightly"}
+    assert services["mixed"]["build"]["args"] == {"BARE": "from-dotenv", "OTHER": "1"}
+
+
+def test_with_no_file_compose_finds_them_and_merges_the_override() -> None:
+    """Zulip's documented setup: compose.yaml and compose.override.yaml, no -f."""
+    project = loaded("discovered")
+    folder = case_dir("discovered")
+    assert project.files == (str(folder / "compose.yaml"), str(folder / "compose.override.yaml"))
+    assert project.project_dir == str(folder)
+    web = project.model["services"]["web"]
+    assert web["labels"] == {"composemesh.version": "v2"}
+    assert web["environment"] == {"SETTING": "from-dotenv"}
+    assert set(project.model["services"]) == {"web", "db", "worker"}
+    assert project.file_of("worker") == str(folder / "compose.override.yaml")
+
+
+def test_compose_file_in_dotenv_picks_the_files() -> None:
+    project = loaded("compose_file_env")
+    folder = case_dir("compose_file_env")
+    assert project.files == (str(folder / "compose.yaml"), str(folder / "more.yaml"))
+    assert set(project.model["services"]) == {"api", "extra"}  # not the override's "ignored"
+
+
+def test_compose_file_env_file_and_parent_directories(tmp_path: Path) -> None:
+    """COMPOSE_FILE from the environment, --env-file, and a project found from below."""
+    write(tmp_path / "a.yaml", "services:\n  web:\n    image: x:${TAG}\n")
+    write(tmp_path / "b.yaml", "services:\n  web:\n    labels: {b: '1'}\n")
+    write(tmp_path / "custom.env", "TAG=from-env-file\n")
+    project = load_project(env={"COMPOSE_FILE": "a.yaml:b.yaml"}, env_files=["custom.env"],
+                           workdir=tmp_path)
+    assert project.model["services"]["web"]["image"] == "x:from-env-file"
+    assert project.model["services"]["web"]["labels"] == {"b": "1"}
+    assert project.files == (str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml"))
+    write(tmp_path / "compose.yaml", "services:\n  api:\n    image: y\n")
+    below = tmp_path / "deep" / "er"
+    below.mkdir(parents=True)
+    found = load_project(workdir=below)
+    assert set(found.model["services"]) == {"api"}
+    assert found.files == (str(tmp_path / "compose.yaml"),)
+    assert found.project_dir == str(tmp_path)
+
+
+def test_no_file_anywhere_is_compose_error(tmp_path: Path) -> None:
+    with pytest.raises(ComposeError, match="no configuration file provided"):
+        load_project(workdir=tmp_path)
+
+
+def test_a_refusal_names_the_same_service_every_run(tmp_path: Path) -> None:
+    """Compose checks references in map order: alone, it names b, a, c or d by turns."""
+    path = write(tmp_path / "compose.yaml", """
+        services:
+          d: {image: x, networks: [n2]}
+          b: {image: x, volumes: ["v1:/a"]}
+          c: {image: x, networks: [n1]}
+          a: {image: x, volumes: ["v2:/a"]}
+        """)
+    messages = set()
+    for _ in range(6):
+        with pytest.raises(ComposeError) as info:
+            load_project([path])
+        messages.add(str(info.value))
+    assert messages == {f'{path}: service "a" refers to undefined volume v2: '
+                        "invalid compose project"}
 
 
 # --------------------------------------------------------------------------- writing

@@ -293,6 +293,135 @@ def test_input_is_not_mutated(case: str) -> None:
     assert model == before
 
 
+def _external(model: dict[str, Any]) -> set[str]:
+    return {n for n, spec in (model.get("networks") or {}).items()
+            if isinstance(spec, dict) and spec.get("external")}
+
+
+def _namespace_of(model: dict[str, Any], name: str) -> str:
+    """The service whose network endpoints ``name``'s container uses (its holder, or it)."""
+    holder = holder_of(model, name)
+    mode = str(model["services"][name].get("network_mode", ""))
+    return mode.removeprefix("service:") if holder is not None else name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_name_a_container_answered_to_still_resolves(case: str) -> None:
+    """On each network a service was on, whatever owns its namespace now answers to its
+    service name, its container_name and its aliases; a link still names it."""
+    before = loaded(case).model
+    after = injected(case).model
+    for name, svc in user_services(before).items():
+        if "network_mode" in svc or name not in after["services"]:
+            continue  # no endpoints of its own (or bridge: no aliases there either way)
+        owner = after["services"][_namespace_of(after, name)]
+        for net, spec in (svc.get("networks") or {}).items():
+            names = {name, *((spec or {}).get("aliases") or ())}
+            if svc.get("container_name"):
+                names.add(svc["container_name"])
+            if role_of(owner) is None:
+                continue  # not meshed: its own endpoints, untouched
+            assert names <= set(owner["networks"][net]["aliases"]), (name, net)
+    for name, svc in user_services(before).items():
+        if not svc.get("links") or name not in after["services"]:
+            continue
+        linker = after["services"][_namespace_of(after, name)]
+        now = {link_name(str(link)) for link in linker.get("links") or ()}
+        for link in svc["links"]:
+            target, alias = link_name(str(link))
+            assert (_namespace_of(after, target), alias) in now, (name, link)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_nothing_the_mesh_adds_joins_an_external_network(case: str) -> None:
+    """The pilot is on the project's own networks only; a proxy has no endpoint; a holder
+    is on exactly the networks its app was on."""
+    before = loaded(case).model
+    after = injected(case).model
+    external = _external(after)
+    for name, svc in after["services"].items():
+        role = role_of(svc)
+        if role == wk.ROLE_PILOT:
+            assert not set(svc.get("networks") or ()) & external, name
+            if "networks" not in svc:
+                assert svc["network_mode"] == "none"
+        elif role == wk.ROLE_PROXY:
+            assert str(svc["network_mode"]).startswith("service:"), name
+            assert "networks" not in svc, name
+        elif role == wk.ROLE_NETNS:
+            app = labels_of(svc)[wk.LABEL_OF]
+            origin = before["services"].get(app) or before["services"].get(
+                app.rpartition("-")[0], {})
+            if "network_mode" not in origin and "networks" in origin:
+                assert set(svc["networks"]) == set(origin["networks"]), name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_holders_start_in_their_apps_order(case: str) -> None:
+    """A holder starts after the namespace of each service its app depends on."""
+    after = injected(case).model
+    services = after["services"]
+    for name, holder in services.items():
+        if role_of(holder) != wk.ROLE_NETNS:
+            continue
+        app = labels_of(holder)[wk.LABEL_OF]
+        for dep, spec in (services[app].get("depends_on") or {}).items():
+            if role_of(services.get(dep, {})) is not None:
+                continue
+            target = _namespace_of(after, dep)
+            if target != name:
+                assert target in holder["depends_on"], (name, dep)
+                assert holder["depends_on"][target]["required"] == spec.get("required", True)
+
+
+def _fixed_on(svc: dict[str, Any]) -> set[str]:
+    nets = svc.get("networks") if "network_mode" not in svc else None
+    return {n for n, spec in (nets or {}).items()
+            if spec and (spec.get("ipv4_address") or spec.get("ipv6_address"))}
+
+
+def _starts_after(services: dict[str, Any], later: str, first: str) -> bool:
+    """Whether ``later`` waits (through depends_on and network_mode) for ``first``."""
+    seen, todo = set(), [later]
+    while todo:
+        name = todo.pop()
+        if name == first and name != later:
+            return True
+        if name in seen or name not in services:
+            continue
+        seen.add(name)
+        svc = services[name]
+        todo.extend(svc.get("depends_on") or ())
+        mode = str(svc.get("network_mode", ""))
+        if mode.startswith("service:"):
+            todo.append(mode.removeprefix("service:"))
+    return False
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_no_injected_container_can_take_a_fixed_address_first(case: str) -> None:
+    """A holder or the pilot with no fixed address on a network starts after every service
+    with one there, or (the apps' own order says otherwise) a warning says so."""
+    result = injected(case)
+    services = result.model["services"]
+    fixed: dict[str, list[str]] = {}
+    for name, svc in services.items():
+        for net in _fixed_on(svc):
+            fixed.setdefault(net, []).append(name)
+    for name, svc in services.items():
+        if role_of(svc) not in (wk.ROLE_NETNS, wk.ROLE_PILOT) or "network_mode" in svc:
+            continue
+        for net in set(svc.get("networks") or ()) - _fixed_on(svc):
+            for first in fixed.get(net, ()):
+                if first == name:
+                    continue
+                if _starts_after(services, first, name):
+                    assert any(f"{name!r} starts before {first!r}" in w
+                               for w in result.warnings), (name, first)
+                else:
+                    assert _starts_after(services, name, first), (name, first)
+
+
 # --------------------------------------------------------------------------- per case
 
 
@@ -393,11 +522,11 @@ def test_network_aliases_and_addresses_stay_with_the_holder() -> None:
     assert services[wk.PILOT_SERVICE]["networks"] == {"back": None, "front": None}
 
 
-def test_pilot_joins_every_network_a_holder_is_on() -> None:
+def test_pilot_joins_every_network_of_the_project_a_holder_is_on() -> None:
     pilot = services_of("multi_networks")[wk.PILOT_SERVICE]
     assert set(pilot["networks"]) == {"front", "back", "default", "internal-only"}
     external = services_of("external_network")[wk.PILOT_SERVICE]
-    assert set(external["networks"]) == {"shared", "default"}
+    assert set(external["networks"]) == {"default"}  # never the external "shared"
 
 
 def test_namespace_settings_move_to_the_holder() -> None:
@@ -469,7 +598,7 @@ def test_replicas_expand_into_instances() -> None:
         assert labels_of(app)[wk.LABEL_SERVICE] == "worker"
         assert labels_of(app)[wk.LABEL_INSTANCE] == str(index)
         assert labels_of(app)[wk.LABEL_VERSION] == "v2"
-        assert app["deploy"] == {"resources": {"limits": {"memory": "64M"}}}
+        assert app["deploy"] == {"resources": {"limits": {"memory": "67108864"}}}  # 64M
         holder = services[f"{inst}-netns"]
         assert labels_of(holder)[wk.LABEL_INSTANCE] == str(index)
         assert labels_of(holder)[wk.LABEL_SERVICE] == "worker"
@@ -605,18 +734,18 @@ def test_extension_fields_survive() -> None:
     before = loaded("anchors_merge").model
     services = services_of("anchors_merge")
     assert injected("anchors_merge").model["x-common"] == before["x-common"]
-    assert services["two"]["x-team"] == "payments"
-    assert services["one"]["x-note"] == "shared defaults"
+    # compose's model keeps top-level x- fields only; a service's own have no effect on it
+    assert "x-team" not in services["two"]
     assert services["two"]["environment"] == {"LOG_LEVEL": "info", "EXTRA": "yes"}
     assert services["one"]["logging"]["options"]["max-size"] == "10m"
 
 
 def test_net_sysctls_split_from_the_others() -> None:
     services = services_of("sysctls")
-    assert services["listed-netns"]["sysctls"] == [
-        "net.core.somaxconn=1024", "net.ipv4.tcp_syncookies=0",
-    ]
-    assert services["listed"]["sysctls"] == ["kernel.msgmax=65536"]
+    assert services["listed-netns"]["sysctls"] == {
+        "net.core.somaxconn": "1024", "net.ipv4.tcp_syncookies": "0",
+    }
+    assert services["listed"]["sysctls"] == {"kernel.msgmax": "65536"}
     assert list(services["mapped-netns"]["sysctls"]) == ["net.ipv4.ip_local_port_range"]
     assert list(services["mapped"]["sysctls"]) == ["kernel.shmmax"]
     assert "sysctls" not in services["only_net"]
@@ -646,8 +775,9 @@ def test_settings_reach_the_pilot_as_json() -> None:
     settings = json.loads(env["COMPOSEMESH_SETTINGS"])
     assert settings == loaded("x_composemesh").model["x-composemesh"]
     assert settings["trust_domain"] == "shop.example.com"
-    # Left for compose to interpolate at `up`, like the x-composemesh section itself.
-    assert "${CONSUL_TOKEN:-}" in env["COMPOSEMESH_SETTINGS"]
+    # Resolved as compose resolves the file (CONSUL_TOKEN unset here), `$` still written
+    # `$$`: compose reads this copy at `up` exactly as it reads the x-composemesh section.
+    assert settings["consul"]["token"] == ""
     assert "$$5" in env["COMPOSEMESH_SETTINGS"]
 
 
@@ -733,6 +863,73 @@ def test_deploy_keeps_everything_but_replicas() -> None:
         assert deploy["restart_policy"] == {"condition": "on-failure"}
         assert services[inst]["cap_add"] == ["SYS_PTRACE"]
         assert services[inst]["user"] == "1000:1000"
+
+
+def test_container_names_are_the_holders_aliases() -> None:
+    """ELK's logstash calls "es", Supabase's Kong "realtime-dev.supabase-realtime": the
+    name stays on the app's container (one container can have it), the holder answers to it
+    on every network the app was on."""
+    services = services_of("container_names")
+    assert services["elasticsearch"]["container_name"] == "es"
+    assert "container_name" not in services["elasticsearch-netns"]
+    assert services["elasticsearch-netns"]["networks"] == {
+        "elk": {"aliases": ["elasticsearch", "es"]}}
+    assert services["logstash-netns"]["networks"]["elk"]["aliases"] == [
+        "ingest", "logstash"]
+    assert services["logstash-netns"]["links"] == ["elasticsearch-netns:search"]
+    realtime = services["realtime-netns"]["networks"]
+    for net in ("default", "elk"):
+        assert realtime[net]["aliases"] == ["realtime", "realtime-dev.supabase-realtime"]
+
+
+def test_holders_follow_the_apps_order_and_fixed_addresses_come_first() -> None:
+    """awesome-compose's pihole + cloudflared: cloudflared's 172.20.0.2 is taken before
+    pihole's holder and the pilot, which take theirs from the network, start."""
+    result = injected("static_addresses")
+    services = result.model["services"]
+    pihole = services["pihole-netns"]["depends_on"]
+    assert pihole["cloudflared-netns"] == {"condition": "service_started", "required": True}
+    assert pihole["resolver-netns"] == {"condition": "service_started", "required": False}
+    assert pihole["legacy"] == {"condition": "service_started", "required": False}
+    assert "later-netns" not in pihole  # later waits for pihole, as its app asks
+    assert services["later-netns"]["depends_on"] == {
+        "pihole-netns": {"condition": "service_started", "required": True}}
+    pilot = services[wk.PILOT_SERVICE]["depends_on"]
+    assert set(pilot) == {"cloudflared-netns", "resolver-netns", "legacy", "later-netns"}
+    assert all(dep == {"condition": "service_started", "required": False}
+               for dep in pilot.values())
+    for fixed in ("cloudflared-netns", "resolver-netns"):
+        assert "depends_on" not in services[fixed], fixed  # nothing to wait for
+    assert services["resolver-netns"]["networks"]["dns-net"]["ipv6_address"] == "fd00:20::3"
+    assert result.warnings == (
+        "service 'pihole': 'pihole-netns' starts before 'later-netns' (the apps' own order), "
+        "so it could take the fixed address 'later-netns' asks for on network 'dns-net'; "
+        "give it a fixed one too",
+    )
+
+
+def test_the_pilot_stays_off_external_networks() -> None:
+    result = injected("external_only")
+    services = result.model["services"]
+    assert services[wk.PILOT_SERVICE]["networks"] == {"default": None}
+    assert set(services["edge-netns"]["networks"]) == {"proxy"}  # the app's choice, kept
+    assert result.warnings == (
+        "service 'edge': on external networks only: the pilot joins none of them, so this "
+        "proxy's metrics are not scraped (its traffic is meshed as usual)",
+    )
+    alone = injected("external_default").model["services"][wk.PILOT_SERVICE]
+    assert alone["network_mode"] == "none" and "networks" not in alone
+
+
+def test_holder_order_is_derived_again_on_every_injection() -> None:
+    """A dependency the user took out of a meshed file leaves its holder too."""
+    once = injected("static_addresses").model
+    edited = copy.deepcopy(once)
+    del edited["services"]["pihole"]["depends_on"]["cloudflared"]
+    edited["services"]["cloudflared-netns"]["networks"]["dns-net"].pop("ipv4_address")
+    again = inject(edited).model["services"]
+    assert "cloudflared-netns" not in again["pihole-netns"]["depends_on"]
+    assert "cloudflared-netns" not in again[wk.PILOT_SERVICE]["depends_on"]
 
 
 # --------------------------------------------------------------------------- pure shapes
