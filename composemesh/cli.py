@@ -150,7 +150,7 @@ def up(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...],
     _print_warnings(result)
     started = time.monotonic()
     with _progress() as progress:
-        _ensure_images(progress)
+        _ensure_images(progress, result.model)
         meshed = compose.state_dir(loaded.name) / "compose.yaml"
         _write_atomic(meshed, text)
         proj = _project(loaded.name, Path(loaded.project_dir), meshed)
@@ -380,10 +380,12 @@ def _progress() -> Progress:
     )
 
 
-def _ensure_images(progress: Progress) -> None:
+def _ensure_images(progress: Progress, model: dict[str, Any]) -> None:
+    """The images of ours that the meshed ``model`` runs: the mesh image, the demo image only
+    where a service uses it (an installed composemesh has no demo apps to build it from)."""
     import docker
 
-    from composemesh.engine.images import ensure_images
+    from composemesh.engine.images import ensure_images, images_needed
 
     task = progress.add_task("images: checking", total=None)
     try:
@@ -397,8 +399,11 @@ def _ensure_images(progress: Progress) -> None:
     def report(stage: str, detail: str) -> None:
         progress.update(task, description=escape(f"images: {stage}: {detail}"[:100]))
 
-    ensure_images(client, progress=report)
-    progress.update(task, description="images: ready", total=1, completed=1)
+    needed = images_needed(model)
+    ensure_images(client, images=needed, progress=report)
+    progress.update(
+        task, description=escape(f"images: ready: {', '.join(needed)}"), total=1, completed=1
+    )
 
 
 def _build_user_images(progress: Progress, proj: Any, model: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """The mesh and demo images: built offline from a wheelhouse, skipped when nothing changed.
 
-``ensure_images(client)`` makes sure the engine has ``MESH_IMAGE`` (pilot, proxy and gateway;
-the role is the command) and ``DEMO_IMAGE`` (the stdlib-only demo apps of examples/apps/).
+``ensure_images(client, images=...)`` makes sure the engine has ``MESH_IMAGE`` (pilot, proxy
+and gateway; the role is the command) and, where a service runs it (``images_needed``),
+``DEMO_IMAGE`` (the stdlib-only demo apps of examples/apps/, only in a source tree).
 Both build FROM the base that :func:`ensure_base_image` provides, with no network in the
 container build: the mesh image installs composemesh and its dependencies from a wheelhouse
 that the host prepared (binary wheels for the image's Python and platform).
@@ -55,8 +56,10 @@ __all__ = [
     "demo_inputs",
     "dependency_lock",
     "ensure_images",
+    "images_needed",
     "locate_sources",
     "mesh_inputs",
+    "normalized_requirement",
     "runtime_requirements",
     "wheel_platforms",
 ]
@@ -242,13 +245,69 @@ def _dist_info_name(dist: importlib.metadata.Distribution) -> str:
 
 
 def runtime_requirements(tree: SourceTree) -> list[str]:
-    """composemesh's runtime requirements (no extras), from pyproject.toml when there is one."""
+    """composemesh's runtime requirements (no extras), from pyproject.toml when there is one,
+    else from the installed metadata; the same requirement reads the same from either."""
     if tree.project_root is not None:
         data = tomllib.loads((tree.project_root / "pyproject.toml").read_text(encoding="utf-8"))
         reqs = list(data.get("project", {}).get("dependencies", []))
     else:
         reqs = list(_installed_dist().requires or [])
-    return sorted(r.strip() for r in reqs if r.strip() and not _is_extra_only(r))
+    return sorted(
+        normalized_requirement(r) for r in reqs if r.strip() and not _is_extra_only(r)
+    )
+
+
+_MARKER_TOKEN = re.compile(
+    r"""\s*(?:(?P<str>'[^']*'|"[^"]*")|(?P<op>===|==|!=|<=|>=|~=|<|>|\(|\))|(?P<word>[^\s()'"<>=!~]+))"""
+)
+
+
+def normalized_requirement(requirement: str) -> str:
+    """One spelling of a PEP 508 requirement, whether it comes from pyproject.toml or from
+    a wheel's metadata (which quotes markers with double quotes and sorts specifiers): the
+    name in its canonical form, extras and specifiers sorted, the marker's tokens one space
+    apart with single-quoted strings. Only the spelling changes; pip reads it the same.
+
+    The wheelhouse and the mesh image's hash key on the requirements, so a composemesh
+    installed from a wheel finds what the same version from its source tree cached.
+    """
+    spec, _, marker = requirement.partition(";")
+    spec = spec.strip()
+    if "@" in spec:  # a direct reference: nothing to sort
+        head, _, url = spec.partition("@")
+        out = f"{head.strip()} @ {url.strip()}"
+    else:
+        match = re.match(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?\s*(.*)$", spec)
+        if match is None:
+            return requirement.strip()
+        name, extras, versions = match.groups()
+        out = _canonical(name)
+        names = sorted(e.strip() for e in (extras or "").split(",") if e.strip())
+        if names:
+            out += f"[{','.join(names)}]"
+        versions = versions.strip()
+        if versions.startswith("(") and versions.endswith(")"):
+            versions = versions[1:-1]
+        parts = sorted("".join(v.split()) for v in versions.split(",") if v.strip())
+        out += ",".join(parts)
+    marker = marker.strip()
+    if marker:
+        tokens = []
+        pos = 0
+        while pos < len(marker):
+            if marker[pos:].strip() == "":
+                break
+            found = _MARKER_TOKEN.match(marker, pos)
+            if found is None or found.end() == pos:
+                return requirement.strip()  # not a marker we can read: left as written
+            text = found.group("str")
+            if text is not None:
+                tokens.append(text if "'" in text[1:-1] else f"'{text[1:-1]}'")
+            else:
+                tokens.append(found.group("op") or found.group("word"))
+            pos = found.end()
+        out += "; " + " ".join(tokens).replace("( ", "(").replace(" )", ")")
+    return out
 
 
 def dependency_lock(requirements: Iterable[str]) -> list[str]:
@@ -745,15 +804,50 @@ def _labels(plan: _Plan, base: str) -> dict[str, str]:
     }
 
 
-def ensure_images(
-    client: Any, *, progress: Progress | None = None, force: bool = False
-) -> dict[str, str]:
-    """Makes sure the engine has MESH_IMAGE and DEMO_IMAGE for the current sources.
+_DEFAULT_REGISTRY_PREFIXES = ("docker.io/library/", "index.docker.io/library/", "library/")
 
-    Returns ``{tag: image id}``. Builds only what changed (``force`` rebuilds both, without
+
+def _same_image(reference: str, tag: str) -> bool:
+    """True when a compose ``image:`` names ``tag`` (Docker Hub's implicit prefixes aside)."""
+    reference = reference.strip()
+    for prefix in _DEFAULT_REGISTRY_PREFIXES:
+        if reference.startswith(prefix):
+            reference = reference[len(prefix) :]
+            break
+    return reference == tag
+
+
+def images_needed(model: Mapping[str, Any]) -> tuple[str, ...]:
+    """The images of ours that a (meshed) compose model runs: MESH_IMAGE always (pilot,
+    proxies, holders and gateways run it), DEMO_IMAGE only when a service names it. Pure."""
+    services = model.get("services") or {}
+    uses_demo = any(
+        isinstance(svc, Mapping)
+        and isinstance(svc.get("image"), str)
+        and _same_image(svc["image"], DEMO_IMAGE)
+        for svc in services.values()
+    )
+    return (MESH_IMAGE, DEMO_IMAGE) if uses_demo else (MESH_IMAGE,)
+
+
+def ensure_images(
+    client: Any,
+    *,
+    images: Iterable[str] = (MESH_IMAGE, DEMO_IMAGE),
+    progress: Progress | None = None,
+    force: bool = False,
+) -> dict[str, str]:
+    """Makes sure the engine has ``images`` (MESH_IMAGE and DEMO_IMAGE unless told fewer,
+    see :func:`images_needed`) for the current sources.
+
+    Returns ``{tag: image id}``. Builds only what changed (``force`` rebuilds them, without
     the engine's layer cache); with nothing changed it only hashes and inspects. Raises
     ImageBuildError naming the image and the reason.
     """
+    wanted = set(images)
+    unknown = wanted - {MESH_IMAGE, DEMO_IMAGE}
+    if unknown:
+        raise ValueError(f"not an image of composemesh: {', '.join(sorted(unknown))}")
     report = progress or _noop
     base = ensure_base_image(client, progress=report)
     base_id = str(client.images.get(base).id)
@@ -762,17 +856,22 @@ def ensure_images(
     lock = dependency_lock(requirements)
     result: dict[str, str] = {}
 
-    files, extra = mesh_inputs(tree, base_id=base_id, requirements=requirements, lock=lock)
-    mesh = _Plan(MESH_IMAGE, "mesh", MESH_DOCKERFILE, files, extra)
-    result[MESH_IMAGE] = _ensure_one(
-        client, mesh, base, base_id, force, report, tree=tree, requirements=requirements, lock=lock
-    )
+    if MESH_IMAGE in wanted:
+        files, extra = mesh_inputs(tree, base_id=base_id, requirements=requirements, lock=lock)
+        mesh = _Plan(MESH_IMAGE, "mesh", MESH_DOCKERFILE, files, extra)
+        result[MESH_IMAGE] = _ensure_one(
+            client, mesh, base, base_id, force, report,
+            tree=tree, requirements=requirements, lock=lock,
+        )  # fmt: skip
+    if DEMO_IMAGE not in wanted:
+        return result
 
     apps = tree.apps_dir
     if apps is None or not (apps / "demo.py").is_file():
         raise ImageBuildError(
-            f"{DEMO_IMAGE}: the demo apps (examples/apps/demo.py) are not here: they come with "
-            "the composemesh source tree, not with an installed wheel"
+            f"{DEMO_IMAGE}: a service runs the demo image, but the demo apps "
+            "(examples/apps/demo.py) are not here: they come with the composemesh source tree, "
+            "not with an installed wheel"
         )
     files, extra = demo_inputs(apps, base_id=base_id)
     demo = _Plan(DEMO_IMAGE, "demo", DEMO_DOCKERFILE, files, extra)

@@ -16,12 +16,16 @@ from composemesh.engine.images import (
     content_hash,
     demo_inputs,
     dependency_lock,
+    ensure_images,
+    images_needed,
     locate_sources,
     mesh_inputs,
+    normalized_requirement,
     runtime_requirements,
     wheel_platforms,
 )
 from composemesh.errors import ImageBuildError
+from composemesh.model.wellknown import DEMO_IMAGE, MESH_IMAGE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -141,6 +145,38 @@ def test_runtime_requirements_are_pyprojects_without_extras() -> None:
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert runtime_requirements(tree) == sorted(declared)
     assert not [r for r in runtime_requirements(tree) if r.startswith("pytest")]
+
+
+def test_requirements_read_the_same_from_pyproject_and_from_a_wheels_metadata() -> None:
+    # setuptools writes a wheel's Requires-Dist with double-quoted markers: the wheelhouse
+    # and the image hash key on these strings, so an installed composemesh must find what the
+    # same version from its source tree cached (and not download it all again).
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for requirement in declared:
+        assert normalized_requirement(requirement) == requirement  # already in the one form
+        as_metadata = requirement.replace("'", '"')
+        assert normalized_requirement(as_metadata) == requirement
+
+
+@pytest.mark.parametrize(
+    ("written", "normal"),
+    [
+        ("PyYAML>=6.0", "pyyaml>=6.0"),
+        ("prometheus_client >= 0.20", "prometheus-client>=0.20"),
+        ('uvloop >= 0.19 ; sys_platform!="win32"', "uvloop>=0.19; sys_platform != 'win32'"),
+        ("requests[socks,security] >=2, <3", "requests[security,socks]<3,>=2"),
+        ("foo (>=1.0,<2)", "foo<2,>=1.0"),
+        (
+            'foo; python_version < "3.12" and (os_name == "posix" or extra == "x")',
+            "foo; python_version < '3.12' and (os_name == 'posix' or extra == 'x')",
+        ),
+        ("pkg @ https://h/p.whl ; os_name=='nt'", "pkg @ https://h/p.whl; os_name == 'nt'"),
+        ('x; platform_release == "it\'s"', 'x; platform_release == "it\'s"'),
+    ],
+)
+def test_normalized_requirement(written: str, normal: str) -> None:
+    assert normalized_requirement(written) == normal
+    assert normalized_requirement(normal) == normal
 
 
 def test_dependency_lock_pins_what_is_installed_here() -> None:
@@ -288,3 +324,50 @@ def test_missing_debootstrap_is_one_clear_error(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(base_image, "SBIN_DIRS", ())
     with pytest.raises(ImageBuildError, match="debootstrap is not installed"):
         base_image.build_fallback_base(client=None)
+
+
+# --- which images a project needs -----------------------------------------------------------
+
+
+def test_a_project_without_the_demo_needs_the_mesh_image_only() -> None:
+    model = {"services": {"web": {"image": "nginx:1.27"}, "db": {"build": {"context": "."}}}}
+    assert images_needed(model) == (MESH_IMAGE,)
+    assert images_needed({}) == (MESH_IMAGE,)
+    assert images_needed({"services": None}) == (MESH_IMAGE,)
+
+
+@pytest.mark.parametrize("ref", [DEMO_IMAGE, f"docker.io/library/{DEMO_IMAGE}", f" {DEMO_IMAGE}"])
+def test_a_service_on_the_demo_image_needs_it_too(ref: str) -> None:
+    model = {"services": {"web": {"image": "nginx"}, "ratings": {"image": ref}}}
+    assert images_needed(model) == (MESH_IMAGE, DEMO_IMAGE)
+
+
+def test_another_tag_of_the_demo_is_not_ours_to_build() -> None:
+    name = DEMO_IMAGE.split(":")[0]
+    assert images_needed({"services": {"a": {"image": f"{name}:other"}}}) == (MESH_IMAGE,)
+    assert images_needed({"services": {"a": {"image": f"reg.example/{DEMO_IMAGE}"}}}) == (
+        MESH_IMAGE,
+    )
+
+
+def test_ensure_images_refuses_an_image_that_is_not_ours() -> None:
+    with pytest.raises(ValueError, match="not an image of composemesh: nginx"):
+        ensure_images(client=None, images=["nginx"])
+
+
+def test_the_wheel_carries_every_file_the_package_needs() -> None:
+    """Every file of the package that is not Python is package data (the Dockerfiles the
+    mesh image builds from, py.typed): an installed composemesh has nothing else."""
+    import fnmatch
+
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["composemesh"]
+    package = REPO / "composemesh"
+    data = [
+        path.relative_to(package).as_posix()
+        for path in package.rglob("*")
+        if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
+    ]
+    assert "engine/dockerfiles/mesh.Dockerfile" in data
+    assert [f for f in data if not any(fnmatch.fnmatch(f, g) for g in globs)] == []

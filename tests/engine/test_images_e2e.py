@@ -108,6 +108,14 @@ def test_second_call_is_a_cache_hit(client: Any, frozen_sources: images.SourceTr
     assert elapsed < 2.0, f"a cached ensure_images took {elapsed:.2f}s"
 
 
+def test_only_the_images_asked_for_are_looked_at(client: Any, built: dict[str, str]) -> None:
+    # what `up` asks for a project that runs no demo app (see images_needed)
+    seen = Recorder()
+    ids = ensure_images(client, images=(MESH_IMAGE,), progress=seen)
+    assert set(ids) == {MESH_IMAGE}
+    assert not [detail for _, detail in seen.events if DEMO_IMAGE in detail], seen.events
+
+
 def test_mesh_image_has_what_it_needs_without_network(client: Any, built: dict[str, str]) -> None:
     out = run(
         client,
