@@ -41,6 +41,9 @@ RELEVANT = (
     "update",
 )
 DEBOUNCE_S = 0.05
+# A healed namespace's apps restart once its proxy is ready, or after this long at the most.
+HEAL_READY_TIMEOUT_S = 60.0
+HEAL_READY_POLL_S = 0.2
 
 
 class DockerSource:
@@ -70,21 +73,57 @@ class DockerSource:
 
         `docker restart` (or a crash) of a netns holder gives it a new namespace; the app and
         the proxy that joined the old one would be left without network until restarted.
+
+        The proxies go first, and the apps only once their proxy is ready again (healthy:
+        capture listeners bound, a snapshot applied, a certificate held), the order `up`
+        starts them in (an app depends on its proxy being healthy). An app back before its
+        proxy would send its first requests through a proxy with no snapshot yet: out
+        uncaptured, in plaintext, refused by the STRICT peer it called.
         """
         try:
             holder = await self._api.inspect(holder_id)
             listing = await self._api.containers(project=self._project)
+            stranded = []
             for dependent_id in dependents_of(listing, holder["Id"]):
                 dependent = await self._api.inspect(dependent_id)
                 if is_stranded(dependent, holder):
-                    log.warning(
-                        "holder %s restarted: restarting %s to rejoin its namespace",
-                        holder["Name"].lstrip("/"),
-                        dependent["Name"].lstrip("/"),
-                    )
-                    await self._api.restart(dependent_id)
+                    stranded.append(dependent)
+            proxies, apps = heal_order(stranded)
+            for dependent in proxies:
+                await self._restart(holder, dependent)
+            if proxies and apps:
+                await self.resync()  # the holder's new address goes out while they start
+                await self._until_ready(proxies)
+            for dependent in apps:
+                await self._restart(holder, dependent)
         except EngineError as exc:
             log.warning("could not heal the dependents of %s: %s", holder_id[:12], exc)
+
+    async def _restart(self, holder: dict[str, Any], dependent: dict[str, Any]) -> None:
+        log.warning(
+            "holder %s restarted: restarting %s to rejoin its namespace",
+            holder["Name"].lstrip("/"),
+            dependent["Name"].lstrip("/"),
+        )
+        await self._api.restart(dependent["Id"])
+
+    async def _until_ready(self, proxies: list[dict[str, Any]]) -> None:
+        """Wait until each restarted proxy is ready (its healthcheck passes) or gone, for at
+        most HEAL_READY_TIMEOUT_S: an app is not kept from its namespace for longer."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HEAL_READY_TIMEOUT_S
+        waiting = [str(p["Id"]) for p in proxies]
+        while waiting:
+            states = [(await self._api.inspect(pid)).get("State") or {} for pid in waiting]
+            waiting = [pid for pid, state in zip(waiting, states, strict=True)
+                       if not proxy_is_ready(state)]
+            if not waiting:
+                return
+            if loop.time() >= deadline:
+                log.warning("proxies %s not ready after %.0fs; restarting their apps anyway",
+                            ", ".join(pid[:12] for pid in waiting), HEAL_READY_TIMEOUT_S)
+                return
+            await asyncio.sleep(HEAL_READY_POLL_S)
 
     async def run(self) -> None:
         """Watch until cancelled; reconnects (and relists) if the engine drops the stream."""
@@ -113,6 +152,29 @@ class DockerSource:
                 log.warning("%s; retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+
+def heal_order(
+    stranded: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The stranded containers of one namespace (``docker inspect`` results) split into the
+    proxies, to restart first, and the rest (the apps), to restart once the proxies are ready.
+    """
+    def is_proxy(c: dict[str, Any]) -> bool:
+        labels = (c.get("Config") or {}).get("Labels") or {}
+        return labels.get(wk.LABEL_ROLE) == wk.ROLE_PROXY
+
+    return [c for c in stranded if is_proxy(c)], [c for c in stranded if not is_proxy(c)]
+
+
+def proxy_is_ready(state: dict[str, Any]) -> bool:
+    """A proxy container's ``State`` says it is ready: running, and healthy if it has a
+    healthcheck (the injected one asks the proxy's /healthz/ready); one that stopped is
+    waited for no longer either (its app has nothing better to wait for)."""
+    if not state.get("Running"):
+        return True
+    health = state.get("Health")
+    return not health or health.get("Status") == "healthy"
 
 
 def _holder_started(event: dict[str, Any]) -> bool:
