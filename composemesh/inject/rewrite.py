@@ -401,6 +401,10 @@ class _Context:
         escape = capture_escape(app)
         if escape:
             self.warn(app_name, escape)
+        udp = _udp_ports(holder)
+        if udp:
+            self.note(app_name, f"UDP {', '.join(udp)} not captured: it passes the mesh as it "
+                      "is (plaintext, no policy, no metrics), as with Istio and Consul")
         out[app_name] = app
         out[holder_name] = holder
         out[proxy_name] = _proxy(app_name, app, labels, self.image)
@@ -612,6 +616,21 @@ def _fixed_host_port(port: Any) -> bool:
             parts = spec.split(":")
             text = parts[-2] if len(parts) >= 2 else ""
     return bool(text) and "-" not in text and text != "0"
+
+
+def _udp_ports(holder: Mapping[str, Any]) -> list[str]:
+    """The UDP ports a holder publishes or exposes, as ``<container port>/udp``."""
+    found = []
+    for port in holder.get("ports") or ():
+        if isinstance(port, Mapping):
+            if str(port.get("protocol", "tcp")).lower() == "udp":
+                found.append(f"{port.get('target')}/udp")
+        elif str(port).lower().endswith("/udp"):
+            found.append(f"{str(port)[:-4].rpartition(':')[2]}/udp")
+    for port in holder.get("expose") or ():
+        if str(port).lower().endswith("/udp"):
+            found.append(str(port).lower())
+    return list(dict.fromkeys(found))
 
 
 def _port_text(port: Any) -> str:

@@ -932,6 +932,23 @@ def test_holder_order_is_derived_again_on_every_injection() -> None:
     assert "cloudflared-netns" not in again[wk.PILOT_SERVICE]["depends_on"]
 
 
+def test_the_plan_says_udp_is_not_captured() -> None:
+    """UDP passes the mesh uncaptured: the plan says so for each app that publishes or
+    exposes a UDP port (a note, as Istio and Consul document it), and for no other."""
+    def notes(case: str) -> dict[str, tuple[str, ...]]:
+        return {row.service: row.notes for row in injected(case).services}
+
+    gateway = [n for n in notes("ports")["gateway"] if n.startswith("UDP")]
+    assert gateway == ["UDP 53/udp, 7200/udp not captured: it passes the mesh as it is "
+                       "(plaintext, no policy, no metrics), as with Istio and Consul"]
+    assert any(n.startswith("UDP 9000/udp not captured") for n in notes("expose")["backend"])
+    assert not any(n.startswith("UDP") for row in notes("bookinfo").values() for n in row)
+    model = {"services": {"dns": {"image": "x", "ports": ["53:53/udp", "8080:80"]}}}
+    row = inject(model).services[0]
+    assert row.notes == ("UDP 53/udp not captured: it passes the mesh as it is (plaintext, "
+                         "no policy, no metrics), as with Istio and Consul",)
+
+
 # --------------------------------------------------------------------------- pure shapes
 
 
