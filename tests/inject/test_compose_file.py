@@ -259,6 +259,15 @@ def test_compose_file_env_file_and_parent_directories(tmp_path: Path) -> None:
     assert found.project_dir == str(tmp_path)
 
 
+def test_every_profile_is_kept_whatever_compose_profiles_says_now() -> None:
+    """COMPOSE_PROFILES picks the services at `up`, so the model has them all, each with its
+    ``profiles:``, whichever are active while injecting."""
+    project = load_project(case_files("profiles"), env={"COMPOSE_PROFILES": "monitoring"})
+    services = project.model["services"]
+    assert set(services) == {"web", "debug", "metrics"}
+    assert services["debug"]["profiles"] == ["debug", "tools"]
+
+
 def test_no_file_anywhere_is_compose_error(tmp_path: Path) -> None:
     with pytest.raises(ComposeError, match="no configuration file provided"):
         load_project(workdir=tmp_path)
