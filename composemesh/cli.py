@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -436,10 +437,19 @@ def _print_warnings(result: Any) -> None:
         err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
 
+MESHED_FILE_MODE = 0o600  # the meshed file holds the resolved values of the user's .env
+
+
 def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` at once, readable by its owner only from the first byte:
+    compose's resolved model carries every variable's value (the .env's secrets too)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, MESHED_FILE_MODE)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 

@@ -89,3 +89,24 @@ def test_no_compose_file_is_one_sentence(tmp_path: Path, monkeypatch: pytest.Mon
     result = CliRunner().invoke(main, ["inject"])
     assert result.exit_code != 0
     assert "no configuration file provided" in result.output
+
+
+def test_the_written_file_is_private_it_holds_the_env_values(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compose's resolved model carries the .env's values (passwords, often): 0600."""
+    import stat
+
+    write(project / ".env", "UPLOAD_LOCATION=./library\nDB_PASSWORD=hunter2\n")
+    write(project / "compose.override.yaml", """
+        services:
+          db:
+            environment: {POSTGRES_PASSWORD: "${DB_PASSWORD}"}
+        """)
+    monkeypatch.chdir(project)
+    out = tmp_path / "out" / "meshed.yaml"
+    for _ in range(2):  # written anew over an existing file: still private
+        result = CliRunner().invoke(main, ["inject", "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert "hunter2" in out.read_text()
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600
