@@ -2,20 +2,28 @@
 proxy is ready again, as `up` starts them.
 
 The engine is a double here (``Engine``): these tests script the order in which a restarted
-proxy becomes healthy, which the real engine does on its own time. tests/e2e/test_bookinfo.py
-restarts a real holder on the real engine.
+proxy becomes healthy, which the real engine does on its own time. The proxy's health port is
+a real HTTP server on a real socket. tests/e2e/test_bookinfo.py restarts a real holder on the
+real engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from composemesh.model import wellknown as wk
 from composemesh.pilot.sources.docker import controller
-from composemesh.pilot.sources.docker.controller import DockerSource, heal_order, proxy_is_ready
+from composemesh.pilot.sources.docker.controller import (
+    DockerSource,
+    heal_order,
+    holder_addresses,
+    proxy_is_ready,
+)
 
 HOLDER = "h" * 64
 EARLY, LATE = "2026-01-01T10:00:00.1Z", "2026-01-01T10:00:05.2Z"
@@ -90,6 +98,55 @@ def test_the_app_restarts_only_once_its_restarted_proxy_is_ready() -> None:
     assert engine.log == ["restart proxy", "poll proxy", "poll proxy", "poll proxy",
                           "healthy proxy", "restart app"]
     assert changes, "the holder's new address is published while the proxy starts"
+
+
+def test_the_proxys_own_health_port_says_ready_before_the_engines_healthcheck_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The engine's healthcheck of the proxy never passes here; the proxy's /healthz/ready on
+    # the namespace's address answers 503 twice, then 200: the app restarts then.
+    answers = [503, 503, 200]
+    asked: list[int] = []
+
+    async def ready(request: web.Request) -> web.Response:
+        asked.append(answers[min(len(asked), len(answers) - 1)])
+        return web.Response(status=asked[-1])
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(controller, "HEAL_PROBE_PORT", port)
+    holder = container(HOLDER, wk.ROLE_NETNS, LATE, mode="bridge")
+    holder["NetworkSettings"] = {"Networks": {"p_default": {"IPAddress": "127.0.0.1"}}}
+    engine = Engine([holder, container("app", None, EARLY),
+                     container("proxy", wk.ROLE_PROXY, EARLY)], starting_polls=None)
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/healthz/ready", ready)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            await DockerSource(engine, "p", _ignore).heal(HOLDER)  # type: ignore[arg-type]
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+    assert asked == [503, 503, 200]
+    assert engine.log[0] == "restart proxy" and engine.log[-1] == "restart app"
+    assert "healthy proxy" not in engine.log
+
+
+async def _ignore(workloads: tuple[Any, ...]) -> None:
+    pass
+
+
+def test_holder_addresses() -> None:
+    holder = {"NetworkSettings": {"Networks": {"a": {"IPAddress": "172.18.0.5"},
+                                               "b": {"IPAddress": ""}}}}
+    assert holder_addresses(holder) == ["172.18.0.5"]
+    assert holder_addresses({}) == []
 
 
 def test_what_started_after_the_holder_is_left_alone() -> None:

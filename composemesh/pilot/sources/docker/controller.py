@@ -11,6 +11,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
+
 from composemesh.errors import EngineError
 from composemesh.model import wellknown as wk
 from composemesh.model.mesh import Workload
@@ -44,6 +46,8 @@ DEBOUNCE_S = 0.05
 # A healed namespace's apps restart once its proxy is ready, or after this long at the most.
 HEAL_READY_TIMEOUT_S = 60.0
 HEAL_READY_POLL_S = 0.2
+HEAL_PROBE_TIMEOUT_S = 0.5
+HEAL_PROBE_PORT = wk.PORT_HEALTH  # the proxy's /healthz/ready, on its namespace's addresses
 
 
 class DockerSource:
@@ -93,7 +97,7 @@ class DockerSource:
                 await self._restart(holder, dependent)
             if proxies and apps:
                 await self.resync()  # the holder's new address goes out while they start
-                await self._until_ready(proxies)
+                await self._until_ready(proxies, holder_addresses(holder))
             for dependent in apps:
                 await self._restart(holder, dependent)
         except EngineError as exc:
@@ -107,23 +111,31 @@ class DockerSource:
         )
         await self._api.restart(dependent["Id"])
 
-    async def _until_ready(self, proxies: list[dict[str, Any]]) -> None:
-        """Wait until each restarted proxy is ready (its healthcheck passes) or gone, for at
-        most HEAL_READY_TIMEOUT_S: an app is not kept from its namespace for longer."""
+    async def _until_ready(self, proxies: list[dict[str, Any]], addresses: list[str]) -> None:
+        """Wait until the restarted proxies are ready, or gone, for at most
+        HEAL_READY_TIMEOUT_S: an app is not kept from its namespace for longer.
+
+        Ready is what the proxy's health port says, asked on the namespace's own addresses
+        (the new namespace: only the restarted proxy can answer there), or what the engine's
+        healthcheck of it says, whichever knows first: the healthcheck runs every few seconds,
+        and each second more is a second the namespace's app has no network.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HEAL_READY_TIMEOUT_S
         waiting = [str(p["Id"]) for p in proxies]
-        while waiting:
-            states = [(await self._api.inspect(pid)).get("State") or {} for pid in waiting]
-            waiting = [pid for pid, state in zip(waiting, states, strict=True)
-                       if not proxy_is_ready(state)]
-            if not waiting:
-                return
-            if loop.time() >= deadline:
-                log.warning("proxies %s not ready after %.0fs; restarting their apps anyway",
-                            ", ".join(pid[:12] for pid in waiting), HEAL_READY_TIMEOUT_S)
-                return
-            await asyncio.sleep(HEAL_READY_POLL_S)
+        timeout = aiohttp.ClientTimeout(total=HEAL_PROBE_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                states = [(await self._api.inspect(pid)).get("State") or {} for pid in waiting]
+                waiting = [pid for pid, state in zip(waiting, states, strict=True)
+                           if not proxy_is_ready(state)]
+                if not waiting or await _answers_ready(http, addresses):
+                    return
+                if loop.time() >= deadline:
+                    log.warning("proxies %s not ready after %.0fs; restarting their apps anyway",
+                                ", ".join(pid[:12] for pid in waiting), HEAL_READY_TIMEOUT_S)
+                    return
+                await asyncio.sleep(HEAL_READY_POLL_S)
 
     async def run(self) -> None:
         """Watch until cancelled; reconnects (and relists) if the engine drops the stream."""
@@ -165,6 +177,26 @@ def heal_order(
         return labels.get(wk.LABEL_ROLE) == wk.ROLE_PROXY
 
     return [c for c in stranded if is_proxy(c)], [c for c in stranded if not is_proxy(c)]
+
+
+def holder_addresses(holder: dict[str, Any]) -> list[str]:
+    """The addresses of a holder's namespace, from its ``docker inspect``."""
+    networks = (holder.get("NetworkSettings") or {}).get("Networks") or {}
+    return [str(n["IPAddress"]) for n in networks.values()
+            if isinstance(n, dict) and n.get("IPAddress")]
+
+
+async def _answers_ready(http: aiohttp.ClientSession, addresses: list[str]) -> bool:
+    """True when the proxy's health port answers 200 (ready) on one of ``addresses``."""
+    for address in addresses:
+        host = f"[{address}]" if ":" in address else address
+        try:
+            async with http.get(f"http://{host}:{HEAL_PROBE_PORT}/healthz/ready") as resp:
+                if resp.status == 200:
+                    return True
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            continue
+    return False
 
 
 def proxy_is_ready(state: dict[str, Any]) -> bool:
