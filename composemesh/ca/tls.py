@@ -19,14 +19,21 @@ import ssl
 from collections.abc import Iterator
 from typing import Any
 
-# ALPN protocol of mesh-internal connections: the bytes inside are the app's own.
+# ALPN protocols of mesh-internal connections (the bytes inside are the app's own), as
+# Istio's "istio-http/1.1" and "istio": the client proxy says which protocol it carries, so
+# that the server proxy need not detect it again. MESH_ALPN says nothing of the protocol
+# (an older proxy's offer): the server detects it from the first bytes.
 MESH_ALPN = "composemesh/1"
+MESH_ALPN_HTTP = "composemesh-http/1.1"  # HTTP/1.1 requests, one after another
+MESH_ALPN_TCP = "composemesh-tcp"  # a byte stream; the server may speak first
+SERVER_ALPN = (MESH_ALPN_HTTP, MESH_ALPN_TCP, MESH_ALPN)
 TLS_MIN = ssl.TLSVersion.TLSv1_2  # TLS 1.3 is negotiated whenever both ends have it
 HANDSHAKE_TIMEOUT = 10.0  # seconds a TLS handshake may take before the connection is dropped
 TLS_RECORD = 0x16  # the first byte of a TLS handshake record (a ClientHello)
 
 
-def _context(purpose: int, chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> ssl.SSLContext:
+def _context(purpose: int, chain_pem: bytes, key_pem: bytes, bundle_pem: bytes,
+             alpn: tuple[str, ...]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(purpose)
     ctx.minimum_version = TLS_MIN
     ctx.check_hostname = False
@@ -34,20 +41,23 @@ def _context(purpose: int, chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) 
     ctx.load_verify_locations(cadata=bundle_pem.decode())
     with _memory_files(chain_pem, key_pem) as (chain_path, key_path):
         ctx.load_cert_chain(chain_path, key_path)
-    ctx.set_alpn_protocols([MESH_ALPN])
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
 def server_context(chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> ssl.SSLContext:
     """The accepting side of mutual TLS: presents ``chain_pem``, requires a client
-    certificate that chains to ``bundle_pem``."""
-    return _context(ssl.PROTOCOL_TLS_SERVER, chain_pem, key_pem, bundle_pem)
+    certificate that chains to ``bundle_pem``. It accepts each of ``SERVER_ALPN`` (the one
+    the client offered is ``selected_alpn_protocol()``)."""
+    return _context(ssl.PROTOCOL_TLS_SERVER, chain_pem, key_pem, bundle_pem, SERVER_ALPN)
 
 
-def client_context(chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> ssl.SSLContext:
+def client_context(chain_pem: bytes, key_pem: bytes, bundle_pem: bytes,
+                   alpn: str = MESH_ALPN) -> ssl.SSLContext:
     """The connecting side of mutual TLS: presents ``chain_pem``, requires the server's
-    certificate to chain to ``bundle_pem`` (its SPIFFE ID is checked by the caller)."""
-    return _context(ssl.PROTOCOL_TLS_CLIENT, chain_pem, key_pem, bundle_pem)
+    certificate to chain to ``bundle_pem`` (its SPIFFE ID is checked by the caller), and
+    offers the one ALPN protocol ``alpn`` (what its connections carry)."""
+    return _context(ssl.PROTOCOL_TLS_CLIENT, chain_pem, key_pem, bundle_pem, (alpn,))
 
 
 def peer_spiffe(ssl_object: Any) -> str | None:

@@ -4,8 +4,12 @@ A captured connection that speaks HTTP becomes an ``HttpDownstream``: httptools 
 requests; each becomes an ``Exchange`` that takes the decisions of ``proxy.decisions``
 (route, fault, version, endpoint), sends the request over a pooled ``UpstreamConnection``,
 and streams the response back, or tries again (retries, per-try and route timeouts, outlier
-ejection). Requests and responses pass byte for byte but for the hop-by-hop headers; only
-the answers the proxy makes itself (404, 503, 504, injected faults) carry its own headers.
+ejection). Requests and responses pass byte for byte but for the hop-by-hop headers (a
+chunked body's trailers pass too); only the answers the proxy makes itself (404, 503, 504,
+injected faults) carry its own headers. A response that ends its upstream connection
+(``Connection: close``) ends the app's connection after it. An upgrade (101) makes the
+connection a tunnel; the request is counted when the tunnel ends, with the flag of the side
+that broke it (``UC`` the upstream, ``DC`` the app).
 
 A connection is held to its ``ProxyLimits`` as bytes arrive: a request head is fed to the
 parser only up to ``max_request_headers_kb`` (431 past it: never buffered), the URL and the
@@ -327,9 +331,22 @@ class HttpDownstream(asyncio.Protocol):
         self._url = url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_body:  # after a chunked body: a trailer field
+            self._trailer(name, value)
+            return
         pairs = self._pairs
         pairs.append((name, value))
         if len(pairs) > self.http.headers_max:
+            raise Refusal(431, HEADERS_TOO_LARGE_BODY)
+
+    def _trailer(self, name: bytes, value: bytes) -> None:
+        """A chunked request's trailer field: passed on after the last chunk; all of them
+        together held to the head's size limit."""
+        current = self.current
+        if current is None:
+            return
+        current.trailers += b"%s: %s\r\n" % (name, value)
+        if len(current.trailers) > self.http.head_max:
             raise Refusal(431, HEADERS_TOO_LARGE_BODY)
 
     def on_headers_complete(self) -> None:
@@ -553,8 +570,10 @@ class HttpDownstream(asyncio.Protocol):
         self.tunnel_first = [rest] if rest else []
         self.transport.pause_reading()
 
-    def tunnel(self, conn: UpstreamConnection, upstream_first: bytes) -> None:
-        """The upstream switched protocols: from now on, bytes pass both ways untouched."""
+    def tunnel(self, conn: UpstreamConnection, upstream_first: bytes,
+               exchange: Exchange) -> None:
+        """The upstream switched protocols: from now on, bytes pass both ways untouched;
+        ``exchange`` is counted when the tunnel ends."""
         self.http.connections.discard(self)
         self.http.pool.connections.discard(conn)
         self.active = None
@@ -564,7 +583,7 @@ class HttpDownstream(asyncio.Protocol):
         first = b"".join(self.tunnel_first or ())
         self.tunnel_first = None
         splice(self.transport, conn.transport, first, upstream_first, self.http.tunnels,
-               self.http.limits.tcp_idle_timeout)
+               self.http.limits.tcp_idle_timeout, exchange.tunnel_ended)
 
 
 class Drain(asyncio.Protocol):
@@ -595,7 +614,7 @@ class Exchange:
         "dispatched", "started", "router", "state", "route", "attempt", "tried", "endpoint",
         "in_try", "connecting", "conn", "sent", "fresh_retry", "per_try", "deadline", "delay",
         "status", "flags", "framing", "responding", "close_client", "response_size", "done",
-        "held", "pinned",
+        "held", "pinned", "trailers",
     )
 
     def __init__(self, down: HttpDownstream, method: str, path: str,
@@ -642,6 +661,7 @@ class Exchange:
         self.response_size = 0
         self.done = False
         self.held: list[bytes] | None = None  # response bytes for the app, sent per read
+        self.trailers = b""  # a chunked request body's trailer fields, as sent
 
     # ---- the request, as it comes from the app
 
@@ -652,7 +672,7 @@ class Exchange:
 
     def body_done(self) -> None:
         if self.chunked:
-            self._put((_LAST_CHUNK,))
+            self._put((b"0\r\n%s\r\n" % self.trailers if self.trailers else _LAST_CHUNK,))
         self.complete = True
         if not self.dispatched and self.down.active is self:
             self.dispatch()
@@ -901,7 +921,7 @@ class Exchange:
             if status == 100 and self.expect:
                 self.down.transport.write(_CONTINUE)
             elif status == 101 and self.upgrade:
-                self._respond(status, head, framing)
+                self._respond(status, head, framing, False)
             return
         policy = self.route.retries  # type: ignore[union-attr]
         if (self.complete and self._can_retry()
@@ -913,15 +933,18 @@ class Exchange:
             return
         if status >= 500 and self._exhausted(Outcome(status=status)):
             self.flags = RETRIES_EXHAUSTED
-        self._respond(status, head, framing)
+        self._respond(status, head, framing, conn.closing)
 
-    def _respond(self, status: int, head: bytes, framing: int) -> None:
+    def _respond(self, status: int, head: bytes, framing: int, closing: bool) -> None:
+        """The response begins; ``closing``: the upstream ends its connection after it, and
+        the app's connection ends too."""
         self._cancel_timers()
         self.status = status
         self.framing = framing
         self.responding = True
         close = self.close_client = status != 101 and (
-            not self.keep_alive or framing == UNTIL_CLOSE or not self.complete or self.down.eof)
+            not self.keep_alive or framing == UNTIL_CLOSE or not self.complete or self.down.eof
+            or closing)
         head = head + (b"connection: close\r\n\r\n" if close and self.v11 else b"\r\n")
         self.response_size = len(head)
         self.held = [head]
@@ -947,7 +970,7 @@ class Exchange:
 
     def response_done(self, conn: UpstreamConnection, reusable: bool) -> None:
         if self.framing == CHUNKED:
-            self._last_chunk()
+            self._last_chunk(conn.trailers)
         self.flush()
         if reusable and self.complete:
             self.down.http.pool.release(conn)
@@ -956,11 +979,12 @@ class Exchange:
         self._end_try(self.status < 500)
         self._finish(self.close_client or not self.complete)
 
-    def _last_chunk(self) -> None:
+    def _last_chunk(self, trailers: bytes) -> None:
+        last = b"0\r\n%s\r\n" % trailers if trailers else _LAST_CHUNK
         if self.held is None:
-            self.held = [_LAST_CHUNK]
+            self.held = [last]
         else:
-            self.held.append(_LAST_CHUNK)
+            self.held.append(last)
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:
         if conn.protocol_error and not self.responding:  # not HTTP, or a head past the limit
@@ -999,8 +1023,15 @@ class Exchange:
             return
         self.flush()
         self._end_try(True)
-        self._finish(False, tunnel=True)
-        self.down.tunnel(conn, rest)
+        self._cancel_timers()
+        self.done = True  # counted when the tunnel ends (tunnel_ended)
+        self.down.tunnel(conn, rest, self)
+
+    def tunnel_ended(self, flags: str) -> None:
+        """The tunnel this upgrade became is closed: count the request, with ``flags`` if a
+        side of it broke (a reset) rather than closed."""
+        self.flags = flags
+        self._record()
 
     # ---- the end
 
@@ -1068,10 +1099,10 @@ class Exchange:
                 timer.cancel()
         self.per_try = self.deadline = self.delay = None
 
-    def _finish(self, close: bool, *, tell: bool = True, tunnel: bool = False) -> None:
+    def _finish(self, close: bool, *, tell: bool = True) -> None:
         self.done = True
         self._record()
-        if tell and not tunnel:
+        if tell:
             self.down.finished(self, close)
 
     def _record(self) -> None:

@@ -4,7 +4,10 @@ A connection captured on its way to the app (port 15006) is held until its first
 
 - a TLS ClientHello: the proxy terminates mutual TLS (``TlsLink``) with its workload
   certificate; the peer must present a certificate of the mesh's root, and the service its
-  SPIFFE ID names is the connection's source;
+  SPIFFE ID names is the connection's source, and the protocol the client proxy offered in
+  ALPN (``composemesh-http/1.1`` or ``composemesh-tcp``) is what the connection carries, so
+  that a port whose protocol is not declared is not detected a second time (a server-first
+  protocol would wait for that);
 - anything else (or nothing within ``FIRST_BYTES_TIMEOUT``, a server-first protocol):
   plaintext, let in only as ``admits_plaintext`` says (STRICT refuses it from the mesh's
   networks, PERMISSIVE lets it in); its source is unauthenticated.
@@ -33,7 +36,14 @@ from typing import Any
 
 import httptools
 
-from composemesh.ca.tls import HANDSHAKE_TIMEOUT, TLS_RECORD, is_tls_client_hello, peer_spiffe
+from composemesh.ca.tls import (
+    HANDSHAKE_TIMEOUT,
+    MESH_ALPN_HTTP,
+    MESH_ALPN_TCP,
+    TLS_RECORD,
+    is_tls_client_hello,
+    peer_spiffe,
+)
 from composemesh.model.limits import ProxyLimits
 from composemesh.model.policy import Policy, authorize, policies_from_json, request_path
 from composemesh.model.routing import HttpRoute, ServiceRouting, WeightedSubset
@@ -79,6 +89,8 @@ from composemesh.proxy.tls_link import TlsLink
 
 FIRST_BYTES_TIMEOUT = 0.1  # seconds to wait for a client's first bytes (server-first: none)
 SOURCE_SWEEP = 10.0  # seconds between sweeps of closed connections out of the per-source count
+
+_BY_ALPN = {MESH_ALPN_HTTP: HTTP, MESH_ALPN_TCP: TCP}  # what a client proxy says it carries
 
 # Inbound requests go to the one local app: one try, no timeout of the proxy's own.
 _INBOUND_ROUTE = HttpRoute(name="inbound", matches=(), destinations=(WeightedSubset("local", 1),))
@@ -154,18 +166,23 @@ class InboundRouter:
         c = self.config
         return admits_plaintext(c.mode, port, source, c.published, c.networks)
 
-    def decide(self, original: Address, peer: str | None, secure: bool) -> Decision:
+    def decide(self, original: Address, peer: str | None, secure: bool,
+               offered: str | None = None) -> Decision:
         """Where a let-in connection from ``peer`` (its mesh service; None: unauthenticated)
-        to ``original`` goes: TCP (authorized here, whole), HTTP (per request), or sniff."""
+        to ``original`` goes: TCP (authorized here, whole), HTTP (per request), or sniff.
+        ``offered``: the ALPN protocol of its mTLS, what the client proxy says it carries
+        (the port's declared protocol, where there is one, comes first)."""
         port = original[1]
         protocol = self.config.protocols.at(port)
+        if protocol is None and offered is not None:
+            protocol = _BY_ALPN.get(offered)
         http = self.http
         if protocol == TCP or http is None:
             return self.tcp(original, peer, secure)
         handoff = http.entry(original, peer, secure)
         if protocol == HTTP:
             return handoff
-        return Sniff(handoff, partial(self.tcp, original, peer, secure))
+        return Sniff(handoff, partial(self.tcp, original, peer, secure), original)
 
     def tcp(self, original: Address, peer: str | None, secure: bool) -> Destination | Refused:
         if not authorize(self.config.policies, peer, None, None).allowed:
@@ -297,7 +314,8 @@ class InboundDownstream(Downstream):
             return
         self.transport = link  # type: ignore[assignment]
         link.adopt(self)
-        self.route(self._router().decide(self.original, peer, True))
+        self.route(self._router().decide(self.original, peer, True,
+                                         link.sslobj.selected_alpn_protocol()))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.waiting is not None:

@@ -1,10 +1,13 @@
 """The proxy's side of mutual TLS: its current TLS contexts, and whom each peer must be.
 
-``MeshTls`` holds one client and one server ``ssl.SSLContext`` built from the workload
-identity (key, chain, trust bundle). They are rebuilt whole when the certificate rotates or
-the trust bundle changes (``identity.on_rotate``); connections already open keep the
-context they were made with, so a rotation drops nothing. Until the proxy holds a
-certificate both are None: outbound connections go in plaintext, inbound TLS is refused.
+``MeshTls`` holds two client contexts and one server ``ssl.SSLContext`` built from the
+workload identity (key, chain, trust bundle): ``client`` for the HTTP path's pooled
+connections, ``client_tcp`` for TCP connections; each offers its protocol in ALPN, so that
+the server proxy knows what comes without detecting it. They are rebuilt whole when the
+certificate rotates or the trust bundle changes (``identity.on_rotate``); connections
+already open keep the context they were made with, so a rotation drops nothing. Until the
+proxy holds a certificate both are None: outbound connections go in plaintext, inbound TLS
+is refused.
 
 Peers are named by SPIFFE IDs: ``spiffe://<trust domain>/ns/<project>/sa/<mesh service>``.
 An outbound connection to an endpoint of service S is accepted only if the peer proves to
@@ -18,7 +21,7 @@ import logging
 import ssl
 
 from composemesh.ca import parse_spiffe
-from composemesh.ca.tls import client_context, server_context
+from composemesh.ca.tls import MESH_ALPN_HTTP, MESH_ALPN_TCP, client_context, server_context
 
 log = logging.getLogger("composemesh.proxy.mtls")
 
@@ -26,10 +29,12 @@ log = logging.getLogger("composemesh.proxy.mtls")
 class MeshTls:
     """The TLS contexts in force and the identity names of this proxy's mesh."""
 
-    __slots__ = ("client", "server", "trust_domain", "project", "_expected", "rebuilt")
+    __slots__ = ("client", "client_tcp", "server", "trust_domain", "project", "_expected",
+                 "rebuilt")
 
     def __init__(self) -> None:
-        self.client: ssl.SSLContext | None = None
+        self.client: ssl.SSLContext | None = None  # HTTP/1.1 (ALPN composemesh-http/1.1)
+        self.client_tcp: ssl.SSLContext | None = None  # TCP (ALPN composemesh-tcp)
         self.server: ssl.SSLContext | None = None
         self.trust_domain = ""
         self.project = ""
@@ -41,13 +46,14 @@ class MeshTls:
         return self.client is not None
 
     def use(self, chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> None:
-        """Build both contexts from a certificate chain, its key and the trust bundle.
+        """Build the contexts from a certificate chain, its key and the trust bundle.
 
         Raises ssl.SSLError (or ValueError) if they do not make a usable pair; the contexts
         in force are then kept."""
-        client = client_context(chain_pem, key_pem, bundle_pem)
+        client = client_context(chain_pem, key_pem, bundle_pem, MESH_ALPN_HTTP)
+        client_tcp = client_context(chain_pem, key_pem, bundle_pem, MESH_ALPN_TCP)
         server = server_context(chain_pem, key_pem, bundle_pem)
-        self.client, self.server = client, server
+        self.client, self.client_tcp, self.server = client, client_tcp, server
         self.rebuilt += 1
 
     def name(self, trust_domain: str, project: str) -> None:

@@ -77,6 +77,9 @@ class RoutingTable:
     # not a mesh service: `reviews-v2:9080` means that version, `reviews:9080` the split
     pinned: Mapping[str, tuple[Endpoint, ...]] = _empty()
     pinned_services: frozenset[str] = frozenset()  # services with a pinned name: read Host
+    # endpoint IP -> the pinned name of its compose service: a TCP connection carries no
+    # Host, and its original destination is an instance of that compose service
+    pinned_by_address: Mapping[str, str] = _empty()
     serving: Mapping[str, frozenset[str]] = _empty()  # service -> versions with endpoints
 
     def serving_versions(self, service: str) -> frozenset[str]:
@@ -89,6 +92,14 @@ class RoutingTable:
         if service is None and ip.startswith("::ffff:"):  # IPv4 seen on a dual-stack socket
             service = self.by_address.get(ip[7:])
         return service
+
+    def pinned_at(self, ip: str) -> tuple[Endpoint, ...]:
+        """The endpoints of the compose service whose instance has address ``ip``, if that
+        compose service has a name of its own (pinned); () otherwise."""
+        name = self.pinned_by_address.get(ip)
+        if name is None and ip.startswith("::ffff:"):
+            name = self.pinned_by_address.get(ip[7:])
+        return self.pinned.get(name, ()) if name is not None else ()
 
     def protocol(self, service: str, port: int) -> str | None:
         """``http``, ``tcp``, or None (detect) for connections to ``service`` on ``port``."""
@@ -146,6 +157,7 @@ def _build(settings: Mapping[str, Any], project: str) -> RoutingTable:
     per_version: dict[tuple[str, str], list[Endpoint]] = {}
     per_service: dict[str, tuple[Endpoint, ...]] = {}
     workloads: dict[str, str] = {}
+    dialed_by_node: dict[str, set[str]] = {}
     for service, entries in services_obj.items():
         where = f"settings.services.{service}"
         if not isinstance(entries, list):
@@ -157,6 +169,7 @@ def _build(settings: Mapping[str, Any], project: str) -> RoutingTable:
             ep = Endpoint(node=_text(e, "node", ew), version=_text(e, "version", ew),
                           address=_address(e, ew))
             dialed = {ep.address, *_addresses(e, ew)}  # what the app's DNS may answer
+            dialed_by_node.setdefault(ep.node, set()).update(dialed)
             for address in sorted(dialed):
                 owner = by_address.get(address)
                 if owner is not None:
@@ -204,13 +217,17 @@ def _build(settings: Mapping[str, Any], project: str) -> RoutingTable:
 
     pinned: dict[str, list[Endpoint]] = {}
     pinned_services: set[str] = set()
+    pinned_by_address: dict[str, str] = {}
     for service, listed in per_service.items():
         for ep in listed:
             name = workloads.get(ep.node)
             if name and name not in per_service:
                 pinned.setdefault(name, []).append(ep)
                 pinned_services.add(service)
+                for address in dialed_by_node.get(ep.node, ()):
+                    pinned_by_address[address] = name
     return RoutingTable(
+        pinned_by_address=MappingProxyType(pinned_by_address),
         pinned=MappingProxyType({name: tuple(eps) for name, eps in pinned.items()}),
         pinned_services=frozenset(pinned_services),
         serving=MappingProxyType({

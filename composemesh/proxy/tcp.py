@@ -5,6 +5,16 @@ The decisions are plain functions (a ``Chooser``, ``is_proxy_address``, ``sniff_
 apply flow control and count, or hand the connection over to the HTTP path. A connected pair
 (and an upgraded HTTP connection) that carries nothing for ``tcp_idle_timeout`` is closed
 (``IdleWatch``: reads set a flag, one timer per pair looks at it).
+
+Where a port's protocol is not declared, the first bytes tell (``sniff_http``), and whoever
+speaks first decides: the connection to the TCP destination is opened at once, while the
+client's first bytes are awaited. HTTP is client-first, so a server that speaks first (a
+banner, a MySQL or SMTP greeting) says "TCP" the moment its first bytes arrive, which go to
+the client at once: a server-first protocol waits for nothing. Client bytes that start an
+HTTP request hand the connection to the HTTP path, and the connection opened meanwhile is
+let go unused (``Unused``: a FIN, nothing counted); a (service, port) found to speak HTTP is
+remembered, and its next connections are not opened ahead. Neither side saying anything for
+``SNIFF_TIMEOUT`` is TCP too.
 """
 
 from __future__ import annotations
@@ -25,8 +35,11 @@ from composemesh.proxy.decisions import Endpoint, EndpointPicker, OutlierDetecto
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.original_dst import Address, original_dst
 from composemesh.proxy.stats import (
+    DOWNSTREAM_CLOSED,
+    NO_FLAGS,
     OUTBOUND,
     REPORTER,
+    UPSTREAM_RESET,
     ProxyStats,
     TcpCounters,
     TcpLabels,
@@ -39,7 +52,9 @@ from composemesh.proxy.tls_link import TlsLink
 CONNECT_TIMEOUT = 5.0  # seconds to reach a destination before the connection is dropped
 WRITE_HIGH_WATER = 1024 * 1024  # a side stops reading its peer when its own buffer holds this
 WRITE_LOW_WATER = 256 * 1024  # ... and starts again once the buffer drains below this
-SNIFF_TIMEOUT = 0.1  # seconds to wait for a client's first bytes (server-first protocols: none)
+SNIFF_TIMEOUT = 0.1  # seconds to wait for anyone's first bytes before deciding on TCP
+SNIFF_MAX = 64 * 1024  # first bytes held this long without a verdict are TCP
+UNUSED_LINGER = 10.0  # seconds a connection opened ahead and not used may take to close
 
 _LOCAL_HOSTS = frozenset({"0.0.0.0", "::", "::1"})
 
@@ -50,6 +65,7 @@ HTTP_METHODS = frozenset({
     b"SEARCH", b"PURGE",
 })
 _MAX_METHOD = max(len(m) for m in HTTP_METHODS)
+_VERSION = b"HTTP/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +94,14 @@ class Handoff:
 
 @dataclass(frozen=True, slots=True)
 class Sniff:
-    """The protocol is not declared: HTTP if the first bytes say so, else TCP to ``tcp()``."""
+    """The protocol is not declared: HTTP if the first bytes say so, else TCP to ``tcp()``.
+
+    ``key`` names what is detected (a service and port): found to be HTTP once, its next
+    connections wait for the client's bytes without opening the TCP one ahead."""
 
     http: Handoff
     tcp: Callable[[], Destination | Refused | None]
+    key: object = None
 
 
 Decision = Destination | Handoff | Sniff | Refused
@@ -100,14 +120,27 @@ def passthrough(labels: TcpLabels) -> Chooser:
 
 
 def sniff_http(data: bytes) -> bool | None:
-    """Whether ``data``, a connection's first bytes, start an HTTP/1.x request (a method token
-    and a space); None while too few bytes have come to tell."""
+    """Whether ``data``, a connection's first bytes, start an HTTP/1.x request line: a method,
+    a space, a request target, a space and ``HTTP/``; None while too few bytes have come to
+    tell. A line protocol whose first line only begins with a method's name (``GET key``)
+    is not HTTP, nor is anything that has not told within ``SNIFF_MAX`` bytes."""
     space = data.find(b" ", 0, _MAX_METHOD + 1)
-    if space >= 0:
-        return data[:space] in HTTP_METHODS
-    if len(data) > _MAX_METHOD:
+    if space < 0:
+        if len(data) > _MAX_METHOD:
+            return False
+        return None if any(m.startswith(data) for m in HTTP_METHODS) else False
+    if data[:space] not in HTTP_METHODS:
         return False
-    return None if any(m.startswith(data) for m in HTTP_METHODS) else False
+    end = data.find(b" ", space + 1)
+    target = data[space + 1:end] if end >= 0 else data[space + 1:]
+    if (not target and end >= 0) or b"\n" in target or b"\r" in target:
+        return False  # no target, or the line ended before its version
+    if end < 0:
+        return None if len(data) <= SNIFF_MAX else False
+    version = data[end + 1:end + 1 + len(_VERSION)]
+    if version == _VERSION:
+        return True
+    return None if _VERSION.startswith(version) else False
 
 
 def is_proxy_address(original: Address, local: Address, proxy_ports: Collection[int]) -> bool:
@@ -173,23 +206,31 @@ class Router:
         protocol = table.protocol(service, port)
         http = self.http
         if protocol == TCP or http is None:
-            return self.tcp_destination(service, port)
+            return self.tcp_destination(service, port, host)
         if protocol == HTTP:
             return http(service, port)
-        return Sniff(http(service, port), partial(self.tcp_destination, service, port))
+        return Sniff(http(service, port), partial(self.tcp_destination, service, port, host),
+                     (service, port))
 
-    def tcp_destination(self, service: str, port: int) -> Destination | None:
-        """An endpoint of ``service`` for one TCP connection: a version drawn by the weights of
-        the default (last) route, then an endpoint of it by the load balancer."""
+    def tcp_destination(self, service: str, port: int, host: str = "") -> Destination | None:
+        """An endpoint of ``service`` for one TCP connection to ``host``. An address of a
+        compose service that has a name of its own (``reviews-v2``, a pinned name) means that
+        compose service: one of its instances, as an HTTP request with that ``Host`` would
+        go. Else a version drawn by the weights of the default (last) route, then an
+        endpoint of it by the load balancer."""
         state = self.services.get(service)
         if state is None:
             return None
         routes = state.routing.routes
-        if routes:
-            version = pick_version(routes[-1], self.rng, self.table.serving_versions(service))
-            endpoints = self.table.endpoints.get((service, version), ()) if version else ()
+        table = self.table
+        pinned = table.pinned_at(host) if host and table.pinned_services else None
+        if pinned:
+            endpoints = pinned
+        elif routes:
+            version = pick_version(routes[-1], self.rng, table.serving_versions(service))
+            endpoints = table.endpoints.get((service, version), ()) if version else ()
         else:
-            endpoints = self.table.service_endpoints.get(service, ())
+            endpoints = table.service_endpoints.get(service, ())
         endpoint = state.picker.pick(state.outlier.available(endpoints)) if endpoints else None
         if endpoint is None:
             return None
@@ -243,6 +284,8 @@ class Forwarder:
         self.connect_timeout = connect_timeout
         self.proxy_ports = frozenset(proxy_ports)
         self.connections: set[Downstream] = set()
+        # Sniff keys (service, port) found to speak HTTP: not connected ahead of the verdict
+        self.speaks_http: set[object] = set()
 
     def __call__(self) -> Downstream:
         return Downstream(self)
@@ -305,7 +348,7 @@ class Downstream(_Side):
     """The accepted (captured) connection: decides where it goes and owns the pair's accounting."""
 
     __slots__ = ("forwarder", "counters", "connecting", "upstream", "early", "sniff", "sniffed",
-                 "sniffing", "watch")
+                 "sniffing", "watch", "ahead", "ready", "dropped")
 
     def __init__(self, forwarder: Forwarder) -> None:
         self.forwarder = forwarder
@@ -319,6 +362,9 @@ class Downstream(_Side):
         self.sniff: Sniff | None = None  # while the first bytes are awaited
         self.sniffed = b""  # the first bytes so far, too few to tell
         self.sniffing: asyncio.TimerHandle | None = None
+        self.ahead: Destination | None = None  # connected to while sniffing, before a verdict
+        self.ready: asyncio.Transport | None = None  # ... that connection, open, not linked
+        self.dropped = False  # the verdict was HTTP: the connection opened ahead is not used
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop: no subclass
@@ -366,6 +412,17 @@ class Downstream(_Side):
                 SNIFF_TIMEOUT, self._sniff_timeout)
             if first:
                 self._sniff_data(first)
+            if self.sniff is not None and decision.key not in fwd.speaks_http:
+                self._connect_ahead(decision)
+
+    def _connect_ahead(self, sniff: Sniff) -> None:
+        """While the client's first bytes are awaited, connect to where TCP would go: a server
+        that speaks first is heard at once. Nothing is counted before the verdict."""
+        destination = sniff.tcp()
+        if type(destination) is not Destination:  # refused or no route: told by the verdict
+            return
+        self.ahead = destination
+        self.connecting = asyncio.get_running_loop().create_task(self._connect(destination))
 
     def _start(self, destination: Destination, early: list[bytes] | None = None) -> None:
         """Connect to ``destination``, then pump bytes."""
@@ -380,6 +437,14 @@ class Downstream(_Side):
         self.early = early
         self.forward = self._hold
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        if self.ahead is not None:  # connected (or connecting) to it already
+            self.ahead = None
+            if self.upstream is not None:
+                self.upstream.counters = counters
+            ready, self.ready = self.ready, None
+            if ready is not None:
+                self._link(ready)
+            return
         self.connecting = asyncio.get_running_loop().create_task(self._connect(destination))
 
     def _sniff_data(self, data: bytes) -> None:
@@ -393,6 +458,17 @@ class Downstream(_Side):
     def _sniff_timeout(self) -> None:
         self.sniffing = None
         self._sniffed(False, self.sniffed, len(self.sniffed))
+
+    def server_first(self, data: bytes) -> None:
+        """The destination connected ahead spoke before the client said what it speaks: not
+        HTTP (a client-first protocol). TCP, and ``data`` goes to the client now."""
+        if self.sniff is not None:
+            self.forwarder.speaks_http.discard(self.sniff.key)
+            self._sniffed(False, self.sniffed, len(self.sniffed))
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.forward = self.transport.write
+        self.transport.write(data)
 
     def _sniffed(self, is_http: bool, first: bytes, uncounted: int) -> bool:
         """The verdict is in: hand over to HTTP, or connect TCP with ``first`` to send first.
@@ -408,9 +484,11 @@ class Downstream(_Side):
         fwd = self.forwarder
         if is_http:
             fwd.connections.discard(self)
+            fwd.speaks_http.add(sniff.key)
+            self._drop_ahead()
             sniff.http.take(self.transport, first)
             return True
-        destination = sniff.tcp()
+        destination = self.ahead or sniff.tcp()
         if destination is None or type(destination) is Refused:
             fwd.connections.discard(self)
             fwd.stats.error(fwd.direction,
@@ -423,11 +501,27 @@ class Downstream(_Side):
         self.counters.received += uncounted  # type: ignore[union-attr]
         return True
 
+    def _drop_ahead(self) -> None:
+        """The connection opened ahead is not wanted (HTTP, or the client left): closed
+        cleanly once open, its protocol cut off from the client's transport."""
+        if self.ahead is None:
+            return
+        self.ahead = None
+        self.dropped = True
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.peer = None
+            upstream.forward = _drop
+        ready, self.ready = self.ready, None
+        if ready is not None:
+            Unused(ready)
+        # still connecting: _connect lets it go once it is open
+
     async def _connect(self, destination: Destination) -> None:
         fwd = self.forwarder
         loop = asyncio.get_running_loop()
         tls = fwd.tls
-        context = tls.client if tls is not None and destination.peer is not None else None
+        context = tls.client_tcp if tls is not None and destination.peer is not None else None
         link: TlsLink | None = None
         try:
             async with asyncio.timeout(fwd.connect_timeout):
@@ -454,17 +548,29 @@ class Downstream(_Side):
             kind = ""
             if link is not None:
                 if peer_spiffe(link.sslobj) == destination.peer:
+                    if self.dropped:  # opened ahead for nothing
+                        self.connecting = None
+                        Unused(link)
+                        return
                     link.attach(Upstream(self))
                     upstream_transport = link
                 else:
                     kind = "tls_peer"
             if not kind:
                 self.connecting = None
-                self._link(upstream_transport)
+                if self.dropped:
+                    Unused(upstream_transport)
+                elif self.sniff is not None:  # opened ahead: linked once the verdict is TCP
+                    self.ready = upstream_transport
+                else:
+                    self._link(upstream_transport)
                 return
         if link is not None:
             link.abort()
         self.connecting = None
+        if self.sniff is not None or self.dropped:  # opened ahead: the verdict tries again
+            self.ahead = None
+            return
         fwd.stats.error(fwd.direction, kind)
         self.transport.abort()
 
@@ -474,6 +580,8 @@ class Downstream(_Side):
             upstream_transport.abort()
             return
         self.peer = upstream
+        upstream.counters = self.counters  # type: ignore[assignment]
+        upstream.forward = self.transport.write
         self.forward = write = upstream.transport.write
         if self.forwarder.tcp_idle:
             self.watch = IdleWatch(self, upstream, self.forwarder.tcp_idle, self._idle)
@@ -534,6 +642,7 @@ class Downstream(_Side):
             if self.sniffing is not None:
                 self.sniffing.cancel()
             self.forwarder.connections.discard(self)
+            self._drop_ahead()
             return
         counters = self.counters
         if counters is None:  # refused before it was counted
@@ -560,20 +669,57 @@ class Downstream(_Side):
             self.connecting.cancel()
         if self.upstream is not None:
             self.upstream.transport.abort()
+        if self.ready is not None:
+            self.ready.abort()
         self.transport.abort()
+
+
+def _drop(data: bytes) -> None:
+    """Where the bytes of a connection nobody reads go."""
+
+
+class Unused(asyncio.Protocol):
+    """A connection opened ahead and not used, let go cleanly: our FIN goes at once, what
+    comes is dropped, and it closes when the other end has closed too (a close, not a reset
+    that either end would count), or after ``UNUSED_LINGER`` seconds."""
+
+    __slots__ = ("timer",)
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.timer = asyncio.get_running_loop().call_later(UNUSED_LINGER, transport.abort)
+        if isinstance(transport, TlsLink):
+            transport.adopt(self)  # records it held already are read (and dropped) too
+        else:
+            transport.set_protocol(self)
+        if transport.is_closing():
+            return
+        transport.write_eof()
+        transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # both directions have ended: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
 
 
 class Pipe(_Side):
     """One end of a plain byte pipe between two open transports (an upgraded HTTP connection)."""
 
-    __slots__ = ("owner", "watch")
+    __slots__ = ("owner", "watch", "ends", "broken")
 
-    def __init__(self, transport: asyncio.Transport, owner: set[asyncio.Protocol]) -> None:
+    def __init__(self, transport: asyncio.Transport, owner: set[asyncio.Protocol],
+                 ends: PipeEnds | None = None, broken: str = "") -> None:
         self.transport = transport
         self.peer = None
         self.eof_in = self.eof_out = self.moved = False
         self.owner = owner
         self.watch: IdleWatch | None = None
+        self.ends = ends
+        self.broken = broken  # the flag of this end ending in an error
 
     def data_received(self, data: bytes) -> None:
         self.moved = True
@@ -583,15 +729,40 @@ class Pipe(_Side):
         self.owner.discard(self)
         if self.watch is not None:
             self.watch.cancel()
+        if self.ends is not None:
+            self.ends.lost(self.broken if exc is not None else "")
         self._lost(exc)
 
 
+class PipeEnds:
+    """Tells ``ended`` once both ends of a pipe are closed: the flag of the first end that
+    broke (a reset), or ``-`` when both closed cleanly."""
+
+    __slots__ = ("left", "flags", "ended")
+
+    def __init__(self, ended: Callable[[str], object]) -> None:
+        self.left = 2
+        self.flags = NO_FLAGS
+        self.ended = ended
+
+    def lost(self, flag: str) -> None:
+        if flag and self.flags == NO_FLAGS:
+            self.flags = flag
+        self.left -= 1
+        if self.left == 0:
+            self.ended(self.flags)
+
+
 def splice(a: asyncio.Transport, b: asyncio.Transport, a_first: bytes, b_first: bytes,
-           owner: set[asyncio.Protocol], idle_timeout: float = 0.0) -> None:
+           owner: set[asyncio.Protocol], idle_timeout: float = 0.0,
+           ended: Callable[[str], object] | None = None) -> None:
     """Join two open transports into a flow-controlled pipe; ``a_first`` (read from ``a``
     already) goes to ``b`` first, ``b_first`` to ``a``. Both ends are kept in ``owner``;
-    with ``idle_timeout``, both are closed once neither carried a byte for that long."""
-    pa, pb = Pipe(a, owner), Pipe(b, owner)
+    with ``idle_timeout``, both are closed once neither carried a byte for that long.
+    ``ended`` is told once both are closed, with ``DC`` if ``a`` (the downstream) broke
+    first, ``UC`` if ``b`` (the upstream) did, else ``-``."""
+    ends = PipeEnds(ended) if ended is not None else None
+    pa, pb = Pipe(a, owner, ends, DOWNSTREAM_CLOSED), Pipe(b, owner, ends, UPSTREAM_RESET)
     pa.peer, pb.peer = pb, pa
     pa.forward, pb.forward = b.write, a.write
     owner.add(pa)
@@ -668,7 +839,13 @@ class Upstream(_Side):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         downstream = self.peer
         assert isinstance(downstream, Downstream)
-        self.forward = downstream.transport.write
+        if downstream.dropped:  # opened ahead, and the verdict was HTTP: nobody reads it
+            self.peer = None
+            self.forward = _drop
+            return
+        # opened ahead of the verdict: the first bytes from here mean TCP (server_first)
+        self.forward = (downstream.transport.write if downstream.sniff is None
+                        else downstream.server_first)
         downstream.upstream = self
 
     def data_received(self, data: bytes) -> None:
@@ -677,8 +854,10 @@ class Upstream(_Side):
         self.counters.sent += len(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        downstream = self.peer
+        if downstream is None:  # opened ahead and dropped
+            return
         if exc is not None:
-            downstream = self.peer
             assert isinstance(downstream, Downstream)
             downstream.forwarder.stats.error(downstream.forwarder.direction, "reset")
         self._lost(exc)

@@ -13,7 +13,11 @@ or ``create_connection(ssl=...)``:
   after the last whole record, as end of stream while both can still send the other way
   (the FIN is not shown to OpenSSL, which would fail the session for a missing
   close_notify). A FIN inside a record is not a clean end: the connection is reset.
-  ``close`` sends close_notify first.
+  ``close`` sends close_notify first, unless our direction was ended by ``write_eof``
+  already: nothing can follow that FIN, so the link is closed without one.
+- the protocol above may change (an upgraded HTTP connection becomes a tunnel) while a read
+  delivers records: each record goes to the protocol in place when it is delivered, never to
+  the one that was there when the read began.
 
 The handshake's outcome is the future ``handshake``; whoever made the link checks the peer
 (``ssl_object``) and then ``attach``es the protocol above. Nothing is delivered upward
@@ -34,7 +38,7 @@ class TlsLink(asyncio.Protocol, asyncio.Transport):
     """The protocol of the TCP transport below, and the transport of the protocol above."""
 
     __slots__ = ("sslobj", "incoming", "outgoing", "raw", "app", "handshake", "_paused",
-                 "_eof_in", "_closing", "_reading_scheduled", "_timer")
+                 "_eof_in", "_eof_out", "_closing", "_reading_scheduled", "_timer")
 
     raw: asyncio.Transport
 
@@ -49,6 +53,7 @@ class TlsLink(asyncio.Protocol, asyncio.Transport):
         self.handshake: asyncio.Future[None] = loop.create_future()
         self._paused = False  # the protocol above paused reading
         self._eof_in = False  # the peer's end of stream was seen
+        self._eof_out = False  # we sent our FIN: nothing more goes out
         self._closing = False
         self._reading_scheduled = False
         self._timer: asyncio.TimerHandle | None = loop.call_later(
@@ -147,15 +152,15 @@ class TlsLink(asyncio.Protocol, asyncio.Transport):
     # ------------------------------------------------------------------ reading
 
     def _read(self) -> None:
-        app = self.app
-        assert app is not None
         sslobj = self.sslobj
         try:
             while not self._paused:
                 data = sslobj.read(READ_CHUNK)
                 if not data:
                     break
-                app.data_received(data)
+                # read self.app each time: a record may hand the link to another protocol
+                # (an upgrade's tunnel), and the records after it are that one's
+                self.app.data_received(data)  # type: ignore[union-attr]
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:  # close_notify: the peer's end of stream
@@ -193,7 +198,7 @@ class TlsLink(asyncio.Protocol, asyncio.Transport):
     # ------------------------------------------------------------------ the transport above
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing or not data:
+        if self._closing or self._eof_out or not data:
             return
         try:
             self.sslobj.write(data)
@@ -207,7 +212,10 @@ class TlsLink(asyncio.Protocol, asyncio.Transport):
 
     def write_eof(self) -> None:
         """Flush, then end our direction with a TCP FIN under the TLS records."""
+        if self._eof_out:
+            return
         self._flush()
+        self._eof_out = True
         if not self.raw.is_closing():
             self.raw.write_eof()
 
@@ -218,9 +226,10 @@ class TlsLink(asyncio.Protocol, asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        with contextlib.suppress(ssl.SSLError, OSError, ValueError):
-            self.sslobj.unwrap()  # queue a close_notify; the peer's reply is not awaited
-        self._flush()
+        if not self._eof_out:  # after our FIN there is no room for a close_notify
+            with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+                self.sslobj.unwrap()  # queue a close_notify; the peer's reply is not awaited
+            self._flush()
         self.raw.close()
 
     def abort(self) -> None:
@@ -269,4 +278,8 @@ class TlsLink(asyncio.Protocol, asyncio.Transport):
 
     def _flush(self) -> None:
         if self.outgoing.pending:
-            self.raw.write(self.outgoing.read())
+            data = self.outgoing.read()
+            # after our FIN (write_eof) the TCP stream is over: what OpenSSL still has to say
+            # (a session ticket, a key update's answer) cannot be sent, and need not be
+            if not self._eof_out and not self.raw.is_closing():
+                self.raw.write(data)

@@ -6,7 +6,10 @@ A connection parses its responses itself (httptools) and hands the pieces to its
 the exchange that sent the request; it goes back to the pool only after a complete response.
 A response head is counted as it arrives, like a request's (``max_response_headers_kb``,
 ``max_headers_count``): past either, or if what comes is not HTTP, the connection is dropped
-with ``protocol_error`` set, and the exchange answers 502.
+with ``protocol_error`` set, and the exchange answers 502. A chunked response's trailers are
+kept (``trailers``) for the sink to pass on after the last chunk; a response that ends its
+connection (``Connection: close``, or HTTP/1.0 without keep-alive) says so (``closing``), so
+that the exchange closes the app's connection after it too, as Envoy does.
 """
 
 from __future__ import annotations
@@ -84,8 +87,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("pool", "key", "transport", "parser", "sink", "requests", "idle_since",
                  "closed", "eof", "got_bytes", "head_only", "discarding", "reading",
-                 "protocol_error", "head_left", "_state", "_status", "_reason", "_pairs",
-                 "_framing")
+                 "protocol_error", "head_left", "closing", "trailers", "_state", "_status",
+                 "_reason", "_pairs", "_framing")
 
     transport: asyncio.Transport
 
@@ -104,6 +107,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.reading = True
         self.protocol_error = False  # dropped for what it sent (not HTTP, a head too large)
         self.head_left = pool.head_max  # bytes the response head may still take
+        self.closing = False  # the current response ends the connection (Connection: close)
+        self.trailers = b""  # the current chunked response's trailer fields, as sent
         self._state = _IDLE
         self._status = 0
         self._reason = b""
@@ -141,6 +146,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests += 1
         self.got_bytes = False
         self.head_only = head_only
+        self.closing = False
+        self.trailers = b""
         self._state = _HEAD
         self._pairs = []
         self.head_left = self.pool.head_max
@@ -266,6 +273,10 @@ class UpstreamConnection(asyncio.Protocol):
         pairs.append((name, value))
         if len(pairs) > self.pool.headers_max:
             raise HeadTooLarge()
+        if self._state == _BODY:  # after a chunked body: a trailer field
+            self.trailers += b"%s: %s\r\n" % (name, value)
+            if len(self.trailers) > self.pool.head_max:
+                raise HeadTooLarge()
 
     def on_headers_complete(self) -> None:
         self.head_left = self.pool.head_max  # a 1xx head: the final one has its own budget
@@ -303,6 +314,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._framing = framing
         if status >= 200:
             self._state = _BODY
+            self.closing = not parser.should_keep_alive()
         sink = self.sink
         if sink is not None:
             sink.response_head(self, status, b"".join(parts), framing)

@@ -496,7 +496,12 @@ def test_a_websocket_upgrade_becomes_a_tunnel(loop_kind: str) -> None:
                     for word in ("one", "two"):
                         await ws.send_str(word)
                         assert (await ws.receive(timeout=5)).data == f"echo {word}"
+                for _ in range(200):  # counted once the tunnel has closed
+                    if w.stats.http_totals()["requests"]:
+                        break
+                    await asyncio.sleep(0.01)
                 assert w.stats.http_totals()["responses_by_code"] == {"101": 1}
+                assert w.stats.http_totals()["responses_by_flags"] == {"-": 1}
         finally:
             await runner.cleanup()
 
@@ -592,7 +597,7 @@ def test_detection_server_first_and_binary_protocols_take_the_tcp_path(loop_kind
             reader, writer = await w.connect()
             started = loop.time()
             assert await asyncio.wait_for(reader.readexactly(11), 5) == b"220 ready\r\n"
-            assert 0.09 <= loop.time() - started < 0.5  # after the 100 ms of listening
+            assert loop.time() - started < 0.09  # the banner is the verdict: no waiting
             writer.write(b"HELO me\r\n")
             assert await asyncio.wait_for(reader.readexactly(9), 5) == b"HELO me\r\n"
             writer.close()

@@ -71,7 +71,7 @@ def snapshot(service: str, compose: str, s: dict[str, Any], version: str = "s1")
                                     settings={"trust_domain": TD, **s}))
 
 
-def client_settings(protocol: str) -> dict[str, Any]:
+def client_settings(protocol: str | None) -> dict[str, Any]:
     r = ServiceRouting(service="reviews", routes=(route(("v1", 100)),))
     return {
         "services": {"reviews": [{"node": "shop-reviews-netns-1", "version": "v1",
@@ -81,7 +81,7 @@ def client_settings(protocol: str) -> dict[str, Any]:
     }
 
 
-def server_settings(protocol: str, mode: str = "STRICT", policies: tuple[Policy, ...] = (),
+def server_settings(protocol: str | None, mode: str = "STRICT", policies: tuple[Policy, ...] = (),
                     published: tuple[int, ...] = ()) -> dict[str, Any]:
     return {
         "mtls_mode": mode,
@@ -112,16 +112,21 @@ class Pair:
 
 
 @contextlib.asynccontextmanager
-async def pair(pki: Pki, *, protocol: str = "http", client: str = "productpage",
+async def pair(pki: Pki, *, protocol: str | None = "http", client: str = "productpage",
                a_tls: MeshTls | None = None, b_tls: MeshTls | None = None,
-               **server: Any) -> AsyncIterator[Pair]:
+               app: Any = None, **server: Any) -> AsyncIterator[Pair]:
+    """Proxies A and B with mTLS between them; behind B an HTTP app, a TCP echo (``protocol``
+    tcp), or ``app`` (an asyncio.start_server handler); ``protocol`` None: detected."""
     loop = asyncio.get_running_loop()
     app_peers: list[str] = []
     port = _free_port()
     cleanups: list[Any] = []
     try:
         # the app behind B: HTTP (says "reviews") or a TCP echo that answers after the EOF
-        if protocol == "http":
+        if app is not None:
+            app_server = await asyncio.start_server(app, APP_ADDR, port)
+            cleanups.append(_closer(app_server))
+        elif protocol != "tcp":
             async def handle(request: web.Request) -> web.Response:
                 app_peers.append(request.remote or "")
                 return web.Response(text="reviews")

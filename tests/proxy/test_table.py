@@ -146,6 +146,18 @@ def test_compose_service_names_pin_their_own_endpoints_mesh_names_do_not() -> No
     assert "reviews" not in table.pinned and "ratings" not in table.pinned
 
 
+def test_every_address_of_a_pinned_instance_names_its_compose_service() -> None:
+    """TCP carries no Host: the address dialed names the compose service (any of the
+    instance's addresses, on any network, also as an IPv4-mapped IPv6 address)."""
+    table = build_table(settings(), project="shop")
+    v1 = table.pinned["reviews-v1"]
+    for address in ("10.0.0.5", "172.20.0.5", "10.0.0.6", "::ffff:10.0.0.6"):
+        assert table.pinned_at(address) == v1, address
+    assert table.pinned_at("10.0.0.7") == table.pinned["reviews-canary"]
+    assert table.pinned_at("10.0.1.9") == ()  # ratings: no name of its own
+    assert table.pinned_at("10.9.9.9") == ()
+
+
 def test_idle_addresses_are_still_routed_as_their_service() -> None:
     data = settings()
     data["idle_addresses"] = {"reviews": ["10.0.0.99"], "gone": ["10.0.9.9"]}
