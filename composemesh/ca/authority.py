@@ -9,12 +9,11 @@ asks for another identity is refused.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 from composemesh.ca import pki
 from composemesh.ca.rotation import Root, RootSet, steady
@@ -99,22 +98,6 @@ class CertificateAuthority:
 
     def sign(self, csr_pem: bytes | str, attested: SpiffeId) -> SignedCertificate:
         """A certificate for the CSR's key naming ``attested``; IssuanceRefused saying why not."""
-        return self._sign(csr_pem, attested, ())
-
-    def sign_server(
-        self, csr_pem: bytes | str, attested: SpiffeId, dns_names: Sequence[str]
-    ) -> SignedCertificate:
-        """Like ``sign``, with ``dns_names`` as DNS SANs beside the SPIFFE ID.
-
-        For the CA's own process only (the pilot's serving certificate, which clients reach
-        by a host name): workloads get ``sign`` and never a DNS name. The CSR is checked as
-        for a workload (it may ask for the SPIFFE ID, nothing else).
-        """
-        return self._sign(csr_pem, attested, tuple(dns_names))
-
-    def _sign(
-        self, csr_pem: bytes | str, attested: SpiffeId, dns_names: tuple[str, ...]
-    ) -> SignedCertificate:
         if attested.trust_domain != self.trust_domain:
             raise IssuanceRefused(
                 f"the identity {attested.uri} is in trust domain {attested.trust_domain!r}; "
@@ -128,8 +111,6 @@ class CertificateAuthority:
             cert = pki.sign_workload(
                 csr, issuer.cert, issuer.key, attested.uri, self.workload_ttl, now=now
             )
-            if dns_names:
-                cert = _with_dns_names(cert, dns_names, issuer.key)
         except ValueError as exc:
             raise IssuanceRefused(f"cannot sign: {exc}") from None
         with self._lock:
@@ -174,28 +155,6 @@ class CertificateAuthority:
                 f"the CSR asks for {', '.join(uris)} but the caller was attested as {attested.uri}"
             )
         return csr
-
-
-def _with_dns_names(
-    cert: x509.Certificate, dns_names: tuple[str, ...], issuer_key: pki.IssuerKey
-) -> x509.Certificate:
-    """``cert`` signed again, the same in every field but its SAN, which gains ``dns_names``."""
-    builder = x509.CertificateBuilder(
-        issuer_name=cert.issuer,
-        subject_name=cert.subject,
-        public_key=cert.public_key(),
-        serial_number=cert.serial_number,
-        not_valid_before=cert.not_valid_before_utc,
-        not_valid_after=cert.not_valid_after_utc,
-    )
-    for ext in cert.extensions:
-        value = ext.value
-        if isinstance(value, x509.SubjectAlternativeName):
-            value = x509.SubjectAlternativeName([*value, *(x509.DNSName(n) for n in dns_names)])
-        builder = builder.add_extension(value, ext.critical)
-    algorithm = cert.signature_hash_algorithm
-    assert isinstance(algorithm, hashes.SHA256 | hashes.SHA384)  # what pki signs with
-    return builder.sign(issuer_key, algorithm)
 
 
 def check_user_root(config: CAConfig, now: datetime | None = None) -> Root | None:

@@ -56,16 +56,6 @@ class MeshState:
     errors: tuple[str, ...] = ()  # why some service kept its last good routing (or policies)
     policies: Mapping[str, tuple[Policy, ...]] = field(default_factory=dict)  # by destination
 
-    def workload_by_address(self, address: str) -> Workload | None:
-        for workload in self.workloads:
-            if address in workload.addresses:
-                return workload
-        return None
-
-    def gateways(self) -> frozenset[str]:
-        """The gateway addresses of the project's networks: the host's own address on each."""
-        return frozenset(a.gateway for w in self.workloads for a in w.attachments if a.gateway)
-
     def workload_by_node(self, node: str) -> Workload | None:
         for workload in self.workloads:
             if workload.node == node:

@@ -31,6 +31,8 @@ import struct
 from dataclasses import dataclass
 from typing import Literal
 
+from aiohttp import web
+
 from composemesh.errors import MeshError
 from composemesh.model.mesh import MeshState, Workload
 
@@ -65,6 +67,12 @@ class Caller:
     pid: int
     container_id: str | None = None
     workload: Workload | None = None  # a proxy's workload
+
+    @property
+    def proxy_workload(self) -> Workload:
+        """The workload of a ``proxy`` caller (whose role the caller has checked)."""
+        assert self.workload is not None, self
+        return self.workload
 
     def describe(self) -> str:
         """For logs: who it is and how it was known."""
@@ -164,3 +172,21 @@ def _pid_of_pidfd(pidfd: int, proc: str) -> int:
             if line.startswith("Pid:"):
                 return int(line.split()[1])
     return 0
+
+
+class KernelAttestor:
+    """The real attestor: the peer of the Unix socket the request came on (``attest``)."""
+
+    def __init__(self, own_container: str | None = None) -> None:
+        self.own_container = own_container if own_container is not None else own_container_id()
+
+    def __call__(self, request: web.Request, state: MeshState) -> Caller | Unknown:
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or sock.family != socket.AF_UNIX:
+            return Unknown("the pilot answers on its Unix socket only")
+        try:
+            peer = peer_process(sock)
+        except (AttestationError, OSError) as exc:
+            return Unknown(str(exc))
+        return classify(peer, state, self.own_container)

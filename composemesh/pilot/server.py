@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,14 +33,7 @@ from composemesh.model.mesh import MeshState, Workload
 from composemesh.model.routing_config import apply_weights
 from composemesh.model.settings import MeshSettings
 from composemesh.model.snapshot import Snapshot, SnapshotError, decode_ack, encode_snapshot
-from composemesh.pilot.attest import (
-    AttestationError,
-    Caller,
-    Unknown,
-    classify,
-    own_container_id,
-    peer_process,
-)
+from composemesh.pilot.attest import Caller, KernelAttestor, Unknown
 from composemesh.pilot.build import build_state, default_split, service_versions
 from composemesh.pilot.ca_service import ROTATION_STEPS, CAService
 from composemesh.pilot.render import render_snapshot
@@ -65,24 +57,6 @@ class HeldCertificate:
 # Who sent a request, given the state the pilot holds: the kernel's word by default; tests of
 # the API alone give their own (see KernelAttestor for the real one).
 Attestor = Callable[[web.Request, MeshState], "Caller | Unknown"]
-
-
-class KernelAttestor:
-    """The real attestor: the peer of the Unix socket the request came on (``attest``)."""
-
-    def __init__(self, own_container: str | None = None) -> None:
-        self.own_container = own_container if own_container is not None else own_container_id()
-
-    def __call__(self, request: web.Request, state: MeshState) -> Caller | Unknown:
-        transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None or sock.family != socket.AF_UNIX:
-            return Unknown("the pilot answers on its Unix socket only")
-        try:
-            peer = peer_process(sock)
-        except (AttestationError, OSError) as exc:
-            return Unknown(str(exc))
-        return classify(peer, state, self.own_container)
 
 
 @dataclass(frozen=True)
@@ -160,12 +134,6 @@ class Pilot:
     def attest(self, request: web.Request) -> Caller | Unknown:
         """Who is calling, as the kernel and the engine say (``attest.classify``)."""
         return self.attestor(request, self.state)
-
-    @staticmethod
-    def refreshed(caller: Caller) -> Workload:
-        """The workload of an attested proxy."""
-        assert caller.workload is not None, caller
-        return caller.workload
 
     def snapshot_for(self, workload: Workload) -> Snapshot:
         """What ``workload``'s proxy is sent: its view of the mesh, the CA's trust bundle and
@@ -314,7 +282,7 @@ async def get_snapshot(request: web.Request) -> web.StreamResponse:
             if time.monotonic() >= deadline:
                 return caller
         else:
-            workload = pilot.refreshed(caller)
+            workload = caller.proxy_workload
             pilot.last_seen[workload.node] = time.time()
             serial = request.query.get("cert_serial", "")
             if serial:
@@ -338,7 +306,7 @@ async def post_ack(request: web.Request) -> web.Response:
     caller = _attested(pilot, request, "an ACK", PROXY_ONLY)
     if isinstance(caller, web.Response):
         return caller
-    workload = pilot.refreshed(caller)
+    workload = caller.proxy_workload
     try:
         ack = decode_ack(await request.read())
     except SnapshotError as exc:
@@ -363,7 +331,7 @@ async def post_certificate(request: web.Request) -> web.Response:
     caller = _attested(pilot, request, "a workload certificate", PROXY_ONLY)
     if isinstance(caller, web.Response):
         return caller
-    workload = pilot.refreshed(caller)
+    workload = caller.proxy_workload
     address = caller.describe()
     if request.content_length is not None and request.content_length > MAX_CSR_BYTES:
         reason = f"the CSR is larger than {MAX_CSR_BYTES} bytes"

@@ -128,3 +128,39 @@ def test_a_peer_that_ended_is_not_attested(tmp_path: Path) -> None:
 def test_own_container_is_none_outside_a_container() -> None:
     with open("/proc/self/cgroup") as f:
         assert own_container_id() == container_id_of_cgroup(f.read())
+
+
+def test_the_real_attestor_on_the_pilots_socket_knows_the_host(tmp_path: Path) -> None:
+    """The pilot's app on a real Unix socket with the kernel's attestor (no stand-in): this
+    test process is the host (or, run inside a container, that container is the pilot's):
+    status yes, a snapshot no."""
+    import asyncio
+
+    from aiohttp import web
+
+    from composemesh.engine.pilot_api import over_socket
+    from composemesh.pilot.attest import KernelAttestor
+    from composemesh.pilot.main import bind_socket
+    from composemesh.pilot.server import Pilot, make_app
+
+    path = str(tmp_path / "pilot.sock")
+
+    async def main() -> list[tuple[int, bytes]]:
+        pilot = Pilot(STATE, attestor=KernelAttestor(own_container=own_container_id() or B))
+        pilot.synced = True
+        runner = web.AppRunner(make_app(pilot))
+        await runner.setup()
+        try:
+            await web.SockSite(runner, bind_socket(path)).start()
+            answers = []
+            for target in ("/v1/status", "/v1/snapshot"):
+                answer = await asyncio.to_thread(over_socket, path, "GET", target)
+                answers.append((answer.status, answer.body))
+            return answers
+        finally:
+            await runner.cleanup()
+
+    (status, body), (snap, refusal) = asyncio.run(main())
+    assert status == 200 and b'"project": "p"' in body
+    role = b"pilot" if own_container_id() else b"host"
+    assert snap == 403 and b"a snapshot is not for the " + role in refusal
