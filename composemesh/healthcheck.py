@@ -21,16 +21,21 @@ import sys
 TIMEOUT_S = 2.0  # as the compose healthcheck's timeout: fail before Docker gives up on us
 
 
+def connect_unix(path: str, timeout: float) -> socket.socket:
+    """A stream socket connected to the Unix socket at ``path`` (closed again if it fails)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _connect(where: int | str, host: str, timeout: float) -> socket.socket:
     if isinstance(where, str):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(where)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        return connect_unix(where, timeout)
     return socket.create_connection((host, where), timeout=timeout)
 
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 
+from composemesh.healthcheck import connect_unix
 from composemesh.model.wellknown import LABEL_ROLE, PILOT_SOCKET, PILOT_SOCKET_DIR, ROLE_PILOT
 
 TIMEOUT_S = 10.0
@@ -45,16 +45,10 @@ class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("composemesh-pilot", timeout=timeout)
         self.path = path
+        self.seconds = timeout
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+        self.sock = connect_unix(self.path, self.seconds)
 
 
 def over_socket(path: str, method: str, target: str, body: bytes | None = None,

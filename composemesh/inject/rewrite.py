@@ -53,7 +53,7 @@ NETNS_KEYS = (
     "links",
     "external_links",
 )
-PILOT_URL = f"unix://{wk.PILOT_SOCKET}"
+PILOT_URL = wk.PILOT_URL
 # What each injected container may do: every capability dropped but what it needs, and no
 # gaining more (setuid binaries, file capabilities). The holder installs iptables rules
 # (nf_tables: NET_ADMIN alone); the proxy and the pilot need none. No NET_RAW anywhere: it is

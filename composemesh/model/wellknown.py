@@ -14,6 +14,7 @@ PORT_INBOUND: Final = 15006  # inbound capture (iptables REDIRECT target)
 # own containers mount (the proxies read-only); callers are attested by the kernel.
 PILOT_SOCKET_DIR: Final = "/run/composemesh"
 PILOT_SOCKET: Final = f"{PILOT_SOCKET_DIR}/pilot.sock"
+PILOT_URL: Final = f"unix://{PILOT_SOCKET}"  # how a proxy names it (COMPOSEMESH_PILOT_URL)
 PORT_HEALTH: Final = 15021  # /healthz/ready
 PORT_PROMETHEUS: Final = 15090  # /stats/prometheus
 PROXY_PORTS: Final = (PORT_ADMIN, PORT_OUTBOUND, PORT_INBOUND, PORT_HEALTH, PORT_PROMETHEUS)

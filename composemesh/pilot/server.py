@@ -276,10 +276,9 @@ async def get_snapshot(request: web.Request) -> web.StreamResponse:
         generation = pilot.generation
         caller = _attested(pilot, request, "a snapshot", PROXY_ONLY)
         unknown = isinstance(caller, web.Response)
-        if isinstance(caller, web.Response):
-            if caller.status != 503 or time.monotonic() - started > UNKNOWN_GRACE_S:
-                return caller
-            if time.monotonic() >= deadline:
+        if isinstance(caller, web.Response):  # a container not known yet may be, soon
+            now = time.monotonic()
+            if caller.status != 503 or now - started > UNKNOWN_GRACE_S or now >= deadline:
                 return caller
         else:
             workload = caller.proxy_workload
@@ -310,10 +309,10 @@ async def post_ack(request: web.Request) -> web.Response:
     try:
         ack = decode_ack(await request.read())
     except SnapshotError as exc:
-        return web.json_response({"error": str(exc)}, status=400)
+        return _error(400, str(exc))
     if ack.node and ack.node != workload.node:
         log.warning("ack from %s claims node %s; refused", workload.node, ack.node)
-        return web.json_response({"error": "node does not match the caller"}, status=403)
+        return _error(403, "node does not match the caller")
     pilot.acks[workload.node] = AckRecord(ack.version, ack.ok, ack.reason, time.time())
     pilot.last_seen[workload.node] = time.time()
     if ack.ok:
@@ -327,26 +326,26 @@ async def post_certificate(request: web.Request) -> web.Response:
     """Sign the PEM CSR in the body for the identity attested for the calling proxy."""
     pilot = request.app[PILOT_KEY]
     if pilot.ca is None:  # 404: the proxy knows there is no certificate to wait for
-        return web.json_response({"error": "this pilot runs no CA"}, status=404)
+        return _error(404, "this pilot runs no CA")
     caller = _attested(pilot, request, "a workload certificate", PROXY_ONLY)
     if isinstance(caller, web.Response):
         return caller
     workload = caller.proxy_workload
-    address = caller.describe()
+    who = caller.describe()
     if request.content_length is not None and request.content_length > MAX_CSR_BYTES:
         reason = f"the CSR is larger than {MAX_CSR_BYTES} bytes"
-        log.warning("certificate refused to %s (%s): %s", address, workload.node, reason)
-        return web.json_response({"error": reason}, status=403)
+        log.warning("certificate refused to %s (%s): %s", who, workload.node, reason)
+        return _error(403, reason)
     csr = await request.read()  # aiohttp caps a body at 1 MiB; the CA at MAX_CSR_BYTES
     try:
         signed = pilot.ca.issue(csr, workload, caller.container_id or "")
     except IssuanceRefused as exc:
-        log.warning("certificate refused to %s (%s): %s", address, workload.node, exc.reason)
-        return web.json_response({"error": exc.reason}, status=403)
+        log.warning("certificate refused to %s (%s): %s", who, workload.node, exc.reason)
+        return _error(403, exc.reason)
     record = pilot.ca.issued[workload.node]
     pilot.held[workload.node] = HeldCertificate(record.serial, record.not_after)
     log.info("certificate issued to %s (%s): %s serial %s until %s",
-             address, workload.node, signed.spiffe.uri, record.serial, record.not_after)
+             who, workload.node, signed.spiffe.uri, record.serial, record.not_after)
     return web.json_response(
         {
             "cert_pem": signed.cert_pem.decode(),
@@ -367,7 +366,7 @@ async def get_ca(request: web.Request) -> web.Response:
         return caller
     ca = pilot.ca
     if ca is None:
-        return web.json_response({"error": "this pilot runs no CA"}, status=404)
+        return _error(404, "this pilot runs no CA")
     return web.json_response(ca.info())
 
 
@@ -397,9 +396,9 @@ async def put_route(request: web.Request) -> web.Response:
             raise ConfigError("weights must be integers", field="route")
         result = await pilot.set_weights(request.match_info["service"], weights)
     except ConfigError as exc:
-        return web.json_response({"error": str(exc)}, status=400)
+        return _error(400, str(exc))
     except (ValueError, KeyError, TypeError) as exc:
-        return web.json_response({"error": f"malformed request: {exc}"}, status=400)
+        return _error(400, f"malformed request: {exc}")
     return web.json_response(result)
 
 

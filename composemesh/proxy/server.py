@@ -20,7 +20,7 @@ from composemesh.model.limits import ProxyLimits, limits_from_env
 from composemesh.model.snapshot import ProxyIdentity, Snapshot
 from composemesh.model.wellknown import (
     DEFAULT_VERSION,
-    PILOT_SOCKET,
+    PILOT_URL,
     PORT_ADMIN,
     PORT_HEALTH,
     PORT_INBOUND,
@@ -62,7 +62,7 @@ ENV_SERVICE = "COMPOSEMESH_SERVICE"
 ENV_VERSION = "COMPOSEMESH_VERSION"
 ENV_COMPOSE_SERVICE = "COMPOSEMESH_COMPOSE_SERVICE"
 ENV_ADMIN_HOST = "COMPOSEMESH_ADMIN_HOST"
-DEFAULT_PILOT_URL = f"unix://{PILOT_SOCKET}"  # the socket volume, mounted read-only
+DEFAULT_PILOT_URL = PILOT_URL  # the socket volume, mounted read-only
 HTTP_SHUTDOWN_TIMEOUT = 1.0  # seconds an admin request may still take when we stop
 
 log = logging.getLogger("composemesh.proxy")

@@ -304,7 +304,12 @@ x-demo: &demo
 
 def bring_up(project: str, files: list[Path], env: dict[str, str]) -> Mesh:
     started = time.monotonic()
-    proc = composemesh("up", *sum((["-f", str(f)] for f in files), []), "-p", project, env=env)
+    try:
+        proc = composemesh("up", *sum((["-f", str(f)] for f in files), []), "-p", project,
+                           env=env)
+    except BaseException:  # a hung `up` (TimeoutExpired) must not leave the project behind
+        force_remove(project)
+        raise
     mesh = Mesh(project=project, files=files, env=env, up_seconds=time.monotonic() - started,
                 up_output=proc.stdout)
     if proc.returncode != 0:

@@ -81,14 +81,16 @@ def test_the_kernel_names_the_peer_of_a_real_socket(tmp_path: Path) -> None:
     anything it sent) and reads that process's cgroup."""
     path = str(tmp_path / "pilot.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(1)
-    child = subprocess.Popen(
-        [sys.executable, "-c",
-         "import socket, sys, time\n"
-         "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b'pid 1')\n"
-         "time.sleep(30)\n", path])
+    child: subprocess.Popen[bytes] | None = None
     try:
+        server.bind(path)
+        server.listen(1)
+        server.settimeout(30)
+        child = subprocess.Popen(
+            [sys.executable, "-c",
+             "import socket, sys, time\n"
+             "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b'pid 1')\n"
+             "time.sleep(30)\n", path])
         conn, _ = server.accept()
         with conn:
             peer = peer_process(conn)
@@ -97,8 +99,9 @@ def test_the_kernel_names_the_peer_of_a_real_socket(tmp_path: Path) -> None:
             with open(f"/proc/{child.pid}/cgroup") as f:
                 assert peer.container_id == container_id_of_cgroup(f.read())
     finally:
-        child.kill()
-        child.wait()
+        if child is not None:
+            child.kill()
+            child.wait()
         server.close()
 
 
@@ -106,12 +109,13 @@ def test_a_peer_that_ended_is_not_attested(tmp_path: Path) -> None:
     """Its PID may be anybody's by now: the pidfd says it ended, and nothing is concluded."""
     path = str(tmp_path / "pilot.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(1)
-    child = subprocess.Popen([sys.executable, "-c",
-                              "import socket, sys; socket.socket(socket.AF_UNIX)"
-                              ".connect(sys.argv[1])", path])
     try:
+        server.bind(path)
+        server.listen(1)
+        server.settimeout(30)
+        child = subprocess.Popen([sys.executable, "-c",
+                                  "import socket, sys; socket.socket(socket.AF_UNIX)"
+                                  ".connect(sys.argv[1])", path])
         conn, _ = server.accept()
         child.wait()
         with conn:
@@ -125,9 +129,15 @@ def test_a_peer_that_ended_is_not_attested(tmp_path: Path) -> None:
         server.close()
 
 
-def test_own_container_is_none_outside_a_container() -> None:
-    with open("/proc/self/cgroup") as f:
-        assert own_container_id() == container_id_of_cgroup(f.read())
+def test_own_container_is_read_from_the_processs_cgroup(tmp_path: Path) -> None:
+    """A pilot in a container knows its own id (it is the ``pilot`` caller); outside one it
+    knows none (no caller is taken for the pilot)."""
+    (tmp_path / "self").mkdir()
+    (tmp_path / "self" / "cgroup").write_text(f"12:memory:/docker/{B}\n0::/\n")
+    assert own_container_id(str(tmp_path)) == B
+    (tmp_path / "self" / "cgroup").write_text("0::/user.slice\n")
+    assert own_container_id(str(tmp_path)) is None
+    assert own_container_id(str(tmp_path / "nowhere")) is None
 
 
 def test_the_real_attestor_on_the_pilots_socket_knows_the_host(tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ from composemesh.pilot.sources.docker import controller
 from composemesh.pilot.sources.docker.controller import (
     DockerSource,
     heal_order,
-    holder_addresses,
     proxy_is_ready,
 )
 
@@ -140,13 +139,6 @@ def test_the_proxys_own_health_port_says_ready_before_the_engines_healthcheck_do
 
 async def _ignore(workloads: tuple[Any, ...]) -> None:
     pass
-
-
-def test_holder_addresses() -> None:
-    holder = {"NetworkSettings": {"Networks": {"a": {"IPAddress": "172.18.0.5"},
-                                               "b": {"IPAddress": ""}}}}
-    assert holder_addresses(holder) == ["172.18.0.5"]
-    assert holder_addresses({}) == []
 
 
 def test_what_started_after_the_holder_is_left_alone() -> None:

@@ -17,6 +17,7 @@ from composemesh.errors import EngineError
 from composemesh.model import wellknown as wk
 from composemesh.model.mesh import Workload
 from composemesh.pilot.sources.docker.convert import (
+    addresses,
     dependents_of,
     is_stranded,
     workloads_from_containers,
@@ -97,7 +98,7 @@ class DockerSource:
                 await self._restart(holder, dependent)
             if proxies and apps:
                 await self.resync()  # the holder's new address goes out while they start
-                await self._until_ready(proxies, holder_addresses(holder))
+                await self._until_ready(proxies, list(addresses(holder)))
             for dependent in apps:
                 await self._restart(holder, dependent)
         except EngineError as exc:
@@ -177,13 +178,6 @@ def heal_order(
         return labels.get(wk.LABEL_ROLE) == wk.ROLE_PROXY
 
     return [c for c in stranded if is_proxy(c)], [c for c in stranded if not is_proxy(c)]
-
-
-def holder_addresses(holder: dict[str, Any]) -> list[str]:
-    """The addresses of a holder's namespace, from its ``docker inspect``."""
-    networks = (holder.get("NetworkSettings") or {}).get("Networks") or {}
-    return [str(n["IPAddress"]) for n in networks.values()
-            if isinstance(n, dict) and n.get("IPAddress")]
 
 
 async def _answers_ready(http: aiohttp.ClientSession, addresses: list[str]) -> bool:
