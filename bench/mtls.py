@@ -141,10 +141,10 @@ def mesh_proxy(ready: Ready, side: str, host: str, original: tuple[str, int],
     from composemesh.model.snapshot import ProxyIdentity, Snapshot, encode_snapshot
     from composemesh.proxy.pilot_client import ConfigStore
     from composemesh.proxy.server import data_path
-    from composemesh.proxy.stats import INBOUND, Workload
+    from composemesh.proxy.stats import INBOUND, PeerLabels
 
     async def start() -> asyncio.Server:
-        path = data_path(Workload(), lambda: True, resolver=lambda sock: original,
+        path = data_path(PeerLabels(), lambda: True, resolver=lambda sock: original,
                          rng=random.Random(1))
         if material is not None:
             path.tls.use(*material)

@@ -89,12 +89,12 @@ def sink(ready: Ready) -> None:
 
 
 def composemesh_forwarder(ready: Ready, sink_port: int) -> None:
-    from composemesh.proxy.stats import OUTBOUND, ProxyStats, Workload, passthrough_labels
+    from composemesh.proxy.stats import OUTBOUND, PeerLabels, ProxyStats, passthrough_labels
     from composemesh.proxy.tcp import Forwarder, passthrough
 
     async def start() -> asyncio.Server:
         forwarder = Forwarder(OUTBOUND, ProxyStats(),
-                              passthrough(passthrough_labels(OUTBOUND, Workload())),
+                              passthrough(passthrough_labels(OUTBOUND, PeerLabels())),
                               resolver=lambda sock: (HOST, sink_port))
         return await asyncio.get_running_loop().create_server(forwarder, HOST, 0, backlog=4096)
 

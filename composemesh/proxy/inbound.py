@@ -69,19 +69,19 @@ from composemesh.proxy.stats import (
     NO_SECURITY,
     RBAC_DENIED,
     REPORTER,
+    PeerLabels,
     ProxyStats,
     TcpLabels,
-    Workload,
 )
 from composemesh.proxy.table import HTTP, TCP, ServiceProtocols
 from composemesh.proxy.tcp import (
-    _UNCOUNTED,
-    Decision,
+    UNCOUNTED,
     Destination,
     Downstream,
     Forwarder,
     Handoff,
     Refused,
+    Route,
     ServiceState,
     Sniff,
 )
@@ -100,7 +100,7 @@ _INBOUND_ROUTE = HttpRoute(name="inbound", matches=(), destinations=(WeightedSub
 class InboundConfig:
     """What one snapshot says about letting peers in: decoded whole, or a NACK."""
 
-    me: Workload
+    me: PeerLabels
     node: str
     trust_domain: str = ""
     mode: str = STRICT
@@ -115,7 +115,8 @@ class InboundConfig:
         return any(op.paths for policy in self.policies for op in policy.operations)
 
 
-def inbound_config(snapshot: Snapshot, me: Workload, protocols: ServiceProtocols) -> InboundConfig:
+def inbound_config(snapshot: Snapshot, me: PeerLabels,
+                   protocols: ServiceProtocols) -> InboundConfig:
     """The inbound settings of ``snapshot``; SnapshotError naming the first bad field."""
     settings = snapshot.settings
     mode = settings.get("mtls_mode") or STRICT
@@ -167,7 +168,7 @@ class InboundRouter:
         return admits_plaintext(c.mode, port, source, c.published, c.networks)
 
     def decide(self, original: Address, peer: str | None, secure: bool,
-               offered: str | None = None) -> Decision:
+               offered: str | None = None) -> Route:
         """Where a let-in connection from ``peer`` (its mesh service; None: unauthenticated)
         to ``original`` goes: TCP (authorized here, whole), HTTP (per request), or sniff.
         ``offered``: the ALPN protocol of its mTLS, what the client proxy says it carries
@@ -205,12 +206,12 @@ class InboundRouter:
             )
         return labels
 
-    def source(self, peer: str | None) -> Workload:
+    def source(self, peer: str | None) -> PeerLabels:
         """How the metrics name the peer: its mesh service and principal, if it proved them."""
         if peer is None:
-            return Workload()
+            return PeerLabels()
         ns = self.me.namespace
-        return Workload(namespace=ns, app=peer,
+        return PeerLabels(namespace=ns, app=peer,
                         principal=f"spiffe://{self.config.trust_domain}/ns/{ns}/sa/{peer}")
 
 
@@ -236,7 +237,7 @@ class InboundDownstream(Downstream):
         if original is None:
             return
         self.original = original
-        self.counters = _UNCOUNTED
+        self.counters = UNCOUNTED
         self.forward = self._first_bytes
         self.forwarder.connections.add(self)
         self.waiting = asyncio.get_running_loop().call_later(FIRST_BYTES_TIMEOUT, self._silent)
@@ -275,7 +276,7 @@ class InboundDownstream(Downstream):
         source = self.transport.get_extra_info("peername") or ("", 0)
         fwd.connections.discard(self)
         # inside data_received, which counts ``first`` on the counters in force when it ends
-        self.counters = _UNCOUNTED
+        self.counters = UNCOUNTED
         if fwd.ca_offered() is not False and not router.admits(self.original[1], str(source[0])):
             fwd.stats.error(fwd.direction, "plaintext_refused")
             self.transport.abort()
@@ -312,7 +313,7 @@ class InboundDownstream(Downstream):
             fwd.stats.error(fwd.direction, "tls_peer")
             link.abort()
             return
-        self.transport = link  # type: ignore[assignment]
+        self.transport = link
         link.adopt(self)
         self.route(self._router().decide(self.original, peer, True,
                                          link.sslobj.selected_alpn_protocol()))
@@ -385,7 +386,7 @@ class InboundForwarder(Forwarder):
         super().abort_all()
 
 
-def _no_chooser(original: Address) -> Decision | None:  # inbound decides through its router
+def _no_chooser(original: Address) -> Route | None:  # inbound decides through its router
     return None
 
 

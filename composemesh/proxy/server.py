@@ -48,8 +48,8 @@ from composemesh.proxy.pilot_client import ConfigStore, PilotClient
 from composemesh.proxy.stats import (
     INBOUND,
     OUTBOUND,
+    PeerLabels,
     ProxyStats,
-    Workload,
     passthrough_labels,
     workload_of,
 )
@@ -167,7 +167,7 @@ class DataPath:
         self.inbound_http.close()
 
 
-def data_path(me: Workload, ca_offered: Callable[[], bool | None], *,
+def data_path(me: PeerLabels, ca_offered: Callable[[], bool | None], *,
               resolver: Resolver = original_dst, connect_timeout: float = CONNECT_TIMEOUT,
               rng: random.Random | None = None, tls: MeshTls | None = None,
               limits: ProxyLimits = ProxyLimits()) -> DataPath:  # noqa: B008 (frozen)

@@ -73,7 +73,7 @@ ERROR_KINDS = (
 
 
 @dataclass(frozen=True, slots=True)
-class Workload:
+class PeerLabels:
     """One end of a connection as Istio's labels name it; "unknown" where we do not know."""
 
     workload: str = UNKNOWN  # the compose service (one per version), like a Deployment
@@ -89,8 +89,8 @@ class TcpLabels:
     """The label set of Istio's TCP metrics for one kind of connection."""
 
     reporter: str
-    source: Workload = Workload()
-    destination: Workload = Workload()
+    source: PeerLabels = PeerLabels()
+    destination: PeerLabels = PeerLabels()
     destination_service: str = UNKNOWN
     destination_service_name: str = UNKNOWN
     destination_service_namespace: str = UNKNOWN
@@ -165,9 +165,9 @@ class Histogram:
 
 
 # (source, destination service, destination version, destination workload, code, flags)
-HttpKey = tuple[Workload, str, str, str, int, str]
+HttpKey = tuple[PeerLabels, str, str, str, int, str]
 # (source, destination (this proxy's workload), code, flags, connection security policy)
-InboundKey = tuple[Workload, Workload, int, str, str]
+InboundKey = tuple[PeerLabels, PeerLabels, int, str, str]
 
 
 class HttpSeries:
@@ -195,7 +195,7 @@ class ProxyStats:
         self.retries = 0  # tries after the first, over all requests
         self.ejections = 0  # endpoints ejected by outlier detection
 
-    def http_request(self, source: Workload, service: str, version: str, workload: str,
+    def http_request(self, source: PeerLabels, service: str, version: str, workload: str,
                      node: str | None, code: int, flags: str, duration_ms: float,
                      request_bytes: int, response_bytes: int) -> None:
         """Count one HTTP request answered to the app (reporter "source")."""
@@ -211,7 +211,7 @@ class ProxyStats:
             pair = (service, node)
             by_endpoint[pair] = by_endpoint.get(pair, 0) + 1
 
-    def http_inbound_request(self, source: Workload, me: Workload, code: int, flags: str,
+    def http_inbound_request(self, source: PeerLabels, me: PeerLabels, code: int, flags: str,
                              security: str, duration_ms: float, request_bytes: int,
                              response_bytes: int) -> None:
         """Count one HTTP request this proxy answered for its app (reporter "destination")."""
@@ -340,7 +340,7 @@ def http_label_items(key: HttpKey) -> Iterator[tuple[str, str]]:
     labels = TcpLabels(
         reporter=REPORTER[OUTBOUND],
         source=source,
-        destination=Workload(workload=workload, namespace=source.namespace, app=service,
+        destination=PeerLabels(workload=workload, namespace=source.namespace, app=service,
                              version=version),
         destination_service=service,
         destination_service_name=service,
@@ -374,9 +374,9 @@ def inbound_label_items(key: InboundKey) -> Iterator[tuple[str, str]]:
             yield "response_code", str(code)
 
 
-def workload_of(identity: ProxyIdentity) -> Workload:
+def workload_of(identity: ProxyIdentity) -> PeerLabels:
     """How Istio's labels name the workload a proxy sits beside."""
-    return Workload(
+    return PeerLabels(
         workload=identity.compose_service or UNKNOWN,
         namespace=identity.project or UNKNOWN,
         app=identity.service or UNKNOWN,
@@ -384,7 +384,7 @@ def workload_of(identity: ProxyIdentity) -> Workload:
     )
 
 
-def passthrough_labels(direction: str, me: Workload) -> TcpLabels:
+def passthrough_labels(direction: str, me: PeerLabels) -> TcpLabels:
     """Labels for plain TCP passed through to its original destination.
 
     Outbound (reporter "source"): we are the source; the destination is not known to the mesh.

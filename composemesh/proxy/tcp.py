@@ -40,10 +40,10 @@ from composemesh.proxy.stats import (
     OUTBOUND,
     REPORTER,
     UPSTREAM_RESET,
+    PeerLabels,
     ProxyStats,
     TcpCounters,
     TcpLabels,
-    Workload,
     passthrough_labels,
 )
 from composemesh.proxy.table import EMPTY_TABLE, HTTP, TCP, RoutingTable
@@ -104,8 +104,8 @@ class Sniff:
     key: object = None
 
 
-Decision = Destination | Handoff | Sniff | Refused
-Chooser = Callable[[Address], "Decision | None"]  # original destination -> what to do
+Route = Destination | Handoff | Sniff | Refused
+Chooser = Callable[[Address], "Route | None"]  # original destination -> what to do
 Resolver = Callable[[Any], Address]  # accepted socket -> its original destination
 HttpEntry = Callable[[str, int], Handoff]  # (mesh service, port) -> the HTTP path's handoff
 
@@ -176,7 +176,7 @@ class Router:
     state carry over from ``previous`` for services whose routing did not change.
     """
 
-    def __init__(self, table: RoutingTable, me: Workload, *, rng: random.Random | None = None,
+    def __init__(self, table: RoutingTable, me: PeerLabels, *, rng: random.Random | None = None,
                  http: HttpEntry | None = None, previous: Router | None = None,
                  tls: MeshTls | None = None) -> None:
         self.table = table
@@ -196,7 +196,7 @@ class Router:
             self.services[service] = state
         self._tcp_labels: dict[tuple[str, Endpoint], TcpLabels] = {}
 
-    def choose(self, original: Address) -> Decision | None:
+    def choose(self, original: Address) -> Route | None:
         """The outbound chooser: pass-through, TCP to an endpoint, HTTP, or sniff first."""
         host, port = original[0], original[1]
         table = self.table
@@ -246,7 +246,7 @@ class Router:
             labels = self._tcp_labels[key] = TcpLabels(
                 reporter=REPORTER[OUTBOUND],
                 source=me,
-                destination=Workload(workload=self.table.workload(endpoint),
+                destination=PeerLabels(workload=self.table.workload(endpoint),
                                      namespace=me.namespace, app=service,
                                      version=endpoint.version),
                 destination_service=service,
@@ -256,7 +256,7 @@ class Router:
         return labels
 
 
-EMPTY_ROUTER = Router(EMPTY_TABLE, Workload())
+EMPTY_ROUTER = Router(EMPTY_TABLE, PeerLabels())
 
 
 class Forwarder:
@@ -389,7 +389,7 @@ class Downstream(_Side):
             return None
         return original
 
-    def route(self, decision: Decision | None, first: bytes = b"") -> None:
+    def route(self, decision: Route | None, first: bytes = b"") -> None:
         """Carry out ``decision``; ``first``: bytes already read from the client, inside the
         ``data_received`` that counts them."""
         fwd = self.forwarder
@@ -405,7 +405,7 @@ class Downstream(_Side):
         else:
             assert isinstance(decision, Sniff)
             self.sniff = decision
-            self.counters = _UNCOUNTED  # counted once the verdict is in
+            self.counters = UNCOUNTED  # counted once the verdict is in
             self.forward = self._sniff_data
             fwd.connections.add(self)
             self.sniffing = asyncio.get_running_loop().call_later(
@@ -783,7 +783,7 @@ def splice(a: asyncio.Transport, b: asyncio.Transport, a_first: bytes, b_first: 
     b.resume_reading()
 
 
-_UNCOUNTED = TcpCounters()  # what a connection's bytes add to before it has its own counters
+UNCOUNTED = TcpCounters()  # what a connection's bytes add to before it has its own counters
 
 
 class IdleWatch:

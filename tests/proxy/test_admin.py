@@ -21,7 +21,7 @@ from composemesh.proxy.admin import (
     build_prometheus_app,
 )
 from composemesh.proxy.pilot_client import ConfigStore
-from composemesh.proxy.stats import INBOUND, OUTBOUND, ProxyStats, Workload, passthrough_labels
+from composemesh.proxy.stats import INBOUND, OUTBOUND, PeerLabels, ProxyStats, passthrough_labels
 
 from .conftest import free_port
 from .pilot_double import snapshot_body
@@ -60,7 +60,7 @@ def test_admin_endpoints() -> None:
 
         ctx.listeners.update({OUTBOUND: True, INBOUND: True})
         ctx.store.offer(snapshot_body("v7"))
-        ctx.stats.tcp(passthrough_labels(OUTBOUND, Workload())).opened = 2
+        ctx.stats.tcp(passthrough_labels(OUTBOUND, PeerLabels())).opened = 2
         assert await get(build_admin_app(ctx), "/ready") == (
             200, "text/plain; charset=utf-8", "LIVE\n")
         assert (await get(build_health_app(ctx), "/healthz/ready"))[0] == 200

@@ -32,7 +32,7 @@ from composemesh.proxy.http import OutboundHttp
 from composemesh.proxy.inbound import InboundConfig, InboundForwarder, InboundHttp, InboundRouter
 from composemesh.proxy.pilot_client import ConfigStore
 from composemesh.proxy.server import routing_applier
-from composemesh.proxy.stats import INBOUND, OUTBOUND, ProxyStats, Workload, passthrough_labels
+from composemesh.proxy.stats import INBOUND, OUTBOUND, PeerLabels, ProxyStats, passthrough_labels
 from composemesh.proxy.tcp import Forwarder, passthrough
 
 from .conftest import PYTHON, REPO, run_on
@@ -430,7 +430,7 @@ async def inbound(protocol: str | None = "http", policies: tuple[Policy, ...] = 
     upstream = RawUpstream(APP, app or ok)
     app_port = await upstream.start()
     stats = ProxyStats()
-    me = Workload()
+    me = PeerLabels()
     inbound_http = InboundHttp(stats, limits=limits)
     forwarder = InboundForwarder(stats, InboundRouter(InboundConfig(me=me, node=""),
                                                       inbound_http),

@@ -41,7 +41,7 @@ from composemesh.proxy.admin import AdminContext, build_admin_app
 from composemesh.proxy.http import OutboundHttp
 from composemesh.proxy.pilot_client import ConfigStore
 from composemesh.proxy.server import routing_applier, serve
-from composemesh.proxy.stats import INBOUND, OUTBOUND, ProxyStats, Workload, passthrough_labels
+from composemesh.proxy.stats import INBOUND, OUTBOUND, PeerLabels, ProxyStats, passthrough_labels
 from composemesh.proxy.tcp import Forwarder, passthrough
 
 from .conftest import free_port, run_on
@@ -158,9 +158,9 @@ async def mesh(r: ServiceRouting, endpoints: list[tuple[str, str]] | None = None
     dialed = endpoints[0][1]  # the app dialed the service's name: it resolved to this one
     stats = ProxyStats()
     http = OutboundHttp(stats)
-    outbound = Forwarder(OUTBOUND, stats, passthrough(passthrough_labels(OUTBOUND, Workload())),
+    outbound = Forwarder(OUTBOUND, stats, passthrough(passthrough_labels(OUTBOUND, PeerLabels())),
                          resolver=lambda sock: (dialed, port))
-    inbound = Forwarder(INBOUND, stats, passthrough(passthrough_labels(INBOUND, Workload())))
+    inbound = Forwarder(INBOUND, stats, passthrough(passthrough_labels(INBOUND, PeerLabels())))
     store = ConfigStore([routing_applier(outbound, inbound, http, random.Random(seed))])
     answer = store.offer(snapshot("s1", settings(r, endpoints, protocol)))
     assert answer.ok, answer.reason

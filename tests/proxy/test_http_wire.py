@@ -22,7 +22,7 @@ from composemesh.model.limits import ProxyLimits
 from composemesh.proxy.http import OutboundHttp
 from composemesh.proxy.pilot_client import ConfigStore
 from composemesh.proxy.server import routing_applier
-from composemesh.proxy.stats import INBOUND, OUTBOUND, ProxyStats, Workload, passthrough_labels
+from composemesh.proxy.stats import INBOUND, OUTBOUND, PeerLabels, ProxyStats, passthrough_labels
 from composemesh.proxy.tcp import Forwarder, passthrough
 
 from .conftest import run_on
@@ -156,9 +156,9 @@ async def wire(respond: Respond, protocol: str | None = "http",
     port = await upstream.start()
     stats = ProxyStats()
     http = OutboundHttp(stats, limits=limits)
-    outbound = Forwarder(OUTBOUND, stats, passthrough(passthrough_labels(OUTBOUND, Workload())),
+    outbound = Forwarder(OUTBOUND, stats, passthrough(passthrough_labels(OUTBOUND, PeerLabels())),
                          resolver=resolver or (lambda sock: (V1, port)), limits=limits)
-    inbound = Forwarder(INBOUND, stats, passthrough(passthrough_labels(INBOUND, Workload())))
+    inbound = Forwarder(INBOUND, stats, passthrough(passthrough_labels(INBOUND, PeerLabels())))
     store = ConfigStore([routing_applier(outbound, inbound, http, random.Random(1))])
     answer = store.offer(snapshot("s1", settings(routing(route(("v1", 100))), [("v1", V1)],
                                                  protocol)))

@@ -29,7 +29,7 @@ from composemesh.proxy.decisions import LocalNetwork, admits_plaintext
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.pilot_client import ConfigStore
 from composemesh.proxy.server import DataPath, data_path
-from composemesh.proxy.stats import ProxyStats, Workload
+from composemesh.proxy.stats import PeerLabels, ProxyStats
 from composemesh.proxy.upstream import UpstreamPool
 
 from .test_http import route
@@ -148,7 +148,7 @@ async def pair(pki: Pki, *, protocol: str | None = "http", client: str = "produc
             cleanups.append(_closer(tcp_server))
 
         # proxy B, the app's sidecar: its inbound listener (SO_ORIGINAL_DST: the app)
-        b = data_path(Workload(), lambda: True, resolver=lambda sock: (APP_ADDR, port),
+        b = data_path(PeerLabels(), lambda: True, resolver=lambda sock: (APP_ADDR, port),
                       rng=random.Random(1), tls=b_tls or mesh_tls(pki, "reviews"))
         b_store = ConfigStore([b.apply])
         answer = b_store.offer(snapshot("reviews", "reviews", server_settings(protocol, **server)))
@@ -157,7 +157,7 @@ async def pair(pki: Pki, *, protocol: str | None = "http", client: str = "produc
         cleanups.append(_closer(b_listener, b))
 
         # proxy A, the client's sidecar: its outbound listener (SO_ORIGINAL_DST: B)
-        a = data_path(Workload(), lambda: True, resolver=lambda sock: (B_ADDR, port),
+        a = data_path(PeerLabels(), lambda: True, resolver=lambda sock: (B_ADDR, port),
                       rng=random.Random(1), tls=a_tls or mesh_tls(pki, client))
         answer = ConfigStore([a.apply]).offer(snapshot(client, client, client_settings(protocol)))
         assert answer.ok, answer.reason

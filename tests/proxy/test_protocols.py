@@ -29,8 +29,8 @@ from composemesh.proxy.server import routing_applier
 from composemesh.proxy.stats import (
     INBOUND,
     OUTBOUND,
+    PeerLabels,
     ProxyStats,
-    Workload,
     passthrough_labels,
 )
 from composemesh.proxy.table import build_table
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.timeout(120)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
 BANNER = b"220 banner ready\r\n"
-LABELS = passthrough_labels(OUTBOUND, Workload())
+LABELS = passthrough_labels(OUTBOUND, PeerLabels())
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,7 @@ def test_tcp_to_the_mesh_service_name_keeps_the_weights() -> None:
     means the mesh service, and TCP to it is split by the weights."""
     s = settings(routing(route(("v2", 100))), [("v1", V1), ("v2", V2)], "tcp")
     s["services"]["reviews"][0]["node"] = "shop-reviews-netns-1"  # compose service "reviews"
-    router = Router(build_table(s, project="shop"), Workload())
+    router = Router(build_table(s, project="shop"), PeerLabels())
     for dialed in (V1, V2):
         hosts = set()
         for _ in range(20):

@@ -6,9 +6,9 @@ from composemesh.model.snapshot import ProxyIdentity
 from composemesh.proxy.stats import (
     INBOUND,
     OUTBOUND,
+    PeerLabels,
     ProxyStats,
     TcpLabels,
-    Workload,
     label_names,
     passthrough_labels,
     workload_of,
@@ -19,7 +19,7 @@ ME = workload_of(ProxyIdentity(node="shop-web-netns-1", project="shop",
 
 
 def test_a_proxys_workload_as_istio_names_it() -> None:
-    assert Workload(workload="web-v2", namespace="shop", app="web", version="v2") == ME
+    assert PeerLabels(workload="web-v2", namespace="shop", app="web", version="v2") == ME
 
 
 def test_outbound_reports_as_source_and_inbound_as_destination() -> None:
@@ -87,7 +87,7 @@ def test_label_values_are_escaped() -> None:
 def test_totals_per_direction() -> None:
     stats = ProxyStats()
     out_a = stats.tcp(passthrough_labels(OUTBOUND, ME))
-    out_b = stats.tcp(passthrough_labels(OUTBOUND, Workload(app="other")))
+    out_b = stats.tcp(passthrough_labels(OUTBOUND, PeerLabels(app="other")))
     assert stats.tcp(passthrough_labels(OUTBOUND, ME)) is out_a
     out_a.opened, out_a.closed, out_a.received, out_a.sent = 2, 1, 10, 20
     out_b.opened, out_b.received = 1, 5

@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from composemesh.proxy import tcp
-from composemesh.proxy.stats import OUTBOUND, ProxyStats, Workload, passthrough_labels
+from composemesh.proxy.stats import OUTBOUND, PeerLabels, ProxyStats, passthrough_labels
 from composemesh.proxy.tcp import Destination, Forwarder, is_proxy_address, passthrough
 
 from .conftest import run_on
 
-LABELS = passthrough_labels(OUTBOUND, Workload(workload="web-v1", app="web"))
+LABELS = passthrough_labels(OUTBOUND, PeerLabels(workload="web-v1", app="web"))
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -293,7 +293,7 @@ def test_no_route_closes_and_a_new_chooser_applies_to_new_connections(loop_kind:
             writer.close()
             assert forwarder.stats.totals()[OUTBOUND]["errors_by_kind"]["no_route"] == 1
 
-            other = passthrough_labels(OUTBOUND, Workload(workload="web-v2"))
+            other = passthrough_labels(OUTBOUND, PeerLabels(workload="web-v2"))
             forwarder.chooser = lambda original: Destination(target[0], target[1], other)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"ping")
