@@ -33,6 +33,7 @@ import httptools
 
 from composemesh.model.limits import ProxyLimits
 from composemesh.model.routing import IDEMPOTENT_METHODS, HttpRoute
+from composemesh.proxy.buffers import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from composemesh.proxy.decisions import (
     Endpoint,
     Outcome,
@@ -61,8 +62,6 @@ from composemesh.proxy.stats import (
 )
 from composemesh.proxy.tcp import (
     EMPTY_ROUTER,
-    WRITE_HIGH_WATER,
-    WRITE_LOW_WATER,
     Handoff,
     Router,
     ServiceState,

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
-from composemesh.ca.tls import HANDSHAKE_TIMEOUT, peer_spiffe
 from composemesh.model.limits import ProxyLimits
 from composemesh.model.routing import ServiceRouting
 from composemesh.model.wellknown import PROXY_PORTS
+from composemesh.proxy.buffers import WRITE_HIGH_WATER, WRITE_LOW_WATER
+from composemesh.proxy.connector import PeerIdentityError, connect_peer
 from composemesh.proxy.decisions import Endpoint, EndpointPicker, OutlierDetector, pick_version
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.original_dst import Address, original_dst
@@ -50,8 +51,6 @@ from composemesh.proxy.table import EMPTY_TABLE, HTTP, TCP, RoutingTable
 from composemesh.proxy.tls_link import TlsLink
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach a destination before the connection is dropped
-WRITE_HIGH_WATER = 1024 * 1024  # a side stops reading its peer when its own buffer holds this
-WRITE_LOW_WATER = 256 * 1024  # ... and starts again once the buffer drains below this
 SNIFF_TIMEOUT = 0.1  # seconds to wait for anyone's first bytes before deciding on TCP
 SNIFF_MAX = 64 * 1024  # first bytes held this long without a verdict are TCP
 UNUSED_LINGER = 10.0  # seconds a connection opened ahead and not used may take to close
@@ -521,52 +520,38 @@ class Downstream(_Side):
         fwd = self.forwarder
         loop = asyncio.get_running_loop()
         tls = fwd.tls
-        context = tls.client_tcp if tls is not None and destination.peer is not None else None
-        link: TlsLink | None = None
+        peer = destination.peer
+        context = tls.client_tcp if tls is not None and peer is not None else None
         try:
             async with asyncio.timeout(fwd.connect_timeout):
-                if context is None:
+                if context is None or peer is None:
                     upstream_transport, _ = await loop.create_connection(
                         lambda: Upstream(self), destination.host, destination.port)
                 else:
-                    _, link = await loop.create_connection(
-                        partial(TlsLink, context, server_side=False,
-                                handshake_timeout=HANDSHAKE_TIMEOUT),
-                        destination.host, destination.port)
-                    await link.handshake
-        except TimeoutError:
-            kind = "connect_timeout"
-        except ssl.SSLError:
-            kind = "tls_handshake"
-        except OSError:
-            kind = "connect_failed"
-        except asyncio.CancelledError:
-            if link is not None:
-                link.abort()
-            raise
-        else:
-            kind = ""
-            if link is not None:
-                if peer_spiffe(link.sslobj) == destination.peer:
+                    link = await connect_peer(context, destination.host, destination.port, peer)
                     if self.dropped:  # opened ahead for nothing
                         self.connecting = None
                         Unused(link)
                         return
                     link.attach(Upstream(self))
                     upstream_transport = link
-                else:
-                    kind = "tls_peer"
-            if not kind:
-                self.connecting = None
-                if self.dropped:
-                    Unused(upstream_transport)
-                elif self.sniff is not None:  # opened ahead: linked once the verdict is TCP
-                    self.ready = upstream_transport
-                else:
-                    self._link(upstream_transport)
-                return
-        if link is not None:
-            link.abort()
+        except TimeoutError:
+            kind = "connect_timeout"
+        except PeerIdentityError:
+            kind = "tls_peer"
+        except ssl.SSLError:
+            kind = "tls_handshake"
+        except OSError:
+            kind = "connect_failed"
+        else:
+            self.connecting = None
+            if self.dropped:
+                Unused(upstream_transport)
+            elif self.sniff is not None:  # opened ahead: linked once the verdict is TCP
+                self.ready = upstream_transport
+            else:
+                self._link(upstream_transport)
+            return
         self.connecting = None
         if self.sniff is not None or self.dropped:  # opened ahead: the verdict tries again
             self.ahead = None

@@ -15,23 +15,20 @@ that the exchange closes the app's connection after it too, as Envoy does.
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from collections.abc import Callable
 from typing import Protocol, cast
 
 import httptools
 
-from composemesh.ca.tls import HANDSHAKE_TIMEOUT, peer_spiffe
 from composemesh.model.limits import ProxyLimits
+from composemesh.proxy.buffers import WRITE_HIGH_WATER, WRITE_LOW_WATER
+from composemesh.proxy.connector import connect_peer
 from composemesh.proxy.mtls import MeshTls
-from composemesh.proxy.tls_link import TlsLink
 
 MAX_IDLE_PER_HOST = 64
 IDLE_EXPIRY = 60.0  # seconds an idle connection is kept
 SWEEP_INTERVAL = 10.0  # how often expired idle connections are closed
-WRITE_HIGH_WATER = 1024 * 1024
-WRITE_LOW_WATER = 256 * 1024
 
 Key = tuple[str, int]  # (address, port)
 
@@ -367,10 +364,6 @@ def _connection_tokens(value: bytes) -> set[bytes]:
     return {t.strip().lower() for t in value.split(b",")} - {b"close", b"keep-alive", b""}
 
 
-class PeerIdentityError(ssl.SSLError):
-    """The endpoint's certificate is good but names another workload than the one expected."""
-
-
 class UpstreamPool:
     """Idle keep-alive connections per (address, port), most recently used first."""
 
@@ -445,26 +438,14 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         tls = self.tls
         context = tls.client if tls is not None and peer is not None else None
-        if context is None:
+        if context is None or peer is None:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
                     lambda: UpstreamConnection(self, key), key[0], key[1])
             self.opened += 1
             return conn
-        link: TlsLink | None = None
-        try:
-            async with asyncio.timeout(timeout):
-                _, link = await loop.create_connection(
-                    lambda: TlsLink(context, server_side=False,
-                                    handshake_timeout=HANDSHAKE_TIMEOUT), key[0], key[1])
-                await link.handshake
-            seen = peer_spiffe(link.sslobj)
-            if seen != peer:
-                raise PeerIdentityError(f"{key[0]}:{key[1]} is {seen}, not {peer}")
-        except BaseException:
-            if link is not None:
-                link.abort()
-            raise
+        async with asyncio.timeout(timeout):
+            link = await connect_peer(context, key[0], key[1], peer)
         conn = UpstreamConnection(self, key)
         link.attach(conn)
         self.opened += 1
