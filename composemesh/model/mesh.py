@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from composemesh.model.policy import Policy
 from composemesh.model.routing import ServiceRouting
@@ -62,16 +60,3 @@ class MeshState:
                 return workload
         return None
 
-
-def content_version(obj: object) -> str:
-    """A short, stable version string for any JSON-able value (the same content, the same id)."""
-    data = json.dumps(obj, sort_keys=True, default=_default).encode()
-    return hashlib.sha256(data).hexdigest()[:12]
-
-
-def _default(obj: object) -> object:
-    if hasattr(obj, "__dataclass_fields__"):
-        return asdict(obj)  # type: ignore[call-overload]
-    if isinstance(obj, frozenset | set):
-        return sorted(obj)  # type: ignore[type-var]
-    raise TypeError(f"not JSON-able: {type(obj).__name__}")

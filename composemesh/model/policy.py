@@ -1,4 +1,4 @@
-"""Authorization policies per destination service: frozen values, parsing, evaluation, codec.
+"""Authorization policies per destination service: frozen values, parsing, evaluation.
 
 Istio's AuthorizationPolicy, simplified to one rule per policy::
 
@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 from composemesh.errors import ConfigError
 from composemesh.model.settings import SECTION
+from composemesh.model.wire import to_builtins
 
 POLICIES = f"{SECTION}.policies"
 ACTIONS = ("ALLOW", "DENY")
@@ -77,6 +78,14 @@ class Operation:
     methods: frozenset[str] = frozenset()  # upper-case
     paths: tuple[str, ...] = ()  # patterns: /exact, /prefix*, *suffix, *
 
+    def __post_init__(self) -> None:  # what its types cannot say (it travels in snapshots)
+        unknown = sorted(self.methods - frozenset(METHODS))
+        if unknown:
+            raise ValueError(f"methods: {', '.join(map(repr, unknown))} is not one of "
+                             f"{', '.join(METHODS)}")
+        if not all(self.paths):
+            raise ValueError("paths: a path pattern is empty")
+
     @property
     def needs_http(self) -> bool:
         return bool(self.methods or self.paths)
@@ -90,6 +99,10 @@ class Policy:
     action: Action = "ALLOW"
     sources: frozenset[str] | None = None  # None: any source, unauthenticated included
     operations: tuple[Operation, ...] = ()  # empty: any request or connection
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("name: must not be empty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,73 +385,7 @@ def _names(known: Collection[str]) -> str:
     return ", ".join(sorted(known)) if known else "none: no service is in the mesh"
 
 
-# --------------------------------------------------------------------------- JSON codec
-
-
-def policies_to_json(policies: Mapping[str, Sequence[Policy]]) -> dict[str, Any]:
-    """``{service: [policy, ...]}`` as plain JSON values (they travel in snapshots)."""
-    return {
-        service: [
-            {
-                "name": p.name,
-                "action": p.action,
-                "from": None if p.sources is None else sorted(p.sources),
-                "to": [
-                    {"methods": sorted(op.methods), "paths": list(op.paths)} for op in p.operations
-                ],
-            }
-            for p in items
-        ]
-        for service, items in sorted(policies.items())
-    }
-
-
-def policies_from_json(obj: object) -> dict[str, tuple[Policy, ...]]:
-    """Decode what ``policies_to_json`` wrote; ValueError naming the first bad field."""
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"policies: must be an object, not {type(obj).__name__}")
-    result: dict[str, tuple[Policy, ...]] = {}
-    for service, items in obj.items():
-        where = f"policies.{service}"
-        if not isinstance(items, list):
-            raise ValueError(f"{where}: must be a list, not {type(items).__name__}")
-        result[str(service)] = tuple(
-            _policy_from_json(p, f"{where}[{i}]") for i, p in enumerate(items)
-        )
-    return result
-
-
-def _policy_from_json(obj: object, where: str) -> Policy:
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{where}: must be an object, not {type(obj).__name__}")
-    for key in POLICY_KEYS:
-        if key not in obj:
-            raise ValueError(f"{where}.{key}: missing")
-    name, action, sources, to = obj["name"], obj["action"], obj["from"], obj["to"]
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{where}.name: must be a non-empty string")
-    if action not in ACTIONS:
-        raise ValueError(f"{where}.action: {action!r} is not one of {', '.join(ACTIONS)}")
-    if sources is not None and (
-        not isinstance(sources, list) or not all(isinstance(s, str) for s in sources)
-    ):
-        raise ValueError(f"{where}.from: must be null or a list of strings")
-    if not isinstance(to, list):
-        raise ValueError(f"{where}.to: must be a list")
-    operations = []
-    for i, op in enumerate(to):
-        ow = f"{where}.to[{i}]"
-        if not isinstance(op, Mapping):
-            raise ValueError(f"{ow}: must be an object")
-        methods, paths = op.get("methods"), op.get("paths")
-        if not isinstance(methods, list) or any(m not in METHODS for m in methods):
-            raise ValueError(f"{ow}.methods: must be a list of {', '.join(METHODS)}")
-        if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-            raise ValueError(f"{ow}.paths: must be a list of non-empty strings")
-        operations.append(Operation(methods=frozenset(methods), paths=tuple(paths)))
-    return Policy(
-        name=name,
-        action=action,
-        sources=None if sources is None else frozenset(sources),
-        operations=tuple(operations),
-    )
+def policies_to_json(policies: Mapping[str, Sequence[Policy]]) -> Any:
+    """``{service: [policy, ...]}`` as plain JSON values, as the contract's codec writes them
+    (``wire.to_builtins``): for tests that write a snapshot's settings by hand."""
+    return to_builtins({service: tuple(items) for service, items in sorted(policies.items())})

@@ -292,7 +292,7 @@ def _service_routing(
     return ServiceRouting(
         service=service,
         routes=tuple(routes),
-        load_balancer=lb,  # type: ignore[arg-type]  # one of LOAD_BALANCERS, checked above
+        load_balancer=lb,  # one of LOAD_BALANCERS, checked above
         outlier=outlier,
         connect_timeout_s=connect_timeout,
     )
@@ -472,7 +472,7 @@ def _string_match(value: object, where: str) -> StringMatch:
             raise ConfigError(
                 f"{text!r} is not a valid regular expression: {exc}", field=f"{where}.regex"
             ) from None
-    return StringMatch(kind, text)  # type: ignore[arg-type]  # a key of STRING_MATCH_KEYS
+    return StringMatch(kind, text)  # a key of STRING_MATCH_KEYS
 
 
 def _retries(value: object, where: str, policy: RetryPolicy) -> RetryPolicy:

@@ -1,24 +1,47 @@
-"""The versioned per-proxy snapshot the pilot pushes, and its JSON wire codec.
+"""The contract between pilot and proxies: every message they exchange, as a typed value.
 
-pilot and proxy never import each other: this module is the whole contract between them.
-Later issues add routes, clusters, policies and the trust bundle as new fields; a proxy
-NACKs a snapshot whose ``schema`` it does not know.
+pilot and proxy never import each other: this module and its codec (``model.wire``) are the
+whole of what they share. A snapshot and each of its parts, an ACK/NACK, the certificate
+answer and a refusal are frozen dataclasses here (the routing and policy values inside a
+snapshot are the model's own ``ServiceRouting`` and ``Policy``); ``wire.encode`` writes any
+of them, ``wire.decode`` reads one back as its type, and a field that does not decode is a
+ContractError naming its path: the reason a proxy NACKs a snapshot with. A proxy also NACKs a
+snapshot whose ``schema`` it does not know. The certificate request is the one message that
+is not JSON: a PEM PKCS#10 CSR (``CSR_CONTENT_TYPE``).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
-from composemesh.errors import MeshError
+import msgspec
+
+from composemesh.model.mesh import NetworkAttachment
+from composemesh.model.policy import Policy
+from composemesh.model.routing import ServiceRouting
+from composemesh.model.wire import ContractError, convert, decode, encode
 
 SCHEMA = 1
+# The pilot's endpoints for proxies (over its Unix socket) and the one body that is not JSON.
+SNAPSHOT_PATH = "/v1/snapshot"  # GET, long poll: a Snapshot (200) or nothing new (304)
+ACK_PATH = "/v1/ack"  # POST an Ack
+CERTIFICATE_PATH = "/v1/certificate"  # POST a PEM CSR: a CertificateResponse
+CSR_CONTENT_TYPE = "application/pkcs10"
+
+Protocol = Literal["http", "tcp"]
+MtlsMode = Literal["STRICT", "PERMISSIVE"]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+PortName = Annotated[str, msgspec.Meta(pattern=r"^[1-9][0-9]{0,4}$")]  # a JSON key: a string
+Name = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-class SnapshotError(MeshError):
+class SnapshotError(ContractError):
     """A snapshot that cannot be decoded or applied; the proxy NACKs it with this reason."""
+
+
+# --------------------------------------------------------------------------- the messages
 
 
 @dataclass(frozen=True)
@@ -32,6 +55,43 @@ class ProxyIdentity:
     version: str  # subset
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceEndpoint:
+    """One running instance of a mesh service, as one proxy reaches it."""
+
+    node: Name
+    version: Name
+    address: Name  # the one address this proxy reaches it at
+    addresses: tuple[str, ...] = ()  # all of its addresses: any of them the app may dial
+    compose_service: str | None = None  # a metric label; None: read from the node's name
+
+
+@dataclass(frozen=True, slots=True)
+class DeclaredProtocols:
+    """The declared protocol of a service's ports; None means "detect from the first bytes"."""
+
+    default: Protocol | None = None
+    ports: Mapping[PortName, Protocol] = field(default_factory=dict)  # {"9080": "http"}
+
+
+@dataclass(frozen=True)
+class SnapshotSettings:
+    """What one proxy is told, part by part (a part left out is empty)."""
+
+    trust_domain: str = ""
+    mtls_mode: MtlsMode = "STRICT"  # for this proxy's own service
+    services: Mapping[str, tuple[ServiceEndpoint, ...]] = field(default_factory=dict)
+    # addresses of instances that take no traffic now: an app's DNS may still answer them
+    idle_addresses: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    routing: Mapping[str, ServiceRouting] = field(default_factory=dict)
+    protocols: Mapping[str, DeclaredProtocols] = field(default_factory=dict)
+    trust_bundle: str = ""  # the CA's roots (PEM, public); "": keep the current bundle
+    signing_root: str = ""  # fingerprint of the root that signs now
+    policies: Mapping[str, tuple[Policy, ...]] = field(default_factory=dict)  # this service's
+    published_ports: tuple[int, ...] = ()  # container ports the holder publishes
+    networks: tuple[NetworkAttachment, ...] = ()  # the holder's networks, with subnets
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything one proxy needs, as of one version of the mesh."""
@@ -39,7 +99,7 @@ class Snapshot:
     version: str
     identity: ProxyIdentity
     schema: int = SCHEMA
-    settings: Mapping[str, Any] = field(default_factory=dict)
+    settings: SnapshotSettings = field(default_factory=SnapshotSettings)
 
 
 @dataclass(frozen=True)
@@ -52,40 +112,60 @@ class Ack:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class CertificateResponse:
+    """The pilot's answer to a proxy's CSR (``POST /v1/certificate``, the body a PEM CSR)."""
+
+    cert_pem: str
+    chain_pem: str  # the leaf, then its issuers
+    trust_bundle_pem: str
+    spiffe: str
+    not_after: str  # ISO 8601
+    serial: str  # hex
+
+
+@dataclass(frozen=True)
+class ErrorResponse:
+    """Any refusal by the pilot (4xx, 5xx): one sentence."""
+
+    error: str
+
+
 def encode_snapshot(snapshot: Snapshot) -> bytes:
-    return json.dumps(asdict(snapshot), sort_keys=True).encode()
+    """``snapshot`` on the wire (``wire.encode``: the same snapshot, the same bytes)."""
+    return encode(snapshot)
 
 
 def decode_snapshot(data: bytes | str) -> Snapshot:
     """Decode a snapshot; raise SnapshotError (the NACK reason) if it is not one we can apply."""
     try:
-        obj = json.loads(data)
-        if obj.get("schema") != SCHEMA:
-            raise SnapshotError(f"unknown snapshot schema {obj.get('schema')!r}")
-        return Snapshot(
-            version=str(obj["version"]),
-            identity=ProxyIdentity(**obj["identity"]),
-            schema=SCHEMA,
-            settings=dict(obj.get("settings") or {}),
-        )
+        snapshot = decode(data, Snapshot, SnapshotError)
     except SnapshotError:
+        try:  # a snapshot of another schema is refused for that, not for its fields
+            schema = decode(data, _Schema).schema
+        except ContractError:
+            schema = SCHEMA
+        if schema != SCHEMA:
+            raise SnapshotError(f"$.schema: unknown snapshot schema {schema!r}") from None
         raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise SnapshotError(f"malformed snapshot: {exc}") from None
+    if snapshot.schema != SCHEMA:
+        raise SnapshotError(f"$.schema: unknown snapshot schema {snapshot.schema!r}")
+    return snapshot
 
 
-def encode_ack(ack: Ack) -> bytes:
-    return json.dumps(asdict(ack)).encode()
+@dataclass(frozen=True)
+class _Schema:
+    """Only the schema of a snapshot, to say why one of another schema is refused."""
+
+    schema: object = SCHEMA
 
 
-def decode_ack(data: bytes | str) -> Ack:
+def as_settings(settings: SnapshotSettings | Mapping[str, Any]) -> SnapshotSettings:
+    """``settings`` as typed values: a proxy's tests and benches may still write them as
+    plain JSON values; SnapshotError naming the field if they do not convert."""
+    if isinstance(settings, SnapshotSettings):
+        return settings
     try:
-        obj = json.loads(data)
-        return Ack(
-            node=str(obj["node"]),
-            version=str(obj["version"]),
-            ok=bool(obj["ok"]),
-            reason=str(obj.get("reason", "")),
-        )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SnapshotError(f"malformed ack: {exc}") from None
+        return convert(settings, SnapshotSettings, SnapshotError)
+    except SnapshotError as exc:  # named as in a snapshot
+        raise SnapshotError(f"$.settings{str(exc).removeprefix('$')}") from None

@@ -32,11 +32,20 @@ from composemesh.errors import ConfigError
 from composemesh.model.mesh import MeshState, Workload
 from composemesh.model.routing_config import apply_weights
 from composemesh.model.settings import MeshSettings
-from composemesh.model.snapshot import Snapshot, SnapshotError, decode_ack, encode_snapshot
+from composemesh.model.snapshot import (
+    ACK_PATH,
+    CERTIFICATE_PATH,
+    SNAPSHOT_PATH,
+    Ack,
+    CertificateResponse,
+    ErrorResponse,
+    Snapshot,
+)
+from composemesh.model.wire import ContractError, decode, encode
 from composemesh.pilot.attest import Caller, KernelAttestor, Unknown
 from composemesh.pilot.build import build_state, default_split, service_versions
 from composemesh.pilot.ca_service import ROTATION_STEPS, CAService
-from composemesh.pilot.render import render_snapshot
+from composemesh.pilot.push_context import PushContext
 from composemesh.pilot.store import OverrideStore
 from composemesh.pilot.traffic import TrafficMonitor
 
@@ -86,6 +95,7 @@ class Pilot:
         self.last_seen: dict[str, float] = {}
         self.held: dict[str, HeldCertificate] = {}  # by node
         self._changed = asyncio.Condition()
+        self._push: PushContext | None = None
 
     async def update_workloads(self, workloads: tuple[Workload, ...]) -> None:
         """A new view from the Docker source: rebuild and publish."""
@@ -135,14 +145,20 @@ class Pilot:
         """Who is calling, as the kernel and the engine say (``attest.classify``)."""
         return self.attestor(request, self.state)
 
+    def push_context(self) -> PushContext:
+        """The current push: this state indexed once, with the CA's trust bundle and the
+        root that signs now; a new state or a rotation step makes a new one."""
+        bundle, root = ("", "") if self.ca is None else (
+            self.ca.trust_bundle_pem, fingerprint(self.ca.root_cert))
+        push = self._push
+        if push is None or not push.serves(self.state, bundle, root):
+            push = self._push = PushContext.build(self.state, bundle, root)
+        return push
+
     def snapshot_for(self, workload: Workload) -> Snapshot:
         """What ``workload``'s proxy is sent: its view of the mesh, the CA's trust bundle and
-        which root signs now."""
-        if self.ca is None:
-            return render_snapshot(self.state, workload)
-        return render_snapshot(
-            self.state, workload, self.ca.trust_bundle_pem, fingerprint(self.ca.root_cert)
-        )
+        which root signs now (rendered once per push)."""
+        return self.push_context().snapshot(workload)
 
     def identity_of(self, workload: Workload) -> dict[str, object]:
         """The status columns of the certificate ``workload``'s proxy holds: as it said with
@@ -175,8 +191,9 @@ class Pilot:
 
     def status(self) -> dict[str, object]:
         rows = []
+        push = self.push_context()
         for w in self.state.workloads:
-            snap = self.snapshot_for(w)
+            snap = push.snapshot(w)
             ack = self.acks.get(w.node)
             rows.append(
                 {
@@ -236,7 +253,12 @@ PILOT_KEY = web.AppKey("pilot", Pilot)
 
 
 def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    return _message(ErrorResponse(message), status)
+
+
+def _message(message: object, status: int = 200) -> web.Response:
+    """A message of the contract (``model.snapshot``) as the answer."""
+    return web.Response(body=encode(message), status=status, content_type="application/json")
 
 
 def _attested(pilot: Pilot, request: web.Request, what: str,
@@ -290,9 +312,9 @@ async def get_snapshot(request: web.Request) -> web.StreamResponse:
             applied = request.query.get("applied", "")
             if applied and workload.node not in pilot.acks:  # a pilot that lost its memory
                 pilot.acks[workload.node] = AckRecord(applied, True, "", time.time())
-            snapshot = pilot.snapshot_for(workload)
-            if snapshot.version != have:
-                return web.Response(body=encode_snapshot(snapshot), content_type="application/json")
+            push = pilot.push_context()
+            if push.snapshot(workload).version != have:
+                return web.Response(body=push.body(workload), content_type="application/json")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return web.Response(status=304)
@@ -307,8 +329,8 @@ async def post_ack(request: web.Request) -> web.Response:
         return caller
     workload = caller.proxy_workload
     try:
-        ack = decode_ack(await request.read())
-    except SnapshotError as exc:
+        ack = decode(await request.read(), Ack)
+    except ContractError as exc:
         return _error(400, str(exc))
     if ack.node and ack.node != workload.node:
         log.warning("ack from %s claims node %s; refused", workload.node, ack.node)
@@ -346,16 +368,14 @@ async def post_certificate(request: web.Request) -> web.Response:
     pilot.held[workload.node] = HeldCertificate(record.serial, record.not_after)
     log.info("certificate issued to %s (%s): %s serial %s until %s",
              who, workload.node, signed.spiffe.uri, record.serial, record.not_after)
-    return web.json_response(
-        {
-            "cert_pem": signed.cert_pem.decode(),
-            "chain_pem": signed.chain_pem.decode(),
-            "trust_bundle_pem": pilot.ca.trust_bundle_pem,
-            "spiffe": signed.spiffe.uri,
-            "not_after": record.not_after,
-            "serial": record.serial,
-        }
-    )
+    return _message(CertificateResponse(
+        cert_pem=signed.cert_pem.decode(),
+        chain_pem=signed.chain_pem.decode(),
+        trust_bundle_pem=pilot.ca.trust_bundle_pem,
+        spiffe=signed.spiffe.uri,
+        not_after=record.not_after,
+        serial=record.serial,
+    ))
 
 
 async def get_ca(request: web.Request) -> web.Response:
@@ -436,10 +456,10 @@ async def post_rotate(request: web.Request) -> web.Response:
 def make_app(pilot: Pilot) -> web.Application:
     app = web.Application()
     app[PILOT_KEY] = pilot
-    app.router.add_get("/v1/snapshot", get_snapshot)
-    app.router.add_post("/v1/ack", post_ack)
+    app.router.add_get(SNAPSHOT_PATH, get_snapshot)
+    app.router.add_post(ACK_PATH, post_ack)
     app.router.add_get("/v1/status", get_status)
-    app.router.add_post("/v1/certificate", post_certificate)
+    app.router.add_post(CERTIFICATE_PATH, post_certificate)
     app.router.add_get("/v1/ca", get_ca)
     app.router.add_post("/v1/ca/rotate", post_rotate)
     app.router.add_put("/v1/routes/{service}", put_route)

@@ -3,8 +3,8 @@
 Protocol: ``POST {pilot}/v1/certificate`` with a PEM PKCS#10 CSR as the body, over the
 pilot's Unix socket (``proxy.pilot_client.pilot_session``). The pilot attests the caller by
 what the kernel says of the socket's peer (this proxy's container) and answers ``200``
-with JSON ``{cert_pem, chain_pem, trust_bundle_pem, spiffe, not_after, serial}``, or
-``403``/``503`` with ``{error}``; ``404`` means the pilot runs no CA (it offers no
+with a ``CertificateResponse`` (``composemesh.model.snapshot``), or ``403``/``503`` with an
+``ErrorResponse``; ``404`` means the pilot runs no CA (it offers no
 certificates, and the proxy is ready without one, asking again now and then). A fresh P-256
 key is made for every request; it never leaves this process: not written to disk, not
 logged, not sent (only the CSR, which carries its public half).
@@ -47,11 +47,17 @@ from composemesh.ca import (
 )
 from composemesh.ca.rotation import RENEW_FRACTION, RENEW_JITTER
 from composemesh.errors import MeshError
-from composemesh.model.snapshot import Snapshot, SnapshotError
+from composemesh.model.snapshot import (
+    CERTIFICATE_PATH,
+    CSR_CONTENT_TYPE,
+    CertificateResponse,
+    ErrorResponse,
+    Snapshot,
+    SnapshotError,
+)
+from composemesh.model.wire import ContractError, decode
 from composemesh.proxy.pilot_client import SERVICE_HEADER, Applier, backoff_delay, pilot_session
 
-CERTIFICATE_PATH = "/v1/certificate"
-CSR_CONTENT_TYPE = "application/pkcs10"
 REQUEST_TIMEOUT = 10.0  # seconds for one CSR round trip
 CONNECT_TIMEOUT = 5.0
 BACKOFF_INITIAL = 0.5
@@ -330,10 +336,11 @@ class WorkloadIdentity:
                     f"{await _error_of(response)}"
                 )
             try:
-                body = await response.json(content_type=None)
-            except ValueError:
-                raise IdentityError(f"POST {CERTIFICATE_PATH}: the answer is not JSON") from None
-        cert = self._check(body, key)
+                answer = decode(await response.read(), CertificateResponse)
+            except ContractError as exc:
+                raise IdentityError(f"POST {CERTIFICATE_PATH}: the answer is not a "
+                                    f"certificate: {exc}") from None
+        cert = self._check(answer, key)
         self.last_issuance_ms = round((time.monotonic() - started) * 1000, 1)
         self._held = (cert, key)
         self.offered = True
@@ -345,23 +352,21 @@ class WorkloadIdentity:
         self._rotated(cert)
         return cert
 
-    def _check(self, body: object, key: _PrivateKey) -> WorkloadCertificate:
+    def _check(self, answer: CertificateResponse, key: _PrivateKey) -> WorkloadCertificate:
         """The pilot's answer as a WorkloadCertificate; IdentityError if we cannot use it."""
-        if not isinstance(body, dict):
-            raise IdentityError("the pilot's answer is not a JSON object")
         try:
-            cert_pem = str(body["cert_pem"]).encode()
-            chain_pem = str(body["chain_pem"]).encode()
-            bundle_pem = str(body["trust_bundle_pem"]).encode()
+            cert_pem = answer.cert_pem.encode()
+            chain_pem = answer.chain_pem.encode()
+            bundle_pem = answer.trust_bundle_pem.encode()
             cert = cert_from_pem(cert_pem)
             chain = certs_from_pem(chain_pem)
             roots = certs_from_pem(bundle_pem)
             spiffe = spiffe_of(cert)
             parse_spiffe(spiffe)
-        except (KeyError, ValueError) as exc:
+        except ValueError as exc:
             raise IdentityError(f"the pilot's certificate is unusable: {exc}") from None
-        if spiffe != body.get("spiffe"):
-            raise IdentityError(f"the certificate names {spiffe}, the answer {body.get('spiffe')}")
+        if spiffe != answer.spiffe:
+            raise IdentityError(f"the certificate names {spiffe}, the answer {answer.spiffe}")
         if _spki_der(cert.public_key()) != key.public_der():
             raise IdentityError("the certificate is not for the key this proxy asked with")
         if chain[0] != cert:
@@ -403,18 +408,13 @@ def trust_bundle_applier(identity: WorkloadIdentity) -> Applier:
     """
 
     def prepare(snapshot: Snapshot) -> Callable[[], None]:
-        bundle = snapshot.settings.get("trust_bundle") or ""
-        if not isinstance(bundle, str):
-            raise SnapshotError("settings.trust_bundle must be PEM text")
-        signing = snapshot.settings.get("signing_root") or ""
-        if not isinstance(signing, str):
-            raise SnapshotError("settings.signing_root must be a fingerprint")
+        bundle, signing = snapshot.settings.trust_bundle, snapshot.settings.signing_root
         if not bundle:
             return lambda: None
         try:
             certs_from_pem(bundle)
         except ValueError as exc:
-            raise SnapshotError(f"settings.trust_bundle: {exc}") from None
+            raise SnapshotError(f"$.settings.trust_bundle: {exc}") from None
         data = bundle.encode()
 
         def commit() -> None:
@@ -443,10 +443,8 @@ def _issuer_of(
 
 
 async def _error_of(response: aiohttp.ClientResponse) -> str:
+    body = await response.read()
     try:
-        body = await response.json(content_type=None)
-    except ValueError:
-        return (await response.text())[:200] or response.reason or ""
-    if isinstance(body, dict) and "error" in body:
-        return str(body["error"])[:500]
-    return str(body)[:200]
+        return decode(body, ErrorResponse).error[:500]
+    except ContractError:
+        return body.decode(errors="replace")[:200] or response.reason or ""

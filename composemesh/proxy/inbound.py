@@ -45,11 +45,10 @@ from composemesh.ca.tls import (
     peer_spiffe,
 )
 from composemesh.model.limits import ProxyLimits
-from composemesh.model.policy import Policy, authorize, policies_from_json, request_path
+from composemesh.model.policy import Policy, authorize, request_path
 from composemesh.model.routing import HttpRoute, ServiceRouting, WeightedSubset
 from composemesh.model.snapshot import Snapshot, SnapshotError
 from composemesh.proxy.decisions import (
-    PERMISSIVE,
     STRICT,
     Endpoint,
     LocalNetwork,
@@ -119,31 +118,20 @@ def inbound_config(snapshot: Snapshot, me: PeerLabels,
                    protocols: ServiceProtocols) -> InboundConfig:
     """The inbound settings of ``snapshot``; SnapshotError naming the first bad field."""
     settings = snapshot.settings
-    mode = settings.get("mtls_mode") or STRICT
-    if mode not in (STRICT, PERMISSIVE):
-        raise SnapshotError(f"settings.mtls_mode: {mode!r} is not STRICT or PERMISSIVE")
-    try:
-        policies = policies_from_json(settings.get("policies") or {})
-    except ValueError as exc:
-        raise SnapshotError(f"settings.{exc}") from None
-    published = settings.get("published_ports") or []
-    if not isinstance(published, list) or not all(
-            isinstance(p, int) and not isinstance(p, bool) for p in published):
-        raise SnapshotError("settings.published_ports: must be a list of port numbers")
     networks = []
-    for i, net in enumerate(settings.get("networks") or []):
+    for i, net in enumerate(settings.networks):
         try:
-            networks.append(LocalNetwork(ipaddress.ip_network(net["subnet"], strict=False),
-                                         str(net.get("gateway") or "")))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SnapshotError(f"settings.networks[{i}]: {exc}") from None
+            networks.append(LocalNetwork(ipaddress.ip_network(net.subnet, strict=False),
+                                         net.gateway))
+        except ValueError as exc:
+            raise SnapshotError(f"$.settings.networks[{i}].subnet: {exc}") from None
     return InboundConfig(
         me=me,
         node=snapshot.identity.node,
-        trust_domain=str(settings.get("trust_domain") or ""),
-        mode=mode,
-        policies=policies.get(snapshot.identity.service, ()),
-        published=frozenset(published),
+        trust_domain=settings.trust_domain,
+        mode=settings.mtls_mode,
+        policies=settings.policies.get(snapshot.identity.service, ()),
+        published=frozenset(settings.published_ports),
         networks=tuple(networks),
         protocols=protocols,
     )

@@ -31,10 +31,16 @@ from collections.abc import Callable, Iterable
 import aiohttp
 
 from composemesh.errors import MeshError
-from composemesh.model.snapshot import Ack, Snapshot, SnapshotError, decode_snapshot, encode_ack
+from composemesh.model.snapshot import (
+    ACK_PATH,
+    SNAPSHOT_PATH,
+    Ack,
+    Snapshot,
+    SnapshotError,
+    decode_snapshot,
+)
+from composemesh.model.wire import encode
 
-SNAPSHOT_PATH = "/v1/snapshot"
-ACK_PATH = "/v1/ack"
 SERVICE_HEADER = "X-Composemesh-Service"
 POLL_WAIT = 30.0  # the pilot holds a poll about this long before answering 304
 POLL_SLACK = 15.0  # ... and we give it this much more before calling it gone
@@ -75,7 +81,7 @@ def backoff_delay(
     cap: float = BACKOFF_MAX,
 ) -> float:
     """Seconds to wait after ``failures`` failures in a row: doubling from ``initial``, ±20 %."""
-    base = min(cap, initial * 2 ** max(0, failures - 1))
+    base = min(cap, initial * 2.0 ** max(0, failures - 1))
     return max(initial, min(cap, base * (0.8 + 0.4 * rng())))
 
 
@@ -220,7 +226,7 @@ class PilotClient:
     async def _answer(self, session: aiohttp.ClientSession, answer: Ack, url: str) -> None:
         self.pending = answer
         async with session.post(
-            url + ACK_PATH, data=encode_ack(answer),
+            url + ACK_PATH, data=encode(answer),
             headers={"Content-Type": "application/json"},
         ) as response:
             status = response.status

@@ -130,7 +130,7 @@ def routing_applier(
                         previous=http.router if http is not None else None, tls=tls)
         config = inbound_config(snapshot, me, table.protocols.get(me.app, ServiceProtocols()))
         in_router = InboundRouter(config, inbound_http, rng)
-        trust_domain = str(snapshot.settings.get("trust_domain") or "")
+        trust_domain = snapshot.settings.trust_domain
 
         def commit() -> None:
             if tls is not None:

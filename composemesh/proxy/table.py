@@ -1,16 +1,11 @@
-"""The outbound routing table, decoded whole from one snapshot: plain dict lookups for the hot path.
+"""The outbound routing table, built whole from one snapshot: plain dict lookups for the hot path.
 
-The snapshot's ``settings`` carry three mappings keyed by mesh service (the pilot's contract):
-
-- ``services``: ``{service: [{"node", "version", "address"}, ...]}``, the running endpoints,
-  each with the one address this proxy reaches it at; optional ``addresses`` (all of the
-  endpoint's, any of which the app may have dialed) and ``compose_service`` (a label);
-- ``routing``: ``{service: routing_to_json(ServiceRouting)}``;
-- ``protocols``: ``{service: {"default": "http" | "tcp" | null, "ports": {"9080": "http"}}}``,
-  null meaning "detect".
-
-``build_table`` checks every field and raises SnapshotError naming the first bad one, so a
-snapshot is applied whole or NACKed; nothing here touches a socket.
+It is built from the snapshot's typed settings (``model.snapshot.SnapshotSettings``), keyed by
+mesh service: ``services`` (the running endpoints, each with the one address this proxy
+reaches it at, all its addresses and an optional compose service label), ``idle_addresses``,
+``routing`` and ``protocols``. ``build_table`` checks what their types cannot say and raises
+SnapshotError naming the first field that does not hold, so a snapshot is applied whole or
+NACKed; nothing here touches a socket.
 """
 
 from __future__ import annotations
@@ -22,14 +17,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from composemesh.model.routing import (
-    HttpRoute,
-    ServiceRouting,
-    WeightedSubset,
-    routing_from_json,
-    routing_to_json,
+from composemesh.model.routing import HttpRoute, ServiceRouting, WeightedSubset
+from composemesh.model.snapshot import (
+    DeclaredProtocols,
+    Snapshot,
+    SnapshotError,
+    SnapshotSettings,
+    as_settings,
 )
-from composemesh.model.snapshot import Snapshot, SnapshotError
+from composemesh.model.wire import to_builtins
 from composemesh.proxy.decisions import Endpoint
 
 HTTP = "http"
@@ -123,7 +119,7 @@ class RoutingTable:
                     "ports": {str(port): proto for port, proto in
                               sorted(self.protocols.get(service, _DETECT).ports.items())},
                 },
-                "routing": routing_to_json(self.routing[service]),
+                "routing": to_builtins(self.routing[service]),
             }
             for service in self.services
         }
@@ -133,42 +129,41 @@ EMPTY_TABLE = RoutingTable()
 
 
 def table_from_snapshot(snapshot: Snapshot) -> RoutingTable:
-    """The routing table of ``snapshot``; SnapshotError (the NACK reason) if it does not decode."""
+    """The routing table of ``snapshot``; SnapshotError (the NACK reason) if it does not hold."""
     return build_table(snapshot.settings, project=snapshot.identity.project)
 
 
-def build_table(settings: Mapping[str, Any], project: str = "") -> RoutingTable:
-    """Decode ``services``, ``routing`` and ``protocols`` of a snapshot's settings.
+def build_table(settings: SnapshotSettings | Mapping[str, Any], project: str = "") -> RoutingTable:
+    """The table of a snapshot's ``services``, ``idle_addresses``, ``routing`` and ``protocols``.
 
-    A snapshot without them (an older pilot) gives the empty table: everything passes through.
+    The codec checked their types; this checks what types cannot say (addresses are IP
+    addresses, each an endpoint of one service only, routing listed under its own service,
+    port numbers in range) and raises SnapshotError naming the first field that does not
+    hold. A snapshot without them (an older pilot) gives the empty table: all passes through.
     """
+    settings = as_settings(settings)
     try:
         return _build(settings, project)
     except ValueError as exc:
         raise SnapshotError(str(exc)) from None
 
 
-def _build(settings: Mapping[str, Any], project: str) -> RoutingTable:
-    services_obj = _mapping(_absent_empty(settings.get("services")), "settings.services")
-    routing_obj = _mapping(_absent_empty(settings.get("routing")), "settings.routing")
-    protocols_obj = _mapping(_absent_empty(settings.get("protocols")), "settings.protocols")
-
+def _build(settings: SnapshotSettings, project: str) -> RoutingTable:
     by_address: dict[str, str] = {}
     per_version: dict[tuple[str, str], list[Endpoint]] = {}
     per_service: dict[str, tuple[Endpoint, ...]] = {}
     workloads: dict[str, str] = {}
     dialed_by_node: dict[str, set[str]] = {}
-    for service, entries in services_obj.items():
-        where = f"settings.services.{service}"
-        if not isinstance(entries, list):
-            raise ValueError(f"{where}: must be a list, not {type(entries).__name__}")
+    for service, entries in settings.services.items():
+        where = f"$.settings.services.{service}"
         endpoints = []
         for i, entry in enumerate(entries):
             ew = f"{where}[{i}]"
-            e = _mapping(entry, ew)
-            ep = Endpoint(node=_text(e, "node", ew), version=_text(e, "version", ew),
-                          address=_address(e, ew))
-            dialed = {ep.address, *_addresses(e, ew)}  # what the app's DNS may answer
+            ep = Endpoint(node=entry.node, version=entry.version,
+                          address=_ip(entry.address, f"{ew}.address"))
+            # what the app's DNS may answer
+            dialed = {ep.address, *(_ip(a, f"{ew}.addresses[{j}]")
+                                    for j, a in enumerate(entry.addresses))}
             dialed_by_node.setdefault(ep.node, set()).update(dialed)
             for address in sorted(dialed):
                 owner = by_address.get(address)
@@ -178,33 +173,23 @@ def _build(settings: Mapping[str, Any], project: str) -> RoutingTable:
                 by_address[address] = service
             endpoints.append(ep)
             per_version.setdefault((service, ep.version), []).append(ep)
-            compose_service = e.get("compose_service")
-            if compose_service is not None and not isinstance(compose_service, str):
-                raise ValueError(f"{ew}.compose_service: must be a string")
-            workload = compose_service or _compose_service_of(ep.node, project)
+            workload = entry.compose_service or _compose_service_of(ep.node, project)
             if workload:
                 workloads[ep.node] = workload
         per_service[service] = tuple(endpoints)
 
     # Addresses of a service's instances that take no traffic now (app stopped, unhealthy):
     # the app's DNS may still answer them, so they must still be routed as that service.
-    idle_obj = _mapping(_absent_empty(settings.get("idle_addresses")), "settings.idle_addresses")
-    for service, addresses in idle_obj.items():
-        if not isinstance(addresses, list):
-            raise ValueError(f"settings.idle_addresses.{service}: must be a list")
-        for address in addresses:
-            by_address.setdefault(_ip(address, f"settings.idle_addresses.{service}"),
-                                  str(service))
-        per_service.setdefault(str(service), ())
+    for service, addresses in settings.idle_addresses.items():
+        for i, address in enumerate(addresses):
+            by_address.setdefault(_ip(address, f"$.settings.idle_addresses.{service}[{i}]"),
+                                  service)
+        per_service.setdefault(service, ())
 
     routing: dict[str, ServiceRouting] = {}
-    for service, obj in routing_obj.items():
-        try:
-            decoded = routing_from_json(obj)
-        except ValueError as exc:
-            raise ValueError(f"settings.routing.{service}: {exc}") from None
+    for service, decoded in settings.routing.items():
         if decoded.service != service:
-            raise ValueError(f"settings.routing.{service}.service: {decoded.service!r} "
+            raise ValueError(f"$.settings.routing.{service}.service: {decoded.service!r} "
                              f"is not the service it is listed under")
         routing[service] = decoded
     for service, listed in per_service.items():
@@ -212,8 +197,8 @@ def _build(settings: Mapping[str, Any], project: str) -> RoutingTable:
             routing[service] = default_routing(service, listed)
 
     protocols: dict[str, ServiceProtocols] = {}
-    for service, obj in protocols_obj.items():
-        protocols[service] = _protocols(obj, f"settings.protocols.{service}")
+    for service, declared in settings.protocols.items():
+        protocols[service] = _protocols(declared, f"$.settings.protocols.{service}")
 
     pinned: dict[str, list[Endpoint]] = {}
     pinned_services: set[str] = set()
@@ -252,22 +237,15 @@ def default_routing(service: str, endpoints: tuple[Endpoint, ...]) -> ServiceRou
     return ServiceRouting(service=service, routes=(route,))
 
 
-def _protocols(obj: object, where: str) -> ServiceProtocols:
-    d = _mapping(obj, where)
-    default = d.get("default")
-    if default is not None and default not in PROTOCOLS:
-        raise ValueError(f"{where}.default: {default!r} is not http, tcp or null")
-    ports_obj = _mapping(_absent_empty(d.get("ports")), f"{where}.ports")
+def _protocols(declared: DeclaredProtocols, where: str) -> ServiceProtocols:
     ports: dict[int, str] = {}
-    for key, proto in ports_obj.items():
-        if not (isinstance(key, str) and key.isdigit() and 0 < int(key) < 65536):
-            raise ValueError(f"{where}.ports: {key!r} is not a port number")
-        if proto not in PROTOCOLS:
-            raise ValueError(f"{where}.ports.{key}: {proto!r} is not http or tcp")
+    for key, proto in declared.ports.items():
+        if not 0 < int(key) < 65536:
+            raise ValueError(f"{where}.ports.{key}: not a port number")
         ports[int(key)] = proto
-    if default is None and not ports:
+    if declared.default is None and not ports:
         return _DETECT
-    return ServiceProtocols(default=default, ports=MappingProxyType(ports))
+    return ServiceProtocols(default=declared.default, ports=MappingProxyType(ports))
 
 
 def _compose_service_of(node: str, project: str) -> str:
@@ -276,37 +254,6 @@ def _compose_service_of(node: str, project: str) -> str:
         return ""
     match = re.fullmatch(re.escape(project) + r"[-_](.+)[-_]netns[-_]\d+", node)
     return match.group(1) if match else ""
-
-
-def _absent_empty(obj: object) -> object:
-    return {} if obj is None else obj
-
-
-def _mapping(obj: object, where: str) -> Mapping[str, Any]:
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{where}: must be an object, not {type(obj).__name__}")
-    return obj
-
-
-def _text(d: Mapping[str, Any], key: str, where: str) -> str:
-    value = d.get(key)
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{where}.{key}: must be a non-empty string")
-    return value
-
-
-def _addresses(d: Mapping[str, Any], where: str) -> list[str]:
-    """The optional ``addresses``: every address of the endpoint, on each of its networks."""
-    value = d.get("addresses")
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ValueError(f"{where}.addresses: must be a list of IP addresses")
-    return [_ip(a, f"{where}.addresses[{i}]") for i, a in enumerate(value)]
-
-
-def _address(d: Mapping[str, Any], where: str) -> str:
-    return _ip(d.get("address"), f"{where}.address")
 
 
 def _ip(value: object, where: str) -> str:

@@ -21,10 +21,10 @@ from composemesh.model.policy import (
     normalize_path,
     parse_policies,
     path_matches,
-    policies_from_json,
     policies_to_json,
     request_path,
 )
+from composemesh.model.wire import ContractError, convert, decode, encode
 
 SERVICES = ("productpage", "reviews", "ratings", "details")
 P = "x-composemesh.policies"
@@ -504,10 +504,13 @@ def test_the_default_action_is_reject() -> None:
     assert request_path("/a/b") == "/a/b"
 
 
-# --------------------------------------------------------------------------- codec
+# --------------------------------------------------------------------------- on the wire
 
 
-def test_json_round_trip() -> None:
+WIRE = dict[str, tuple[Policy, ...]]
+
+
+def test_wire_round_trip() -> None:
     section = {
         "reviews": [ONLY_FRONTEND, {"action": "DENY", "from": ["*", "ratings"]}],
         "details": [{"name": "open"}],
@@ -515,49 +518,30 @@ def test_json_round_trip() -> None:
     parsed = parse_policies(section, SERVICES)
     wire = json.loads(json.dumps(policies_to_json(parsed)))
     assert list(wire) == ["details", "reviews"]
-    assert wire["details"] == [{"name": "open", "action": "ALLOW", "from": None, "to": []}]
-    assert policies_from_json(wire) == parsed
+    assert wire["details"] == [{"name": "open", "action": "ALLOW", "sources": None,
+                                "operations": []}]
+    assert decode(encode(parsed), WIRE) == parsed == convert(wire, WIRE)
 
 
 @pytest.mark.parametrize(
     ("obj", "where"),
     [
-        ([], "policies: must be an object"),
-        ({"r": {}}, "policies.r: must be a list"),
-        ({"r": [1]}, "policies.r[0]: must be an object"),
-        ({"r": [{"name": "a", "action": "ALLOW", "from": None}]}, "policies.r[0].to: missing"),
-        ({"r": [{"name": "", "action": "ALLOW", "from": None, "to": []}]}, "policies.r[0].name"),
-        ({"r": [{"name": "a", "action": "AUDIT", "from": None, "to": []}]}, "policies.r[0].action"),
-        ({"r": [{"name": "a", "action": "DENY", "from": "x", "to": []}]}, "policies.r[0].from"),
-        (
-            {
-                "r": [
-                    {
-                        "name": "a",
-                        "action": "DENY",
-                        "from": None,
-                        "to": [{"methods": ["get"], "paths": []}],
-                    }
-                ]
-            },
-            "policies.r[0].to[0].methods",
-        ),
-        (
-            {
-                "r": [
-                    {
-                        "name": "a",
-                        "action": "DENY",
-                        "from": None,
-                        "to": [{"methods": [], "paths": [3]}],
-                    }
-                ]
-            },
-            "policies.r[0].to[0].paths",
-        ),
+        ([], "$: Expected `object`, got `array`"),
+        ({"r": {}}, "$.r: Expected `array`, got `object`"),
+        ({"r": [1]}, "$.r[0]: Expected `object`, got `int`"),
+        ({"r": [{"action": "ALLOW"}]}, "$.r[0]: Object missing required field `name`"),
+        ({"r": [{"name": ""}]}, "$.r[0]: name: must not be empty"),
+        ({"r": [{"name": "a", "action": "AUDIT"}]}, "$.r[0].action: Invalid enum value 'AUDIT'"),
+        ({"r": [{"name": "a", "sources": "x"}]}, "$.r[0].sources: Expected `array | null`"),
+        ({"r": [{"name": "a", "operations": [{"methods": ["get"]}]}]},
+         "$.r[0].operations[0]: methods: 'get' is not one of GET"),
+        ({"r": [{"name": "a", "operations": [{"paths": [3]}]}]},
+         "$.r[0].operations[0].paths[0]: Expected `str`, got `int`"),
+        ({"ok": [{"name": "a"}], "r": [{"name": "a", "operations": [{"paths": [""]}]}]},
+         "$.r[0].operations[0]: paths: a path pattern is empty"),
     ],
 )
-def test_json_errors(obj: object, where: str) -> None:
-    with pytest.raises(ValueError, match=None) as info:
-        policies_from_json(obj)
-    assert str(info.value).startswith(where)
+def test_wire_errors_name_the_field(obj: object, where: str) -> None:
+    with pytest.raises(ContractError) as info:
+        decode(json.dumps(obj), WIRE)
+    assert str(info.value).startswith(where), str(info.value)

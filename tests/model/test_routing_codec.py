@@ -1,4 +1,5 @@
-"""ServiceRouting <-> JSON, as it travels in snapshots: exact round trip, strict decoding."""
+"""ServiceRouting on the wire (``model.wire``), as it travels in snapshots: exact round trip,
+strict decoding that names the field at fault."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from composemesh.model.routing import (
     ServiceRouting,
     StringMatch,
     WeightedSubset,
-    routing_from_json,
     routing_to_json,
 )
 from composemesh.model.routing_config import build_routing
+from composemesh.model.wire import ContractError, decode, encode
 
 
 def rich_routing() -> ServiceRouting:
@@ -72,7 +73,7 @@ def rich_routing() -> ServiceRouting:
 
 
 def through_the_wire(r: ServiceRouting) -> ServiceRouting:
-    return routing_from_json(json.loads(json.dumps(routing_to_json(r), sort_keys=True)))
+    return decode(encode(r), ServiceRouting)
 
 
 def test_round_trip_is_exact() -> None:
@@ -115,17 +116,16 @@ def test_round_trip_of_built_routing() -> None:
 
 def test_encoding_is_stable_json() -> None:
     """Same routing, same bytes: the snapshot's content version depends on it."""
-    a = json.dumps(routing_to_json(rich_routing()), sort_keys=True)
-    b = json.dumps(routing_to_json(rich_routing()), sort_keys=True)
-    assert a == b
+    assert encode(rich_routing()) == encode(rich_routing())
     assert routing_to_json(rich_routing())["routes"][0]["retries"]["retry_on"] == [
         "5xx",
         "reset",
         "retriable-4xx",
     ]
+    assert json.loads(encode(rich_routing())) == routing_to_json(rich_routing())
 
 
-def broken(path: list[Any], value: Any) -> dict[str, Any]:
+def broken(path: list[Any], value: Any) -> bytes:
     obj = copy.deepcopy(routing_to_json(rich_routing()))
     target = obj
     for key in path[:-1]:
@@ -134,37 +134,46 @@ def broken(path: list[Any], value: Any) -> dict[str, Any]:
         del target[path[-1]]
     else:
         target[path[-1]] = value
-    return obj
+    return json.dumps(obj).encode()
 
 
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
-        (["service"], 3, "routing.service: must be a string, not int"),
-        (["load_balancer"], "random", "routing.load_balancer: 'random' is not one of"),
-        (["routes"], KeyError, "routing.routes: missing"),
-        (["routes"], {}, "routing.routes: must be a list, not dict"),
-        (["connect_timeout_s"], "2s", "routing.connect_timeout_s: must be a number, not str"),
-        (["outlier", "consecutive_errors"], True, "routing.outlier.consecutive_errors: must be an"),
-        (["routes", 0, "name"], None, "routing.routes[0].name: must be a string, not NoneType"),
-        (["routes", 0, "matches", 0, "path", "kind"], "suffix", "routes[0].matches[0].path.kind"),
-        (["routes", 0, "matches", 1, "path", "value"], "(", "matches[1].path.value: '(' is not a"),
-        (["routes", 0, "matches", 0, "headers", 0], ["a"], "headers[0]: must be a [name, match]"),
-        (["routes", 0, "matches", 0, "method"], 1, "routing.routes[0].matches[0].method: must be"),
-        (["routes", 0, "destinations", 0, "weight"], 1.5, "destinations[0].weight: must be an int"),
-        (["routes", 0, "retries", "retry_on"], ["sometimes"], "'sometimes' is not one of 5xx"),
-        (["routes", 0, "retries", "retry_non_idempotent"], 1, "retry_non_idempotent: must be tr"),
-        (["routes", 0, "fault", "abort", "status"], "503", "fault.abort.status: must be an int"),
-        (["routes", 0, "fault", "delay"], [], "routing.routes[0].fault.delay: must be an object"),
-        (["routes", 0, "timeout_s"], KeyError, "routing.routes[0].timeout_s: missing"),
+        (["service"], 3, "$.service: Expected `str`, got `int`"),
+        (["load_balancer"], "random", "$.load_balancer: Invalid enum value 'random'"),
+        (["routes"], KeyError, "$: Object missing required field `routes`"),
+        (["routes"], {}, "$.routes: Expected `array`, got `object`"),
+        (["connect_timeout_s"], "2s", "$.connect_timeout_s: Expected `float`, got `str`"),
+        (["outlier", "consecutive_errors"], True, "$.outlier.consecutive_errors: Expected `int`"),
+        (["routes", 0, "name"], None, "$.routes[0].name: Expected `str`, got `null`"),
+        (["routes", 0, "matches", 0, "path", "kind"], "suffix",
+         "$.routes[0].matches[0].path.kind: Invalid enum value 'suffix'"),
+        (["routes", 0, "matches", 1, "path", "value"], "(",
+         "$.routes[0].matches[1].path: '(' is not a valid regex"),
+        (["routes", 0, "matches", 0, "headers", 0], ["a"],
+         "$.routes[0].matches[0].headers[0]: Expected `array` of length 2"),
+        (["routes", 0, "matches", 0, "method"], 1,
+         "$.routes[0].matches[0].method: Expected `str | null`, got `int`"),
+        (["routes", 0, "destinations", 0, "weight"], 1.5,
+         "$.routes[0].destinations[0].weight: Expected `int`, got `float`"),
+        (["routes", 0, "retries", "retry_on"], ["sometimes"],
+         "$.routes[0].retries: retry_on: 'sometimes' is not one of 5xx"),
+        (["routes", 0, "retries", "retry_non_idempotent"], 1,
+         "$.routes[0].retries.retry_non_idempotent: Expected `bool`, got `int`"),
+        (["routes", 0, "fault", "abort", "status"], "503",
+         "$.routes[0].fault.abort.status: Expected `int`, got `str`"),
+        (["routes", 0, "fault", "delay"], [], "$.routes[0].fault.delay: Expected `object | null`"),
+        (["routes", 0, "destinations", 0, "version"], KeyError,
+         "$.routes[0].destinations[0]: Object missing required field `version`"),
     ],
 )
 def test_decoding_refuses_with_the_field(path: list[Any], value: Any, message: str) -> None:
-    with pytest.raises(ValueError) as info:
-        routing_from_json(broken(path, value))
-    assert message in str(info.value)
+    with pytest.raises(ContractError) as info:
+        decode(broken(path, value), ServiceRouting)
+    assert str(info.value).startswith(message), str(info.value)
 
 
 def test_decoding_refuses_a_non_object() -> None:
-    with pytest.raises(ValueError, match=r"^routing: must be an object, not list$"):
-        routing_from_json([])
+    with pytest.raises(ContractError, match=r"^\$: Expected `object`, got `array`$"):
+        decode(b"[]", ServiceRouting)

@@ -241,8 +241,8 @@ def test_post_certificate_issues_for_the_attested_caller(tmp_path: Path,
         resp = await client.get("/v1/snapshot")
         assert resp.status == 200
         snap = pilot.snapshot_for(WEB)
-        assert snap.settings["trust_bundle"] == answer["trust_bundle_pem"]
-        assert snap.settings["signing_root"] == fingerprint(chain[1])
+        assert snap.settings.trust_bundle == answer["trust_bundle_pem"]
+        assert snap.settings.signing_root == fingerprint(chain[1])
         assert row["snapshot_version"] == snap.version  # status renders the same snapshot
 
     run(tmp_path, body)
@@ -317,7 +317,7 @@ def test_get_ca_shows_the_root_and_bundle_and_a_pilot_without_a_ca_says_404(
         assert (row["identity"], row["cert_not_after"], row["cert_serial"]) == (None, None, None)
         pilot.attestor.proxy(WEB.node)
         snap = decode_snapshot(await (await client.get("/v1/snapshot")).read())
-        assert snap.settings["trust_bundle"] == snap.settings["signing_root"] == ""
+        assert snap.settings.trust_bundle == snap.settings.signing_root == ""
 
     run(tmp_path, no_ca, ca=False)
 

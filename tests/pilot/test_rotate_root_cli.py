@@ -113,7 +113,7 @@ class FakeProxies:
                 snap = self.pilot.snapshot_for(w)
                 record = ca.record_for(w)
                 if self.renew and (record is None or
-                                   record.issuer_fingerprint != snap.settings["signing_root"]):
+                                   record.issuer_fingerprint != snap.settings.signing_root):
                     ca.issue(csr_to_pem(make_csr(generate_key())), w, w.proxy_container_id or "")
                     issued = ca.issued[w.node]
                     self.pilot.held[w.node] = HeldCertificate(issued.serial, issued.not_after)

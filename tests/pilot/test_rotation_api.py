@@ -95,9 +95,9 @@ def test_the_three_steps_change_the_bundle_then_the_signer_then_drop_the_old_roo
         assert [t["fingerprint"] for t in info["trusted"]] == [old_fp, new_fp]
         assert info["trusted"][1]["subject"] == info["subject"]  # the same subject style
         snap = pilot.snapshot_for(WEB)
-        assert [fingerprint(c) for c in certs_from_pem(snap.settings["trust_bundle"])] == [
+        assert [fingerprint(c) for c in certs_from_pem(snap.settings.trust_bundle)] == [
             old_fp, new_fp]
-        assert snap.settings["signing_root"] == old_fp
+        assert snap.settings.signing_root == old_fp
         versions.append(snap.version)
         assert info == {**(await (await client.get("/v1/ca")).json()), "step": "begin",
                         "generation": pilot.generation}
@@ -107,7 +107,7 @@ def test_the_three_steps_change_the_bundle_then_the_signer_then_drop_the_old_roo
         assert info["fingerprint"] == new_fp
         assert [t["fingerprint"] for t in info["trusted"]] == [old_fp, new_fp]
         snap = pilot.snapshot_for(WEB)
-        assert snap.settings["signing_root"] == new_fp
+        assert snap.settings.signing_root == new_fp
         versions.append(snap.version)
         pilot.ca.issue(csr(), WEB, WEB.proxy_container_id or "")  # type: ignore[union-attr]
         row = (await (await client.get("/v1/status")).json())["proxies"][0]
@@ -117,7 +117,7 @@ def test_the_three_steps_change_the_bundle_then_the_signer_then_drop_the_old_roo
         assert status == 200 and info["rotation_phase"] == "steady"
         assert [t["fingerprint"] for t in info["trusted"]] == [new_fp]
         snap = pilot.snapshot_for(WEB)
-        assert [fingerprint(c) for c in certs_from_pem(snap.settings["trust_bundle"])] == [new_fp]
+        assert [fingerprint(c) for c in certs_from_pem(snap.settings.trust_bundle)] == [new_fp]
         versions.append(snap.version)
         assert len(set(versions)) == 4  # every step is a new snapshot for every proxy
 

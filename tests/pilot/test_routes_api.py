@@ -9,7 +9,6 @@ from dataclasses import replace
 from aiohttp.test_utils import TestClient, TestServer
 
 from composemesh.model.mesh import MeshState, Workload
-from composemesh.model.routing import routing_from_json
 from composemesh.model.snapshot import decode_snapshot
 from composemesh.pilot.build import default_split
 from composemesh.pilot.server import Pilot, make_app
@@ -113,9 +112,9 @@ def test_snapshot_carries_routing_and_reachable_endpoints(tmp_path):
 
     async def body(pilot, client):
         snap = decode_snapshot(await (await client.get("/v1/snapshot")).read())
-        endpoints = {e["node"]: e["address"] for e in snap.settings["services"]["reviews"]}
+        endpoints = {e.node: e.address for e in snap.settings.services["reviews"]}
         assert endpoints[other.node] == "10.1.0.2"  # the one on a network both are on
-        routing = routing_from_json(snap.settings["routing"]["reviews"])
+        routing = snap.settings.routing["reviews"]
         assert default_split(routing) == {"v1": 80, "v2": 20}
 
     run(tmp_path, body, workloads=(me, other), callers=Callers(me.node))

@@ -10,7 +10,8 @@ from dataclasses import replace
 from aiohttp.test_utils import TestClient, TestServer
 
 from composemesh.model.mesh import MeshState, Workload
-from composemesh.model.snapshot import Ack, decode_snapshot, encode_ack
+from composemesh.model.snapshot import Ack, decode_snapshot
+from composemesh.model.wire import encode
 from composemesh.pilot.server import Pilot, make_app
 from tests.pilot.callers import Callers
 
@@ -60,7 +61,7 @@ def test_change_wakes_a_waiting_poll():
         resp = await asyncio.wait_for(poll, 2)
         assert resp.status == 200
         newer = decode_snapshot(await resp.read())
-        assert newer.version != first.version and "db" in newer.settings["services"]
+        assert newer.version != first.version and "db" in newer.settings.services
 
     run(body)
 
@@ -68,14 +69,14 @@ def test_change_wakes_a_waiting_poll():
 def test_ack_and_nack_show_in_status():
     async def body(pilot, client):
         snap = decode_snapshot(await (await client.get("/v1/snapshot")).read())
-        resp = await client.post("/v1/ack", data=encode_ack(Ack(ME.node, snap.version, True)))
+        resp = await client.post("/v1/ack", data=encode(Ack(ME.node, snap.version, True)))
         assert resp.status == 200
         assert (await client.get("/v1/status")).status == 403  # status is the host's
         pilot.attestor.host()
         row = (await (await client.get("/v1/status")).json())["proxies"][0]
         assert row["in_sync"] and row["acked_version"] == snap.version
         pilot.attestor.proxy(ME.node)
-        await client.post("/v1/ack", data=encode_ack(Ack(ME.node, "v-bad", False, "no good")))
+        await client.post("/v1/ack", data=encode(Ack(ME.node, "v-bad", False, "no good")))
         pilot.attestor.host()
         row = (await (await client.get("/v1/status")).json())["proxies"][0]
         assert not row["in_sync"] and row["nack_reason"] == "no good"
@@ -88,7 +89,7 @@ def test_a_container_that_is_no_proxy_gets_nothing_and_the_host_no_snapshot():
         pilot.attestor.stranger()
         resp = await client.get("/v1/snapshot", params={"wait": "0.2"})
         assert resp.status == 503 and "no proxy" in (await resp.json())["error"]
-        ack = encode_ack(Ack(ME.node, "x", True))
+        ack = encode(Ack(ME.node, "x", True))
         assert (await client.post("/v1/ack", data=ack)).status == 503
         assert pilot.acks == {}
         pilot.attestor.host()  # the host steers the mesh; it is no proxy
@@ -121,7 +122,7 @@ def test_status_shows_the_certificate_the_proxy_says_it_holds():
 
 def test_ack_for_another_node_is_refused():
     async def body(pilot, client):
-        resp = await client.post("/v1/ack", data=encode_ack(Ack("someone-else", "x", True)))
+        resp = await client.post("/v1/ack", data=encode(Ack("someone-else", "x", True)))
         assert resp.status == 403
         assert "does not match" in json.dumps(await resp.json())
 

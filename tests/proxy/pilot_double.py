@@ -20,20 +20,15 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from composemesh.model.snapshot import (
-    Ack,
-    ProxyIdentity,
-    Snapshot,
-    decode_ack,
-    encode_snapshot,
-)
+from composemesh.model.snapshot import ACK_PATH, SNAPSHOT_PATH, Ack, ProxyIdentity, Snapshot
+from composemesh.model.wire import decode, encode
 
 
 def snapshot_body(version: str, node: str = "shop-web-netns-1", service: str = "web",
                   compose_service: str = "web-v1", subset: str = "v1") -> bytes:
     identity = ProxyIdentity(node=node, project="shop", compose_service=compose_service,
                              service=service, version=subset)
-    return encode_snapshot(Snapshot(version=version, identity=identity))
+    return encode(Snapshot(version=version, identity=identity))
 
 
 @dataclass
@@ -89,15 +84,15 @@ class PilotDouble:
             self.refuse_answers -= 1
             self.log.append("forbidden")
             return web.Response(status=403)
-        answer = decode_ack(await request.read())
+        answer = decode(await request.read(), Ack)
         self.answers.append(answer)
         self.log.append(f"{'ACK' if answer.ok else 'NACK'} {answer.version}")
         return web.Response(status=204)
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/v1/snapshot", self._snapshot)
-        app.router.add_post("/v1/ack", self._ack)
+        app.router.add_get(SNAPSHOT_PATH, self._snapshot)
+        app.router.add_post(ACK_PATH, self._ack)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:

@@ -521,7 +521,7 @@ def test_a_snapshot_with_broken_routing_is_nacked_and_the_old_table_kept(loop_ki
             assert not answer.ok
             assert answer.version == "s2"
             assert answer.reason.startswith(
-                "settings.routing.reviews: routing.routes[0].retries.retry_on: 'sometimes'")
+                "$.settings.routing.reviews.routes[0].retries: retry_on: 'sometimes'")
             assert m.store.snapshot is not None and m.store.snapshot.version == "s1"
             assert m.http.router.table is table
             assert {v for _, v in await get_all(m, 5)} == {"v2"}  # still the old routes
@@ -616,7 +616,8 @@ def test_serve_routes_http_by_the_pilots_snapshots(loop_kind: str) -> None:
         broken["protocols"]["reviews"]["default"] = "h2"
         pilot.publish("s2", snapshot("s2", broken))
         nack = await answered("s2")
-        assert not nack.ok and "settings.protocols.reviews.default: 'h2'" in nack.reason
+        assert not nack.ok
+        assert "$.settings.protocols.reviews.default: Invalid enum value 'h2'" in nack.reason
         assert await versions() == {"v2"}
         pilot.publish("s3", snapshot("s3", settings(routing(route(("v1", 100))), endpoints)))
         assert (await answered("s3")).ok

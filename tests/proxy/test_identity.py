@@ -39,7 +39,14 @@ from composemesh.ca import (
     make_root,
 )
 from composemesh.healthcheck import probe
-from composemesh.model.snapshot import ProxyIdentity, Snapshot, SnapshotError, encode_snapshot
+from composemesh.model.snapshot import (
+    CertificateResponse,
+    ProxyIdentity,
+    Snapshot,
+    SnapshotError,
+    SnapshotSettings,
+)
+from composemesh.model.wire import encode
 from composemesh.proxy.admin import AdminContext, build_admin_app
 from composemesh.proxy.identity import (
     IdentityError,
@@ -100,14 +107,14 @@ class CADouble:
             signed = self.ca.sign(csr, WEB)
         except IssuanceRefused as exc:
             return web.json_response({"error": exc.reason}, status=403)
-        return web.json_response({
-            "cert_pem": signed.cert_pem.decode(),
-            "chain_pem": signed.chain_pem.decode(),
-            "trust_bundle_pem": self.ca.trust_bundle().decode(),
-            "spiffe": signed.spiffe.uri,
-            "not_after": signed.not_after.isoformat(),
-            "serial": f"{cert_from_pem(signed.cert_pem).serial_number:x}",
-        })
+        return web.Response(body=encode(CertificateResponse(
+            cert_pem=signed.cert_pem.decode(),
+            chain_pem=signed.chain_pem.decode(),
+            trust_bundle_pem=self.ca.trust_bundle().decode(),
+            spiffe=signed.spiffe.uri,
+            not_after=signed.not_after.isoformat(),
+            serial=f"{cert_from_pem(signed.cert_pem).serial_number:x}",
+        )), content_type="application/json")
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -270,10 +277,8 @@ def test_a_certificate_for_another_key_is_refused() -> None:
     async def direct() -> None:
         identity = WorkloadIdentity("http://127.0.0.1:1")
         key = generate_key()
-        with pytest.raises(IdentityError, match="not a JSON object"):
-            identity._check([], identity_key(key))
         with pytest.raises(IdentityError, match="unusable"):
-            identity._check({"cert_pem": "nope"}, identity_key(key))
+            identity._check(CertificateResponse("nope", "", "", "", "", ""), identity_key(key))
 
     asyncio.run(direct())
 
@@ -341,8 +346,9 @@ def test_the_key_is_fresh_each_time_matches_and_is_never_shown_logged_or_sent(
 def snapshot_with_bundle(bundle: object) -> bytes:
     identity = ProxyIdentity(node="shop-web-netns-1", project="shop", compose_service="web",
                              service="web", version="v1")
-    return encode_snapshot(Snapshot(version="b1", identity=identity,
-                                    settings={"trust_bundle": bundle}))
+    wire = json.loads(encode(Snapshot(version="b1", identity=identity)))
+    wire["settings"]["trust_bundle"] = bundle  # any JSON: the proxy must check it
+    return json.dumps(wire).encode()
 
 
 def test_a_snapshots_trust_bundle_is_taken_and_one_without_our_root_forces_renewal() -> None:
@@ -365,7 +371,8 @@ def test_a_snapshots_trust_bundle_is_taken_and_one_without_our_root_forces_renew
 
         assert not store.offer(snapshot_with_bundle("garbage")).ok
         answer = store.offer(snapshot_with_bundle(7))
-        assert not answer.ok and "trust_bundle must be PEM" in answer.reason
+        assert not answer.ok
+        assert "$.settings.trust_bundle: Expected `str`, got `int`" in answer.reason
 
         # the loop naps (really) for up to a minute; a bundle without our root wakes it
         await asyncio.sleep(0.05)
@@ -380,9 +387,10 @@ def test_a_snapshots_trust_bundle_is_taken_and_one_without_our_root_forces_renew
 def test_the_bundle_applier_checks_before_anything_changes() -> None:
     identity = WorkloadIdentity("http://127.0.0.1:1")
     prepare = trust_bundle_applier(identity)
-    with pytest.raises(SnapshotError, match="settings.trust_bundle"):
+    with pytest.raises(SnapshotError, match=r"^\$\.settings\.trust_bundle: "):
         prepare(Snapshot(version="x", identity=ProxyIdentity("n", "p", "c", "s", "v1"),
-                         settings={"trust_bundle": "-----BEGIN CERTIFICATE-----\nxx\n"}))
+                         settings=SnapshotSettings(
+                             trust_bundle="-----BEGIN CERTIFICATE-----\nxx\n")))
     prepare(Snapshot(version="x", identity=ProxyIdentity("n", "p", "c", "s", "v1")))()
 
 

@@ -63,9 +63,9 @@ def test_a_good_snapshot_is_applied_and_acked() -> None:
 
 
 @pytest.mark.parametrize("body, reason", [
-    (b"{not json", "malformed snapshot"),
+    (b"{not json", "$: JSON is malformed"),
     (b'{"version": "v2", "schema": 99}', "unknown snapshot schema 99"),
-    (b'{"version": "v2", "schema": 1}', "malformed snapshot"),
+    (b'{"version": "v2", "schema": 1}', "$: Object missing required field `identity`"),
 ])
 def test_a_bad_snapshot_is_nacked_and_the_last_good_one_kept(body: bytes, reason: str) -> None:
     store = ConfigStore()
@@ -301,7 +301,7 @@ def test_the_real_pilot_in_process_is_polled_applied_and_acked(tmp_path: Path) -
                 assert pilot.acks[me.node].ok
                 assert store.snapshot is not None
                 assert store.snapshot.version == pilot.acks[me.node].version
-                assert "db" in store.snapshot.settings["services"]
+                assert "db" in store.snapshot.settings.services
 
     asyncio.run(main())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -96,6 +97,7 @@ def test_config_dump_shape() -> None:
         "node": "shop-reviews-v1-netns-1", "version": "v1", "address": "10.0.0.5",
         "workload": "reviews-v1"}
     assert dump["reviews"]["routing"] == routing_to_json(REVIEWS)
+    assert build_table(json.loads(json.dumps(settings())), project="shop").to_json() == dump
 
 
 def _broken(change: Any) -> dict[str, Any]:
@@ -105,32 +107,37 @@ def _broken(change: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda s: s.update(services=[]), "settings.services: must be an object"),
-    (lambda s: s["services"].update(reviews={}), "settings.services.reviews: must be a list"),
+    (lambda s: s.update(services=[]), "$.settings.services: Expected `object`, got `array`"),
+    (lambda s: s["services"].update(reviews={}),
+     "$.settings.services.reviews: Expected `array`, got `object`"),
     (lambda s: s["services"]["reviews"][1].pop("address"),
-     "settings.services.reviews[1].address: must be a non-empty string"),
+     "$.settings.services.reviews[1]: Object missing required field `address`"),
     (lambda s: s["services"]["reviews"][1].update(address="reviews.local"),
-     "settings.services.reviews[1].address: 'reviews.local' is not an IP address"),
+     "$.settings.services.reviews[1].address: 'reviews.local' is not an IP address"),
     (lambda s: s["services"]["ratings"][0].update(address="10.0.0.5"),
-     "settings.services.ratings[0].address: 10.0.0.5 is already an endpoint of 'reviews'"),
+     "$.settings.services.ratings[0].address: 10.0.0.5 is already an endpoint of 'reviews'"),
     (lambda s: s["services"]["ratings"][0].update(addresses=["10.0.1.9", "172.20.0.5"]),
-     "settings.services.ratings[0].address: 172.20.0.5 is already an endpoint of 'reviews'"),
+     "$.settings.services.ratings[0].address: 172.20.0.5 is already an endpoint of 'reviews'"),
     (lambda s: s["services"]["ratings"][0].update(addresses=["x"]),
-     "settings.services.ratings[0].addresses[0]: 'x' is not an IP address"),
+     "$.settings.services.ratings[0].addresses[0]: 'x' is not an IP address"),
     (lambda s: s["services"]["ratings"][0].update(version=3),
-     "settings.services.ratings[0].version: must be a non-empty string"),
+     "$.settings.services.ratings[0].version: Expected `str`, got `int`"),
     (lambda s: s["routing"]["reviews"].update(load_balancer="random"),
-     "settings.routing.reviews: routing.load_balancer: 'random' is not one of"),
+     "$.settings.routing.reviews.load_balancer: Invalid enum value 'random'"),
     (lambda s: s["routing"]["reviews"]["routes"][0].pop("destinations"),
-     "settings.routing.reviews: routing.routes[0].destinations: missing"),
+     "$.settings.routing.reviews.routes[0]: Object missing required field `destinations`"),
     (lambda s: s["routing"].update(ratings=s["routing"]["reviews"]),
-     "settings.routing.ratings.service: 'reviews' is not the service it is listed under"),
+     "$.settings.routing.ratings.service: 'reviews' is not the service it is listed under"),
     (lambda s: s["protocols"]["reviews"].update(default="grpc"),
-     "settings.protocols.reviews.default: 'grpc' is not http, tcp or null"),
+     "$.settings.protocols.reviews.default: Invalid enum value 'grpc'"),
     (lambda s: s["protocols"]["reviews"]["ports"].update({"http": "http"}),
-     "settings.protocols.reviews.ports: 'http' is not a port number"),
+     "$.settings.protocols.reviews.ports: Expected `str` matching regex"),
     (lambda s: s["protocols"]["reviews"]["ports"].update({"9080": "udp"}),
-     "settings.protocols.reviews.ports.9080: 'udp' is not http or tcp"),
+     "$.settings.protocols.reviews.ports.9080: Invalid enum value 'udp'"),
+    (lambda s: s["services"]["ratings"][0].update(version=""),
+     "$.settings.services.ratings[0].version: Expected `str` of length >= 1"),
+    (lambda s: s["protocols"]["reviews"]["ports"].update({"70000": "http"}),
+     "$.settings.protocols.reviews.ports.70000: not a port number"),
 ])
 def test_a_bad_field_is_one_error_naming_it(change: Any, message: str) -> None:
     with pytest.raises(SnapshotError) as caught:
