@@ -1,6 +1,7 @@
 """One push, rendered once: polls and ``status`` of one generation share each proxy's snapshot."""
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from aiohttp.test_utils import TestClient, TestServer
@@ -35,7 +36,7 @@ def test_the_index_renders_what_render_snapshot_renders() -> None:
     assert push.renders == 3
 
 
-def run(coro_fn):  # type: ignore[no-untyped-def]
+def run(coro_fn: Callable[[Pilot, TestClient], Awaitable[None]]) -> None:
     async def main() -> None:
         pilot = Pilot(STATE, attestor=Callers(WEB.node))
         pilot.synced = True
