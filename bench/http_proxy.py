@@ -98,9 +98,14 @@ def composemesh_outbound(ready: Ready, upstream_port: int, protocol: str) -> Non
         HttpRoute,
         ServiceRouting,
         WeightedSubset,
-        routing_to_json,
     )
-    from composemesh.model.snapshot import ProxyIdentity, Snapshot
+    from composemesh.model.snapshot import (
+        DeclaredProtocols,
+        ProxyIdentity,
+        ServiceEndpoint,
+        Snapshot,
+        SnapshotSettings,
+    )
     from composemesh.proxy.http import OutboundHttp
     from composemesh.proxy.stats import OUTBOUND, ProxyStats, workload_of
     from composemesh.proxy.table import table_from_snapshot
@@ -110,12 +115,11 @@ def composemesh_outbound(ready: Ready, upstream_port: int, protocol: str) -> Non
         routing = ServiceRouting("upstream", (HttpRoute("default", (), (
             WeightedSubset("v1", 100),)),))
         identity = ProxyIdentity("bench-client-1", "bench", "client", "client", "v1")
-        snapshot = Snapshot("1", identity, settings={
-            "services": {"upstream": [{"node": "bench-upstream-1", "version": "v1",
-                                       "address": UPSTREAM_HOST}]},
-            "routing": {"upstream": routing_to_json(routing)},
-            "protocols": {"upstream": {"default": protocol, "ports": {}}},
-        })
+        snapshot = Snapshot("1", identity, settings=SnapshotSettings(
+            services={"upstream": (ServiceEndpoint("bench-upstream-1", "v1", UPSTREAM_HOST),)},
+            routing={"upstream": routing},
+            protocols={"upstream": DeclaredProtocols(protocol)},
+        ))
         stats = ProxyStats()
         http = OutboundHttp(stats)
         router = Router(table_from_snapshot(snapshot), workload_of(identity),

@@ -43,7 +43,6 @@ from typing import Any, Literal
 
 from composemesh.errors import ConfigError
 from composemesh.model.settings import SECTION
-from composemesh.model.wire import to_builtins
 
 POLICIES = f"{SECTION}.policies"
 ACTIONS = ("ALLOW", "DENY")
@@ -383,9 +382,3 @@ def _list(value: object, where: str, what: str) -> list[Any]:
 
 def _names(known: Collection[str]) -> str:
     return ", ".join(sorted(known)) if known else "none: no service is in the mesh"
-
-
-def policies_to_json(policies: Mapping[str, Sequence[Policy]]) -> Any:
-    """``{service: [policy, ...]}`` as plain JSON values, as the contract's codec writes them
-    (``wire.to_builtins``): for tests that write a snapshot's settings by hand."""
-    return to_builtins({service: tuple(items) for service, items in sorted(policies.items())})

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-from composemesh.model.wire import to_builtins
+from typing import Literal
 
 MatchKind = Literal["exact", "prefix", "regex"]
 LoadBalancer = Literal["round_robin", "least_request"]
@@ -115,9 +113,3 @@ class ServiceRouting:
     load_balancer: LoadBalancer = "round_robin"
     outlier: OutlierPolicy | None = field(default_factory=OutlierPolicy)
     connect_timeout_s: float = 5.0
-
-
-def routing_to_json(r: ServiceRouting) -> Any:
-    """``r`` as plain JSON values, as the contract's codec writes it (``wire.to_builtins``):
-    for tests and benches that write a snapshot's settings by hand."""
-    return to_builtins(r)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from composemesh.model.mesh import NetworkAttachment
 from composemesh.model.policy import Policy
 from composemesh.model.routing import ServiceRouting
-from composemesh.model.wire import ContractError, convert, decode, encode
+from composemesh.model.wire import ContractError, decode, encode
 
 SCHEMA = 1
 # The pilot's endpoints for proxies (over its Unix socket) and the one body that is not JSON.
@@ -158,14 +158,3 @@ class _Schema:
     """Only the schema of a snapshot, to say why one of another schema is refused."""
 
     schema: object = SCHEMA
-
-
-def as_settings(settings: SnapshotSettings | Mapping[str, Any]) -> SnapshotSettings:
-    """``settings`` as typed values: a proxy's tests and benches may still write them as
-    plain JSON values; SnapshotError naming the field if they do not convert."""
-    if isinstance(settings, SnapshotSettings):
-        return settings
-    try:
-        return convert(settings, SnapshotSettings, SnapshotError)
-    except SnapshotError as exc:  # named as in a snapshot
-        raise SnapshotError(f"$.settings{str(exc).removeprefix('$')}") from None

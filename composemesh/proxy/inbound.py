@@ -200,7 +200,7 @@ class InboundRouter:
             return PeerLabels()
         ns = self.me.namespace
         return PeerLabels(namespace=ns, app=peer,
-                        principal=f"spiffe://{self.config.trust_domain}/ns/{ns}/sa/{peer}")
+                          principal=f"spiffe://{self.config.trust_domain}/ns/{ns}/sa/{peer}")
 
 
 class InboundDownstream(Downstream):

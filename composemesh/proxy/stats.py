@@ -341,7 +341,7 @@ def http_label_items(key: HttpKey) -> Iterator[tuple[str, str]]:
         reporter=REPORTER[OUTBOUND],
         source=source,
         destination=PeerLabels(workload=workload, namespace=source.namespace, app=service,
-                             version=version),
+                               version=version),
         destination_service=service,
         destination_service_name=service,
         destination_service_namespace=source.namespace,

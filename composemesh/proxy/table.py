@@ -23,7 +23,6 @@ from composemesh.model.snapshot import (
     Snapshot,
     SnapshotError,
     SnapshotSettings,
-    as_settings,
 )
 from composemesh.model.wire import to_builtins
 from composemesh.proxy.decisions import Endpoint
@@ -133,7 +132,7 @@ def table_from_snapshot(snapshot: Snapshot) -> RoutingTable:
     return build_table(snapshot.settings, project=snapshot.identity.project)
 
 
-def build_table(settings: SnapshotSettings | Mapping[str, Any], project: str = "") -> RoutingTable:
+def build_table(settings: SnapshotSettings, project: str = "") -> RoutingTable:
     """The table of a snapshot's ``services``, ``idle_addresses``, ``routing`` and ``protocols``.
 
     The codec checked their types; this checks what types cannot say (addresses are IP
@@ -141,7 +140,6 @@ def build_table(settings: SnapshotSettings | Mapping[str, Any], project: str = "
     port numbers in range) and raises SnapshotError naming the first field that does not
     hold. A snapshot without them (an older pilot) gives the empty table: all passes through.
     """
-    settings = as_settings(settings)
     try:
         return _build(settings, project)
     except ValueError as exc:

@@ -12,8 +12,14 @@ import asyncio
 import random
 import sys
 
-from composemesh.model.routing import HttpRoute, ServiceRouting, WeightedSubset, routing_to_json
-from composemesh.model.snapshot import ProxyIdentity, Snapshot
+from composemesh.model.routing import HttpRoute, ServiceRouting, WeightedSubset
+from composemesh.model.snapshot import (
+    DeclaredProtocols,
+    ProxyIdentity,
+    ServiceEndpoint,
+    Snapshot,
+    SnapshotSettings,
+)
 from composemesh.proxy.http import OutboundHttp
 from composemesh.proxy.stats import OUTBOUND, ProxyStats, workload_of
 from composemesh.proxy.table import table_from_snapshot
@@ -38,12 +44,11 @@ async def main() -> None:
     upstream_port = upstream.sockets[0].getsockname()[1]
     routing = ServiceRouting("reviews", (HttpRoute("default", (), (WeightedSubset("v1", 1),)),))
     identity = ProxyIdentity("shop-web-netns-1", "shop", "web", "web", "v1")
-    snapshot = Snapshot("1", identity, settings={
-        "services": {"reviews": [{"node": "shop-reviews-netns-1", "version": "v1",
-                                  "address": UPSTREAM}]},
-        "routing": {"reviews": routing_to_json(routing)},
-        "protocols": {"reviews": {"default": "http", "ports": {}}},
-    })
+    snapshot = Snapshot("1", identity, settings=SnapshotSettings(
+        services={"reviews": (ServiceEndpoint("shop-reviews-netns-1", "v1", UPSTREAM),)},
+        routing={"reviews": routing},
+        protocols={"reviews": DeclaredProtocols("http")},
+    ))
     stats = ProxyStats()
     http = OutboundHttp(stats)
     http.router = Router(table_from_snapshot(snapshot), workload_of(identity),

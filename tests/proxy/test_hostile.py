@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from composemesh.model.limits import ProxyLimits
-from composemesh.model.policy import KEEP_UNCHANGED, Operation, Policy, policies_to_json
+from composemesh.model.policy import KEEP_UNCHANGED, Operation, Policy
 from composemesh.model.snapshot import ProxyIdentity, Snapshot, encode_snapshot
 from composemesh.proxy.http import OutboundHttp
 from composemesh.proxy.inbound import InboundConfig, InboundForwarder, InboundHttp, InboundRouter
@@ -445,7 +445,7 @@ async def inbound(protocol: str | None = "http", policies: tuple[Policy, ...] = 
                              compose_service="reviews", service="reviews", version="v1")
     settings = {
         "mtls_mode": "PERMISSIVE",
-        "policies": policies_to_json({"reviews": policies}) if policies else {},
+        "policies": {"reviews": policies} if policies else {},
         "protocols": {"reviews": {"default": protocol, "ports": {}}},
     }
     answer = store.offer(encode_snapshot(Snapshot(version="1", identity=identity,

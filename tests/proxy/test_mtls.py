@@ -22,8 +22,8 @@ from aiohttp import web
 
 from composemesh.ca import cert_to_pem, key_to_pem, make_csr, make_root, sign_workload
 from composemesh.ca.pki import generate_key
-from composemesh.model.policy import Operation, Policy, policies_to_json
-from composemesh.model.routing import ServiceRouting, routing_to_json
+from composemesh.model.policy import Operation, Policy
+from composemesh.model.routing import ServiceRouting
 from composemesh.model.snapshot import ProxyIdentity, Snapshot, encode_snapshot
 from composemesh.proxy.decisions import LocalNetwork, admits_plaintext
 from composemesh.proxy.mtls import MeshTls
@@ -76,7 +76,7 @@ def client_settings(protocol: str | None) -> dict[str, Any]:
     return {
         "services": {"reviews": [{"node": "shop-reviews-netns-1", "version": "v1",
                                   "address": B_ADDR}]},
-        "routing": {"reviews": routing_to_json(r)},
+        "routing": {"reviews": r},
         "protocols": {"reviews": {"default": protocol, "ports": {}}},
     }
 
@@ -85,7 +85,7 @@ def server_settings(protocol: str | None, mode: str = "STRICT", policies: tuple[
                     published: tuple[int, ...] = ()) -> dict[str, Any]:
     return {
         "mtls_mode": mode,
-        "policies": policies_to_json({"reviews": policies}) if policies else {},
+        "policies": {"reviews": policies} if policies else {},
         "published_ports": list(published),
         "networks": [{"name": "shop_default", "address": B_ADDR, "subnet": "127.0.0.0/8",
                       "gateway": A_ADDR}],

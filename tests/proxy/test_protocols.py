@@ -37,6 +37,7 @@ from composemesh.proxy.table import build_table
 from composemesh.proxy.tcp import Forwarder, Router, passthrough, sniff_http
 
 from .conftest import run_on
+from .snapshots import settings_of
 from .test_http import V1, V2, route, routing, settings, snapshot
 from .test_http_wire import OK, read_responses, wire
 from .test_mtls import A_ADDR, Pair, Pki, get, new_pki, pair, tcp_call
@@ -235,7 +236,7 @@ def test_tcp_to_the_mesh_service_name_keeps_the_weights() -> None:
     means the mesh service, and TCP to it is split by the weights."""
     s = settings(routing(route(("v2", 100))), [("v1", V1), ("v2", V2)], "tcp")
     s["services"]["reviews"][0]["node"] = "shop-reviews-netns-1"  # compose service "reviews"
-    router = Router(build_table(s, project="shop"), PeerLabels())
+    router = Router(build_table(settings_of(s), project="shop"), PeerLabels())
     for dialed in (V1, V2):
         hosts = set()
         for _ in range(20):

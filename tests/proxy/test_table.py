@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any
 
 import pytest
@@ -13,11 +12,13 @@ from composemesh.model.routing import (
     RetryPolicy,
     ServiceRouting,
     WeightedSubset,
-    routing_to_json,
 )
 from composemesh.model.snapshot import ProxyIdentity, Snapshot, SnapshotError
+from composemesh.model.wire import to_builtins
 from composemesh.proxy.decisions import Endpoint
 from composemesh.proxy.table import EMPTY_TABLE, build_table, table_from_snapshot
+
+from .snapshots import settings_of
 
 REVIEWS = ServiceRouting(
     service="reviews",
@@ -39,14 +40,14 @@ def settings() -> dict[str, Any]:
             ],
             "ratings": [{"node": "vm-ratings", "version": "v1", "address": "10.0.1.9"}],
         },
-        "routing": {"reviews": routing_to_json(REVIEWS)},
+        "routing": {"reviews": to_builtins(REVIEWS)},
         "protocols": {"reviews": {"default": "http", "ports": {"9090": "tcp"}},
                       "ratings": {"default": None, "ports": {}}},
     }
 
 
 def test_lookups_by_address_service_and_version() -> None:
-    table = build_table(settings(), project="shop")
+    table = build_table(settings_of(settings()), project="shop")
     assert table.service_at("10.0.0.6") == "reviews"
     assert table.service_at("172.20.0.5") == "reviews"  # dialed on another network
     assert table.service_at("::ffff:10.0.0.6") == "reviews"
@@ -62,7 +63,7 @@ def test_lookups_by_address_service_and_version() -> None:
 
 
 def test_protocols_per_port_then_default_then_detect() -> None:
-    table = build_table(settings(), project="shop")
+    table = build_table(settings_of(settings()), project="shop")
     assert table.protocol("reviews", 9080) == "http"
     assert table.protocol("reviews", 9090) == "tcp"
     assert table.protocol("ratings", 9080) is None
@@ -70,7 +71,7 @@ def test_protocols_per_port_then_default_then_detect() -> None:
 
 
 def test_workload_labels_come_from_the_node_name_or_the_entry() -> None:
-    table = build_table(settings(), project="shop")
+    table = build_table(settings_of(settings()), project="shop")
     v1, _ = table.endpoints[("reviews", "v1")]
     assert table.workload(v1) == "reviews-v1"
     assert table.workload(table.endpoints[("reviews", "v2")][0]) == "reviews-canary"
@@ -78,7 +79,7 @@ def test_workload_labels_come_from_the_node_name_or_the_entry() -> None:
 
 
 def test_a_service_without_routing_gets_an_even_split_over_its_versions() -> None:
-    table = build_table(settings(), project="shop")
+    table = build_table(settings_of(settings()), project="shop")
     (route,) = table.routing["ratings"].routes
     assert route.matches == ()
     assert route.destinations == (WeightedSubset("v1", 1),)
@@ -91,13 +92,12 @@ def test_a_snapshot_without_the_keys_gives_the_empty_table() -> None:
 
 
 def test_config_dump_shape() -> None:
-    dump = build_table(settings(), project="shop").to_json()
+    dump = build_table(settings_of(settings()), project="shop").to_json()
     assert dump["reviews"]["protocols"] == {"default": "http", "ports": {"9090": "tcp"}}
     assert dump["reviews"]["endpoints"][0] == {
         "node": "shop-reviews-v1-netns-1", "version": "v1", "address": "10.0.0.5",
         "workload": "reviews-v1"}
-    assert dump["reviews"]["routing"] == routing_to_json(REVIEWS)
-    assert build_table(json.loads(json.dumps(settings())), project="shop").to_json() == dump
+    assert dump["reviews"]["routing"] == to_builtins(REVIEWS)
 
 
 def _broken(change: Any) -> dict[str, Any]:
@@ -115,9 +115,10 @@ def _broken(change: Any) -> dict[str, Any]:
     (lambda s: s["services"]["reviews"][1].update(address="reviews.local"),
      "$.settings.services.reviews[1].address: 'reviews.local' is not an IP address"),
     (lambda s: s["services"]["ratings"][0].update(address="10.0.0.5"),
-     "$.settings.services.ratings[0].address: 10.0.0.5 is already an endpoint of 'reviews'"),
+     # the wire sorts services: ratings is read first, reviews then clashes with it
+     "$.settings.services.reviews[0].address: 10.0.0.5 is already an endpoint of 'ratings'"),
     (lambda s: s["services"]["ratings"][0].update(addresses=["10.0.1.9", "172.20.0.5"]),
-     "$.settings.services.ratings[0].address: 172.20.0.5 is already an endpoint of 'reviews'"),
+     "$.settings.services.reviews[0].address: 172.20.0.5 is already an endpoint of 'ratings'"),
     (lambda s: s["services"]["ratings"][0].update(addresses=["x"]),
      "$.settings.services.ratings[0].addresses[0]: 'x' is not an IP address"),
     (lambda s: s["services"]["ratings"][0].update(version=3),
@@ -141,12 +142,12 @@ def _broken(change: Any) -> dict[str, Any]:
 ])
 def test_a_bad_field_is_one_error_naming_it(change: Any, message: str) -> None:
     with pytest.raises(SnapshotError) as caught:
-        build_table(_broken(change), project="shop")
+        build_table(settings_of(_broken(change)), project="shop")
     assert str(caught.value).startswith(message), str(caught.value)
 
 
 def test_compose_service_names_pin_their_own_endpoints_mesh_names_do_not() -> None:
-    table = build_table(settings(), project="shop")
+    table = build_table(settings_of(settings()), project="shop")
     assert table.pinned["reviews-canary"] == (Endpoint("shop-reviews-v2-netns-1", "v2",
                                                        "10.0.0.7"),)
     assert [ep.address for ep in table.pinned["reviews-v1"]] == ["10.0.0.5", "10.0.0.6"]
@@ -156,7 +157,7 @@ def test_compose_service_names_pin_their_own_endpoints_mesh_names_do_not() -> No
 def test_every_address_of_a_pinned_instance_names_its_compose_service() -> None:
     """TCP carries no Host: the address dialed names the compose service (any of the
     instance's addresses, on any network, also as an IPv4-mapped IPv6 address)."""
-    table = build_table(settings(), project="shop")
+    table = build_table(settings_of(settings()), project="shop")
     v1 = table.pinned["reviews-v1"]
     for address in ("10.0.0.5", "172.20.0.5", "10.0.0.6", "::ffff:10.0.0.6"):
         assert table.pinned_at(address) == v1, address
@@ -168,7 +169,7 @@ def test_every_address_of_a_pinned_instance_names_its_compose_service() -> None:
 def test_idle_addresses_are_still_routed_as_their_service() -> None:
     data = settings()
     data["idle_addresses"] = {"reviews": ["10.0.0.99"], "gone": ["10.0.9.9"]}
-    table = build_table(data, project="shop")
+    table = build_table(settings_of(data), project="shop")
     assert table.service_at("10.0.0.99") == "reviews"
     assert table.service_at("10.0.9.9") == "gone"
     assert table.serving_versions("reviews") == frozenset({"v1", "v2"})
