@@ -9,21 +9,19 @@ asks for another identity is refused.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from cryptography import x509
 
 from composemesh.ca import pki
 from composemesh.ca.rotation import Root, RootSet, steady
 from composemesh.ca.spiffe import SpiffeId, trust_domain_uri
+from composemesh.clock import Clock, system_clock
 from composemesh.errors import ConfigError, MeshError
 from composemesh.model.ca_config import MTLS, CAConfig
 
 MAX_CSR_BYTES = 16 * 1024  # a P-256 CSR is under 1 KiB in PEM
-
-Clock = Callable[[], datetime]
 
 
 class IssuanceRefused(MeshError):
@@ -48,10 +46,6 @@ class SignedCertificate:
     not_after: datetime
 
 
-def _system_clock() -> datetime:
-    return datetime.now(UTC)
-
-
 class CertificateAuthority:
     """Signs workload certificates of one trust domain with the active root of a RootSet."""
 
@@ -61,7 +55,7 @@ class CertificateAuthority:
         root_key: pki.IssuerKey,
         trust_domain: str,
         workload_ttl: timedelta = pki.WORKLOAD_LIFETIME,
-        clock: Clock = _system_clock,
+        clock: Clock = system_clock,
     ) -> None:
         if workload_ttl <= timedelta(0):
             raise ValueError("the workload certificate TTL must be more than 0")

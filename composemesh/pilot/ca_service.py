@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from cryptography import x509
 
+from composemesh.atomic_file import write_atomic
 from composemesh.ca import (
     CertificateAuthority,
     IssuanceRefused,
@@ -37,6 +38,7 @@ from composemesh.ca import (
     switch_signing,
 )
 from composemesh.ca.pki import check_root
+from composemesh.clock import Clock, system_clock
 from composemesh.errors import ConfigError, MeshError
 from composemesh.model.ca_config import (  # the user's root, where the injector mounted it
     ENV_CA_CERT_FILE,
@@ -60,9 +62,9 @@ ROOTS = "roots.json"  # which stored roots sign and are trusted; absent: root.pe
 ROOT_STEM = "root"  # a root is stored as <stem>.pem and <stem>-key.pem
 DIR_MODE = 0o700
 KEY_MODE = 0o600
+PUBLIC_MODE = 0o644  # certificates, roots.json, issued.json: public facts
 ROOT_COMMON_NAME = "composemesh root CA"
 
-Clock = Callable[[], datetime]
 RootSource = Literal["generated", "stored", "user"]
 RotationStep = Literal["begin", "switch", "finish"]
 ROTATION_STEPS: tuple[RotationStep, ...] = ("begin", "switch", "finish")
@@ -96,10 +98,6 @@ class IssuedRecord:
         return datetime.fromisoformat(self.not_after) <= now
 
 
-def _system_clock() -> datetime:
-    return datetime.now(UTC)
-
-
 def _iso(t: datetime) -> str:
     return t.astimezone(UTC).isoformat(timespec="seconds")
 
@@ -118,7 +116,7 @@ class CAService:
         project: str,
         source: RootSource,
         state_dir: Path | None = None,
-        clock: Clock = _system_clock,
+        clock: Clock = system_clock,
         stems: Mapping[str, str] | None = None,
     ) -> None:
         self.authority = authority
@@ -142,7 +140,7 @@ class CAService:
         project: str,
         state_dir: str | os.PathLike[str] | None = None,
         environ: Mapping[str, str] | None = None,
-        clock: Clock = _system_clock,
+        clock: Clock = system_clock,
     ) -> CAService:
         """The CA of ``project``: the user's root if given, else the stored one, else a new one.
 
@@ -346,9 +344,7 @@ class CAService:
         live = {k: asdict(r) for k, r in sorted(self.issued.items()) if not r.expired(now)}
         try:
             _ensure_private_dir(path.parent)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(live, indent=2))
-            os.replace(tmp, path)
+            write_atomic(path, json.dumps(live, indent=2), PUBLIC_MODE)
         except OSError as exc:  # status loses its memory across a restart; issuance goes on
             log.error("cannot record issued certificates in %s: %s", path, exc)
 
@@ -478,26 +474,10 @@ def _ensure_private_dir(directory: Path) -> None:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, readable by its owner only from the first byte."""
-    tmp = path.with_name(path.name + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_MODE)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    os.chmod(tmp, KEY_MODE)
-    os.replace(tmp, path)
+    """A key: readable by its owner only from the first byte, and on disk before the rename."""
+    write_atomic(path, data, KEY_MODE, durable=True)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    """A certificate or the roots manifest, readable by all (a test makes this one fail)."""
+    write_atomic(path, data, PUBLIC_MODE)

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from composemesh.atomic_file import write_atomic
 from composemesh.pilot.ca_service import DEFAULT_STATE_DIR, ENV_STATE_DIR
 
 log = logging.getLogger("composemesh.pilot.store")
@@ -35,7 +36,5 @@ class OverrideStore:
         }
 
     def save(self, overrides: Mapping[str, Mapping[str, int]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({k: dict(v) for k, v in overrides.items()}, indent=2))
-        os.replace(tmp, self.path)
+        data = json.dumps({k: dict(v) for k, v in overrides.items()}, indent=2)
+        write_atomic(self.path, data, 0o644)  # what the pilot's umask (022) gave it before

@@ -32,6 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from composemesh.backoff import backoff_delay
 from composemesh.ca import (
     cert_from_pem,
     certs_from_pem,
@@ -46,6 +47,7 @@ from composemesh.ca import (
     verify_chain,
 )
 from composemesh.ca.rotation import RENEW_FRACTION, RENEW_JITTER
+from composemesh.clock import Clock, system_clock
 from composemesh.errors import MeshError
 from composemesh.model.snapshot import (
     CERTIFICATE_PATH,
@@ -56,7 +58,7 @@ from composemesh.model.snapshot import (
     SnapshotError,
 )
 from composemesh.model.wire import ContractError, decode
-from composemesh.proxy.pilot_client import SERVICE_HEADER, Applier, backoff_delay, pilot_session
+from composemesh.proxy.pilot_client import SERVICE_HEADER, Applier, pilot_session
 
 REQUEST_TIMEOUT = 10.0  # seconds for one CSR round trip
 CONNECT_TIMEOUT = 5.0
@@ -66,7 +68,6 @@ MAX_NAP = 60.0  # the clock is looked at again at least this often (suspends, cl
 
 log = logging.getLogger("composemesh.proxy.identity")
 
-Clock = Callable[[], datetime]
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -76,10 +77,6 @@ class IdentityError(MeshError):
 
 class NotOffered(IdentityError):
     """The pilot has no certificate endpoint (404): it runs no CA."""
-
-
-def _system_clock() -> datetime:
-    return datetime.now(UTC)
 
 
 def _iso(t: datetime) -> str:
@@ -152,7 +149,7 @@ class WorkloadIdentity:
         pilot_url: str,
         *,
         service: str = "",
-        clock: Clock = _system_clock,
+        clock: Clock = system_clock,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
         renew_fraction: float = RENEW_FRACTION,

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 
 import aiohttp
 
+from composemesh.backoff import Jitter, backoff_delay
 from composemesh.errors import MeshError
 from composemesh.model.snapshot import (
     ACK_PATH,
@@ -72,17 +73,6 @@ def pilot_session(url: str, timeout: aiohttp.ClientTimeout,
 
 class PilotError(MeshError):
     """The pilot could not be reached or answered outside the protocol."""
-
-
-def backoff_delay(
-    failures: int,
-    rng: Callable[[], float] = random.random,
-    initial: float = BACKOFF_INITIAL,
-    cap: float = BACKOFF_MAX,
-) -> float:
-    """Seconds to wait after ``failures`` failures in a row: doubling from ``initial``, ±20 %."""
-    base = min(cap, initial * 2.0 ** max(0, failures - 1))
-    return max(initial, min(cap, base * (0.8 + 0.4 * rng())))
 
 
 def hints(body: bytes) -> tuple[str, str]:
@@ -153,7 +143,7 @@ class PilotClient:
         *,
         service: str = "",
         poll_wait: float = POLL_WAIT,
-        rng: Callable[[], float] = random.random,
+        jitter: Jitter = random.random,
         backoff_initial: float = BACKOFF_INITIAL,
         backoff_max: float = BACKOFF_MAX,
         held: Held | None = None,
@@ -163,7 +153,7 @@ class PilotClient:
         self.store = store
         self.service = service
         self.poll_wait = poll_wait
-        self.rng = rng
+        self.jitter = jitter  # the draw that spreads retries (backoff_delay)
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.pending: Ack | None = None  # an answer not delivered yet
@@ -185,7 +175,7 @@ class PilotClient:
                     self.failures += 1
                     self.last_error = str(exc) or type(exc).__name__
                     delay = backoff_delay(
-                        self.failures, self.rng, self.backoff_initial, self.backoff_max)
+                        self.failures, self.jitter, self.backoff_initial, self.backoff_max)
                     log.warning("pilot %s: %s; retrying in %.1fs (keeping snapshot %s)",
                                 self.url, self.last_error, delay,
                                 self.store.seen_version or "none")
@@ -195,7 +185,7 @@ class PilotClient:
                 self.last_error = ""
                 if not settled:
                     await asyncio.sleep(
-                        backoff_delay(1, self.rng, self.backoff_initial, self.backoff_max))
+                        backoff_delay(1, self.jitter, self.backoff_initial, self.backoff_max))
 
     async def exchange(self, session: aiohttp.ClientSession, url: str | None = None) -> bool:
         """One round: deliver any pending answer, long-poll once, answer what came.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 
 from composemesh.engine.compose import state_dir
 from composemesh.model.wellknown import DEMO_IMAGE, PILOT_SERVICE, PORT_ADMIN
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BOOKINFO = REPO / "examples" / "bookinfo" / "compose.yaml"
@@ -72,12 +72,6 @@ def force_remove(project: str) -> None:
         docker("network", "rm", net, check=False)
     for vol in left["volumes"]:
         docker("volume", "rm", "-f", vol, check=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def unique_project(tag: str) -> str:

@@ -1,4 +1,4 @@
-"""Fixtures of the proxy tests: free ports, both event loops, and network namespaces of our own."""
+"""Fixtures of the proxy tests: both event loops, and network namespaces of our own."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import itertools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,12 +19,6 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON = sys.executable
 _names = itertools.count()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_on(loop_kind: str, main: Coroutine[Any, Any, Any]) -> Any:

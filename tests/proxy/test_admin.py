@@ -22,8 +22,8 @@ from composemesh.proxy.admin import (
 )
 from composemesh.proxy.pilot_client import ConfigStore
 from composemesh.proxy.stats import INBOUND, OUTBOUND, PeerLabels, ProxyStats, passthrough_labels
+from tests.support import free_port
 
-from .conftest import free_port
 from .pilot_double import snapshot_body
 
 

@@ -43,8 +43,9 @@ from composemesh.proxy.pilot_client import ConfigStore
 from composemesh.proxy.server import routing_applier, serve
 from composemesh.proxy.stats import INBOUND, OUTBOUND, PeerLabels, ProxyStats, passthrough_labels
 from composemesh.proxy.tcp import Forwarder, passthrough
+from tests.support import free_port
 
-from .conftest import free_port, run_on
+from .conftest import run_on
 from .pilot_double import PilotDouble
 from .test_server import config_on_free_ports
 

@@ -26,6 +26,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from composemesh.backoff import backoff_delay
 from composemesh.ca import (
     CertificateAuthority,
     IssuanceRefused,
@@ -54,11 +55,11 @@ from composemesh.proxy.identity import (
     WorkloadIdentity,
     trust_bundle_applier,
 )
-from composemesh.proxy.pilot_client import ConfigStore, backoff_delay
+from composemesh.proxy.pilot_client import ConfigStore
 from composemesh.proxy.server import ProxyConfig, serve
 from composemesh.proxy.stats import INBOUND, OUTBOUND, ProxyStats
+from tests.support import free_port, until
 
-from .conftest import free_port
 from .pilot_double import PilotDouble, snapshot_body
 
 TD = "cluster.local"
@@ -120,14 +121,6 @@ class CADouble:
         app = web.Application()
         app.router.add_post("/v1/certificate", self.certificate)
         return app
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.001)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 Body = Callable[[WorkloadIdentity, CADouble, FakeClock, TestClient], Awaitable[None]]

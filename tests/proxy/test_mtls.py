@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ from composemesh.proxy.pilot_client import ConfigStore
 from composemesh.proxy.server import DataPath, data_path
 from composemesh.proxy.stats import PeerLabels, ProxyStats
 from composemesh.proxy.upstream import UpstreamPool
+from tests.support import free_port
 
 from .test_http import route
 
@@ -119,7 +119,7 @@ async def pair(pki: Pki, *, protocol: str | None = "http", client: str = "produc
     tcp), or ``app`` (an asyncio.start_server handler); ``protocol`` None: detected."""
     loop = asyncio.get_running_loop()
     app_peers: list[str] = []
-    port = _free_port()
+    port = free_port(APP_ADDR)
     cleanups: list[Any] = []
     try:
         # the app behind B: HTTP (says "reviews") or a TCP echo that answers after the EOF
@@ -180,12 +180,6 @@ def _closer(server: asyncio.AbstractServer, path: DataPath | None = None) -> Any
             await asyncio.wait_for(server.wait_closed(), 1)
 
     return close
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((APP_ADDR, 0))
-        return int(s.getsockname()[1])
 
 
 async def get(url: str, n: int = 1, source: str | None = None) -> list[tuple[int, str]]:

@@ -17,26 +17,32 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from composemesh.backoff import backoff_delay
 from composemesh.model.mesh import MeshState, Workload
 from composemesh.model.snapshot import Snapshot, SnapshotError
 from composemesh.pilot import server
 from composemesh.pilot.main import bind_socket
 from composemesh.pilot.server import Pilot, make_app
 from composemesh.proxy.pilot_client import (
+    BACKOFF_INITIAL,
+    BACKOFF_MAX,
     ConfigStore,
     PilotClient,
-    backoff_delay,
     hints,
 )
 from tests.pilot.callers import Callers
+from tests.support import until
 
 from .pilot_double import PilotDouble, snapshot_body
 
 
 def test_backoff_doubles_from_half_a_second_to_five_with_jitter() -> None:
-    low = [backoff_delay(n, rng=lambda: 0.0) for n in range(1, 8)]
-    high = [backoff_delay(n, rng=lambda: 1.0) for n in range(1, 8)]
-    mid = [backoff_delay(n, rng=lambda: 0.5) for n in range(1, 8)]
+    def delay(n: int, draw: float) -> float:  # as the client paces its retries
+        return backoff_delay(n, jitter=lambda: draw, initial=BACKOFF_INITIAL, cap=BACKOFF_MAX)
+
+    low = [delay(n, 0.0) for n in range(1, 8)]
+    high = [delay(n, 1.0) for n in range(1, 8)]
+    mid = [delay(n, 0.5) for n in range(1, 8)]
     assert mid == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
     assert all(0.5 <= d <= 5.0 for d in low + high)
     assert high[1] > mid[1] > low[1]
@@ -97,12 +103,6 @@ def test_a_snapshot_one_applier_rejects_is_applied_by_none() -> None:
     assert committed == ["v1"]
     assert store.snapshot is not None and store.snapshot.version == "v1"
     assert store.seen_version == "v2"  # so the pilot does not send v2 again
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

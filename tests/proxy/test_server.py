@@ -18,8 +18,9 @@ from composemesh.inject.rewrite import PILOT_URL
 from composemesh.model import wellknown as wk
 from composemesh.proxy.admin import AdminContext
 from composemesh.proxy.server import ProxyConfig, ProxyError, serve
+from tests.support import free_port
 
-from .conftest import PYTHON, Processes, free_port, run_on
+from .conftest import PYTHON, Processes, run_on
 from .pilot_double import PilotDouble, snapshot_body
 
 

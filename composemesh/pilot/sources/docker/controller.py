@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 
+from composemesh.backoff import backoff_delay
 from composemesh.errors import EngineError
 from composemesh.model import wellknown as wk
 from composemesh.model.mesh import Workload
@@ -140,7 +141,7 @@ class DockerSource:
 
     async def run(self) -> None:
         """Watch until cancelled; reconnects (and relists) if the engine drops the stream."""
-        backoff = 0.5
+        failures = 0  # engine errors in a row
         while True:
             try:
                 events = self._api.events(project=self._project)
@@ -148,7 +149,7 @@ class DockerSource:
                 first = asyncio.ensure_future(anext(events))
                 await asyncio.sleep(0)
                 await self.resync()
-                backoff = 0.5
+                failures = 0
                 pending: asyncio.Future[dict[str, Any]] = first
                 while True:
                     event = await pending
@@ -162,9 +163,10 @@ class DockerSource:
             except StopAsyncIteration:
                 log.warning("engine closed the event stream; reconnecting")
             except EngineError as exc:
-                log.warning("%s; retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                failures += 1
+                delay = backoff_delay(failures, initial=0.5, cap=5.0)
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
 
 
 def heal_order(
