@@ -1,10 +1,18 @@
-"""Decodes a compose service's ``composemesh.*`` labels into a typed, validated MeshLabels."""
+"""Decodes a compose service's ``composemesh.*`` labels into a typed MeshLabels.
+
+One decoder, two callers (like Traefik's ``label.Decode``): ``decode_labels`` turns a flat
+mapping of labels into a MeshLabels and the list of what was wrong, each problem naming its
+label; the caller chooses what a problem means. The CLI (``parse_labels``: ``check``,
+``inject``) refuses the service on the first one; the pilot (``pilot.sources.docker.convert``)
+meshes the container with what did decode and logs the rest.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from composemesh.errors import ConfigError
 from composemesh.model import wellknown as wk
@@ -46,6 +54,22 @@ class MeshLabels:
         return self.port_protocols.get(port, self.protocol)
 
 
+@dataclass(frozen=True, slots=True)
+class LabelError:
+    """One label that did not decode: its name, its value as written, and why (a sentence)."""
+
+    label: str
+    value: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"label {self.label}: {self.reason}"
+
+    def config_error(self, compose_service: str) -> ConfigError:
+        """The CLI's error for it: names the service and the label."""
+        return ConfigError(self.reason, service=compose_service, field=f"label {self.label}")
+
+
 def normalize_labels(raw: object, *, service: str) -> dict[str, str]:
     """Compose allows labels as a mapping or a list of ``key=value``; return a mapping."""
     if raw is None:
@@ -61,85 +85,136 @@ def normalize_labels(raw: object, *, service: str) -> dict[str, str]:
     raise ConfigError("must be a mapping or a list of key=value", service=service, field="labels")
 
 
-def parse_labels(labels: Mapping[str, str], *, compose_service: str) -> MeshLabels:
-    """Validate the ``composemesh.*`` labels of one compose service.
+def decode_labels(
+    labels: Mapping[str, str], *, compose_service: str
+) -> tuple[MeshLabels, tuple[LabelError, ...]]:
+    """The ``composemesh.*`` labels of compose service ``compose_service``, and their problems.
 
-    Raises ConfigError naming the service and the label on the first bad one.
+    Labels outside ``composemesh.`` are ignored. A label that does not decode is a problem
+    and its field keeps its default (the mesh service's default is ``compose_service``, itself
+    a problem when it is not a valid mesh name). Problems come in the order the CLI has always
+    reported them: unknown labels, then enable, service, version, weight, protocol, the port
+    labels, and the proxy limits (by name).
     """
+    problems: list[LabelError] = []
 
-    def bad(label: str, message: str) -> ConfigError:
-        return ConfigError(message, service=compose_service, field=f"label {label}")
+    def bad(label: str, reason: str, value: str | None = None) -> None:
+        problems.append(LabelError(label, labels.get(label, "") if value is None else value,
+                                   reason))
 
     for key in labels:
         if not key.startswith(wk.LABEL_PREFIX) or key in INJECTOR_LABELS:
             continue
         if key in KNOWN_LABELS or _PORT_LABEL.match(key) or key.startswith(LIMITS_PREFIX):
             continue
-        raise bad(key, f"unknown label; known labels are {', '.join(KNOWN_LABELS)}")
+        bad(key, f"unknown label; known labels are {', '.join(KNOWN_LABELS)}")
 
     enabled = True
     if wk.LABEL_ENABLE in labels:
         value = labels[wk.LABEL_ENABLE].strip().lower()
-        if value in _TRUE:
-            enabled = True
-        elif value in _FALSE:
+        if value in _FALSE:
             enabled = False
-        else:
-            raise bad(wk.LABEL_ENABLE, f"{labels[wk.LABEL_ENABLE]!r} is not true or false")
+        elif value not in _TRUE:
+            bad(wk.LABEL_ENABLE, f"{labels[wk.LABEL_ENABLE]!r} is not true or false")
 
     service = labels.get(wk.LABEL_SERVICE, compose_service)
     if not _NAME.match(service):
-        raise bad(
+        bad(
             wk.LABEL_SERVICE,
             f"{service!r} is not a valid mesh service name "
             "(lower-case letters, digits, '-', '_' and '.', at most 63)",
+            value=service,
         )
+        service = compose_service
 
     version = labels.get(wk.LABEL_VERSION, wk.DEFAULT_VERSION)
     if not _NAME.match(version):
-        raise bad(
+        bad(
             wk.LABEL_VERSION,
             f"{version!r} is not a valid version name "
             "(lower-case letters, digits, '-', '_' and '.', at most 63)",
         )
+        version = wk.DEFAULT_VERSION
 
     weight: int | None = None
     if wk.LABEL_WEIGHT in labels:
         raw = labels[wk.LABEL_WEIGHT].strip()
-        if not re.fullmatch(r"\d+", raw):
-            raise bad(wk.LABEL_WEIGHT, f"{labels[wk.LABEL_WEIGHT]!r} is not a non-negative integer")
-        weight = int(raw)
+        if re.fullmatch(r"\d+", raw):
+            weight = int(raw)
+        else:
+            bad(wk.LABEL_WEIGHT, f"{labels[wk.LABEL_WEIGHT]!r} is not a non-negative integer")
 
     protocol = None
     if wk.LABEL_PROTOCOL in labels:
-        protocol = _protocol(labels[wk.LABEL_PROTOCOL], bad(wk.LABEL_PROTOCOL, ""))
+        protocol = _protocol(labels[wk.LABEL_PROTOCOL])
+        if protocol is None:
+            bad(wk.LABEL_PROTOCOL, _not_a_protocol(labels[wk.LABEL_PROTOCOL]))
 
     port_protocols: dict[int, str] = {}
     for key, value in labels.items():
         m = _PORT_LABEL.match(key)
         if not m:
             continue
-        if not m.group(1).isdigit() or not 1 <= int(m.group(1)) <= 65535:
-            raise bad(key, f"{m.group(1)!r} is not a port number (1-65535)")
-        port_protocols[int(m.group(1))] = _protocol(value, bad(key, ""))
+        # isdecimal, not isdigit: int() refuses digits such as '²' that isdigit accepts.
+        if not m.group(1).isdecimal() or not 1 <= int(m.group(1)) <= 65535:
+            bad(key, f"{m.group(1)!r} is not a port number (1-65535)")
+            continue
+        proto = _protocol(value)
+        if proto is None:
+            bad(key, _not_a_protocol(value))
+            continue
+        port_protocols[int(m.group(1))] = proto
 
-    return MeshLabels(
+    limits, limit_problems = _limits(labels, compose_service)
+    problems.extend(limit_problems)
+
+    decoded = MeshLabels(
         enabled=enabled,
         service=service,
         version=version,
         weight=weight,
         protocol=protocol,
-        port_protocols=port_protocols,
-        limits=parse_limits(labels, compose_service),
+        port_protocols=MappingProxyType(port_protocols),
+        limits=limits,
     )
+    return decoded, tuple(problems)
 
 
-def _protocol(value: str, template: ConfigError) -> str:
+def parse_labels(labels: Mapping[str, str], *, compose_service: str) -> MeshLabels:
+    """Validate the ``composemesh.*`` labels of one compose service.
+
+    Raises ConfigError naming the service and the label on the first bad one.
+    """
+    decoded, problems = decode_labels(labels, compose_service=compose_service)
+    if problems:
+        raise problems[0].config_error(compose_service)
+    return decoded
+
+
+def _protocol(value: str) -> str | None:
     proto = value.strip().lower()
-    if proto not in PROTOCOLS:
-        raise ConfigError(
-            f"{value!r} is not a known protocol (one of {', '.join(PROTOCOLS)})",
-            service=template.service,
-            field=template.field,
-        )
-    return proto
+    return proto if proto in PROTOCOLS else None
+
+
+def _not_a_protocol(value: str) -> str:
+    return f"{value!r} is not a known protocol (one of {', '.join(PROTOCOLS)})"
+
+
+def _limits(
+    labels: Mapping[str, str], compose_service: str
+) -> tuple[ProxyLimits, list[LabelError]]:
+    """The ``composemesh.proxy.*`` labels through model.limits, one label at a time, so that
+    a bad one is a problem of its own and the good ones still count (each label is checked
+    on its own there, so checking them apart changes no verdict)."""
+    good: dict[str, str] = {}
+    problems: list[LabelError] = []
+    for label in sorted(labels):
+        if not label.startswith(LIMITS_PREFIX):
+            continue
+        try:
+            parse_limits({label: labels[label]}, compose_service)
+        except ConfigError as exc:
+            problems.append(LabelError(label, labels[label], exc.message))
+        else:
+            good[label] = labels[label]
+    return parse_limits(good, compose_service), problems

@@ -2,16 +2,22 @@
 
 Docker's JSON stops here: nothing past `workloads_from_containers` sees an engine type.
 A container that cannot be understood is skipped with a reason, never fatal to the others.
+Its ``composemesh.*`` labels are read by the CLI's own decoder (``model.labels``); a label
+that does not decode is logged and its default used, the container meshed all the same.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from composemesh.model import wellknown as wk
+from composemesh.model.labels import LabelError, MeshLabels, decode_labels
 from composemesh.model.mesh import NetworkAttachment, Workload
+
+log = logging.getLogger("composemesh.pilot.docker")
 
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
@@ -66,24 +72,35 @@ def published_ports(container: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(sorted(ports))
 
 
-def _weight(labels: Mapping[str, str]) -> int | None:
-    raw = labels.get(wk.LABEL_WEIGHT, "")
-    return int(raw) if raw.isdigit() else None
+def log_label_problems(container: str, problems: tuple[LabelError, ...]) -> None:
+    """One warning per container for all of its labels that did not decode."""
+    log.warning("container %s: %s (their defaults are used)", container,
+                "; ".join(str(p) for p in problems))
 
 
-def _port_protocols(labels: Mapping[str, str]) -> tuple[tuple[int, str], ...]:
-    out = []
-    for key, value in labels.items():
-        parts = key.split(".")
-        if key.startswith(wk.LABEL_PORT_PREFIX) and len(parts) == 4 and parts[2].isdigit():
-            out.append((int(parts[2]), value))
-    return tuple(sorted(out))
+def holder_labels(
+    holder: Mapping[str, Any],
+    on_label_problems: Callable[[str, tuple[LabelError, ...]], None] = log_label_problems,
+) -> MeshLabels:
+    """The mesh labels of a netns holder (which carries ``composemesh.of``), decoded as the
+    CLI decodes them; what did not decode is handed to ``on_label_problems`` and defaulted."""
+    labels = holder.get("Labels") or {}
+    decoded, problems = decode_labels(labels, compose_service=labels[wk.LABEL_OF])
+    if problems:
+        on_label_problems(container_name(holder), problems)
+    return decoded
 
 
 def workloads_from_containers(
-    containers: Iterable[Mapping[str, Any]], *, project: str
+    containers: Iterable[Mapping[str, Any]],
+    *,
+    project: str,
+    on_label_problems: Callable[[str, tuple[LabelError, ...]], None] = log_label_problems,
 ) -> tuple[tuple[Workload, ...], tuple[str, ...]]:
     """Workloads of ``project`` (one per netns holder) and the reasons for what was skipped.
+
+    A holder's labels that do not decode go to ``on_label_problems`` (by default: one
+    warning per holder), once per call.
 
     A proxy belongs to the holder whose namespace it joined (``HostConfig.NetworkMode`` is
     ``container:<holder id>``), so scaled or recreated containers pair up correctly.
@@ -116,16 +133,16 @@ def workloads_from_containers(
 
     workloads = []
     for holder_id, holder in sorted(holders.items(), key=lambda kv: container_name(kv[1])):
-        labels = holder.get("Labels") or {}
-        of = labels[wk.LABEL_OF]
+        of = (holder.get("Labels") or {})[wk.LABEL_OF]
+        mesh = holder_labels(holder, on_label_problems)
         proxy = proxies.get(holder_id)
         workloads.append(
             Workload(
                 node=container_name(holder),
                 project=project,
                 compose_service=of,
-                service=labels.get(wk.LABEL_SERVICE, of),
-                version=labels.get(wk.LABEL_VERSION, wk.DEFAULT_VERSION),
+                service=mesh.service,
+                version=mesh.version,
                 addresses=addresses(holder),
                 running=holder.get("State") == "running" and serving(apps.get(holder_id, [])),
                 proxy_container=container_name(proxy) if proxy else None,
@@ -134,9 +151,9 @@ def workloads_from_containers(
                 and proxy.get("State") == "running"
                 and "(healthy)" in str(proxy.get("Status", "")),
                 networks=networks(holder),
-                weight=_weight(labels),
-                protocol=labels.get(wk.LABEL_PROTOCOL),
-                port_protocols=_port_protocols(labels),
+                weight=mesh.weight,
+                protocol=mesh.protocol,
+                port_protocols=tuple(sorted(mesh.port_protocols.items())),
                 published_ports=published_ports(holder),
                 attachments=attachments(holder),
             )
