@@ -1,4 +1,4 @@
-"""The proxy's per-request decisions, pure: which route, version and endpoint; retry or not.
+"""The proxy's per-request decisions, pure: which route, version and endpoint; a fault or not.
 
 No I/O and no clock of their own (the outlier detector is handed one): the HTTP data path
 calls these on every request, so they compile nothing per call and allocate little.
@@ -15,12 +15,10 @@ from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass
 
 from composemesh.model.routing import (
-    IDEMPOTENT_METHODS,
     FaultPolicy,
     HttpMatch,
     HttpRoute,
     OutlierPolicy,
-    RetryPolicy,
     ServiceRouting,
     StringMatch,
 )
@@ -267,62 +265,7 @@ class OutlierDetector:
             del self._hosts[ep]
 
 
-# --------------------------------------------------------------------------- retries, faults
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How one try ended: a response's status, or the error that stopped it."""
-
-    status: int | None = None  # HTTP status when a response came
-    error: str | None = None  # "connect-failure" | "reset" | "timeout"
-
-
-# The retry_on conditions each kind of failure meets, as Envoy reads them: 5xx includes
-# every failure to get an answer; gateway-error includes connect failures and per-try
-# timeouts (a 504 in effect) but not a reset.
-_ERROR_CONDITIONS: dict[str, frozenset[str]] = {
-    "connect-failure": frozenset({"connect-failure", "5xx", "gateway-error"}),
-    "reset": frozenset({"reset", "5xx"}),
-    "timeout": frozenset({"5xx", "gateway-error"}),
-}
-_STATUS_5XX = frozenset({"5xx"})
-_STATUS_GATEWAY = frozenset({"5xx", "gateway-error"})
-_STATUS_409 = frozenset({"retriable-4xx"})
-_NONE: frozenset[str] = frozenset()
-
-
-def _conditions(outcome: Outcome) -> frozenset[str]:
-    if outcome.error is not None:
-        return _ERROR_CONDITIONS.get(outcome.error, _NONE)
-    status = outcome.status
-    if status is None:
-        return _NONE
-    if status in (502, 503, 504):
-        return _STATUS_GATEWAY
-    if 500 <= status <= 599:
-        return _STATUS_5XX
-    if status == 409:
-        return _STATUS_409
-    return _NONE
-
-
-def should_retry(policy: RetryPolicy, method: str, attempt: int, outcome: Outcome) -> bool:
-    """Whether to try again after ``attempt`` tries (1 after the first) ended in ``outcome``.
-
-    A retry needs an attempt left and a condition of ``retry_on`` met. A request that is not
-    idempotent (POST, PATCH, ...) is retried only after a connect failure, where nothing was
-    sent, unless ``retry_non_idempotent``.
-    """
-    if attempt > policy.attempts:
-        return False
-    if policy.retry_on.isdisjoint(_conditions(outcome)):
-        return False
-    return (
-        outcome.error == "connect-failure"
-        or policy.retry_non_idempotent
-        or method in IDEMPOTENT_METHODS
-    )
+# ------------------------------------------------------------ faults (retries: proxy.retries)
 
 
 _NO_FAULT: tuple[float, int | None] = (0.0, None)

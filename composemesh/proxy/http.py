@@ -32,15 +32,15 @@ from typing import cast
 import httptools
 
 from composemesh.model.limits import ProxyLimits
-from composemesh.model.routing import IDEMPOTENT_METHODS, HttpRoute
+from composemesh.model.routing import HttpRoute, RetryPolicy
 from composemesh.proxy.buffers import WRITE_HIGH_WATER, WRITE_LOW_WATER
-from composemesh.proxy.decisions import (
-    Endpoint,
+from composemesh.proxy.decisions import Endpoint, fault_decision, pick_version, select_route
+from composemesh.proxy.retries import (
+    Answer,
+    Next,
     Outcome,
-    fault_decision,
-    pick_version,
-    select_route,
-    should_retry,
+    Respond,
+    Tries,
 )
 from composemesh.proxy.stats import (
     BAD_REQUEST,
@@ -52,12 +52,10 @@ from composemesh.proxy.stats import (
     NO_HEALTHY_UPSTREAM,
     NO_ROUTE,
     OUTBOUND,
-    RETRIES_EXHAUSTED,
     STREAM_IDLE_TIMEOUT,
     UNKNOWN,
     UPSTREAM_PROTOCOL_ERROR,
     UPSTREAM_RESET,
-    UPSTREAM_TIMEOUT,
     ProxyStats,
 )
 from composemesh.proxy.tcp import (
@@ -80,6 +78,7 @@ _NOT_HOP_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 _NO_HEADERS: dict[str, str] = {}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
+_NO_RETRIES = RetryPolicy()  # a request's policy until it is routed
 
 # Why the client's reading is paused (bits of HttpDownstream.paused).
 _PAUSE_QUEUED = 1  # a request waits behind the one being answered
@@ -89,8 +88,6 @@ _PAUSE_HELD = 4  # body bytes are held until the upstream connection is there
 # The answers the proxy makes itself.
 NO_ROUTE_BODY = "no route to {service}"
 NO_HEALTHY_UPSTREAM_BODY = b"no healthy upstream"
-TIMEOUT_BODY = b"upstream request timeout"
-CONNECT_FAILURE_BODY = b"upstream connect error or disconnect/reset before headers"
 FAULT_ABORT_BODY = b"fault filter abort"
 BAD_REQUEST_BODY = b"Bad Request"  # Envoy's codec errors: the status text
 HEADERS_TOO_LARGE_BODY = b"Request Header Fields Too Large"
@@ -609,9 +606,9 @@ class Exchange:
 
     __slots__ = (
         "down", "method", "path", "pairs", "head", "v11", "keep_alive", "chunked", "expect",
-        "upgrade", "head_only", "body", "body_size", "complete", "replayable", "lost_body",
-        "dispatched", "started", "router", "state", "route", "attempt", "tried", "endpoint",
-        "in_try", "connecting", "conn", "sent", "fresh_retry", "per_try", "deadline", "delay",
+        "upgrade", "head_only", "body", "body_size", "complete", "replayable",
+        "dispatched", "started", "router", "state", "route", "tries", "tried", "endpoint",
+        "in_try", "connecting", "conn", "sent", "per_try", "deadline", "delay",
         "status", "flags", "framing", "responding", "close_client", "response_size", "done",
         "held", "pinned", "trailers",
     )
@@ -634,13 +631,12 @@ class Exchange:
         self.body_size = 0
         self.complete = False  # the whole request has come from the app
         self.replayable = True  # the whole body so far is kept in ``body``
-        self.lost_body = False  # some body was sent and not kept: no more tries
         self.dispatched = False
         self.started = asyncio.get_running_loop().time()
         self.router: Router | None = None
         self.state: ServiceState | None = None
         self.route: HttpRoute | None = None
-        self.attempt = 0  # tries made so far
+        self.tries = Tries(_NO_RETRIES, self.method)  # the route's policy once it is routed
         self.tried: list[Endpoint] = []
         self.pinned: tuple[Endpoint, ...] = ()  # Host named one compose service: only these
         self.endpoint: Endpoint | None = None  # of the current (or last) try
@@ -648,7 +644,6 @@ class Exchange:
         self.connecting: asyncio.Task[UpstreamConnection] | None = None
         self.conn: UpstreamConnection | None = None
         self.sent = False  # the head went out on ``conn``
-        self.fresh_retry = False  # a stale pooled connection was replaced once already
         self.per_try: asyncio.TimerHandle | None = None
         self.deadline: asyncio.TimerHandle | None = None
         self.delay: asyncio.TimerHandle | None = None
@@ -683,7 +678,7 @@ class Exchange:
                 self.body.extend(parts)
                 if self.body_size > BODY_BUFFER_LIMIT:
                     self.replayable = False
-                    self.lost_body = True
+                    self.tries.body_lost()
                     self.body = []
             return
         self.body.extend(parts)  # held until the head goes out
@@ -743,7 +738,10 @@ class Exchange:
         if abort is not None:
             self.local(abort, FAULT_ABORT_BODY, FAULT_ABORT)
             return
-        timeout = self.route.timeout_s  # type: ignore[union-attr]
+        route = self.route
+        assert route is not None
+        self.tries.policy = route.retries
+        timeout = route.timeout_s
         if timeout is not None and timeout > 0:
             self.deadline = asyncio.get_running_loop().call_later(timeout, self._deadline)
         self._try()
@@ -756,14 +754,14 @@ class Exchange:
         if endpoint is None:
             self.local(503, NO_HEALTHY_UPSTREAM_BODY, NO_HEALTHY_UPSTREAM)
             return
-        self.attempt += 1
+        tries = self.tries
+        tries.begin()
         self.tried.append(endpoint)
         self.endpoint = endpoint
         self.in_try = True
-        self.fresh_retry = False
         state.picker.started(endpoint)
-        per_try = self.route.retries.per_try_timeout_s
-        if per_try is not None and per_try > 0:
+        per_try = tries.per_try_timeout_s
+        if per_try is not None:
             self.per_try = asyncio.get_running_loop().call_later(per_try, self._per_try_timeout)
         key = (endpoint.address, self.down.port)
         conn = None if self.upgrade else self.down.http.pool.acquire(key)
@@ -827,7 +825,7 @@ class Exchange:
             transport.writelines((self.head, *self.body))
             if not self.replayable:  # sent, and not kept: no more tries after this one
                 self.body = []
-                self.lost_body = True
+                self.tries.body_lost()
         else:
             transport.write(self.head)
         self.sent = True
@@ -835,23 +833,6 @@ class Exchange:
         down.resume_for(_PAUSE_HELD)
         if down.writing_paused:
             conn.pause()
-
-    def _can_retry(self) -> bool:
-        return not self.lost_body and not self.responding and not self.done
-
-    def _retry_or_fail(self, outcome: Outcome) -> bool:
-        """Start the next try if the policy wants one; False if it does not."""
-        policy = self.route.retries  # type: ignore[union-attr]
-        if self._can_retry() and should_retry(policy, self.method, self.attempt, outcome):
-            self.down.http.stats.retries += 1
-            self._try()
-            return True
-        return False
-
-    def _exhausted(self, outcome: Outcome) -> bool:
-        """Whether retries were made and ran out on a failure the policy retries."""
-        policy = self.route.retries  # type: ignore[union-attr]
-        return self.attempt > 1 and should_retry(policy, self.method, 0, outcome)
 
     def _end_try(self, ok: bool | None) -> None:
         """The current try is over: ``ok`` for the outlier detector (None: not its fault)."""
@@ -887,30 +868,33 @@ class Exchange:
             self.conn = None
 
     def _failed(self, outcome: Outcome, flags: str) -> None:
-        if self._retry_or_fail(outcome):
-            return
-        if self._exhausted(outcome):
-            flags = RETRIES_EXHAUSTED
-        if outcome.error == "timeout":
-            self.local(504, TIMEOUT_BODY, flags)
+        self._follow(self.tries.failed(outcome, flags))
+
+    def _follow(self, next_step: Next) -> None:
+        """Do what the tries said: the next try, or answer the app."""
+        if isinstance(next_step, Answer):
+            self.local(next_step.status, next_step.body, next_step.flags)
         else:
-            self.local(503, CONNECT_FAILURE_BODY, flags)
+            self.down.http.stats.retries += 1
+            self._try()
 
     def _per_try_timeout(self) -> None:
         self.per_try = None
-        if self.responding or self.done:
+        next_step = self.tries.per_try_expired()
+        if next_step is None:
             return
         self._abandon_try()
         self._end_try(False)
-        self._failed(Outcome(error="timeout"), UPSTREAM_TIMEOUT)
+        self._follow(next_step)
 
     def _deadline(self) -> None:
         self.deadline = None
-        if self.responding or self.done:
+        answer = self.tries.deadline_passed()
+        if answer is None:
             return
         self._abandon_try()
         self._end_try(False)
-        self.local(504, TIMEOUT_BODY, UPSTREAM_TIMEOUT)
+        self.local(answer.status, answer.body, answer.flags)
 
     # ---- the response (ResponseSink)
 
@@ -922,17 +906,16 @@ class Exchange:
             elif status == 101 and self.upgrade:
                 self._respond(status, head, framing, False)
             return
-        policy = self.route.retries  # type: ignore[union-attr]
-        if (self.complete and self._can_retry()
-                and should_retry(policy, self.method, self.attempt, Outcome(status=status))):
-            conn.detach()  # read to its end, then back to the pool
-            self._end_try(status < 500)
-            self.down.http.stats.retries += 1
-            self._try()
+        next_step = self.tries.responded(status, self.complete)
+        if isinstance(next_step, Respond):
+            if next_step.flags != NO_FLAGS:
+                self.flags = next_step.flags
+            self._respond(status, head, framing, conn.closing)
             return
-        if status >= 500 and self._exhausted(Outcome(status=status)):
-            self.flags = RETRIES_EXHAUSTED
-        self._respond(status, head, framing, conn.closing)
+        conn.detach()  # read to its end, then back to the pool
+        self._end_try(status < 500)
+        self.down.http.stats.retries += 1
+        self._try()
 
     def _respond(self, status: int, head: bytes, framing: int, closing: bool) -> None:
         """The response begins; ``closing``: the upstream ends its connection after it, and
@@ -940,7 +923,7 @@ class Exchange:
         self._cancel_timers()
         self.status = status
         self.framing = framing
-        self.responding = True
+        self.responding = self.tries.answering = True
         close = self.close_client = status != 101 and (
             not self.keep_alive or framing == UNTIL_CLOSE or not self.complete or self.down.eof
             or closing)
@@ -997,10 +980,8 @@ class Exchange:
             self.down.transport.abort()
             self._finish(True)
             return
-        if (not conn.got_bytes and conn.reused and not self.fresh_retry and self._can_retry()
-                and (self.method in IDEMPOTENT_METHODS)):
+        if not self.done and self.tries.reconnect(conn.got_bytes, conn.reused):
             # A pooled connection the upstream had closed: once more on a new one, same try.
-            self.fresh_retry = True
             self.conn = None
             self.sent = False
             self._connect(conn.key)
@@ -1023,7 +1004,7 @@ class Exchange:
         self.flush()
         self._end_try(True)
         self._cancel_timers()
-        self.done = True  # counted when the tunnel ends (tunnel_ended)
+        self.done = self.tries.answering = True  # counted when the tunnel ends (tunnel_ended)
         self.down.tunnel(conn, rest, self)
 
     def tunnel_ended(self, flags: str) -> None:
@@ -1060,7 +1041,7 @@ class Exchange:
         self.flags = flags
         if not responding:
             self.status = status
-        self.done = True
+        self.done = self.tries.answering = True
         self._record()
         return responding
 
@@ -1099,7 +1080,7 @@ class Exchange:
         self.per_try = self.deadline = self.delay = None
 
     def _finish(self, close: bool, *, tell: bool = True) -> None:
-        self.done = True
+        self.done = self.tries.answering = True
         self._record()
         if tell:
             self.down.finished(self, close)

@@ -23,13 +23,12 @@ from composemesh.proxy.decisions import (
     MAX_EJECTION_S,
     Endpoint,
     EndpointPicker,
-    Outcome,
     OutlierDetector,
     fault_decision,
     pick_version,
     select_route,
-    should_retry,
 )
+from composemesh.proxy.retries import Outcome, should_retry
 
 N = 100_000
 
