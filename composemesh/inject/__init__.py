@@ -7,14 +7,8 @@ from composemesh.inject.compose_file import (
     load_project,
 )
 from composemesh.inject.plan import plan_rows, render_plan
-from composemesh.inject.rewrite import (
-    AddedService,
-    InjectResult,
-    ServicePlan,
-    collisions,
-    inject,
-    injected_names,
-)
+from composemesh.inject.replicas import collisions, injected_names
+from composemesh.inject.rewrite import AddedService, InjectResult, ServicePlan, inject
 from composemesh.inject.validate import ValidatedProject, validate_model, validate_project
 
 __all__ = [

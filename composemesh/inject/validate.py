@@ -13,7 +13,8 @@ from typing import Any
 
 from composemesh.errors import ConfigError
 from composemesh.inject.compose_file import LoadedProject
-from composemesh.inject.rewrite import collisions, inject
+from composemesh.inject.replicas import collisions
+from composemesh.inject.rewrite import inject
 from composemesh.model import wellknown as wk
 from composemesh.model.ca_config import CAConfig, parse_ca_config
 from composemesh.model.labels import MeshLabels, normalize_labels, parse_labels

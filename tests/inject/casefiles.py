@@ -13,7 +13,7 @@ from composemesh.inject import (
     load_project,
     validate_project,
 )
-from composemesh.inject.rewrite import NETNS_KEYS
+from composemesh.inject.compose_syntax import NETNS_KEYS
 from composemesh.model import wellknown as wk
 from composemesh.model.labels import normalize_labels
 

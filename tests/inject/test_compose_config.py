@@ -13,7 +13,7 @@ import pytest
 
 from composemesh.errors import ComposeError
 from composemesh.inject import compose_config_check, dump_yaml, inject, load_project
-from composemesh.inject.rewrite import SOCKET_VOLUME
+from composemesh.inject.templates import SOCKET_VOLUME
 from composemesh.model import wellknown as wk
 
 from .casefiles import (

@@ -10,7 +10,8 @@ import pytest
 
 from composemesh.errors import ConfigError
 from composemesh.inject import inject
-from composemesh.inject.rewrite import NETNS_KEYS, PILOT_URL, PILOT_VOLUME, SOCKET_VOLUME
+from composemesh.inject.compose_syntax import NETNS_KEYS
+from composemesh.inject.templates import PILOT_URL, PILOT_VOLUME, SOCKET_VOLUME
 from composemesh.model import wellknown as wk
 from composemesh.model.ca_config import PILOT_ROOT_CERT, PILOT_ROOT_KEY, CAConfig, parse_ca_config
 from composemesh.model.labels import parse_labels

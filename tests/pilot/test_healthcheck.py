@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from composemesh import cli, healthcheck
 from composemesh.healthcheck import probe
-from composemesh.inject.rewrite import PILOT_HEALTHCHECK
+from composemesh.inject.templates import PILOT_HEALTHCHECK
 from composemesh.model import wellknown as wk
 from composemesh.model.mesh import MeshState
 from composemesh.pilot.main import bind_socket

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from composemesh.healthcheck import probe
-from composemesh.inject.rewrite import PILOT_URL
+from composemesh.inject.templates import PILOT_URL
 from composemesh.model import wellknown as wk
 from composemesh.proxy.admin import AdminContext
 from composemesh.proxy.server import ProxyConfig, ProxyError, serve

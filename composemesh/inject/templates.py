@@ -1,0 +1,230 @@
+"""The services the mesh adds, as compose service definitions: each app's netns holder and
+proxy, and the one pilot; what they run, mount, may do and are labelled with.
+
+Each is built from its app (the pilot: from the holders already built) and returned as a
+fresh dict. No I/O: the one thing read besides the model is the working directory, which the
+user's root cert and key paths are made absolute against.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from composemesh.inject.classify import labels_of, role_of
+from composemesh.inject.compose_syntax import attached_networks, dependency, with_aliases
+from composemesh.inject.replicas import replicas_of
+from composemesh.model import wellknown as wk
+from composemesh.model.ca_config import (
+    ENV_CA_CERT_FILE,
+    ENV_CA_KEY_FILE,
+    PILOT_ROOT_CERT,
+    PILOT_ROOT_KEY,
+    CAConfig,
+)
+from composemesh.model.labels import MeshLabels
+from composemesh.model.limits import limits_to_env
+
+PILOT_URL = wk.PILOT_URL
+# What each injected container may do: every capability dropped but what it needs, and no
+# gaining more (setuid binaries, file capabilities). The holder installs iptables rules
+# (nf_tables: NET_ADMIN alone); the proxy and the pilot need none. No NET_RAW anywhere: it is
+# what forging addresses and ARP answers takes.
+HOLDER_CAPS = ("NET_ADMIN",)
+DROP_ALL = ["ALL"]
+NO_NEW_PRIVILEGES = ["no-new-privileges:true"]
+SOCKET_VOLUME = "composemesh-pilot-socket"  # the pilot's API socket: mesh containers only
+PILOT_VOLUME = "composemesh-pilot-state"  # the pilot's state (route overrides)
+PROXY_HEALTHCHECK = {
+    "test": ["CMD", "python3", "-m", "composemesh.healthcheck", str(wk.PORT_HEALTH)],
+    "interval": "2s",
+    "timeout": "2s",
+    "retries": 30,
+    "start_period": "30s",
+}
+PILOT_HEALTHCHECK = {
+    "test": ["CMD", "python3", "-m", "composemesh.healthcheck", f"unix:{wk.PILOT_SOCKET}"],
+    "interval": "2s",
+    "timeout": "2s",
+    "retries": 30,
+    "start_period": "30s",
+}
+DOCKER_SOCKET = "/var/run/docker.sock"
+# Keys of a holder that the injector writes itself; the rest was the app's and is kept.
+# Its depends_on is derived each time (its app's start order, links, static addresses).
+HOLDER_OWN_KEYS = ("image", "command", "cap_add", "cap_drop", "security_opt", "restart",
+                   "labels", "profiles", "deploy", "depends_on")
+
+
+def make_holder(
+    app_name: str,
+    names: Iterable[str],
+    app: Mapping[str, Any],
+    ns: Mapping[str, Any],
+    labels: MeshLabels,
+    image: str,
+) -> dict[str, Any]:
+    """The service that owns ``app_name``'s network namespace, answering to ``names`` on
+    each of its networks."""
+    holder: dict[str, Any] = {
+        "image": image,
+        "command": ["composemesh", "netns"],
+        "cap_drop": list(DROP_ALL),
+        "cap_add": list(HOLDER_CAPS),
+        "security_opt": list(NO_NEW_PRIVILEGES),
+        "restart": "unless-stopped",
+    }
+    holder.update(copy.deepcopy(dict(ns)))
+    if "network_mode" not in holder:
+        holder["networks"] = with_aliases(holder.get("networks") or {"default": None}, names)
+    holder["labels"] = injected_labels(wk.ROLE_NETNS, app_name, app, labels)
+    _follow_app(holder, app)
+    return holder
+
+
+def make_proxy(
+    app_name: str, app: Mapping[str, Any], labels: MeshLabels, image: str
+) -> dict[str, Any]:
+    """The sidecar of ``app_name``, in its namespace, running as the uid iptables lets out."""
+    proxy: dict[str, Any] = {
+        "image": image,
+        "command": ["composemesh", "proxy"],
+        "network_mode": f"service:{wk.netns_service(app_name)}",
+        "user": f"{wk.PROXY_UID}:{wk.PROXY_UID}",
+        "cap_drop": list(DROP_ALL),
+        "security_opt": list(NO_NEW_PRIVILEGES),
+        "restart": "unless-stopped",
+        # read-only: a proxy can reach the pilot's socket, never put one of its own there
+        "volumes": [{"type": "volume", "source": SOCKET_VOLUME, "target": wk.PILOT_SOCKET_DIR,
+                     "read_only": True}],
+        "environment": {
+            "COMPOSEMESH_PILOT_URL": PILOT_URL,
+            "COMPOSEMESH_SERVICE": labels.service,
+            "COMPOSEMESH_VERSION": labels.version,
+            "COMPOSEMESH_COMPOSE_SERVICE": app_name,
+            **limits_to_env(labels.limits),  # the app's composemesh.proxy.* labels
+        },
+        "healthcheck": copy.deepcopy(PROXY_HEALTHCHECK),
+        "depends_on": {
+            wk.netns_service(app_name): dependency("service_started", restart=True),
+            wk.PILOT_SERVICE: dependency("service_healthy"),
+        },
+        "labels": injected_labels(wk.ROLE_PROXY, app_name, app, labels),
+    }
+    _follow_app(proxy, app)
+    return proxy
+
+
+def injected_labels(
+    role: str, app_name: str, app: Mapping[str, Any], labels: MeshLabels
+) -> dict[str, str]:
+    """The labels of ``app_name``'s holder or proxy: its role, its app, the app's mesh
+    service, version and instance; the holder's also say how the pilot routes to it."""
+    out = {
+        wk.LABEL_ROLE: role,
+        wk.LABEL_OF: app_name,
+        wk.LABEL_SERVICE: labels.service,
+        wk.LABEL_VERSION: labels.version,
+    }
+    instance = labels_of(app, app_name).get(wk.LABEL_INSTANCE)
+    if instance:
+        out[wk.LABEL_INSTANCE] = instance
+    if role == wk.ROLE_NETNS:  # what the pilot reads to route to this instance
+        if labels.weight is not None:
+            out[wk.LABEL_WEIGHT] = str(labels.weight)
+        if labels.protocol is not None:
+            out[wk.LABEL_PROTOCOL] = labels.protocol
+        for port, proto in sorted(labels.port_protocols.items()):
+            out[f"{wk.LABEL_PORT_PREFIX}{port}.protocol"] = proto
+    return out
+
+
+def _follow_app(injected: dict[str, Any], app: Mapping[str, Any]) -> None:
+    """Holder and proxy come and go with their app: same profiles, none if it has none."""
+    if app.get("profiles"):
+        injected["profiles"] = copy.deepcopy(app["profiles"])
+    if replicas_of(app) == 0:
+        injected["deploy"] = {"replicas": 0}
+
+
+def make_pilot(
+    services: Mapping[str, Any],
+    settings: Any,
+    image: str,
+    root: tuple[str, str] | None = None,
+    external: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """The control plane: on every network of the project's own that a holder is on (it
+    scrapes the proxies' metrics there), never on an ``external`` one (another project's
+    containers are there: the pilot has no business with them), and listening on none: its
+    API is on the Unix socket in the socket volume, which only the proxies mount. With no
+    network of the project's own it has none (``network_mode: none``). It runs in the host's
+    PID namespace, so that the PID the kernel gives for a caller of that socket names the same
+    process as on the host (``pilot.attest``).
+
+    ``root``: the host paths of the user's own root cert and key, mounted read-only where
+    the pilot's CA looks for them (named in its environment).
+    """
+    networks: set[str] = set()
+    for name, svc in services.items():
+        if role_of(svc, name) == wk.ROLE_NETNS:
+            networks.update(attached_networks(svc))
+    own = sorted(networks - external)
+    if not own and "default" not in external:
+        own = ["default"]
+    pilot: dict[str, Any] = {
+        "image": image,
+        "command": ["composemesh", "pilot"],
+        "restart": "unless-stopped",
+        "pid": "host",
+        "cap_drop": list(DROP_ALL),
+        "security_opt": list(NO_NEW_PRIVILEGES),
+        "volumes": [
+            {"type": "bind", "source": DOCKER_SOCKET, "target": DOCKER_SOCKET},
+            {"type": "volume", "source": PILOT_VOLUME, "target": "/var/lib/composemesh"},
+            {"type": "volume", "source": SOCKET_VOLUME, "target": wk.PILOT_SOCKET_DIR},
+        ],
+        **({"networks": dict.fromkeys(own)} if own else {"network_mode": "none"}),
+        "healthcheck": copy.deepcopy(PILOT_HEALTHCHECK),
+        "labels": {wk.LABEL_ROLE: wk.ROLE_PILOT},
+    }
+    if settings is not None:
+        # Not $-escaped again: the model is compose's resolved one, a literal `$` in it
+        # written `$$` already, so compose reads this copy at `up` as it reads the section.
+        pilot["environment"] = {
+            "COMPOSEMESH_SETTINGS": json.dumps(settings, sort_keys=True, default=str)
+        }
+    if root is not None:
+        for source, target in zip(root, (PILOT_ROOT_CERT, PILOT_ROOT_KEY), strict=True):
+            pilot["volumes"].append(
+                {"type": "bind", "source": source, "target": target, "read_only": True}
+            )
+        pilot.setdefault("environment", {}).update(
+            {ENV_CA_CERT_FILE: PILOT_ROOT_CERT, ENV_CA_KEY_FILE: PILOT_ROOT_KEY}
+        )
+    return pilot
+
+
+def user_root_files(
+    ca: CAConfig | None, services: Mapping[str, Any]
+) -> tuple[str, str] | None:
+    """The host paths (absolute) of the user's root cert and key, None when the CA makes its
+    own: from ``ca``, else from the mounts of the pilot of an already meshed file."""
+    if ca is not None:
+        if ca.root_cert_path is None or ca.root_key_path is None:
+            return None
+        return os.path.abspath(ca.root_cert_path), os.path.abspath(ca.root_key_path)
+    for name, svc in services.items():
+        if role_of(svc, name) == wk.ROLE_PILOT:
+            sources = {
+                v.get("target"): v.get("source")
+                for v in svc.get("volumes") or ()
+                if isinstance(v, Mapping) and v.get("type") == "bind"
+            }
+            cert, key = sources.get(PILOT_ROOT_CERT), sources.get(PILOT_ROOT_KEY)
+            if cert and key:
+                return str(cert), str(key)
+    return None
