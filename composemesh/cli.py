@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,15 +14,15 @@ import click
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from rich.text import Text
 
-from composemesh import __version__
-from composemesh.errors import ComposeError, EngineError, MeshError, NotReadyError
+from composemesh import __version__, cli_render
+from composemesh.atomic_file import write_atomic
+from composemesh.errors import ComposeError, EngineError, MeshError
 from composemesh.model import wellknown as wk
 
 if TYPE_CHECKING:
-    from composemesh.engine.pilot_api import PilotChannel
+    from composemesh.engine.pilot_api import PilotClient
 
 F = TypeVar("F", bound=Callable[..., Any])
 err = Console(stderr=True, highlight=False)
@@ -119,7 +116,7 @@ def inject_cmd(
     _, result, text = _prepare(files, project, env_files)
     _print_warnings(result)
     if output:
-        _write_atomic(Path(output), text)
+        write_atomic(Path(output), text, MESHED_FILE_MODE)
         err.print(f"wrote {output}")
     else:
         click.echo(text, nl=False)
@@ -153,7 +150,7 @@ def up(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...],
     with _progress() as progress:
         _ensure_images(progress, result.model)
         meshed = compose.state_dir(loaded.name) / "compose.yaml"
-        _write_atomic(meshed, text)
+        write_atomic(meshed, text, MESHED_FILE_MODE)
         proj = _project(loaded.name, Path(loaded.project_dir), meshed)
         before = compose.running_containers(loaded.name)
         _build_user_images(progress, proj, result.model)
@@ -169,13 +166,14 @@ def up(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...],
             reason = compose.failure_reason(lines)
             progress.update(task, description=f"[red]containers: failed: {escape(reason)}")
             progress.stop()
-            _show_logs_of_failed(proj, reason)
+            _show_logs_of_failed(reason)
             if not before:
                 err.print("removing what this `up` started ...")
                 compose.run(proj, ["down", "--remove-orphans", "--timeout", "3"])
             raise ComposeError(f"docker compose up failed: {reason}")
         progress.update(task, description="containers: running and healthy", total=1, completed=1)
-        status = _wait_ready(progress, loaded.name, timeout - (time.monotonic() - started))
+        status = _wait_ready(progress, _pilot(loaded.name),
+                             timeout - (time.monotonic() - started))
     _print_status(status)
     _print_endpoints(loaded.name, result)
     out.print(f"[green]mesh {loaded.name} ready[/] in {time.monotonic() - started:.1f}s")
@@ -202,7 +200,7 @@ def down(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...]
         project = loaded.name
         project_dir = Path(loaded.project_dir)
         meshed = compose.state_dir(project) / "compose.yaml"
-        _write_atomic(meshed, text)
+        write_atomic(meshed, text, MESHED_FILE_MODE)
     if not project:
         raise ComposeError("no compose file and no -p: which project?")
     proj = _project(project, project_dir, meshed)
@@ -226,8 +224,7 @@ def down(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...]
 @handle_errors
 def status(project: str | None, as_json: bool) -> None:
     """Per service and version: instances, proxy ready, config in sync, certificate expiry."""
-    project = project or _project_from_cwd()
-    data = _pilot_status(project)
+    data = _pilot(project or _project_from_cwd()).status()
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -243,9 +240,9 @@ def certs(ctx: click.Context, project: str | None, as_json: bool) -> None:
     """The mesh's root CA and trust bundle, and each proxy's identity and certificate expiry."""
     if ctx.invoked_subcommand is not None:
         return
-    project = project or _project_from_cwd()
-    ca = _pilot_request(project, "/v1/ca")
-    data = _pilot_status(project)
+    pilot = _pilot(project or _project_from_cwd())
+    ca = pilot.ca()
+    data = pilot.status()
     if as_json:
         ca = {k: v for k, v in ca.items() if k != "trust_bundle_pem"}
         click.echo(json.dumps({"ca": ca, "proxies": data.get("proxies", [])}, indent=2))
@@ -262,9 +259,12 @@ def rotate_root(files: tuple[str, ...], project: str | None, env_files: tuple[st
                 timeout: int) -> None:
     """Replace the mesh's root CA live: trust the new root everywhere, sign with it, renew
     every certificate, then drop the old root. Run it again to go on after a timeout."""
+    from composemesh.engine.rotation import rotation_plan, rotation_roots
+
     project = project if project and not files else _project_name(files, project, env_files)
     started = time.monotonic()
-    info = _pilot_request(project, "/v1/ca")
+    pilot = _pilot(project)
+    info = pilot.ca()
     if info.get("source") == "user":
         raise MeshError(
             "the mesh's root is your own (x-composemesh.mtls.root); replace its files and "
@@ -275,11 +275,11 @@ def rotate_root(files: tuple[str, ...], project: str | None, env_files: tuple[st
         for step, take in rotation_plan(str(info.get("rotation_phase", "steady"))):
             generation = 0
             if take:
-                answer = _pilot_request(project, "/v1/ca/rotate", "POST", {"step": step})
+                answer = pilot.request("/v1/ca/rotate", "POST", {"step": step})
                 generation = int(answer.get("generation", 0))
                 if step == "begin":
                     old_fp, new_fp = rotation_roots(answer)
-            _wait_rotation(progress, project, step, new_fp or "", generation, timeout)
+            _wait_rotation(progress, pilot, step, new_fp or "", generation, timeout)
     out.print(f"root CA of {escape(project)} rotated")
     out.print(Text(f"  old root  {old_fp}\n  new root  {new_fp or '?'}"))
     out.print(f"[green]every proxy trusts and holds a certificate of the new root[/] "
@@ -297,20 +297,13 @@ def route(service: str, weights: tuple[str, ...], project: str | None, timeout: 
     from composemesh.model.routing_config import parse_weights_args
 
     parsed = parse_weights_args(weights)
-    project = project or _project_from_cwd()
+    pilot = _pilot(project or _project_from_cwd())
     started = time.monotonic()
-    result = _pilot_request(project, f"/v1/routes/{service}", "PUT", {"weights": parsed})
+    result = pilot.request(f"/v1/routes/{service}", "PUT", {"weights": parsed})
     with _progress() as progress:
-        status = _wait_in_sync(progress, project, int(result["generation"]), timeout)
+        status = _wait_in_sync(progress, pilot, int(result["generation"]), timeout)
     elapsed = time.monotonic() - started
-    table = Table(title=f"{service}: split changed")
-    for col in ("version", "before", "after"):
-        table.add_column(col)
-    for version in sorted(set(result["old"]) | set(result["new"])):
-        table.add_row(
-            version, f"{result['old'].get(version, 0)}", f"{result['new'].get(version, 0)}"
-        )
-    out.print(table)
+    out.print(cli_render.route_table(service, result))
     acked = sum(1 for p in status["proxies"] if p["running"])
     out.print(f"[green]{acked} proxies ACKed[/] in {elapsed:.2f}s")
 
@@ -384,15 +377,13 @@ def _progress() -> Progress:
 def _ensure_images(progress: Progress, model: dict[str, Any]) -> None:
     """The images of ours that the meshed ``model`` runs: the mesh image, the demo image only
     where a service uses it (an installed composemesh has no demo apps to build it from)."""
-    import docker
-
+    from composemesh.engine import docker_host
     from composemesh.engine.images import ensure_images, images_needed
 
     task = progress.add_task("images: checking", total=None)
     try:
-        client = docker.from_env(timeout=600)
-        client.ping()
-    except Exception as exc:  # docker's own exception types stop here
+        client = docker_host.pinged_client(timeout=600)
+    except docker_host.DockerUnavailable as exc:
         raise EngineError(
             f"the Docker engine does not answer ({exc}); start it or run scripts/bootstrap.sh"
         ) from None
@@ -412,7 +403,7 @@ def _build_user_images(progress: Progress, proj: Any, model: dict[str, Any]) -> 
     from composemesh.engine import compose
     from composemesh.errors import ImageBuildError
 
-    to_build = [name for name, svc in model.get("services", {}).items() if svc.get("build")]
+    to_build = compose.services_to_build(model)
     if not to_build:
         return
     task = progress.add_task("images: building", total=len(to_build))
@@ -422,12 +413,11 @@ def _build_user_images(progress: Progress, proj: Any, model: dict[str, Any]) -> 
         def show(line: str, n: str = name) -> None:
             progress.update(task, description=escape(f"images: {n}: {line[:80]}"))
 
-        code, lines = compose.run(proj, ["build", name], on_line=show)
-        if code != 0:
+        try:
+            compose.build_service(proj, name, on_line=show)
+        except ImageBuildError:
             progress.update(task, description=f"[red]images: {escape(name)} does not build")
-            raise ImageBuildError(
-                f"service {name!r}: its image does not build: {compose.failure_reason(lines)}"
-            )
+            raise
         progress.advance(task)
     progress.update(task, description=f"images: built {', '.join(to_build)}")
 
@@ -440,153 +430,11 @@ def _print_warnings(result: Any) -> None:
 MESHED_FILE_MODE = 0o600  # the meshed file holds the resolved values of the user's .env
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` at once, readable by its owner only from the first byte:
-    compose's resolved model carries every variable's value (the .env's secrets too)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, MESHED_FILE_MODE)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _pilot(project: str) -> PilotClient:
+    """The client of ``project``'s pilot API for this command (see ``engine.pilot_api``)."""
+    from composemesh.engine.pilot_api import PilotClient
 
-
-def _pilot_channel(project: str) -> PilotChannel:
-    """The way to the pilot of ``project``: its Unix socket (see ``engine.pilot_api``)."""
-    from composemesh.engine.pilot_api import PilotUnreachable, find_channel
-
-    try:
-        return find_channel(project)
-    except PilotUnreachable as exc:
-        raise EngineError(str(exc)) from None
-
-
-def _pilot_status(project: str) -> dict[str, Any]:
-    return _pilot_request(project, "/v1/status")
-
-
-def _pilot_request(
-    project: str, path: str, method: str = "GET", body: object = None
-) -> dict[str, Any]:
-    """One call to the pilot's API; a 4xx answer to a sent body is the user's error (exit 2)."""
-    from composemesh.engine.pilot_api import PilotUnreachable
-    from composemesh.errors import ConfigError
-
-    channel = _pilot_channel(project)
-    data = json.dumps(body).encode() if body is not None else None
-    try:
-        answer = channel.request(method, path, data, timeout=5 if body is None else 10)
-        decoded = answer.json()
-    except PilotUnreachable as exc:
-        raise EngineError(f"the pilot of {project!r} does not answer: {exc}") from None
-    except ValueError:
-        raise EngineError(f"the pilot of {project!r} answered {answer.status} to {path} "
-                          f"with no JSON") from None
-    if 200 <= answer.status < 300 and isinstance(decoded, dict):
-        return decoded
-    message = decoded.get("error", "") if isinstance(decoded, dict) else ""
-    message = message or f"HTTP {answer.status}"
-    if body is not None and 400 <= answer.status < 500:
-        raise ConfigError(message) from None
-    raise EngineError(f"the pilot of {project!r} answered {answer.status} to {path}: {message}")
-
-
-def _wait_in_sync(
-    progress: Progress, project: str, generation: int, timeout: float
-) -> dict[str, Any]:
-    """Until every running proxy has ACKed what the pilot renders as of ``generation``."""
-    task = progress.add_task("proxies: waiting for ACKs", total=None)
-    deadline = time.monotonic() + timeout
-    last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        last = _pilot_status(project)
-        proxies = [p for p in last["proxies"] if p["running"]]
-        synced = [p for p in proxies if p["in_sync"]]
-        progress.update(
-            task,
-            total=len(proxies),
-            completed=len(synced),
-            description=f"proxies: {len(synced)}/{len(proxies)} ACKed",
-        )
-        if last.get("generation", 0) >= generation and len(synced) == len(proxies):
-            return last
-        time.sleep(0.05)
-    lagging = [p["node"] for p in last.get("proxies", []) if not p.get("in_sync")]
-    raise NotReadyError(f"not every proxy ACKed within {timeout}s: {', '.join(lagging)}")
-
-
-ROTATION_STEPS = ("begin", "switch", "finish")
-_TAKEN_BY_PHASE = {"steady": 0, "trusting": 1, "switched": 2}  # steps already taken
-
-
-def rotation_plan(phase: str) -> list[tuple[str, bool]]:
-    """The steps of a root rotation from ``phase`` on, each with whether to take it (False:
-    the pilot took it already, only wait for the mesh to catch up with it)."""
-    taken = _TAKEN_BY_PHASE.get(phase, 0)
-    return [(step, i >= taken) for i, step in enumerate(ROTATION_STEPS) if i >= taken - 1]
-
-
-def rotation_roots(info: dict[str, Any]) -> tuple[str, str | None]:
-    """The old and new root fingerprints from a ``GET /v1/ca`` answer (new: None if steady)."""
-    trusted = [str(t.get("fingerprint")) for t in info.get("trusted") or []]
-    active = str(info.get("fingerprint", "?"))
-    phase = info.get("rotation_phase")
-    if phase == "trusting" and len(trusted) == 2:
-        return active, trusted[1]
-    if phase == "switched" and len(trusted) == 2:
-        return trusted[0], active
-    return active, None
-
-
-def rotation_progress(
-    status: dict[str, Any], step: str, new_root: str, generation: int = 0
-) -> tuple[bool, str, list[str]]:
-    """Whether every proxy has caught up with ``step`` of a root rotation, the line that says
-    how far they are, and the nodes still behind.
-
-    Every step: the proxy ACKed its current snapshot (begin: the bundle of both roots;
-    finish: the new root's alone). ``switch`` also: its certificate was issued by
-    ``new_root``. A proxy counts if its app or the proxy itself runs.
-    """
-    proxies = [p for p in status.get("proxies", []) if p.get("running") or p.get("proxy_healthy")]
-    published = int(status.get("generation", 0)) >= generation
-    synced = {p["node"] for p in proxies if p.get("in_sync") and published}
-    renewed = {p["node"] for p in proxies if p.get("cert_issuer_fingerprint") == new_root}
-    done = synced & renewed if step == "switch" else synced
-    n = len(proxies)
-    what = {"begin": "the bundle with both roots", "switch": "the new signing root",
-            "finish": "the bundle without the old root"}.get(step, step)
-    line = f"{step}: {len(synced)}/{n} proxies ACKed {what}"
-    if step == "switch":
-        line += f", {len(renewed)}/{n} hold a certificate of the new root"
-    lagging = sorted(p["node"] for p in proxies if p["node"] not in done)
-    return not lagging, line, lagging
-
-
-def _wait_rotation(
-    progress: Progress, project: str, step: str, new_root: str, generation: int, timeout: float
-) -> None:
-    """Until every proxy has caught up with ``step``; NotReadyError naming who did not."""
-    task = progress.add_task(f"{step}: waiting for the proxies", total=None)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, line, lagging = rotation_progress(
-            _pilot_status(project), step, new_root, generation
-        )
-        progress.update(task, description=escape(line))
-        if done:
-            progress.update(task, total=1, completed=1)
-            return
-        if time.monotonic() >= deadline:
-            progress.update(task, description=f"[red]{escape(line)}")
-            raise NotReadyError(
-                f"the root rotation stopped after its {step} step: "
-                f"{', '.join(lagging)} did not catch up within {timeout:g}s; the mesh keeps "
-                f"working as it is, and `composemesh certs rotate-root` goes on from there"
-            )
-        time.sleep(0.2)
+    return PilotClient(project)
 
 
 def _project_name(
@@ -598,257 +446,86 @@ def _project_name(
     return str(load_project(files, project, env_files=env_files).name)
 
 
-def _wait_ready(progress: Progress, project: str, timeout: float) -> dict[str, Any]:
+def _wait_in_sync(progress: Progress, pilot: PilotClient, generation: int,
+                  timeout: float) -> dict[str, Any]:
+    """Until every running proxy has ACKed what the pilot renders as of ``generation``."""
+    from composemesh.engine.proxy_sync import Count, wait_acked
+
+    task = progress.add_task("proxies: waiting for ACKs", total=None)
+
+    def show(n: Count) -> None:
+        progress.update(task, total=n.total, completed=n.of,
+                        description=f"proxies: {n.of}/{n.total} ACKed")
+
+    return wait_acked(pilot.status, generation, timeout, show)
+
+
+def _wait_rotation(progress: Progress, pilot: PilotClient, step: str, new_root: str,
+                   generation: int, timeout: float) -> None:
+    """Until every proxy has caught up with ``step``; NotReadyError naming who did not."""
+    from composemesh.engine.proxy_sync import wait_rotation_step
+
+    task = progress.add_task(f"{step}: waiting for the proxies", total=None)
+    wait_rotation_step(
+        pilot.status, step, new_root, generation, timeout,
+        on_line=lambda line: progress.update(task, description=escape(line)),
+        on_late=lambda line: progress.update(task, description=f"[red]{escape(line)}"))
+    progress.update(task, total=1, completed=1)
+
+
+def _wait_ready(progress: Progress, pilot: PilotClient, timeout: float) -> dict[str, Any]:
+    from composemesh.engine.proxy_sync import Count, wait_ready
+
     task = progress.add_task("proxies: waiting for the pilot", total=None)
-    deadline = time.monotonic() + max(timeout, 10)
-    last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        try:
-            last = _pilot_status(project)
-        except EngineError:
-            time.sleep(0.5)
-            continue
-        proxies = [p for p in last.get("proxies", []) if p["running"]]
-        ready = [p for p in proxies if p["in_sync"] and p["proxy_healthy"]]
-        progress.update(
-            task,
-            total=len(proxies) or None,
-            completed=len(ready),
-            description=f"proxies: {len(ready)}/{len(proxies)} ready and in sync",
-        )
-        if proxies and len(ready) == len(proxies):
-            return last
-        time.sleep(0.5)
-    lagging = [p["node"] for p in last.get("proxies", []) if not p.get("in_sync")]
-    raise NotReadyError(
-        f"proxies not ready after {timeout:.0f}s: {', '.join(lagging) or 'pilot never answered'}"
-    )
+
+    def show(n: Count) -> None:
+        progress.update(task, total=n.total or None, completed=n.of,
+                        description=f"proxies: {n.of}/{n.total} ready and in sync")
+
+    return wait_ready(pilot.status, timeout, show)
 
 
-def _show_logs_of_failed(proj: Any, reason: str) -> None:
-    import re
-    import subprocess
+def _show_logs_of_failed(reason: str) -> None:
+    """The last lines of the container compose names in ``reason``, and its last
+    healthcheck if it is unhealthy."""
+    from composemesh.engine import docker_host
+    from composemesh.engine.compose import failed_container
 
-    m = re.search(r"container (\S+)", reason)
-    if not m:
+    name = failed_container(reason)
+    if name is None:
         return
-    logs = subprocess.run(
-        ["docker", "logs", "--tail", "15", m.group(1)], capture_output=True, text=True, check=False
-    )
-    text = (logs.stdout + logs.stderr).strip()
+    text = docker_host.logs_tail(name, 15)
     if text:
-        err.print(f"[bold]last lines of {m.group(1)}:[/]")
+        err.print(f"[bold]last lines of {name}:[/]")
         err.print(text, markup=False, highlight=False)
-    if "unhealthy" in reason:
-        health = subprocess.run(
-            ["docker", "inspect", "-f", "{{json .State.Health.Log}}", m.group(1)],
-            capture_output=True, text=True, check=False,
-        )
-        try:
-            checks = json.loads(health.stdout) or []
-        except ValueError:
-            checks = []
-        if checks:
-            last = checks[-1]
-            err.print(f"[bold]its last healthcheck[/] (exit {last.get('ExitCode')}):")
-            err.print(str(last.get("Output", "")).strip() or "(no output)", markup=False,
-                      highlight=False)
+    checks = docker_host.health_log(name) if "unhealthy" in reason else []
+    if checks:
+        last = checks[-1]
+        err.print(f"[bold]its last healthcheck[/] (exit {last.get('ExitCode')}):")
+        err.print(str(last.get("Output", "")).strip() or "(no output)", markup=False,
+                  highlight=False)
 
 
 def _print_status(data: dict[str, Any]) -> None:
-    services = data.get("services") or {}
-    if services:
-        table = Table(title=f"services of {data.get('project', '?')}")
-        for col in ("service", "version", "weight", "endpoints", "req/s", "errors", "split from"):
-            table.add_column(col)
-        for name, info in services.items():
-            versions = sorted(set(info["split"]) | set(info["endpoints"]))
-            traffic = info.get("traffic") or {}
-            for i, version in enumerate(versions):
-                rate = traffic.get(version)
-                table.add_row(
-                    name if i == 0 else "",
-                    version,
-                    str(info["split"].get(version, 0)),
-                    str(info["endpoints"].get(version, 0)),
-                    f"{rate['rps']:.1f}" if rate else "—",
-                    f"{100 * rate['error_ratio']:.1f}%" if rate else "—",
-                    ("`route`" if info["overridden"] else "labels/config") if i == 0 else "",
-                )
+    for table in cli_render.status_tables(data, out):
         out.print(table)
-    table = _proxies_table(f"proxies of {data.get('project', '?')}", data.get("proxies", []), (
-        *WHICH_PROXY,
-        ("address", lambda p: (p["addresses"] or ["—"])[0]),
-        ("proxy", lambda p: "ready" if p["proxy_healthy"]
-         else ("starting" if p["running"] else "down")),
-        ("config", _config_state),
-    ), (
-        ("cert expires", lambda p: _expiry(p.get("cert_not_after"), relative_only=True)),
-    ))
-    out.print(table)
     for error in data.get("errors") or []:
         err.print(f"[yellow]kept last good config:[/] {escape(error)}", soft_wrap=True)
 
 
-def _config_state(p: dict[str, Any]) -> Text:
-    """``in sync`` (ACKed), ``behind``, or the NACK and its reason (versions: ``--json``)."""
-    if p.get("nacked_version"):
-        return Text(f"NACK: {p.get('nack_reason')}", style="red")
-    if p.get("in_sync"):
-        return Text("in sync" + ("" if p.get("acked_version") else ", no ACK"))
-    return Text("behind", style="yellow")
-
-
-Column = tuple[str, Callable[[dict[str, Any]], Any]]  # heading, and the cell of a proxy
-WHICH_PROXY: tuple[Column, ...] = (
-    ("instance", lambda p: p["compose_service"]),
-    ("service", lambda p: f"{p['service']} {p['version']}"),
-)
-
-
-def _proxies_table(title: str, proxies: Sequence[dict[str, Any]], before: Sequence[Column],
-                   after: Sequence[Column]) -> Table:
-    """A row per proxy: the ``before`` columns, its whole SPIFFE ID, the ``after`` columns.
-
-    When the IDs would make the table wider than the console and every one is
-    ``spiffe://<td>/ns/<project>/sa/<service>``, that form is said once under the table
-    instead of in a column (the service is in a column of its own already).
-    """
-    from rich.measure import Measurement
-
-    rows = sorted(proxies, key=lambda p: (p["service"], p["version"], p["node"]))
-
-    def build(identity: Sequence[Column], caption: str | None) -> Table:
-        table = Table(title=title, caption=caption)
-        columns = [*before, *identity, *after]
-        for heading, _ in columns:
-            table.add_column(heading, overflow="fold")
-        for p in rows:
-            table.add_row(*(cell(p) for _, cell in columns))
-        return table
-
-    full = build((("identity", lambda p: Text(p.get("identity") or "—")),), None)
-    if Measurement.get(out, out.options.update_width(10_000), full).maximum <= out.width:
-        return full
-    prefixes = {(p.get("identity") or "").rsplit("/", 1)[0] + "/" for p in proxies}
-    prefix = prefixes.pop() if len(prefixes) == 1 else ""
-    if not prefix or any(p.get("identity") != prefix + p["service"] for p in proxies):
-        return full  # some proxy's ID says what the service column does not: keep them all
-    return build((), f"identity: {prefix}<service>")
-
-
-def _when(iso: str | None) -> str:
-    """``2026-11-26 11:50:02 UTC`` from an ISO time; — for none."""
-    if not iso:
-        return "—"
-    try:
-        return f"{datetime.fromisoformat(iso).astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
-    except ValueError:
-        return escape(iso)
-
-
-def _expiry(not_after: str | None, now: datetime | None = None,
-            relative_only: bool = False) -> str:
-    """``2026-11-26 11:50:02 UTC (in 23h 59m)`` (or ``in 23h 59m``) from an ISO time; —."""
-    if not not_after:
-        return "—"
-    try:
-        when = datetime.fromisoformat(not_after).astimezone(UTC)
-    except ValueError:
-        return escape(not_after)
-    left = int((when - (now or datetime.now(UTC))).total_seconds())
-    if left <= 0:
-        relative = "[red]expired[/]"
-    else:
-        days, rest = divmod(left, 86400)
-        hours, rest = divmod(rest, 3600)
-        minutes, seconds = divmod(rest, 60)
-        if days:
-            relative = f"in {days}d {hours}h"
-        elif hours:
-            relative = f"in {hours}h {minutes}m"
-        else:
-            relative = f"in {minutes}m {seconds}s"
-    return relative if relative_only else f"{_when(not_after)} ({relative})"
-
-
 def _print_certs(ca: dict[str, Any], data: dict[str, Any]) -> None:
-    bundle = str(ca.get("trust_bundle_pem") or "")
-    roots = bundle.count("-----BEGIN CERTIFICATE-----")
-    table = Table(title=f"root CA of {ca.get('project', data.get('project', '?'))}")
-    table.add_column("")
-    table.add_column("", overflow="fold")
-    table.show_header = False
-    rows = (
-        ("subject", Text(str(ca.get("subject", "?")))),  # Text: no markup, no :emoji:
-        ("fingerprint", Text(str(ca.get("fingerprint", "?")))),
-        ("not before", _when(ca.get("not_before"))),
-        ("not after", _expiry(ca.get("not_after"))),
-        ("trust bundle", f"{roots} root{'s' if roots != 1 else ''}, {len(bundle.encode())} bytes"),
-        ("trust domain", str(ca.get("trust_domain", "?"))),
-        ("rotation", {"trusting": "under way: the new root is trusted, the old one signs",
-                      "switched": "under way: the new root signs, the old one is trusted"}.get(
-                          str(ca.get("rotation_phase")), "none under way")),
-        ("root", {"user": "the user's own", "generated": "generated by the pilot (new)",
-                  "stored": "generated by the pilot"}.get(str(ca.get("source")), "?")),
-        ("workload certificates", f"live {_duration(ca.get('workload_ttl_s'))}; "
-                                  f"{ca.get('signed', 0)} signed since the pilot started"),
-    )
-    for name, value in rows:
-        table.add_row(name, value)
-    out.print(table)
-    table = _proxies_table(f"identities of {data.get('project', '?')}",
-                           data.get("proxies", []), WHICH_PROXY, (
-        ("serial", lambda p: Text(p.get("cert_serial") or "—")),
-        ("expires", lambda p: _expiry(p.get("cert_not_after")) if p.get("identity")
-         else "[yellow]no certificate[/]"),
-    ))
-    out.print(table)
-
-
-def _duration(seconds: object) -> str:
-    if not isinstance(seconds, int | float):
-        return "?"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
-
-
-def _published_target(port: object) -> int | None:
-    """The container port of a published port entry (short or long syntax), else None."""
-    if isinstance(port, dict):
-        target, published = port.get("target"), port.get("published")
-        return int(target) if target and published else None
-    spec = str(port).split("/")[0]
-    if ":" not in spec:
-        return None  # not published on the host
-    target = spec.rsplit(":", 1)[1]
-    return int(target) if target.isdigit() else None
+    for table in cli_render.certs_tables(ca, data, out):
+        out.print(table)
 
 
 def _print_endpoints(project: str, result: Any) -> None:
-    from composemesh.engine.compose import published_port
+    """Where the host reaches each port the meshed model publishes."""
+    from composemesh.engine.compose import published_addresses
 
-    rows = []
-    for name, svc in result.model.get("services", {}).items():
-        labels = svc.get("labels") or {}
-        if isinstance(labels, dict) and labels.get(wk.LABEL_ROLE) == wk.ROLE_PILOT:
-            continue
-        for port in svc.get("ports") or []:
-            target = _published_target(port)
-            if target is None:
-                continue
-            where = published_port(project, name, int(target))
-            if where:
-                of = labels.get(wk.LABEL_OF, name) if isinstance(labels, dict) else name
-                rows.append((of, str(target), f"http://{where}/"))
-    if rows:
-        table = Table(title="reach it at")
-        for col in ("service", "port", "address"):
-            table.add_column(col)
-        for row in rows:
-            table.add_row(*row)
+    table = cli_render.endpoints_table([
+        (port.service, str(port.target), f"http://{where}/")
+        for port, where in published_addresses(project, result.model)])
+    if table is not None:
         out.print(table)
 
 

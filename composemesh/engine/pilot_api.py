@@ -9,8 +9,11 @@ request to the socket from inside the pilot's container. Either way the pilot at
 caller by the kernel's word (the host, or its own container) and no neighbour on a network
 can ask.
 
-This module is also the relay's ``main``: it imports the standard library only, as it runs
-inside the pilot's container on every call.
+``PilotClient`` is the CLI's client of that API: JSON in and out, its failures as the
+CLI's errors, the pilot found once per command.
+
+This module is also the relay's ``main``: it imports the standard library only (the Docker
+SDK only when the host side needs it), as it runs inside the pilot's container on every call.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
+from composemesh.errors import ConfigError, EngineError
 from composemesh.healthcheck import connect_unix
 from composemesh.model.wellknown import LABEL_ROLE, PILOT_SOCKET, PILOT_SOCKET_DIR, ROLE_PILOT
 
@@ -86,15 +90,16 @@ class PilotChannel:
         return self._exec(method, target, body, timeout)
 
     def _exec(self, method: str, target: str, body: bytes | None, timeout: float) -> Answer:
+        from composemesh.engine import docker_host
+
         try:
-            proc = subprocess.run(
-                ["docker", "exec", "-i", self.container, "python3", "-m",
-                 "composemesh.engine.pilot_api", method, target],
-                input=body or b"", capture_output=True, timeout=timeout + 20, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
+            proc = docker_host.exec_with_stdin(
+                self.container, ["python3", "-m", "composemesh.engine.pilot_api", method, target],
+                body or b"", timeout + 20)
+        except (docker_host.DockerUnavailable, TimeoutError) as exc:
             raise PilotUnreachable(f"docker exec {self.container}: {exc}") from None
         status, _, rest = proc.stdout.partition(b"\n")
-        if proc.returncode != 0 or not status.strip().isdigit():
+        if proc.exit_code != 0 or not status.strip().isdigit():
             why = (proc.stderr or proc.stdout).decode(errors="replace").strip()
             raise PilotUnreachable(f"docker exec {self.container}: {why or 'no answer'}")
         return Answer(int(status), rest)
@@ -102,32 +107,77 @@ class PilotChannel:
 
 def find_channel(project: str) -> PilotChannel:
     """The way to ``project``'s running pilot; PilotUnreachable if it runs none."""
-    try:
-        out = subprocess.run(
-            ["docker", "ps", "--filter", f"label=com.docker.compose.project={project}",
-             "--filter", f"label={LABEL_ROLE}={ROLE_PILOT}", "--format", "{{.ID}}"],
-            capture_output=True, text=True, check=False, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise PilotUnreachable(f"docker ps: {exc}") from None
-    ids = out.stdout.split()
-    if not ids:
+    from composemesh.engine import docker_host
+
+    found = docker_host.project_containers(project, labels={LABEL_ROLE: ROLE_PILOT})
+    if not found:
         raise PilotUnreachable(f"no running pilot in project {project!r}; is the mesh up?")
-    return PilotChannel(project, ids[0], _host_socket(ids[0]))
+    return PilotChannel(project, found[0].id, _host_socket(found[0].id))
 
 
 def _host_socket(container: str) -> str | None:
     """Where the pilot's socket is on the host, if this process may reach it there."""
-    try:
-        out = subprocess.run(["docker", "inspect", "-f", "{{json .Mounts}}", container],
-                             capture_output=True, text=True, check=False, timeout=30)
-        mounts = json.loads(out.stdout or "[]")
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return None
-    for mount in mounts or ():
+    from composemesh.engine import docker_host
+
+    return socket_on_host(docker_host.mounts(container))
+
+
+def socket_on_host(mounts: list[dict[str, Any]]) -> str | None:
+    """The host path of the pilot's socket from its container's ``mounts``, if this process
+    may write it (the host's root may; a user in the docker group, or one whose engine is in
+    a VM, may not)."""
+    for mount in mounts:
         if mount.get("Destination") == PILOT_SOCKET_DIR and mount.get("Source"):
             path = os.path.join(str(mount["Source"]), os.path.basename(PILOT_SOCKET))
             return path if os.access(path, os.W_OK) else None
     return None
+
+
+class PilotClient:
+    """The CLI's client of one project's pilot API: JSON in and out, its failures as the
+    CLI's errors. The pilot is found on the first call and kept for the command; a channel
+    that stops answering is looked for again on the next call (a pilot recreated since)."""
+
+    def __init__(self, project: str, channel: PilotChannel | None = None) -> None:
+        self.project = project
+        self._channel = channel
+
+    def channel(self) -> PilotChannel:
+        if self._channel is None:
+            try:
+                self._channel = find_channel(self.project)
+            except PilotUnreachable as exc:
+                raise EngineError(str(exc)) from None
+        return self._channel
+
+    def status(self) -> dict[str, Any]:
+        return self.request("/v1/status")
+
+    def ca(self) -> dict[str, Any]:
+        return self.request("/v1/ca")
+
+    def request(self, path: str, method: str = "GET", body: object = None) -> dict[str, Any]:
+        """One call; a 4xx answer to a sent body is the user's error (ConfigError, exit 2),
+        any other failure an EngineError naming the project."""
+        channel = self.channel()
+        data = json.dumps(body).encode() if body is not None else None
+        try:
+            answer = channel.request(method, path, data, timeout=5 if body is None else 10)
+            decoded = answer.json()
+        except PilotUnreachable as exc:
+            self._channel = None
+            raise EngineError(f"the pilot of {self.project!r} does not answer: {exc}") from None
+        except ValueError:
+            raise EngineError(f"the pilot of {self.project!r} answered {answer.status} to "
+                              f"{path} with no JSON") from None
+        if 200 <= answer.status < 300 and isinstance(decoded, dict):
+            return decoded
+        message = decoded.get("error", "") if isinstance(decoded, dict) else ""
+        message = message or f"HTTP {answer.status}"
+        if body is not None and 400 <= answer.status < 500:
+            raise ConfigError(message) from None
+        raise EngineError(f"the pilot of {self.project!r} answered {answer.status} to {path}: "
+                          f"{message}")
 
 
 def main(argv: list[str] | None = None) -> int:

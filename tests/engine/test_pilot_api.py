@@ -2,9 +2,11 @@
 or through ``docker exec`` and the relay, never a network port.
 
 The pilot here is a small aiohttp app on a real Unix socket in tmp_path that answers what it
-was asked (method, path, body) and scripted 4xx answers; ``docker`` is a fake on PATH (a
-script that answers ``ps`` and ``inspect`` as told, and runs ``exec`` as the real relay,
-``python3 -m composemesh.engine.pilot_api``, against that socket).
+was asked (method, path, body) and scripted 4xx answers; the Docker engine is the fake of
+tests/engine/fake_engine.py, reached through the real Docker SDK: it lists and inspects the
+pilot's container as told, and runs an exec as the real relay
+(``python3 -m composemesh.engine.pilot_api``, in a process of its own) against that socket.
+``PilotClient``, the CLI's client, is tested over the same socket.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -28,12 +31,16 @@ from composemesh.engine import pilot_api
 from composemesh.engine.pilot_api import (
     Answer,
     PilotChannel,
+    PilotClient,
     PilotUnreachable,
     _host_socket,
     find_channel,
     over_socket,
+    socket_on_host,
 )
+from composemesh.errors import ConfigError, EngineError
 from composemesh.model import wellknown as wk
+from tests.engine.fake_engine import Engine
 
 REPO = Path(__file__).resolve().parents[2]
 PILOT_ID = "c0ffee" + "0" * 58
@@ -180,83 +187,63 @@ def test_the_relay_says_why_it_cannot(
 
 # --------------------------------------------------------------------------- finding the pilot
 
-FAKE_DOCKER = """\
-#!{python}
-import json, os, sys
-sys.path.insert(0, {repo!r})
-args = sys.argv[1:]
-with open(os.environ["FAKE_DOCKER_LOG"], "a") as log:
-    log.write(json.dumps(args) + "\\n")
-if args[0] == "ps":
-    print(os.environ.get("FAKE_DOCKER_PS", ""))
-elif args[0] == "inspect":
-    print(os.environ.get("FAKE_DOCKER_MOUNTS", "[]"))
-elif args[:2] == ["exec", "-i"]:
-    # what `python3 -m composemesh.engine.pilot_api METHOD PATH` does in the pilot's container
-    assert args[3:6] == ["python3", "-m", "composemesh.engine.pilot_api"], args
-    from composemesh.engine import pilot_api
-    pilot_api.PILOT_SOCKET = os.environ["FAKE_PILOT_SOCKET"]
-    sys.exit(pilot_api.main(args[6:]))
-else:
-    sys.exit("fake docker: " + " ".join(args))
-"""
+PILOT_LABELS = {"com.docker.compose.project": "shop", wk.LABEL_ROLE: wk.ROLE_PILOT}
+RELAY = ("import os, sys; from composemesh.engine import pilot_api; "
+         "pilot_api.PILOT_SOCKET = os.environ['FAKE_PILOT_SOCKET']; "
+         "sys.exit(pilot_api.main(sys.argv[1:]))")
 
 
-@pytest.fixture
-def docker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fake ``docker`` first on PATH; returns the log of its calls (one JSON argv a line)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "docker"
-    script.write_text(FAKE_DOCKER.format(python=sys.executable, repo=str(REPO)))
-    script.chmod(0o755)
-    log = tmp_path / "docker.log"
-    log.write_text("")
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_DOCKER_LOG", str(log))
-    return log
+def relay_in_the_container(sock: Path, ran: list[list[str]] | None = None) -> Any:
+    """An exec as the pilot's container runs it: the real relay, its socket at ``sock``."""
+
+    def run(container: str, cmd: list[str], stdin: bytes) -> tuple[int, bytes, bytes]:
+        assert container == PILOT_ID
+        assert cmd[:3] == ["python3", "-m", "composemesh.engine.pilot_api"], cmd
+        if ran is not None:
+            ran.append(cmd)
+        proc = subprocess.run([sys.executable, "-c", RELAY, *cmd[3:]], input=stdin,
+                              capture_output=True, cwd=REPO, timeout=30, check=False,
+                              env={**os.environ, "FAKE_PILOT_SOCKET": str(sock)})
+        return proc.returncode, proc.stdout, proc.stderr
+
+    return run
 
 
-def calls(log: Path) -> list[list[str]]:
-    return [json.loads(line) for line in log.read_text().splitlines()]
-
-
-def mounts(source: Path) -> str:
-    return json.dumps([
+def mounts(source: Path) -> list[dict[str, str]]:
+    return [
         {"Type": "bind", "Source": "/var/run/docker.sock", "Destination": "/var/run/docker.sock"},
         {"Type": "volume", "Name": "shop_composemesh-pilot-socket", "Source": str(source),
          "Destination": wk.PILOT_SOCKET_DIR},
-    ])
+    ]
 
 
-def test_no_running_pilot_is_pilot_unreachable_in_one_sentence(
-        docker: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FAKE_DOCKER_PS", "")
+def test_no_running_pilot_is_pilot_unreachable_in_one_sentence(engine: Engine) -> None:
+    engine.add("a" * 64, "shop-web-1", {"com.docker.compose.project": "shop"})
+    engine.add(PILOT_ID, "shop-pilot-1", PILOT_LABELS, running=False)
     with pytest.raises(PilotUnreachable) as info:
         find_channel("shop")
     assert str(info.value) == "no running pilot in project 'shop'; is the mesh up?"
-    assert calls(docker) == [[
-        "ps", "--filter", "label=com.docker.compose.project=shop",
-        "--filter", f"label={wk.LABEL_ROLE}={wk.ROLE_PILOT}", "--format", "{{.ID}}"]]
+    listed = [q for _, path, q in engine.calls if path == "/containers/json"]
+    assert [json.loads(q["filters"][0]) for q in listed] == [{"label": [
+        "com.docker.compose.project=shop", f"{wk.LABEL_ROLE}={wk.ROLE_PILOT}"]}]
 
 
 def test_the_pilot_is_found_with_its_sockets_host_path(
-        docker: Path, pilot_socket: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FAKE_DOCKER_PS", PILOT_ID)
-    monkeypatch.setenv("FAKE_DOCKER_MOUNTS", mounts(pilot_socket.parent))
+        engine: Engine, pilot_socket: Path) -> None:
+    engine.add(PILOT_ID, "shop-pilot-1", PILOT_LABELS, Mounts=mounts(pilot_socket.parent))
     channel = find_channel("shop")
-    assert channel == PilotChannel("shop", PILOT_ID, str(pilot_socket))
-    assert calls(docker)[1] == ["inspect", "-f", "{{json .Mounts}}", PILOT_ID]
+    assert channel == PilotChannel("shop", PILOT_ID[:12], str(pilot_socket))  # as docker ps
     assert channel.request("GET", "/v1/echo").status == 200  # straight to the socket
-    assert [c[0] for c in calls(docker)] == ["ps", "inspect"]  # no docker exec
+    assert not [c for c in engine.calls if "exec" in c[1]]  # no docker exec
 
 
 def test_host_socket_is_none_when_the_path_is_not_writable(
-        docker: Path, pilot_socket: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        engine: Engine, pilot_socket: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A user who may not write the socket under Docker's volume directory (not the host's
     root) goes through docker exec instead; so does one whose engine keeps it elsewhere."""
-    monkeypatch.setenv("FAKE_DOCKER_MOUNTS", mounts(pilot_socket.parent))
+    engine.add(PILOT_ID, "shop-pilot-1", PILOT_LABELS, Mounts=mounts(pilot_socket.parent))
     assert _host_socket(PILOT_ID) == str(pilot_socket)
+    assert socket_on_host(mounts(pilot_socket.parent)) == str(pilot_socket)
     asked: list[tuple[str, int]] = []
 
     def no_write(path: str, mode: int) -> bool:  # as for a user in the docker group
@@ -265,54 +252,104 @@ def test_host_socket_is_none_when_the_path_is_not_writable(
 
     with monkeypatch.context() as m:
         m.setattr(pilot_api.os, "access", no_write)
-        assert _host_socket(PILOT_ID) is None
+        assert socket_on_host(mounts(pilot_socket.parent)) is None
     assert asked == [(str(pilot_socket), os.W_OK)]
     # no socket there (an engine in a VM keeps its volumes out of reach): not writable either
-    monkeypatch.setenv("FAKE_DOCKER_MOUNTS", mounts(pilot_socket.parent / "elsewhere"))
-    assert _host_socket(PILOT_ID) is None
-    # no socket volume mounted at all, or an answer that is no JSON
-    monkeypatch.setenv("FAKE_DOCKER_MOUNTS", "[]")
-    assert _host_socket(PILOT_ID) is None
-    monkeypatch.setenv("FAKE_DOCKER_MOUNTS", "Error: No such object")
-    assert _host_socket(PILOT_ID) is None
+    assert socket_on_host(mounts(pilot_socket.parent / "elsewhere")) is None
+    # no socket volume mounted at all, or a container the engine does not know
+    assert socket_on_host([]) is None
+    assert _host_socket("gone") is None
 
 
 def test_without_the_host_path_the_request_goes_through_docker_exec_and_the_relay(
-        docker: Path, pilot_socket: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FAKE_PILOT_SOCKET", str(pilot_socket))
-    channel = PilotChannel("shop", PILOT_ID, host_socket=None)
+        engine: Engine, pilot_socket: Path) -> None:
+    ran: list[list[str]] = []
+    engine.add(PILOT_ID, "shop-pilot-1", PILOT_LABELS)
+    engine.on_exec = relay_in_the_container(pilot_socket, ran)
+    channel = PilotChannel("shop", PILOT_ID[:12], host_socket=None)
     answer = channel.request("POST", "/v1/echo", b'{"step": "begin"}')
     assert answer.status == 200
     echoed: Any = answer.json()
     assert (echoed["method"], json.loads(echoed["body"])) == ("POST", {"step": "begin"})
     assert channel.request("POST", "/v1/ca/rotate", b"{}") == Answer(
         409, b'{"error": "a rotation is already under way"}')
-    assert calls(docker)[0] == ["exec", "-i", PILOT_ID, "python3", "-m",
-                                "composemesh.engine.pilot_api", "POST", "/v1/echo"]
+    queried: Any = channel.request("GET", "/v1/echo?x=1").json()
+    assert queried["path"] == "/v1/echo?x=1"
+    assert ran[0] == ["python3", "-m", "composemesh.engine.pilot_api", "POST", "/v1/echo"]
 
 
 def test_a_socket_the_user_may_not_open_falls_back_to_docker_exec(
-        docker: Path, pilot_socket: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        engine: Engine, pilot_socket: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """EACCES on the host path (it was writable when looked at, not when opened): the same
     request through docker exec."""
-    monkeypatch.setenv("FAKE_PILOT_SOCKET", str(pilot_socket))
+    ran: list[list[str]] = []
+    engine.add(PILOT_ID, "shop-pilot-1", PILOT_LABELS)
+    engine.on_exec = relay_in_the_container(pilot_socket, ran)
 
     def denied(path: str, *args: object, **kwargs: object) -> Answer:
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(pilot_api, "over_socket", denied)
-    # the relay runs in the fake docker's own process: its over_socket is not the denied one
+    # the relay runs in a process of its own: its over_socket is not the denied one
     channel = PilotChannel("shop", PILOT_ID, host_socket=str(pilot_socket))
     assert channel.request("GET", "/v1/echo").status == 200
-    assert [c[0] for c in calls(docker)] == ["exec"]
+    assert len(ran) == 1
 
 
-def test_docker_exec_that_fails_is_pilot_unreachable(
-        docker: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FAKE_PILOT_SOCKET", str(tmp_path / "none.sock"))  # the relay fails
-    channel = PilotChannel("shop", PILOT_ID, host_socket=None)
+def test_docker_exec_that_fails_is_pilot_unreachable(engine: Engine, tmp_path: Path) -> None:
+    engine.add(PILOT_ID, "shop-pilot-1", PILOT_LABELS)
+    engine.on_exec = relay_in_the_container(tmp_path / "none.sock")  # the relay fails
+    channel = PilotChannel("shop", PILOT_ID[:12], host_socket=None)
     with pytest.raises(PilotUnreachable) as info:
         channel.request("GET", "/v1/status")
     message = str(info.value)
-    assert message.startswith(f"docker exec {PILOT_ID}: the pilot's socket does not answer")
+    assert message.startswith(f"docker exec {PILOT_ID[:12]}: the pilot's socket does not answer")
     assert "\n" not in message
+    gone = PilotChannel("shop", "0badc0ffee00", host_socket=None)  # a pilot removed since
+    with pytest.raises(PilotUnreachable, match="^docker exec 0badc0ffee00: Error response from "
+                                               "daemon: No such container: 0badc0ffee00$"):
+        gone.request("GET", "/v1/status")
+
+
+# --------------------------------------------------------------------------- the CLI's client
+
+
+def test_the_client_finds_the_pilot_once_and_speaks_json(
+        pilot_socket: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    found: list[str] = []
+
+    def find(project: str) -> PilotChannel:
+        found.append(project)
+        return PilotChannel(project, "unused", host_socket=str(pilot_socket))
+
+    monkeypatch.setattr(pilot_api, "find_channel", find)
+    client = PilotClient("shop")
+    assert client.request("/v1/echo")["method"] == "GET"
+    echoed = client.request("/v1/echo", "PUT", {"weights": {"v1": 100}})
+    assert (echoed["method"], json.loads(echoed["body"])) == ("PUT", {"weights": {"v1": 100}})
+    assert found == ["shop"]
+
+
+def test_the_clients_errors_are_the_clis(pilot_socket: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    client = PilotClient("shop", PilotChannel("shop", "unused", host_socket=str(pilot_socket)))
+    with pytest.raises(ConfigError, match="^a rotation is already under way$"):
+        client.request("/v1/ca/rotate", "POST", {"step": "begin"})  # a 4xx to a sent body
+    with pytest.raises(EngineError, match="^the pilot of 'shop' answered 404 to /v1/nosuch "
+                                          "with no JSON$"):
+        client.request("/v1/nosuch")
+
+    def nothing(project: str) -> PilotChannel:
+        raise PilotUnreachable(f"no running pilot in project {project!r}; is the mesh up?")
+
+    monkeypatch.setattr(pilot_api, "find_channel", nothing)
+    with pytest.raises(EngineError, match="^no running pilot in project 'shop'; is the mesh"):
+        PilotClient("shop").status()
+    gone = str(tmp_path / "gone.sock")
+    lost = PilotClient("shop", PilotChannel("shop", "unused", host_socket=gone))
+    with pytest.raises(EngineError, match=f"^the pilot of 'shop' does not answer: the pilot's "
+                                          f"socket {re.escape(gone)}: "):
+        lost.status()
+    # a channel that stopped answering is looked for again on the next call
+    with pytest.raises(EngineError, match="^no running pilot in project 'shop'"):
+        lost.status()

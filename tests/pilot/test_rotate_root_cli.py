@@ -1,5 +1,5 @@
-"""`composemesh certs rotate-root`: the pure waiting logic, then the command against a real
-pilot API (its proxies stood in for by a test double that ACKs and renews as proxies do).
+"""`composemesh certs rotate-root` against a real pilot API (its proxies stood in for by a
+test double that ACKs and renews as proxies do); its pure decisions: tests/engine/test_rotation.py.
 
 The pilot runs in-process, served on a real Unix socket in tmp_path as it serves its API; the
 CLI reaches it with its own socket client (``engine.pilot_api.PilotChannel``, given the
@@ -31,58 +31,6 @@ from composemesh.pilot.ca_service import CAService
 from composemesh.pilot.main import bind_socket
 from composemesh.pilot.server import AckRecord, HeldCertificate, Pilot, make_app
 from tests.pilot.callers import Callers
-
-# --------------------------------------------------------------------------- pure
-
-
-def test_the_plan_goes_on_from_the_phase_the_pilot_is_in() -> None:
-    assert cli.rotation_plan("steady") == [("begin", True), ("switch", True), ("finish", True)]
-    assert cli.rotation_plan("trusting") == [
-        ("begin", False), ("switch", True), ("finish", True)]
-    assert cli.rotation_plan("switched") == [("switch", False), ("finish", True)]
-
-
-def test_old_and_new_roots_from_the_ca_info() -> None:
-    trusted = [{"fingerprint": "SHA256:old"}, {"fingerprint": "SHA256:new"}]
-    assert cli.rotation_roots({"fingerprint": "SHA256:old", "rotation_phase": "steady",
-                               "trusted": trusted[:1]}) == ("SHA256:old", None)
-    assert cli.rotation_roots({"fingerprint": "SHA256:old", "rotation_phase": "trusting",
-                               "trusted": trusted}) == ("SHA256:old", "SHA256:new")
-    assert cli.rotation_roots({"fingerprint": "SHA256:new", "rotation_phase": "switched",
-                               "trusted": trusted}) == ("SHA256:old", "SHA256:new")
-
-
-def row(node: str, in_sync: bool = True, issuer: str | None = "SHA256:new",
-        running: bool = True, healthy: bool = True) -> dict[str, Any]:
-    return {"node": node, "in_sync": in_sync, "cert_issuer_fingerprint": issuer,
-            "running": running, "proxy_healthy": healthy}
-
-
-def test_begin_and_finish_wait_for_every_ack_of_the_published_generation() -> None:
-    status = {"generation": 7, "proxies": [row("a"), row("b", in_sync=False),
-                                           row("gone", in_sync=False, running=False,
-                                               healthy=False)]}
-    assert cli.rotation_progress(status, "begin", "SHA256:new", 7) == (
-        False, "begin: 1/2 proxies ACKed the bundle with both roots", ["b"])
-    status["proxies"][1]["in_sync"] = True
-    assert cli.rotation_progress(status, "finish", "SHA256:new", 7) == (
-        True, "finish: 2/2 proxies ACKed the bundle without the old root", [])
-    # an ACK of what the pilot rendered before the step was published does not count
-    assert cli.rotation_progress(status, "begin", "SHA256:new", 8)[0:3:2] == (False, ["a", "b"])
-    assert cli.rotation_progress({"generation": 1, "proxies": []}, "begin", "x", 1)[0]
-
-
-def test_switch_waits_for_every_certificate_of_the_new_root_too() -> None:
-    status = {"generation": 3, "proxies": [row("a"), row("b", issuer="SHA256:old"),
-                                           row("c", issuer=None, running=False)]}
-    done, line, lagging = cli.rotation_progress(status, "switch", "SHA256:new", 3)
-    assert (done, lagging) == (False, ["b", "c"])
-    assert line == ("switch: 3/3 proxies ACKed the new signing root, "
-                    "1/3 hold a certificate of the new root")
-    for p in status["proxies"]:
-        p["cert_issuer_fingerprint"] = "SHA256:new"
-    assert cli.rotation_progress(status, "switch", "SHA256:new", 3)[0]
-
 
 # --------------------------------------------------------------------------- the command
 
@@ -144,7 +92,7 @@ def pilot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeProxi
         asked.append(project)
         return PilotChannel(project, "unused", host_socket=str(sock))
 
-    monkeypatch.setattr(cli, "_pilot_channel", channel)
+    monkeypatch.setattr(pilot_api, "find_channel", channel)
     proxies.asked = asked
     try:
         yield proxies
@@ -259,7 +207,7 @@ def test_a_pilot_whose_socket_does_not_answer_is_one_sentence(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A channel to a socket nobody listens on (a pilot that went away): one line, exit 1."""
     gone = str(tmp_path / "pilot.sock")
-    monkeypatch.setattr(cli, "_pilot_channel",
+    monkeypatch.setattr(pilot_api, "find_channel",
                         lambda project: PilotChannel(project, "unused", host_socket=gone))
     result = rotate_root()
     assert result.exit_code == 1
