@@ -106,10 +106,11 @@ def composemesh_outbound(ready: Ready, upstream_port: int, protocol: str) -> Non
         Snapshot,
         SnapshotSettings,
     )
-    from composemesh.proxy.http import OutboundHttp
+    from composemesh.proxy.http import HttpPath
+    from composemesh.proxy.router import EMPTY_INBOUND, Router, Routers
     from composemesh.proxy.stats import OUTBOUND, ProxyStats, workload_of
     from composemesh.proxy.table import table_from_snapshot
-    from composemesh.proxy.tcp import Forwarder, Router
+    from composemesh.proxy.tcp import Forwarder
 
     async def start() -> asyncio.Server:
         routing = ServiceRouting("upstream", (HttpRoute("default", (), (
@@ -121,10 +122,10 @@ def composemesh_outbound(ready: Ready, upstream_port: int, protocol: str) -> Non
             protocols={"upstream": DeclaredProtocols(protocol)},
         ))
         stats = ProxyStats()
-        http = OutboundHttp(stats)
+        http = HttpPath(stats)
         router = Router(table_from_snapshot(snapshot), workload_of(identity),
                         rng=random.Random(1), http=http.entry)
-        http.router = router
+        http.switch.current = Routers(router, EMPTY_INBOUND)
         forwarder = Forwarder(OUTBOUND, stats, router.choose,
                               resolver=lambda sock: (UPSTREAM_HOST, upstream_port))
         return await asyncio.get_running_loop().create_server(

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from composemesh import __version__
 from composemesh.model.snapshot import encode_snapshot
-from composemesh.proxy.http import OutboundHttp
+from composemesh.proxy.http import HttpPath
 from composemesh.proxy.identity import WorkloadIdentity
 from composemesh.proxy.pilot_client import ConfigStore, PilotClient
 from composemesh.proxy.stats import ProxyStats
@@ -28,7 +28,7 @@ class AdminContext:
     stats: ProxyStats
     store: ConfigStore
     pilot: PilotClient | None = None
-    http: OutboundHttp | None = None  # the outbound HTTP path: its routing table and pool
+    http: HttpPath | None = None  # the outbound HTTP path: its routing table and pool
     listeners: dict[str, bool] = field(default_factory=dict)  # direction -> bound
     info: dict[str, Any] = field(default_factory=dict)  # claims from the environment, pilot URL
     started_at: float = field(default_factory=time.time)

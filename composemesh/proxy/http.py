@@ -32,9 +32,11 @@ from typing import cast
 import httptools
 
 from composemesh.model.limits import ProxyLimits
+from composemesh.model.policy import request_path
 from composemesh.model.routing import HttpRoute, RetryPolicy
 from composemesh.proxy.buffers import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from composemesh.proxy.decisions import Endpoint, fault_decision, pick_version, select_route
+from composemesh.proxy.original_dst import Address
 from composemesh.proxy.retries import (
     Answer,
     Next,
@@ -42,15 +44,24 @@ from composemesh.proxy.retries import (
     Respond,
     Tries,
 )
+from composemesh.proxy.router import (
+    INBOUND_ROUTE,
+    InboundRouter,
+    Router,
+    RouterSwitch,
+    ServiceState,
+)
 from composemesh.proxy.stats import (
     BAD_REQUEST,
     CONNECT_FAILURE,
     DOWNSTREAM_CLOSED,
     FAULT_ABORT,
     FAULT_DELAY,
+    MUTUAL_TLS,
     NO_FLAGS,
     NO_HEALTHY_UPSTREAM,
     NO_ROUTE,
+    NO_SECURITY,
     OUTBOUND,
     STREAM_IDLE_TIMEOUT,
     UNKNOWN,
@@ -58,13 +69,7 @@ from composemesh.proxy.stats import (
     UPSTREAM_RESET,
     ProxyStats,
 )
-from composemesh.proxy.tcp import (
-    EMPTY_ROUTER,
-    Handoff,
-    Router,
-    ServiceState,
-    splice,
-)
+from composemesh.proxy.tcp import Handoff, splice
 from composemesh.proxy.upstream import CHUNKED, UNTIL_CLOSE, UpstreamConnection, UpstreamPool
 
 BODY_BUFFER_LIMIT = 1024 * 1024  # request bodies up to this are kept for retries; larger stream
@@ -110,20 +115,26 @@ class Refusal(Exception):
 log = logging.getLogger("composemesh.proxy.http")
 
 
-class OutboundHttp:
-    """The HTTP side of the outbound listener, for the proxy's whole life.
+class HttpPath:
+    """The HTTP side of a capture listener, for the proxy's whole life: one for the outbound
+    listener (the app's requests to mesh services) and one for the inbound listener (peers'
+    requests to the app). Both are this same path; inbound is a configuration of it, set per
+    connection (``InboundCaller``): the request is authorized by the inbound router, its one
+    endpoint is the app at the address the peer dialed, in plaintext, and it is counted by
+    the destination's reporter.
 
-    Owns the upstream pool and the app's HTTP connections; ``router`` is swapped whole when
-    a snapshot is applied, and each request reads the one in force when it is routed.
+    Owns the upstream pool and its listener's HTTP connections; each request reads the
+    routers in force (``switch``) when it is routed.
     """
 
-    direction = OUTBOUND
-
     def __init__(self, stats: ProxyStats, pool: UpstreamPool | None = None,
-                 limits: ProxyLimits = ProxyLimits()) -> None:  # noqa: B008 (frozen)
+                 limits: ProxyLimits = ProxyLimits(),  # noqa: B008 (frozen)
+                 switch: RouterSwitch | None = None, direction: str = OUTBOUND) -> None:
         self.stats = stats
+        self.direction = direction
         self.pool = pool or UpstreamPool(limits=limits)
-        self.router: Router = EMPTY_ROUTER
+        self.switch = switch or RouterSwitch()
+        self.escaped_slashes = limits.path_with_escaped_slashes_action
         self.connections: set[HttpDownstream] = set()
         self.tunnels: set[asyncio.Protocol] = set()  # upgraded connections, spliced
         self.limits = limits
@@ -139,13 +150,33 @@ class OutboundHttp:
         quiet = [t for t in (limits.idle_timeout, limits.stream_idle_timeout) if t > 0]
         self.tick = min(quiet) / 4 if quiet else 0.0
 
+    @property
+    def router(self) -> Router:
+        """The outbound router in force."""
+        return self.switch.current.outbound
+
+    @property
+    def inbound(self) -> InboundRouter:
+        """The inbound router in force."""
+        return self.switch.current.inbound
+
     def entry(self, service: str, port: int) -> Handoff:
         """The handoff that makes a captured connection to ``service`` an HTTP one (a
         ``Router``'s ``http``)."""
-        return Handoff(partial(self._take, service, port))
+        return Handoff(partial(self._take, service, port, None))
 
-    def _take(self, service: str, port: int, transport: asyncio.Transport, first: bytes) -> None:
-        downstream = HttpDownstream(self, service, port)
+    def inbound_entry(self, original: Address, peer: str | None, secure: bool) -> Handoff:
+        """The handoff that makes a peer's connection into the app an HTTP one (an
+        ``InboundRouter``'s ``http``): ``peer`` is its mesh service (None: unauthenticated),
+        ``secure`` whether it came over mTLS."""
+        caller = InboundCaller(peer, secure, Endpoint(node=self.inbound.config.node,
+                                                      version=self.inbound.me.version,
+                                                      address=original[0]))
+        return Handoff(partial(self._take, self.inbound.me.app, original[1], caller))
+
+    def _take(self, service: str, port: int, caller: InboundCaller | None,
+              transport: asyncio.Transport, first: bytes) -> None:
+        downstream = HttpDownstream(self, service, port, caller)
         transport.set_protocol(downstream)
         downstream.connection_made(transport)
         if first:
@@ -160,13 +191,27 @@ class OutboundHttp:
         self.pool.close()
 
 
+class InboundCaller:
+    """Who an inbound HTTP connection is from, known once per connection: ``peer`` its mesh
+    service (None: unauthenticated), ``secure`` whether over mTLS, and its one ``endpoint``:
+    the app, at the address the peer dialed (the app may listen on that address only)."""
+
+    __slots__ = ("peer", "secure", "endpoint")
+
+    def __init__(self, peer: str | None, secure: bool, endpoint: Endpoint) -> None:
+        self.peer = peer
+        self.secure = secure
+        self.endpoint = endpoint
+
+
 class HttpDownstream(asyncio.Protocol):
-    """The app's connection to one mesh service (and port), speaking HTTP/1.x.
+    """A connection to one mesh service (and port), speaking HTTP/1.x: the app's to a mesh
+    service (outbound), or a peer's to the app (inbound: ``caller`` says who).
 
     Requests are answered one at a time, in order; one parsed while another is being
     answered waits (pipelining works, without concurrency).
 
-    Timeouts: one timer (``timer``) per connection, looking every ``OutboundHttp.tick``
+    Timeouts: one timer (``timer``) per connection, looking every ``HttpPath.tick``
     seconds; the hot path reads no clock and sets no flag for them. The timer compares the
     active exchange's byte counts with those it saw last (``seen``): the stream idle timeout
     runs from the last look that found them moved (``quiet_since``). The end of an exchange
@@ -176,19 +221,19 @@ class HttpDownstream(asyncio.Protocol):
     whole head is closed.
     """
 
-    __slots__ = ("http", "service", "port", "transport", "parser", "current", "active", "queue",
-                 "paused", "writing_paused", "closed", "eof", "tunnel_first", "_url", "_pairs",
-                 "head_left", "in_head", "in_body", "head_since", "seen", "quiet_since",
-                 "idle_since", "timer")
+    __slots__ = ("http", "service", "port", "caller", "transport", "parser", "current", "active",
+                 "queue", "paused", "writing_paused", "closed", "eof", "tunnel_first", "_url",
+                 "_pairs", "head_left", "in_head", "in_body", "head_since", "seen",
+                 "quiet_since", "idle_since", "timer")
 
     transport: asyncio.Transport
-    exchange_type: type[Exchange]  # set below the class: what one request becomes
-    rewrites_target = False  # whether request_target may change what is sent and routed
 
-    def __init__(self, http: OutboundHttp, service: str, port: int) -> None:
+    def __init__(self, http: HttpPath, service: str, port: int,
+                 caller: InboundCaller | None = None) -> None:
         self.http = http
         self.service = service
         self.port = port
+        self.caller = caller  # None: outbound, the app is calling
         self.parser = httptools.HttpRequestParser(self)
         self.current: Exchange | None = None  # the request being parsed
         self.active: Exchange | None = None  # the request being answered
@@ -367,8 +412,8 @@ class HttpDownstream(asyncio.Protocol):
                 path = (httptools.parse_url(url).path or b"/").decode("latin-1")
             except httptools.HttpParserInvalidURLError:
                 path = "/"
-        if self.rewrites_target:
-            url, path = self.request_target(url, path)
+        if self.caller is not None and self.http.inbound.paths_checked and url != b"*":
+            url, path = checked_target(url, path, self.http.escaped_slashes)
         line = b"%s %s HTTP/1.1\r\n" if v11 else b"%s %s HTTP/1.0\r\n"
         drop = _UPGRADE_HOP if upgrade else _REQUEST_HOP
         parts, connection, chunked, expect = _request_head(line % (method, url), pairs, drop)
@@ -379,18 +424,13 @@ class HttpDownstream(asyncio.Protocol):
         if upgrade:
             parts.append(b"Connection: upgrade\r\n")
         parts.append(b"\r\n")
-        exchange = self.current = self.exchange_type(
+        exchange = self.current = Exchange(
             self, method.decode("latin-1"), path, pairs, b"".join(parts), v11,
             parser.should_keep_alive() and not upgrade, chunked, expect, upgrade)
         if self.active is None:
             self._activate(exchange)
         else:
             self.queue.append(exchange)
-
-    def request_target(self, url: bytes, path: str) -> tuple[bytes, str]:
-        """The request target to send on and the path to route (and authorize) with; the
-        outbound path sends what the app sent."""
-        return url, path
 
     def on_body(self, body: bytes) -> None:
         if self.current is not None:
@@ -487,8 +527,15 @@ class HttpDownstream(asyncio.Protocol):
         self.timer = asyncio.get_running_loop().call_later(LINGER, transport.abort)
 
     def count_refused(self, status: int, flags: str) -> None:
-        self.http.stats.http_request(self.http.router.me, self.service, UNKNOWN, UNKNOWN, None,
-                                     status, flags, 0.0, 0, 0)
+        http = self.http
+        caller = self.caller
+        if caller is None:
+            http.stats.http_request(http.router.me, self.service, UNKNOWN, UNKNOWN, None,
+                                    status, flags, 0.0, 0, 0)
+            return
+        inbound = http.inbound
+        http.stats.http_inbound_request(inbound.source(caller.peer), inbound.me, status, flags,
+                                        MUTUAL_TLS if caller.secure else NO_SECURITY, 0.0, 0, 0)
 
     # ---- timeouts
 
@@ -711,6 +758,9 @@ class Exchange:
         """Route the request: no route, fault, or the first try."""
         self.dispatched = True
         down = self.down
+        if down.caller is not None:
+            self._dispatch_inbound(down.caller)
+            return
         router = self.router = down.http.router
         state = self.state = router.services.get(down.service)
         if state is None:  # the service left the mesh under a kept-alive connection
@@ -731,6 +781,19 @@ class Exchange:
                 return
             self._go(abort)
             return
+        self._go(None)
+
+    def _dispatch_inbound(self, caller: InboundCaller) -> None:
+        """A peer's request into the app: authorized by the inbound router in force (a
+        policy change applies from the next request), then the one try to the app."""
+        inbound = self.down.http.inbound
+        refused = inbound.refuses(caller.peer, self.method, self.path)
+        if refused is not None:
+            self.local(refused.status, refused.body, refused.flags)
+            return
+        self.state = inbound.state
+        self.route = INBOUND_ROUTE
+        self.pinned = (caller.endpoint,)
         self._go(None)
 
     def _go(self, abort: int | None) -> None:
@@ -771,13 +834,15 @@ class Exchange:
             self._send(conn)
 
     def _pick(self) -> Endpoint | None:
-        """A version by weight (or the pinned endpoints), then an endpoint of it."""
-        router = self.router
+        """A version by weight (or the pinned endpoints: a Host naming one compose service,
+        or the app for an inbound request), then an endpoint of it."""
         state = self.state
-        assert router is not None and state is not None and self.route is not None
+        assert state is not None and self.route is not None
         if self.pinned:
             endpoints = self.pinned
         else:
+            router = self.router
+            assert router is not None
             # versions without endpoints (stopped, scaled to 0) give their share to the others
             version = pick_version(self.route, router.rng,
                                    router.table.serving_versions(self.down.service))
@@ -813,7 +878,8 @@ class Exchange:
         self._send(task.result())
 
     def _peer(self) -> str | None:
-        """The SPIFFE ID the endpoint must prove over mTLS (None: plaintext)."""
+        """The SPIFFE ID the endpoint must prove over mTLS (None: plaintext, as to the app
+        in this namespace)."""
         tls = self.router.tls if self.router is not None else None
         return tls.expected(self.down.service) if tls is not None else None
 
@@ -1086,9 +1152,19 @@ class Exchange:
             self.down.finished(self, close)
 
     def _record(self) -> None:
-        """Count the answered request (Istio's metrics, reporter "source")."""
+        """Count the answered request (Istio's metrics: reporter "source" outbound,
+        "destination" inbound)."""
         down = self.down
         http = down.http
+        caller = down.caller
+        if caller is not None:
+            inbound = http.inbound
+            http.stats.http_inbound_request(
+                inbound.source(caller.peer), inbound.me, self.status, self.flags,
+                MUTUAL_TLS if caller.secure else NO_SECURITY,
+                (asyncio.get_running_loop().time() - self.started) * 1000.0,
+                len(self.head) + self.body_size, self.response_size)
+            return
         router = self.router or http.router
         endpoint = self.endpoint
         if endpoint is None:
@@ -1103,7 +1179,27 @@ class Exchange:
             len(self.head) + self.body_size, self.response_size)
 
 
-HttpDownstream.exchange_type = Exchange
+def checked_target(url: bytes, path: str, escaped_slashes: str) -> tuple[bytes, str]:
+    """Where a policy matches on paths: the normalized path (``request_path``) to authorize
+    with, also in the request line sent to the app (in origin-form, the query kept as it
+    came); "" for a path refused (400 when its turn comes)."""
+    if url[:1] == b"/":
+        q = url.find(b"?")
+        query = url[q:] if q >= 0 else b""
+    else:  # absolute-form: the path that was routed on, its query, and no fragment
+        try:
+            parsed = httptools.parse_url(url)
+        except httptools.HttpParserInvalidURLError:
+            return url, ""
+        if parsed.fragment is not None:
+            return url, ""
+        query = b"?" + parsed.query if parsed.query is not None else b""
+    normal = request_path(path, escaped_slashes)
+    if normal is None:
+        return url, ""
+    if normal == path and url[:1] == b"/":
+        return url, path
+    return normal.encode("latin-1") + query, normal
 
 
 def _request_head(line: bytes, pairs: list[tuple[bytes, bytes]], drop: frozenset[bytes]

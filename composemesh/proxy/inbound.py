@@ -27,198 +27,49 @@ next is closed as it is accepted (counted as ``source_limit``).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import httptools
-
 from composemesh.ca.tls import (
     HANDSHAKE_TIMEOUT,
-    MESH_ALPN_HTTP,
-    MESH_ALPN_TCP,
     TLS_RECORD,
     is_tls_client_hello,
     peer_spiffe,
 )
-from composemesh.model.limits import ProxyLimits
-from composemesh.model.policy import Policy, authorize, request_path
-from composemesh.model.routing import HttpRoute, ServiceRouting, WeightedSubset
-from composemesh.model.snapshot import Snapshot, SnapshotError
-from composemesh.proxy.decisions import (
-    STRICT,
-    Endpoint,
-    LocalNetwork,
-    admits_plaintext,
-)
-from composemesh.proxy.http import (
-    Exchange,
-    HttpDownstream,
-    OutboundHttp,
-)
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.original_dst import Address
+from composemesh.proxy.router import RouterSwitch
 from composemesh.proxy.stats import (
-    BAD_REQUEST,
     INBOUND,
-    MUTUAL_TLS,
-    NO_SECURITY,
-    RBAC_DENIED,
-    REPORTER,
-    PeerLabels,
     ProxyStats,
-    TcpLabels,
 )
-from composemesh.proxy.table import HTTP, TCP, ServiceProtocols
 from composemesh.proxy.tcp import (
     UNCOUNTED,
-    Destination,
     Downstream,
     Forwarder,
-    Handoff,
-    Refused,
     Route,
-    ServiceState,
-    Sniff,
 )
 from composemesh.proxy.tls_link import TlsLink
 
 FIRST_BYTES_TIMEOUT = 0.1  # seconds to wait for a client's first bytes (server-first: none)
 SOURCE_SWEEP = 10.0  # seconds between sweeps of closed connections out of the per-source count
 
-_BY_ALPN = {MESH_ALPN_HTTP: HTTP, MESH_ALPN_TCP: TCP}  # what a client proxy says it carries
-
-# Inbound requests go to the one local app: one try, no timeout of the proxy's own.
-_INBOUND_ROUTE = HttpRoute(name="inbound", matches=(), destinations=(WeightedSubset("local", 1),))
-
-
-@dataclass(frozen=True)
-class InboundConfig:
-    """What one snapshot says about letting peers in: decoded whole, or a NACK."""
-
-    me: PeerLabels
-    node: str
-    trust_domain: str = ""
-    mode: str = STRICT
-    policies: tuple[Policy, ...] = ()
-    published: frozenset[int] = frozenset()
-    networks: tuple[LocalNetwork, ...] = ()
-    protocols: ServiceProtocols = ServiceProtocols()
-
-    @property
-    def paths_checked(self) -> bool:
-        """Whether a policy matches on paths: then requests carry the path it checked."""
-        return any(op.paths for policy in self.policies for op in policy.operations)
-
-
-def inbound_config(snapshot: Snapshot, me: PeerLabels,
-                   protocols: ServiceProtocols) -> InboundConfig:
-    """The inbound settings of ``snapshot``; SnapshotError naming the first bad field."""
-    settings = snapshot.settings
-    networks = []
-    for i, net in enumerate(settings.networks):
-        try:
-            networks.append(LocalNetwork(ipaddress.ip_network(net.subnet, strict=False),
-                                         net.gateway))
-        except ValueError as exc:
-            raise SnapshotError(f"$.settings.networks[{i}].subnet: {exc}") from None
-    return InboundConfig(
-        me=me,
-        node=snapshot.identity.node,
-        trust_domain=settings.trust_domain,
-        mode=settings.mtls_mode,
-        policies=settings.policies.get(snapshot.identity.service, ()),
-        published=frozenset(settings.published_ports),
-        networks=tuple(networks),
-        protocols=protocols,
-    )
-
-
-class InboundRouter:
-    """One snapshot's inbound decisions: admit, authorize, and which path (TCP or HTTP)."""
-
-    def __init__(self, config: InboundConfig, http: InboundHttp | None = None,
-                 rng: random.Random | None = None) -> None:
-        self.config = config
-        self.me = config.me
-        self.http = http
-        self.state = ServiceState(
-            ServiceRouting(service=config.me.app, routes=(_INBOUND_ROUTE,), outlier=None),
-            rng or random.Random())
-        self.paths_checked = config.paths_checked
-        self._labels: dict[tuple[str | None, bool], TcpLabels] = {}
-
-    def admits(self, port: int, source: str) -> bool:
-        c = self.config
-        return admits_plaintext(c.mode, port, source, c.published, c.networks)
-
-    def decide(self, original: Address, peer: str | None, secure: bool,
-               offered: str | None = None) -> Route:
-        """Where a let-in connection from ``peer`` (its mesh service; None: unauthenticated)
-        to ``original`` goes: TCP (authorized here, whole), HTTP (per request), or sniff.
-        ``offered``: the ALPN protocol of its mTLS, what the client proxy says it carries
-        (the port's declared protocol, where there is one, comes first)."""
-        port = original[1]
-        protocol = self.config.protocols.at(port)
-        if protocol is None and offered is not None:
-            protocol = _BY_ALPN.get(offered)
-        http = self.http
-        if protocol == TCP or http is None:
-            return self.tcp(original, peer, secure)
-        handoff = http.entry(original, peer, secure)
-        if protocol == HTTP:
-            return handoff
-        return Sniff(handoff, partial(self.tcp, original, peer, secure), original)
-
-    def tcp(self, original: Address, peer: str | None, secure: bool) -> Destination | Refused:
-        if not authorize(self.config.policies, peer, None, None).allowed:
-            return Refused("rbac_denied")
-        return Destination(original[0], original[1], self.labels(peer, secure))
-
-    def labels(self, peer: str | None, secure: bool) -> TcpLabels:
-        key = (peer, secure)
-        labels = self._labels.get(key)
-        if labels is None:
-            me = self.me
-            labels = self._labels[key] = TcpLabels(
-                reporter=REPORTER[INBOUND],
-                source=self.source(peer),
-                destination=me,
-                destination_service=me.app,
-                destination_service_name=me.app,
-                destination_service_namespace=me.namespace,
-                connection_security_policy=MUTUAL_TLS if secure else NO_SECURITY,
-            )
-        return labels
-
-    def source(self, peer: str | None) -> PeerLabels:
-        """How the metrics name the peer: its mesh service and principal, if it proved them."""
-        if peer is None:
-            return PeerLabels()
-        ns = self.me.namespace
-        return PeerLabels(namespace=ns, app=peer,
-                          principal=f"spiffe://{self.config.trust_domain}/ns/{ns}/sa/{peer}")
-
-
 class InboundDownstream(Downstream):
     """A captured inbound connection: first bytes, then mTLS or plaintext, then the app."""
 
-    __slots__ = ("original", "waiting", "held")
+    __slots__ = ("inbound", "original", "waiting", "held")
 
     def __init__(self, forwarder: InboundForwarder) -> None:
         super().__init__(forwarder)
+        self.inbound = forwarder  # typed as what it is: ``forwarder`` is the base's
         self.original: Address = ("", 0)
         self.waiting: asyncio.TimerHandle | None = None
         self.held = b""  # a lone first byte that may start a ClientHello
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        fwd = self.forwarder
-        assert isinstance(fwd, InboundForwarder)
-        if not fwd.admit(self.transport):
+        if not self.inbound.admit(self.transport):
             self.transport.abort()
             return
         original = self.resolve()
@@ -252,15 +103,9 @@ class InboundDownstream(Downstream):
             self.waiting.cancel()
             self.waiting = None
 
-    def _router(self) -> InboundRouter:
-        fwd = self.forwarder
-        assert isinstance(fwd, InboundForwarder)
-        return fwd.router
-
     def _plaintext(self, first: bytes) -> None:
-        fwd = self.forwarder
-        assert isinstance(fwd, InboundForwarder)
-        router = fwd.router
+        fwd = self.inbound
+        router = fwd.switch.current.inbound
         source = self.transport.get_extra_info("peername") or ("", 0)
         fwd.connections.discard(self)
         # inside data_received, which counts ``first`` on the counters in force when it ends
@@ -303,8 +148,8 @@ class InboundDownstream(Downstream):
             return
         self.transport = link
         link.adopt(self)
-        self.route(self._router().decide(self.original, peer, True,
-                                         link.sslobj.selected_alpn_protocol()))
+        self.route(self.inbound.switch.current.inbound.decide(
+            self.original, peer, True, link.sslobj.selected_alpn_protocol()))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.waiting is not None:
@@ -319,12 +164,14 @@ class InboundDownstream(Downstream):
 
 
 class InboundForwarder(Forwarder):
-    """The inbound listener's data path (port 15006); ``router`` is swapped per snapshot."""
+    """The inbound listener's data path (port 15006): each connection is decided by the
+    inbound router in force (``switch``) once its first bytes (or their absence) tell how
+    it comes, not by the base's chooser, which nothing calls here."""
 
-    def __init__(self, stats: ProxyStats, router: InboundRouter, *, tls: MeshTls | None,
+    def __init__(self, stats: ProxyStats, switch: RouterSwitch, *, tls: MeshTls | None,
                  ca_offered: Callable[[], bool | None] = lambda: None, **kwargs: Any) -> None:
-        super().__init__(INBOUND, stats, _no_chooser, tls=tls, **kwargs)
-        self.router = router
+        super().__init__(INBOUND, stats, _never_chosen, tls=tls, **kwargs)
+        self.switch = switch
         # False when the pilot runs no CA: no peer can prove anything, so STRICT cannot hold
         # and plaintext is let in (a mesh without mTLS, as the routing tests run it)
         self.ca_offered = ca_offered
@@ -374,130 +221,5 @@ class InboundForwarder(Forwarder):
         super().abort_all()
 
 
-def _no_chooser(original: Address) -> Route | None:  # inbound decides through its router
-    return None
-
-
-# --------------------------------------------------------------------------- HTTP
-
-
-class InboundHttp(OutboundHttp):
-    """The HTTP side of the inbound listener: authorize each request, carry it to the app."""
-
-    direction = INBOUND
-
-    def __init__(self, stats: ProxyStats, router: InboundRouter | None = None,
-                 limits: ProxyLimits = ProxyLimits()) -> None:  # noqa: B008 (frozen)
-        super().__init__(stats, limits=limits)
-        self.inbound: InboundRouter | None = router
-        self.escaped_slashes = limits.path_with_escaped_slashes_action
-
-    def entry(self, original: Address, peer: str | None, secure: bool) -> Handoff:  # type: ignore[override]
-        return Handoff(partial(self._take_inbound, original, peer, secure))
-
-    def _take_inbound(self, original: Address, peer: str | None, secure: bool,
-                      transport: asyncio.Transport, first: bytes) -> None:
-        downstream = InboundHttpDownstream(self, original, peer, secure)
-        transport.set_protocol(downstream)
-        downstream.connection_made(transport)
-        if first:
-            downstream.data_received(first)
-
-
-class InboundHttpDownstream(HttpDownstream):
-    """A peer's HTTP connection into this workload, its source known (or not) once."""
-
-    __slots__ = ("peer", "secure", "endpoint")
-    rewrites_target = True  # request_target normalizes paths where policies check them
-
-    def __init__(self, http: InboundHttp, original: Address, peer: str | None,
-                 secure: bool) -> None:
-        router = http.inbound
-        assert router is not None
-        super().__init__(http, router.me.app, original[1])
-        self.peer = peer
-        self.secure = secure
-        # the app, at the address the peer dialed (it may listen on that address only)
-        self.endpoint = Endpoint(node=router.config.node, version=router.me.version,
-                                 address=original[0])
-
-    def request_target(self, url: bytes, path: str) -> tuple[bytes, str]:
-        """Where a policy matches on paths, the normalized path (``request_path``), also in
-        the request line sent to the app (in origin-form, the query kept as it came); ""
-        for a path refused (400 when its turn comes)."""
-        http = self.http
-        assert isinstance(http, InboundHttp) and http.inbound is not None
-        if not http.inbound.paths_checked or url == b"*":
-            return url, path
-        if url[:1] == b"/":
-            q = url.find(b"?")
-            query = url[q:] if q >= 0 else b""
-        else:  # absolute-form: the path that was routed on, its query, and no fragment
-            try:
-                parsed = httptools.parse_url(url)
-            except httptools.HttpParserInvalidURLError:
-                return url, ""
-            if parsed.fragment is not None:
-                return url, ""
-            query = b"?" + parsed.query if parsed.query is not None else b""
-        normal = request_path(path, http.escaped_slashes)
-        if normal is None:
-            return url, ""
-        if normal == path and url[:1] == b"/":
-            return url, path
-        return normal.encode("latin-1") + query, normal
-
-    def count_refused(self, status: int, flags: str) -> None:
-        http = self.http
-        assert isinstance(http, InboundHttp) and http.inbound is not None
-        router = http.inbound
-        http.stats.http_inbound_request(router.source(self.peer), router.me, status, flags,
-                                        MUTUAL_TLS if self.secure else NO_SECURITY, 0.0, 0, 0)
-
-
-class InboundExchange(Exchange):
-    """One request into the workload: authorized, then one try to the app."""
-
-    __slots__ = ()
-
-    def dispatch(self) -> None:
-        self.dispatched = True
-        down = self.down
-        assert isinstance(down, InboundHttpDownstream)
-        http = down.http
-        assert isinstance(http, InboundHttp) and http.inbound is not None
-        router = http.inbound  # the one in force now: policy changes apply to the next request
-        if not self.path:  # an escaped slash, a fragment, an encoded NUL (request_path)
-            self.local(400, b"", BAD_REQUEST)
-            return
-        decision = authorize(router.config.policies, down.peer, self.method, self.path)
-        if not decision.allowed:
-            self.local(403, decision.reason.encode(), RBAC_DENIED)
-            return
-        self.state = router.state
-        self.route = _INBOUND_ROUTE
-        self._go(None)
-
-    def _pick(self) -> Endpoint | None:
-        down = self.down
-        assert isinstance(down, InboundHttpDownstream)
-        return down.endpoint
-
-    def _peer(self) -> str | None:
-        return None  # the app is in this namespace: plaintext
-
-    def _record(self) -> None:
-        down = self.down
-        assert isinstance(down, InboundHttpDownstream)
-        http = down.http
-        assert isinstance(http, InboundHttp) and http.inbound is not None
-        router = http.inbound
-        http.stats.http_inbound_request(
-            router.source(down.peer), router.me, self.status, self.flags,
-            MUTUAL_TLS if down.secure else NO_SECURITY,
-            (asyncio.get_running_loop().time() - self.started) * 1000.0,
-            len(self.head) + self.body_size, self.response_size)
-
-
-InboundHttpDownstream.exchange_type = InboundExchange
-
+def _never_chosen(original: Address) -> Route | None:
+    raise AssertionError("inbound connections are decided by the inbound router")

@@ -33,28 +33,29 @@ from composemesh.proxy.admin import (
     build_health_app,
     build_prometheus_app,
 )
-from composemesh.proxy.http import OutboundHttp
+from composemesh.proxy.http import HttpPath
 from composemesh.proxy.identity import WorkloadCertificate, WorkloadIdentity, trust_bundle_applier
-from composemesh.proxy.inbound import (
-    InboundConfig,
-    InboundForwarder,
-    InboundHttp,
-    InboundRouter,
-    inbound_config,
-)
+from composemesh.proxy.inbound import InboundForwarder
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.original_dst import original_dst
 from composemesh.proxy.pilot_client import ConfigStore, PilotClient
+from composemesh.proxy.router import (
+    InboundConfig,
+    InboundRouter,
+    Router,
+    Routers,
+    RouterSwitch,
+    inbound_config,
+)
 from composemesh.proxy.stats import (
     INBOUND,
     OUTBOUND,
     PeerLabels,
     ProxyStats,
-    passthrough_labels,
     workload_of,
 )
-from composemesh.proxy.table import ServiceProtocols, table_from_snapshot
-from composemesh.proxy.tcp import CONNECT_TIMEOUT, Forwarder, Resolver, Router, passthrough
+from composemesh.proxy.table import EMPTY_TABLE, ServiceProtocols, table_from_snapshot
+from composemesh.proxy.tcp import CONNECT_TIMEOUT, Forwarder, Resolver
 from composemesh.proxy.upstream import UpstreamPool
 
 ENV_PILOT_URL = "COMPOSEMESH_PILOT_URL"
@@ -112,35 +113,31 @@ class ProxyConfig:
 
 
 def routing_applier(
-    outbound: Forwarder, inbound: InboundForwarder, http: OutboundHttp | None = None,
-    rng: random.Random | None = None, inbound_http: InboundHttp | None = None,
-    tls: MeshTls | None = None,
+    switch: RouterSwitch, http: HttpPath | None = None, rng: random.Random | None = None,
+    inbound_http: HttpPath | None = None, tls: MeshTls | None = None,
 ) -> Callable[[Snapshot], Callable[[], None]]:
-    """Applier: a snapshot's routing table, inbound rules and decisions, swapped in together.
+    """Applier: a snapshot's outbound and inbound routers, swapped in as one (``switch``).
 
-    Decoding is the part that can fail (SnapshotError: the NACK reason); the outbound and
-    inbound routers are built from it whole before anything changes. Without ``http`` the
-    mesh services' HTTP ports are carried as TCP.
+    Decoding is the part that can fail (SnapshotError: the NACK reason); both routers are
+    built from it whole before anything changes. Without ``http`` the mesh services' HTTP
+    ports are carried as TCP; without ``inbound_http``, the app's.
     """
 
     def prepare(snapshot: Snapshot) -> Callable[[], None]:
         table = table_from_snapshot(snapshot)
         me = workload_of(snapshot.identity)
         router = Router(table, me, rng=rng, http=http.entry if http is not None else None,
-                        previous=http.router if http is not None else None, tls=tls)
+                        previous=switch.current.outbound, tls=tls)
         config = inbound_config(snapshot, me, table.protocols.get(me.app, ServiceProtocols()))
-        in_router = InboundRouter(config, inbound_http, rng)
+        in_router = InboundRouter(
+            config, inbound_http.inbound_entry if inbound_http is not None else None, rng)
+        routers = Routers(router, in_router)
         trust_domain = snapshot.settings.trust_domain
 
         def commit() -> None:
             if tls is not None:
                 tls.name(trust_domain, snapshot.identity.project)
-            outbound.chooser = router.choose
-            inbound.router = in_router
-            if inbound_http is not None:
-                inbound_http.inbound = in_router
-            if http is not None:
-                http.router = router
+            switch.current = routers
 
         return commit
 
@@ -155,10 +152,11 @@ class DataPath:
 
     stats: ProxyStats
     tls: MeshTls
+    switch: RouterSwitch
     outbound: Forwarder
     inbound: InboundForwarder
-    http: OutboundHttp
-    inbound_http: InboundHttp
+    http: HttpPath
+    inbound_http: HttpPath
     apply: Callable[[Snapshot], Callable[[], None]]  # a ConfigStore applier
 
     def close(self) -> None:
@@ -176,17 +174,18 @@ def data_path(me: PeerLabels, ca_offered: Callable[[], bool | None], *,
     ``tls``: the mTLS contexts, filled by the identity's rotations (new and empty if None);
     ``limits``: what hostile clients are held to (the app's ``composemesh.proxy.*`` labels)."""
     stats, tls = ProxyStats(), tls or MeshTls()
-    outbound = Forwarder(OUTBOUND, stats, passthrough(passthrough_labels(OUTBOUND, me)),
-                         resolver=resolver, connect_timeout=connect_timeout, tls=tls,
-                         limits=limits)
-    inbound_http = InboundHttp(stats, limits=limits)
-    inbound = InboundForwarder(stats, InboundRouter(InboundConfig(me=me, node=""), inbound_http),
-                               tls=tls, ca_offered=ca_offered, resolver=resolver,
+    switch = RouterSwitch()
+    outbound = Forwarder(OUTBOUND, stats, switch.choose, resolver=resolver,
+                         connect_timeout=connect_timeout, tls=tls, limits=limits)
+    inbound = InboundForwarder(stats, switch, tls=tls, ca_offered=ca_offered, resolver=resolver,
                                connect_timeout=connect_timeout, limits=limits)
-    inbound_http.inbound = inbound.router  # until a snapshot's router replaces both
-    http = OutboundHttp(stats, UpstreamPool(tls=tls, limits=limits), limits=limits)
-    apply = routing_applier(outbound, inbound, http, rng, inbound_http=inbound_http, tls=tls)
-    return DataPath(stats, tls, outbound, inbound, http, inbound_http, apply)
+    http = HttpPath(stats, UpstreamPool(tls=tls, limits=limits), limits=limits, switch=switch)
+    inbound_http = HttpPath(stats, limits=limits, switch=switch, direction=INBOUND)
+    # until the first snapshot: everything passes through, named as ``me``
+    switch.current = Routers(Router(EMPTY_TABLE, me), InboundRouter(
+        InboundConfig(me=me, node=""), inbound_http.inbound_entry))
+    apply = routing_applier(switch, http, rng, inbound_http=inbound_http, tls=tls)
+    return DataPath(stats, tls, switch, outbound, inbound, http, inbound_http, apply)
 
 
 def tls_rotator(tls: MeshTls, identity: WorkloadIdentity) -> Callable[[WorkloadCertificate], None]:

@@ -1,7 +1,7 @@
 """The TCP data path: accept a captured connection, classify it, choose its destination, pump bytes.
 
-The decisions are plain functions (a ``Chooser``, ``is_proxy_address``, ``sniff_http``) and a
-``Router`` built per snapshot from the routing table; the protocols below only move bytes,
+The decisions are plain functions (a ``Chooser``, ``is_proxy_address``, ``sniff_http``) and the
+routers of the snapshot in force (``proxy.router``); the protocols below only move bytes,
 apply flow control and count, or hand the connection over to the HTTP path. A connected pair
 (and an upgraded HTTP connection) that carries nothing for ``tcp_idle_timeout`` is closed
 (``IdleWatch``: reads set a flag, one timer per pair looks at it).
@@ -20,34 +20,25 @@ remembered, and its next connections are not opened ahead. Neither side saying a
 from __future__ import annotations
 
 import asyncio
-import random
 import ssl
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, cast
 
 from composemesh.model.limits import ProxyLimits
-from composemesh.model.routing import ServiceRouting
 from composemesh.model.wellknown import PROXY_PORTS
 from composemesh.proxy.buffers import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from composemesh.proxy.connector import PeerIdentityError, connect_peer
-from composemesh.proxy.decisions import Endpoint, EndpointPicker, OutlierDetector, pick_version
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.original_dst import Address, original_dst
 from composemesh.proxy.stats import (
     DOWNSTREAM_CLOSED,
     NO_FLAGS,
-    OUTBOUND,
-    REPORTER,
     UPSTREAM_RESET,
-    PeerLabels,
     ProxyStats,
     TcpCounters,
     TcpLabels,
-    passthrough_labels,
 )
-from composemesh.proxy.table import EMPTY_TABLE, HTTP, TCP, RoutingTable
 from composemesh.proxy.tls_link import TlsLink
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach a destination before the connection is dropped
@@ -106,7 +97,6 @@ class Sniff:
 Route = Destination | Handoff | Sniff | Refused
 Chooser = Callable[[Address], "Route | None"]  # original destination -> what to do
 Resolver = Callable[[Any], Address]  # accepted socket -> its original destination
-HttpEntry = Callable[[str, int], Handoff]  # (mesh service, port) -> the HTTP path's handoff
 
 
 def passthrough(labels: TcpLabels) -> Chooser:
@@ -153,109 +143,6 @@ def is_proxy_address(original: Address, local: Address, proxy_ports: Collection[
     return port in proxy_ports and (
         host == local[0] or host.startswith("127.") or host in _LOCAL_HOSTS
     )
-
-
-class ServiceState:
-    """What the data path keeps about one mesh service between connections and requests."""
-
-    __slots__ = ("routing", "picker", "outlier", "needs_headers")
-
-    def __init__(self, routing: ServiceRouting, rng: random.Random) -> None:
-        self.routing = routing
-        self.picker = EndpointPicker(routing.load_balancer, rng)
-        self.outlier = OutlierDetector(routing.outlier)
-        # Only routes that match on headers need the request's headers as a dict.
-        self.needs_headers = any(m.headers for r in routing.routes for m in r.matches)
-
-
-class Router:
-    """One snapshot's outbound decisions: which path a connection takes, which endpoint.
-
-    Built in full when a snapshot is prepared, swapped in on commit. Pickers and outlier
-    state carry over from ``previous`` for services whose routing did not change.
-    """
-
-    def __init__(self, table: RoutingTable, me: PeerLabels, *, rng: random.Random | None = None,
-                 http: HttpEntry | None = None, previous: Router | None = None,
-                 tls: MeshTls | None = None) -> None:
-        self.table = table
-        self.me = me
-        self.tls = tls  # None: endpoints are reached in plaintext
-        self.rng = rng or random.Random()
-        self.http = http
-        self.passthrough = passthrough_labels(OUTBOUND, me)
-        self.services: dict[str, ServiceState] = {}
-        old = previous.services if previous is not None else {}
-        for service, routing in table.routing.items():
-            state = old.get(service)
-            if state is None or state.routing != routing:
-                state = ServiceState(routing, self.rng)
-            else:
-                state.outlier.retain(table.service_endpoints.get(service, ()))
-            self.services[service] = state
-        self._tcp_labels: dict[tuple[str, Endpoint], TcpLabels] = {}
-
-    def choose(self, original: Address) -> Route | None:
-        """The outbound chooser: pass-through, TCP to an endpoint, HTTP, or sniff first."""
-        host, port = original[0], original[1]
-        table = self.table
-        service = table.service_at(host)
-        if service is None:
-            return Destination(host, port, self.passthrough)
-        protocol = table.protocol(service, port)
-        http = self.http
-        if protocol == TCP or http is None:
-            return self.tcp_destination(service, port, host)
-        if protocol == HTTP:
-            return http(service, port)
-        return Sniff(http(service, port), partial(self.tcp_destination, service, port, host),
-                     (service, port))
-
-    def tcp_destination(self, service: str, port: int, host: str = "") -> Destination | None:
-        """An endpoint of ``service`` for one TCP connection to ``host``. An address of a
-        compose service that has a name of its own (``reviews-v2``, a pinned name) means that
-        compose service: one of its instances, as an HTTP request with that ``Host`` would
-        go. Else a version drawn by the weights of the default (last) route, then an
-        endpoint of it by the load balancer."""
-        state = self.services.get(service)
-        if state is None:
-            return None
-        routes = state.routing.routes
-        table = self.table
-        pinned = table.pinned_at(host) if host and table.pinned_services else None
-        if pinned:
-            endpoints = pinned
-        elif routes:
-            version = pick_version(routes[-1], self.rng, table.serving_versions(service))
-            endpoints = table.endpoints.get((service, version), ()) if version else ()
-        else:
-            endpoints = table.service_endpoints.get(service, ())
-        endpoint = state.picker.pick(state.outlier.available(endpoints)) if endpoints else None
-        if endpoint is None:
-            return None
-        tls = self.tls
-        return Destination(endpoint.address, port, self.tcp_labels(service, endpoint),
-                           tls.expected(service) if tls is not None else None)
-
-    def tcp_labels(self, service: str, endpoint: Endpoint) -> TcpLabels:
-        key = (service, endpoint)
-        labels = self._tcp_labels.get(key)
-        if labels is None:
-            me = self.me
-            labels = self._tcp_labels[key] = TcpLabels(
-                reporter=REPORTER[OUTBOUND],
-                source=me,
-                destination=PeerLabels(workload=self.table.workload(endpoint),
-                                       namespace=me.namespace, app=service,
-                                       version=endpoint.version),
-                destination_service=service,
-                destination_service_name=service,
-                destination_service_namespace=me.namespace,
-            )
-        return labels
-
-
-EMPTY_ROUTER = Router(EMPTY_TABLE, PeerLabels())
 
 
 class Forwarder:

@@ -20,10 +20,11 @@ from composemesh.model.snapshot import (
     Snapshot,
     SnapshotSettings,
 )
-from composemesh.proxy.http import OutboundHttp
+from composemesh.proxy.http import HttpPath
+from composemesh.proxy.router import EMPTY_INBOUND, Router, Routers
 from composemesh.proxy.stats import OUTBOUND, ProxyStats, workload_of
 from composemesh.proxy.table import table_from_snapshot
-from composemesh.proxy.tcp import Forwarder, Router
+from composemesh.proxy.tcp import Forwarder
 
 UPSTREAM = "127.0.0.2"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -50,10 +51,11 @@ async def main() -> None:
         protocols={"reviews": DeclaredProtocols("http")},
     ))
     stats = ProxyStats()
-    http = OutboundHttp(stats)
-    http.router = Router(table_from_snapshot(snapshot), workload_of(identity),
-                         rng=random.Random(1), http=http.entry)
-    forwarder = Forwarder(OUTBOUND, stats, http.router.choose,
+    http = HttpPath(stats)
+    router = Router(table_from_snapshot(snapshot), workload_of(identity),
+                    rng=random.Random(1), http=http.entry)
+    http.switch.current = Routers(router, EMPTY_INBOUND)
+    forwarder = Forwarder(OUTBOUND, stats, http.switch.choose,
                           resolver=lambda sock: (UPSTREAM, upstream_port))
     listener = await loop.create_server(forwarder, "127.0.0.1", 0)
     print(listener.sockets[0].getsockname()[1], flush=True)

@@ -4,7 +4,7 @@ a policy. Every attack is a raw socket; the proxy's limits are set short where a
 tested, and the assertions wait for the event with generous bounds (a busy 2-core machine).
 
 The outbound path is test_http_wire's ``wire`` (a RawUpstream as the endpoint). The inbound
-path is built as ``server.data_path`` builds it: an ``InboundForwarder`` and ``InboundHttp``
+path is built as ``server.data_path`` builds it: an ``InboundForwarder`` and an inbound ``HttpPath``
 fed a snapshot through ``routing_applier``; its original-destination lookup names the app (a
 RawUpstream on 127.0.0.2), as SO_ORIGINAL_DST would behind the capture.
 """
@@ -28,12 +28,12 @@ import pytest
 from composemesh.model.limits import ProxyLimits
 from composemesh.model.policy import KEEP_UNCHANGED, Operation, Policy
 from composemesh.model.snapshot import ProxyIdentity, Snapshot, encode_snapshot
-from composemesh.proxy.http import OutboundHttp
-from composemesh.proxy.inbound import InboundConfig, InboundForwarder, InboundHttp, InboundRouter
+from composemesh.proxy.http import HttpPath
+from composemesh.proxy.inbound import InboundForwarder
 from composemesh.proxy.pilot_client import ConfigStore
+from composemesh.proxy.router import RouterSwitch
 from composemesh.proxy.server import routing_applier
-from composemesh.proxy.stats import INBOUND, OUTBOUND, PeerLabels, ProxyStats, passthrough_labels
-from composemesh.proxy.tcp import Forwarder, passthrough
+from composemesh.proxy.stats import INBOUND, OUTBOUND, ProxyStats
 
 from .conftest import PYTHON, REPO, run_on
 from .test_http_wire import OK, RawUpstream, Request, read_responses, wire
@@ -415,7 +415,7 @@ class Inbound:
     stats: ProxyStats
     forwarder: InboundForwarder
     app: RawUpstream
-    http: InboundHttp
+    http: HttpPath
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection("127.0.0.1", self.port)
@@ -430,16 +430,12 @@ async def inbound(protocol: str | None = "http", policies: tuple[Policy, ...] = 
     upstream = RawUpstream(APP, app or ok)
     app_port = await upstream.start()
     stats = ProxyStats()
-    me = PeerLabels()
-    inbound_http = InboundHttp(stats, limits=limits)
-    forwarder = InboundForwarder(stats, InboundRouter(InboundConfig(me=me, node=""),
-                                                      inbound_http),
-                                 tls=None, ca_offered=lambda: False,
+    switch = RouterSwitch()
+    inbound_http = HttpPath(stats, limits=limits, switch=switch, direction=INBOUND)
+    forwarder = InboundForwarder(stats, switch, tls=None, ca_offered=lambda: False,
                                  resolver=lambda sock: (APP, app_port), limits=limits)
-    inbound_http.inbound = forwarder.router
-    outbound = Forwarder(OUTBOUND, stats, passthrough(passthrough_labels(OUTBOUND, me)))
-    http = OutboundHttp(stats)
-    store = ConfigStore([routing_applier(outbound, forwarder, http, random.Random(1),
+    http = HttpPath(stats, switch=switch)
+    store = ConfigStore([routing_applier(switch, http, random.Random(1),
                                          inbound_http=inbound_http)])
     identity = ProxyIdentity(node="shop-reviews-netns-1", project="shop",
                              compose_service="reviews", service="reviews", version="v1")

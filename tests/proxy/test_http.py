@@ -38,11 +38,12 @@ from composemesh.model.routing import (
 from composemesh.model.snapshot import ProxyIdentity, Snapshot, encode_snapshot
 from composemesh.model.wire import to_builtins
 from composemesh.proxy.admin import AdminContext, build_admin_app
-from composemesh.proxy.http import OutboundHttp
+from composemesh.proxy.http import HttpPath
 from composemesh.proxy.pilot_client import ConfigStore
+from composemesh.proxy.router import RouterSwitch
 from composemesh.proxy.server import routing_applier, serve
-from composemesh.proxy.stats import INBOUND, OUTBOUND, PeerLabels, ProxyStats, passthrough_labels
-from composemesh.proxy.tcp import Forwarder, passthrough
+from composemesh.proxy.stats import OUTBOUND, ProxyStats
+from composemesh.proxy.tcp import Forwarder
 from tests.support import free_port
 
 from .conftest import run_on
@@ -128,7 +129,7 @@ class Mesh:
     port: int  # where the app (the test) connects
     service_port: int  # the port every connection "was dialed" to, at the first endpoint
     stats: ProxyStats
-    http: OutboundHttp
+    http: HttpPath
     store: ConfigStore
     outbound: Forwarder
     upstreams: dict[str, Upstream] = field(default_factory=dict)  # by address
@@ -158,11 +159,10 @@ async def mesh(r: ServiceRouting, endpoints: list[tuple[str, str]] | None = None
     port = port or free_port()
     dialed = endpoints[0][1]  # the app dialed the service's name: it resolved to this one
     stats = ProxyStats()
-    http = OutboundHttp(stats)
-    outbound = Forwarder(OUTBOUND, stats, passthrough(passthrough_labels(OUTBOUND, PeerLabels())),
-                         resolver=lambda sock: (dialed, port))
-    inbound = Forwarder(INBOUND, stats, passthrough(passthrough_labels(INBOUND, PeerLabels())))
-    store = ConfigStore([routing_applier(outbound, inbound, http, random.Random(seed))])
+    switch = RouterSwitch()
+    http = HttpPath(stats, switch=switch)
+    outbound = Forwarder(OUTBOUND, stats, switch.choose, resolver=lambda sock: (dialed, port))
+    store = ConfigStore([routing_applier(switch, http, random.Random(seed))])
     answer = store.offer(snapshot("s1", settings(r, endpoints, protocol)))
     assert answer.ok, answer.reason
     listener = await asyncio.get_running_loop().create_server(outbound, "127.0.0.1", 0)

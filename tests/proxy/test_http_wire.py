@@ -19,11 +19,12 @@ import httptools
 from aiohttp import web
 
 from composemesh.model.limits import ProxyLimits
-from composemesh.proxy.http import OutboundHttp
+from composemesh.proxy.http import HttpPath
 from composemesh.proxy.pilot_client import ConfigStore
+from composemesh.proxy.router import RouterSwitch
 from composemesh.proxy.server import routing_applier
-from composemesh.proxy.stats import INBOUND, OUTBOUND, PeerLabels, ProxyStats, passthrough_labels
-from composemesh.proxy.tcp import Forwarder, passthrough
+from composemesh.proxy.stats import OUTBOUND, ProxyStats
+from composemesh.proxy.tcp import Forwarder
 
 from .conftest import run_on
 from .test_http import V1, V2, route, routing, settings, snapshot
@@ -125,7 +126,7 @@ class Wire:
     port: int
     service_port: int
     stats: ProxyStats
-    http: OutboundHttp
+    http: HttpPath
     upstream: RawUpstream
     extra: list[asyncio.Server] = field(default_factory=list)
     clients: list[asyncio.StreamWriter] = field(default_factory=list)
@@ -155,11 +156,11 @@ async def wire(respond: Respond, protocol: str | None = "http",
     upstream = RawUpstream(V1, respond)
     port = await upstream.start()
     stats = ProxyStats()
-    http = OutboundHttp(stats, limits=limits)
-    outbound = Forwarder(OUTBOUND, stats, passthrough(passthrough_labels(OUTBOUND, PeerLabels())),
+    switch = RouterSwitch()
+    http = HttpPath(stats, limits=limits, switch=switch)
+    outbound = Forwarder(OUTBOUND, stats, switch.choose,
                          resolver=resolver or (lambda sock: (V1, port)), limits=limits)
-    inbound = Forwarder(INBOUND, stats, passthrough(passthrough_labels(INBOUND, PeerLabels())))
-    store = ConfigStore([routing_applier(outbound, inbound, http, random.Random(1))])
+    store = ConfigStore([routing_applier(switch, http, random.Random(1))])
     answer = store.offer(snapshot("s1", settings(routing(route(("v1", 100))), [("v1", V1)],
                                                  protocol)))
     assert answer.ok, answer.reason

@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 
 from composemesh.proxy import inbound, tcp
-from composemesh.proxy.http import OutboundHttp
+from composemesh.proxy.http import HttpPath
 from composemesh.proxy.pilot_client import ConfigStore
+from composemesh.proxy.router import Router, RouterSwitch
 from composemesh.proxy.server import routing_applier
 from composemesh.proxy.stats import (
     INBOUND,
@@ -34,7 +35,7 @@ from composemesh.proxy.stats import (
     passthrough_labels,
 )
 from composemesh.proxy.table import build_table
-from composemesh.proxy.tcp import Forwarder, Router, passthrough, sniff_http
+from composemesh.proxy.tcp import Forwarder, sniff_http
 
 from .conftest import run_on
 from .snapshots import settings_of
@@ -202,12 +203,11 @@ def test_tcp_to_a_versions_own_address_reaches_that_version_only(loop_kind: str)
         try:
             for protocol, first in (("tcp", b"x"), (None, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")):
                 stats = ProxyStats()
-                http = OutboundHttp(stats)
-                outbound = Forwarder(OUTBOUND, stats, passthrough(LABELS),
+                switch = RouterSwitch()
+                http = HttpPath(stats, switch=switch)
+                outbound = Forwarder(OUTBOUND, stats, switch.choose,
                                      resolver=lambda sock: (dialed[0], port))
-                store = ConfigStore([routing_applier(
-                    outbound, Forwarder(INBOUND, stats, passthrough(LABELS)), http,
-                    random.Random(1))])
+                store = ConfigStore([routing_applier(switch, http, random.Random(1))])
                 answer = store.offer(snapshot("s1", settings(
                     routing(route(("v1", 100))), [("v1", V1), ("v2", V2)], protocol)))
                 assert answer.ok, answer.reason
