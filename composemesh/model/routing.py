@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 MatchKind = Literal["exact", "prefix", "regex"]
+ROUND_ROBIN = "round_robin"
+LEAST_REQUEST = "least_request"
 LoadBalancer = Literal["round_robin", "least_request"]
+LOAD_BALANCERS: tuple[str, ...] = get_args(LoadBalancer)  # the one list of their names
 RETRY_ON = ("5xx", "gateway-error", "connect-failure", "reset", "retriable-4xx")
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 

@@ -57,7 +57,9 @@ from typing import Any
 from composemesh.errors import ConfigError
 from composemesh.model import wellknown as wk
 from composemesh.model.routing import (
+    LOAD_BALANCERS,
     RETRY_ON,
+    ROUND_ROBIN,
     FaultAbort,
     FaultDelay,
     FaultPolicy,
@@ -88,7 +90,6 @@ FAULT_KEYS = ("delay", "abort")
 DELAY_KEYS = ("fixed", "percent")
 ABORT_KEYS = ("status", "percent")
 OUTLIER_KEYS = ("consecutive_errors", "base_ejection_time", "max_ejection_percent")
-LOAD_BALANCERS = ("round_robin", "least_request")
 
 DEFAULT_ROUTE = "default"
 # Like Istio's default: two retries, where nothing was sent or the upstream said it is unwell.
@@ -248,7 +249,7 @@ def _service_routing(
             cached.append(tuple(WeightedSubset(v, w) for v, w in split.items()))
         return cached[0]
 
-    lb = spec.get("load_balancer", "round_robin")
+    lb = spec.get("load_balancer", ROUND_ROBIN)
     if lb not in LOAD_BALANCERS:
         raise ConfigError(
             f"{lb!r} is not a load balancer (the load balancers are {', '.join(LOAD_BALANCERS)})",

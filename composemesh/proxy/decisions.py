@@ -15,6 +15,8 @@ from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass
 
 from composemesh.model.routing import (
+    LEAST_REQUEST,
+    LOAD_BALANCERS,
     FaultPolicy,
     HttpMatch,
     HttpRoute,
@@ -118,9 +120,9 @@ class EndpointPicker:
     """
 
     def __init__(self, load_balancer: str, rng: random.Random | None = None) -> None:
-        if load_balancer not in ("round_robin", "least_request"):
+        if load_balancer not in LOAD_BALANCERS:
             raise ValueError(f"unknown load balancer {load_balancer!r}")
-        self._least_request = load_balancer == "least_request"
+        self._least_request = load_balancer == LEAST_REQUEST
         self._rng = rng or random.Random()
         self._next = 0
         self._in_flight: dict[Endpoint, int] = {}
