@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from composemesh.engine.process import stream_lines
+from composemesh.engine.progress import Progress, no_progress
 from composemesh.errors import ImageBuildError
-
-Progress = Callable[[str, str], None]
 
 DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"
 BASE_IMAGE_ENV = "COMPOSEMESH_BASE_IMAGE"
@@ -93,10 +93,6 @@ _IMPORT_CHANGES = (
 )
 
 
-def _noop(stage: str, detail: str) -> None:
-    pass
-
-
 def configured_base_image(configured: str = DEFAULT_BASE_IMAGE) -> str:
     """The base image asked for: ``COMPOSEMESH_BASE_IMAGE`` when set, else ``configured``."""
     return os.environ.get(BASE_IMAGE_ENV, "").strip() or configured
@@ -113,7 +109,7 @@ def ensure_base_image(
     and the default base was asked for (no pull is tried again on every run); a pull of the
     configured image; our own base, built with debootstrap when missing.
     """
-    report = progress or _noop
+    report = progress or no_progress
     wanted = configured_base_image(configured)
     explicit = wanted != DEFAULT_BASE_IMAGE
 
@@ -180,78 +176,119 @@ def pull_image(
 
     Bounded: the registry has ``answer_timeout`` seconds to start sending the image, after
     which the pull may go on for as long as progress keeps coming (``stall_timeout``).
-    Closing the stream makes the engine abandon the pull.
-    """
-    import requests
 
-    report = progress or _noop
-    api = client.api
+    The SDK's pull has no timeout of its own, so it runs in a thread that hands its events
+    over (:func:`_pull_events`) and this one keeps the time. When the pull is given up, that
+    thread closes the stream at its next event, which makes the engine abandon the pull; an
+    engine that sends nothing more keeps the thread (a daemon) until it gives up itself.
+    """
+    report = progress or no_progress
     repo, tag = _split_ref(ref)
-    params = {"fromImage": repo, "tag": tag}
-    started = time.monotonic()
-    answered = False
+    events: queue.Queue[object] = queue.Queue()
+    given_up = threading.Event()
+    threading.Thread(
+        target=_pull_events,
+        args=(client, repo, tag, events, given_up),
+        name=f"composemesh-pull-{ref}",
+        daemon=True,
+    ).start()
     try:
-        resp = api._post(
-            api._url("/images/create"),
-            params=params,
-            stream=True,
-            timeout=(answer_timeout, answer_timeout),
-        )
-    except requests.exceptions.RequestException as err:
-        return f"no answer within {answer_timeout:.0f}s ({type(err).__name__})"
-    try:
-        if resp.status_code >= 400:
-            try:
-                message = resp.json().get("message", resp.text)
-            except ValueError:
-                message = resp.text
-            return _one_line(message)
-        for event in _json_lines(resp):
-            if "error" in event:
-                return _one_line(str(event.get("error")))
-            status = str(event.get("status", ""))
-            if not answered and status.startswith(_PULL_ANSWERED):
-                answered = True
-                _set_read_timeout(resp, stall_timeout)
-            if not answered and time.monotonic() - started > answer_timeout:
-                return f"registry did not answer within {answer_timeout:.0f}s"
-            if status and not event.get("progressDetail"):
-                report("base", f"pull {ref}: {status}")
-    except requests.exceptions.RequestException as err:
-        if not answered:
-            return f"registry did not answer within {answer_timeout:.0f}s"
-        return f"pull stalled for {stall_timeout:.0f}s ({type(err).__name__})"
+        reason = _follow_pull(events, ref, report, answer_timeout, stall_timeout)
     finally:
-        resp.close()
+        given_up.set()
+    if reason is not None:
+        return reason
     return None if _image_exists(client, ref) else "the engine reported no image"
 
 
-def _set_read_timeout(resp: Any, seconds: float) -> None:
-    """Lengthens the socket timeout of a streaming response once the registry answered."""
+# What _pull_events hands over besides the engine's events (dicts) and an exception.
+_HEADERS = object()  # the engine took the request (its answer's headers came)
+_END = object()  # the stream ended
+
+
+def _pull_events(
+    client: Any, repo: str, tag: str, events: queue.Queue[object], given_up: threading.Event
+) -> None:
+    """Runs the pull (in its own thread) and puts what happens into ``events``."""
     try:
-        sock = resp.raw._fp.fp.raw._sock  # urllib3 -> http.client -> socket
-        sock.settimeout(seconds)
-    except AttributeError:
-        pass
+        stream = client.api.pull(repo, tag=tag, stream=True, decode=True)
+        events.put(_HEADERS)
+        try:
+            for event in stream:
+                if given_up.is_set():
+                    break
+                events.put(event)
+        finally:
+            stream.close()  # the connection goes with it: the engine abandons the pull
+    except Exception as err:  # every error goes to the waiting thread, which words it
+        events.put(err)
+    finally:
+        events.put(_END)
 
 
-def _json_lines(resp: Any) -> Iterator[dict[str, Any]]:
-    import json
+def _follow_pull(
+    events: queue.Queue[object],
+    ref: str,
+    report: Progress,
+    answer_timeout: float,
+    stall_timeout: float,
+) -> str | None:
+    """Waits on the pull's ``events`` with the answer and stall deadlines; None when the
+    stream ended without an error, else why the pull failed."""
+    answer_by = time.monotonic() + answer_timeout
+    headers = answered = False
+    while True:
+        wait = stall_timeout if answered else max(0.0, answer_by - time.monotonic())
+        try:
+            item = events.get(timeout=wait)
+        except queue.Empty:
+            if answered:
+                return f"pull stalled for {stall_timeout:.0f}s (ReadTimeout)"
+            if headers:
+                return f"registry did not answer within {answer_timeout:.0f}s"
+            return f"no answer within {answer_timeout:.0f}s (ReadTimeout)"
+        if item is _END:
+            return None
+        if item is _HEADERS:
+            headers = True
+            continue
+        if isinstance(item, BaseException):
+            return _pull_failure(
+                item,
+                headers=headers,
+                answered=answered,
+                answer_timeout=answer_timeout,
+                stall_timeout=stall_timeout,
+            )
+        if not isinstance(item, dict):
+            continue
+        if "error" in item:
+            return _one_line(str(item.get("error")))
+        status = str(item.get("status", ""))
+        if not answered and status.startswith(_PULL_ANSWERED):
+            answered = True
+        if status and not item.get("progressDetail"):
+            report("base", f"pull {ref}: {status}")
 
-    buf = b""
-    for chunk in resp.iter_content(chunk_size=None):
-        buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            line = line.strip()
-            if line:
-                try:
-                    yield json.loads(line)
-                except ValueError:
-                    continue
-    if buf.strip():
-        with contextlib.suppress(ValueError):
-            yield json.loads(buf)
+
+def _pull_failure(
+    err: BaseException,
+    *,
+    headers: bool,
+    answered: bool,
+    answer_timeout: float,
+    stall_timeout: float,
+) -> str:
+    """Why a pull failed, from the exception of the pulling thread. Pure."""
+    import docker.errors
+
+    if isinstance(err, docker.errors.APIError):  # the engine refused (an unknown image, ...)
+        return _one_line(str(err.explanation or err))
+    if not headers:
+        return f"no answer within {answer_timeout:.0f}s ({type(err).__name__})"
+    if not answered:
+        return f"registry did not answer within {answer_timeout:.0f}s"
+    return f"pull stalled for {stall_timeout:.0f}s ({type(err).__name__})"
 
 
 def _one_line(text: str) -> str:
@@ -284,7 +321,7 @@ def build_fallback_base(
     Returns the image id. The rootfs is built in a temporary directory under ``tmp_root``
     that is removed whatever happens.
     """
-    report = progress or _noop
+    report = progress or no_progress
     debootstrap = find_debootstrap()
     if debootstrap is None:
         raise ImageBuildError(

@@ -7,7 +7,7 @@ ARG BASE=composemesh-base:bookworm
 
 FROM ${BASE} AS venv
 # The dependencies first, in their own layer: a change of composemesh's sources alone reuses it.
-# images.py tags that layer composemesh-build-cache:deps and removes the rest of this stage
+# image_cache.py tags that layer composemesh-build-cache:deps and removes the rest of this stage
 # (found by this label) after the build.
 LABEL composemesh.build-cache=venv
 COPY deps/ /wheels/deps/
