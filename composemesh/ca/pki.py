@@ -117,6 +117,14 @@ def _aki(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
 # --------------------------------------------------------------------------- CA certificates
 
 
+def _ca_name(common_name: str, trust_domain: str) -> x509.Name:
+    """A CA's subject: the trust domain as its organization, then its common name."""
+    return x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+    ])
+
+
 def make_root(
     common_name: str,
     trust_domain: str,
@@ -128,12 +136,7 @@ def make_root(
     """A self-signed P-256 root for ``trust_domain``: CA:true pathlen 1, URI SAN spiffe://<td>."""
     now = _now(now)
     key = key or generate_key()
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
+    name = _ca_name(common_name, trust_domain)
     cert = (
         _ca_builder(name, name, key.public_key(), now - CLOCK_SKEW, now + lifetime)
         .add_extension(x509.BasicConstraints(ca=True, path_length=ROOT_PATH_LENGTH), critical=True)
@@ -162,12 +165,7 @@ def make_intermediate(
     now = _now(now)
     _check_issuer_usable(issuer_cert, now)
     key = key or generate_key()
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
+    name = _ca_name(common_name, trust_domain)
     not_before, not_after = _window(issuer_cert, now, lifetime)
     cert = (
         _ca_builder(name, issuer_cert.subject, key.public_key(), not_before, not_after)

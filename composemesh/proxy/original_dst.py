@@ -25,26 +25,26 @@ class _Sock(Protocol):
     def getsockopt(self, level: int, optname: int, buflen: int) -> bytes: ...
 
 
+def _parse_sockaddr(buf: bytes, family: int, name: str, address: slice) -> Address:
+    """(host, port) from a sockaddr of ``family``: the family (host order), the port (network
+    order), then the address at ``address``."""
+    if len(buf) < address.stop:
+        raise ValueError(f"{name} too short: {len(buf)} bytes")
+    found = struct.unpack_from("=H", buf, 0)[0]
+    if found != family:
+        raise ValueError(f"not an {socket.AddressFamily(family).name} sockaddr: family {found}")
+    port = struct.unpack_from("!H", buf, 2)[0]
+    return socket.inet_ntop(family, buf[address]), port
+
+
 def parse_sockaddr_in(buf: bytes) -> Address:
     """(host, port) from a ``struct sockaddr_in``: family, port (network order), address, pad."""
-    if len(buf) < 8:
-        raise ValueError(f"sockaddr_in too short: {len(buf)} bytes")
-    family = struct.unpack_from("=H", buf, 0)[0]
-    if family != socket.AF_INET:
-        raise ValueError(f"not an AF_INET sockaddr: family {family}")
-    port = struct.unpack_from("!H", buf, 2)[0]
-    return socket.inet_ntop(socket.AF_INET, buf[4:8]), port
+    return _parse_sockaddr(buf, socket.AF_INET, "sockaddr_in", slice(4, 8))
 
 
 def parse_sockaddr_in6(buf: bytes) -> Address:
     """(host, port) from a ``struct sockaddr_in6``: family, port, flowinfo, address, scope id."""
-    if len(buf) < 24:
-        raise ValueError(f"sockaddr_in6 too short: {len(buf)} bytes")
-    family = struct.unpack_from("=H", buf, 0)[0]
-    if family != socket.AF_INET6:
-        raise ValueError(f"not an AF_INET6 sockaddr: family {family}")
-    port = struct.unpack_from("!H", buf, 2)[0]
-    return socket.inet_ntop(socket.AF_INET6, buf[8:24]), port
+    return _parse_sockaddr(buf, socket.AF_INET6, "sockaddr_in6", slice(8, 24))
 
 
 def original_dst(sock: _Sock) -> Address:

@@ -180,6 +180,11 @@ class HttpSeries:
         self.request_bytes = Histogram(BYTES_BUCKETS)
         self.response_bytes = Histogram(BYTES_BUCKETS)
 
+    def observe(self, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
+        self.duration.observe(duration_ms)
+        self.request_bytes.observe(request_bytes)
+        self.response_bytes.observe(response_bytes)
+
 
 class ProxyStats:
     """Every counter of one proxy: TCP counters per label set, HTTP series, errors."""
@@ -203,9 +208,7 @@ class ProxyStats:
         series = self._http.get(key)
         if series is None:
             series = self._http[key] = HttpSeries()
-        series.duration.observe(duration_ms)
-        series.request_bytes.observe(request_bytes)
-        series.response_bytes.observe(response_bytes)
+        series.observe(duration_ms, request_bytes, response_bytes)
         if node is not None:
             by_endpoint = self._by_endpoint
             pair = (service, node)
@@ -219,9 +222,7 @@ class ProxyStats:
         series = self._http_in.get(key)
         if series is None:
             series = self._http_in[key] = HttpSeries()
-        series.duration.observe(duration_ms)
-        series.request_bytes.observe(request_bytes)
-        series.response_bytes.observe(response_bytes)
+        series.observe(duration_ms, request_bytes, response_bytes)
 
     def http_inbound_totals(self) -> dict[str, Any]:
         """Inbound requests by source service, by status code, and by connection security."""
