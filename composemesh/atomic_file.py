@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes | str, mode: int = 0o600, *, durable: bool = False) -> None:
+def write_atomic(path: Path, data: bytes | str, mode: int = 0o600, *,
+                 durable: bool = False) -> None:
     """Replace ``path`` with ``data`` at once; the file has ``mode`` from creation (a secret
     is never readable by others, even for an instant). ``durable`` syncs it to disk first
     (keys: a crash must not leave an empty file behind the new name)."""

@@ -105,13 +105,13 @@ class Policy:
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class Verdict:
     allowed: bool
     reason: str
 
 
-ALLOWED_NO_POLICY = Decision(True, "RBAC: allowed (no ALLOW policy)")
-DENIED_NO_MATCH = Decision(False, "RBAC: access denied (no ALLOW policy matched)")
+ALLOWED_NO_POLICY = Verdict(True, "RBAC: allowed (no ALLOW policy)")
+DENIED_NO_MATCH = Verdict(False, "RBAC: access denied (no ALLOW policy matched)")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -122,7 +122,7 @@ def authorize(
     source_service: str | None,
     method: str | None,
     path: str | None,
-) -> Decision:
+) -> Verdict:
     """Allow or deny one request (HTTP) or connection (``method`` and ``path`` None).
 
     ``source_service`` is the peer's mesh service from its verified SPIFFE ID, or None for a
@@ -139,14 +139,14 @@ def authorize(
     for policy in policies:
         if policy.action == "DENY":
             if _matches(policy, source_service, http, method, path):
-                return Decision(False, f"RBAC: access denied (policy {policy.name})")
+                return Verdict(False, f"RBAC: access denied (policy {policy.name})")
         else:
             has_allow = True
     if not has_allow:
         return ALLOWED_NO_POLICY
     for policy in policies:
         if policy.action == "ALLOW" and _matches(policy, source_service, http, method, path):
-            return Decision(True, f"RBAC: allowed (policy {policy.name})")
+            return Verdict(True, f"RBAC: allowed (policy {policy.name})")
     return DENIED_NO_MATCH
 
 

@@ -2,7 +2,7 @@
 
 Like Istio's VirtualService and DestinationRule, flattened per mesh service. Parsing from
 ``x-composemesh: routes:`` and labels lives in ``model.routing_config``; the decisions
-taken on these values (which route, which endpoint, retry or not) live in ``proxy.decisions``.
+taken on these values (which route, which endpoint, retry or not) live in ``proxy.selection``.
 They travel in snapshots as they are (``model.wire``); what their types cannot say (a regex
 that compiles, known retry conditions) each checks as it is made, so a decoded one holds too.
 """

@@ -1,7 +1,7 @@
 """The outbound HTTP/1.1 path: route each of the app's requests, carry it upstream, answer it.
 
 A captured connection that speaks HTTP becomes an ``HttpDownstream``: httptools parses its
-requests; each becomes an ``Exchange`` that takes the decisions of ``proxy.decisions``
+requests; each becomes an ``Exchange`` that takes the decisions of ``proxy.selection``
 (route, fault, version, endpoint), sends the request over a pooled ``UpstreamConnection``,
 and streams the response back, or tries again (retries, per-try and route timeouts, outlier
 ejection). Requests and responses pass byte for byte but for the hop-by-hop headers (a
@@ -35,7 +35,6 @@ from composemesh.model.limits import ProxyLimits
 from composemesh.model.policy import request_path
 from composemesh.model.routing import HttpRoute, RetryPolicy
 from composemesh.proxy.buffers import WRITE_HIGH_WATER, WRITE_LOW_WATER
-from composemesh.proxy.decisions import Endpoint, fault_decision, pick_version, select_route
 from composemesh.proxy.original_dst import Address
 from composemesh.proxy.retries import (
     Answer,
@@ -51,6 +50,7 @@ from composemesh.proxy.router import (
     RouterSwitch,
     ServiceState,
 )
+from composemesh.proxy.selection import Endpoint, draw_fault, pick_version, select_route
 from composemesh.proxy.stats import (
     BAD_REQUEST,
     CONNECT_FAILURE,
@@ -774,7 +774,7 @@ class Exchange:
             self.local(404, NO_ROUTE_BODY.format(service=down.service).encode(), NO_ROUTE)
             return
         if route.fault is not None:
-            delay, abort = fault_decision(route.fault, router.rng)
+            delay, abort = draw_fault(route.fault, router.rng)
             if delay > 0:
                 self.flags = FAULT_DELAY
                 self.delay = asyncio.get_running_loop().call_later(delay, self._go, abort)

@@ -13,7 +13,7 @@ not decode is NACKed with nothing touched):
 ``RouterSwitch`` holds the pair in force (``Routers``); ``commit`` replaces it with one
 assignment, and every reader (both capture listeners, both HTTP paths) reads it when a
 connection is accepted or a request routed. The pure decisions they apply (route matching,
-version weights, endpoint picking, faults) are in ``proxy.decisions``; retries in
+version weights, endpoint picking, faults) are in ``proxy.selection``; retries in
 ``proxy.retries``; policies in ``model.policy``.
 """
 
@@ -29,7 +29,10 @@ from composemesh.ca.tls import MESH_ALPN_HTTP, MESH_ALPN_TCP
 from composemesh.model.policy import Policy, authorize
 from composemesh.model.routing import HttpRoute, ServiceRouting, WeightedSubset
 from composemesh.model.snapshot import Snapshot, SnapshotError
-from composemesh.proxy.decisions import (
+from composemesh.proxy.mtls import MeshTls
+from composemesh.proxy.original_dst import Address
+from composemesh.proxy.retries import Answer
+from composemesh.proxy.selection import (
     STRICT,
     Endpoint,
     EndpointPicker,
@@ -38,9 +41,6 @@ from composemesh.proxy.decisions import (
     admits_plaintext,
     pick_version,
 )
-from composemesh.proxy.mtls import MeshTls
-from composemesh.proxy.original_dst import Address
-from composemesh.proxy.retries import Answer
 from composemesh.proxy.stats import (
     BAD_REQUEST,
     INBOUND,

@@ -25,7 +25,7 @@ from composemesh.model.snapshot import (
     SnapshotSettings,
 )
 from composemesh.model.wire import to_builtins
-from composemesh.proxy.decisions import Endpoint
+from composemesh.proxy.selection import Endpoint
 
 HTTP = "http"
 TCP = "tcp"

@@ -275,22 +275,22 @@ class Downstream(_Side):
             return None
         return original
 
-    def route(self, decision: Route | None, first: bytes = b"") -> None:
-        """Carry out ``decision``; ``first``: bytes already read from the client, inside the
+    def route(self, chosen: Route | None, first: bytes = b"") -> None:
+        """Carry out ``chosen``; ``first``: bytes already read from the client, inside the
         ``data_received`` that counts them."""
         fwd = self.forwarder
         transport = self.transport
-        if decision is None or type(decision) is Refused:
-            fwd.stats.error(fwd.direction, "no_route" if decision is None else decision.kind)
+        if chosen is None or type(chosen) is Refused:
+            fwd.stats.error(fwd.direction, "no_route" if chosen is None else chosen.kind)
             transport.abort()
             return
-        if type(decision) is Destination:
-            self._start(decision, [first] if first else None)
-        elif type(decision) is Handoff:
-            decision.take(transport, first)
+        if type(chosen) is Destination:
+            self._start(chosen, [first] if first else None)
+        elif type(chosen) is Handoff:
+            chosen.take(transport, first)
         else:
-            assert isinstance(decision, Sniff)
-            self.sniff = decision
+            assert isinstance(chosen, Sniff)
+            self.sniff = chosen
             self.counters = UNCOUNTED  # counted once the verdict is in
             self.forward = self._sniff_data
             fwd.connections.add(self)
@@ -298,8 +298,8 @@ class Downstream(_Side):
                 SNIFF_TIMEOUT, self._sniff_timeout)
             if first:
                 self._sniff_data(first)
-            if self.sniff is not None and decision.key not in fwd.speaks_http:
-                self._connect_ahead(decision)
+            if self.sniff is not None and chosen.key not in fwd.speaks_http:
+                self._connect_ahead(chosen)
 
     def _connect_ahead(self, sniff: Sniff) -> None:
         """While the client's first bytes are awaited, connect to where TCP would go: a server

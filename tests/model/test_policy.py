@@ -14,9 +14,9 @@ from composemesh.model.policy import (
     KEEP_UNCHANGED,
     REJECT_REQUEST,
     UNESCAPE_AND_FORWARD,
-    Decision,
     Operation,
     Policy,
+    Verdict,
     authorize,
     normalize_path,
     parse_policies,
@@ -215,7 +215,7 @@ def test_default_allow() -> None:
     for source in ("productpage", None):
         for method, path in (("POST", "/x"), (None, None)):
             d = authorize((), source, method, path)
-            assert d == Decision(True, "RBAC: allowed (no ALLOW policy)")
+            assert d == Verdict(True, "RBAC: allowed (no ALLOW policy)")
 
 
 @pytest.mark.parametrize(
@@ -278,9 +278,9 @@ def test_deny_takes_precedence() -> None:
     )
     assert authorize(ps, "productpage", "GET", "/").allowed
     d = authorize(ps, "productpage", "DELETE", "/reviews/1")
-    assert d == Decision(False, "RBAC: access denied (policy no-delete)")
+    assert d == Verdict(False, "RBAC: access denied (policy no-delete)")
     d = authorize(ps, "ratings", "GET", "/")
-    assert d == Decision(False, "RBAC: access denied (policy no-ratings)")
+    assert d == Verdict(False, "RBAC: access denied (policy no-ratings)")
     assert not authorize(ps, None, "GET", "/").allowed  # no ALLOW matches without identity
 
 
@@ -316,7 +316,7 @@ def test_tcp_against_http_rules() -> None:
             "to": [{"methods": ["DELETE"]}],
         },
     )
-    assert authorize(deny, "ratings", None, None) == Decision(
+    assert authorize(deny, "ratings", None, None) == Verdict(
         False, "RBAC: access denied (policy no-delete)"
     )
     assert authorize(deny, "productpage", None, None).allowed  # from still applies

@@ -24,9 +24,9 @@ from composemesh.ca.pki import generate_key
 from composemesh.model.policy import Operation, Policy
 from composemesh.model.routing import ServiceRouting
 from composemesh.model.snapshot import ProxyIdentity, Snapshot, encode_snapshot
-from composemesh.proxy.decisions import LocalNetwork, admits_plaintext
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.pilot_client import ConfigStore
+from composemesh.proxy.selection import LocalNetwork, admits_plaintext
 from composemesh.proxy.server import DataPath, data_path
 from composemesh.proxy.stats import PeerLabels, ProxyStats
 from composemesh.proxy.upstream import UpstreamPool

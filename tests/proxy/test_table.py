@@ -15,7 +15,7 @@ from composemesh.model.routing import (
 )
 from composemesh.model.snapshot import ProxyIdentity, Snapshot, SnapshotError
 from composemesh.model.wire import to_builtins
-from composemesh.proxy.decisions import Endpoint
+from composemesh.proxy.selection import Endpoint
 from composemesh.proxy.table import EMPTY_TABLE, build_table, table_from_snapshot
 
 from .snapshots import settings_of

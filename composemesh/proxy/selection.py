@@ -1,4 +1,6 @@
-"""The proxy's per-request decisions, pure: which route, version and endpoint; a fault or not.
+"""What the routers and the HTTP path select, pure: which route matches a request, which
+version by weight, which endpoint (round robin or least request, ejected ones left out), a
+fault or not, and whether plaintext may come in. Retries: ``proxy.retries``.
 
 No I/O and no clock of their own (the outlier detector is handed one): the HTTP data path
 calls these on every request, so they compile nothing per call and allocate little.
@@ -273,7 +275,7 @@ class OutlierDetector:
 _NO_FAULT: tuple[float, int | None] = (0.0, None)
 
 
-def fault_decision(fault: FaultPolicy | None, rng: random.Random) -> tuple[float, int | None]:
+def draw_fault(fault: FaultPolicy | None, rng: random.Random) -> tuple[float, int | None]:
     """(seconds to delay the request, status to abort it with or None), drawn per request.
 
     The delay and the abort are drawn independently, each with its own percentage.

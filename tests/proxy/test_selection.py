@@ -1,4 +1,5 @@
-"""The proxy's pure per-request decisions: route, version, endpoint, ejection, retry, fault."""
+"""What the proxy selects, pure (proxy.selection): route, version, endpoint, ejection, fault;
+and the retry condition table (proxy.retries.should_retry)."""
 
 from __future__ import annotations
 
@@ -19,16 +20,16 @@ from composemesh.model.routing import (
     StringMatch,
     WeightedSubset,
 )
-from composemesh.proxy.decisions import (
+from composemesh.proxy.retries import Outcome, should_retry
+from composemesh.proxy.selection import (
     MAX_EJECTION_S,
     Endpoint,
     EndpointPicker,
     OutlierDetector,
-    fault_decision,
+    draw_fault,
     pick_version,
     select_route,
 )
-from composemesh.proxy.retries import Outcome, should_retry
 
 N = 100_000
 
@@ -443,18 +444,18 @@ def test_idempotent_requests_are_retried(method: str) -> None:
     assert should_retry(policy("reset"), method, 1, RESET)
 
 
-# --------------------------------------------------------------------------- fault_decision
+# --------------------------------------------------------------------------- draw_fault
 
 
 def test_no_fault() -> None:
-    assert fault_decision(None, random.Random(1)) == (0.0, None)
-    assert fault_decision(FaultPolicy(), random.Random(1)) == (0.0, None)
+    assert draw_fault(None, random.Random(1)) == (0.0, None)
+    assert draw_fault(FaultPolicy(), random.Random(1)) == (0.0, None)
 
 
 def test_fault_percentages() -> None:
     rng = random.Random(13)
     fault = FaultPolicy(delay=FaultDelay(2.0, 10.0), abort=FaultAbort(503, 5.0))
-    draws = [fault_decision(fault, rng) for _ in range(N)]
+    draws = [draw_fault(fault, rng) for _ in range(N)]
     delays = sum(1 for delay, _ in draws if delay == 2.0)
     aborts = sum(1 for _, status in draws if status == 503)
     assert {delay for delay, _ in draws} == {0.0, 2.0}
@@ -469,14 +470,14 @@ def test_fault_at_0_and_100_percent() -> None:
     rng = random.Random(1)
     always = FaultPolicy(delay=FaultDelay(0.5, 100.0), abort=FaultAbort(500, 100.0))
     never = FaultPolicy(delay=FaultDelay(0.5, 0.0), abort=FaultAbort(500, 0.0))
-    assert all(fault_decision(always, rng) == (0.5, 500) for _ in range(1000))
-    assert all(fault_decision(never, rng) == (0.0, None) for _ in range(1000))
+    assert all(draw_fault(always, rng) == (0.5, 500) for _ in range(1000))
+    assert all(draw_fault(never, rng) == (0.0, None) for _ in range(1000))
 
 
 def test_fractional_percent() -> None:
     rng = random.Random(17)
     fault = FaultPolicy(abort=FaultAbort(500, 0.5))
-    aborts = sum(1 for _ in range(N) if fault_decision(fault, rng)[1] == 500)
+    aborts = sum(1 for _ in range(N) if draw_fault(fault, rng)[1] == 500)
     assert abs(aborts / N - 0.005) < 0.01
     assert aborts > 0
 
@@ -485,7 +486,7 @@ def test_a_version_without_endpoints_gives_its_share_to_the_others() -> None:
     import random as _random
 
     from composemesh.model.routing import HttpRoute, WeightedSubset
-    from composemesh.proxy.decisions import pick_version as _pick
+    from composemesh.proxy.selection import pick_version as _pick
 
     route = HttpRoute(name="default", matches=(), destinations=(
         WeightedSubset("v1", 0), WeightedSubset("v2", 50), WeightedSubset("v3", 50)))
