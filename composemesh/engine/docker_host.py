@@ -7,21 +7,16 @@ a container list the engine does not give is empty (``docker ps`` printed nothin
 container the engine does not know say the engine's error (``docker logs`` printed it), and
 so on. `docker compose` stays a subprocess (``engine.compose.run``).
 
-``exec_with_stdin`` is ``docker exec -i``: the SDK has no public call that writes a
-process's stdin, so it writes the exec's hijacked connection itself and half-closes it for
-the end of input, as the docker CLI does (``CloseWrite``). Python's TLS sockets cannot
-half-close, so over a TLS engine connection that one call still runs ``docker exec -i``.
+``exec_run`` is ``docker exec -e``: what a command needs comes in its environment (the SDK
+has no public way to write an exec's stdin), its output back through the SDK's own reader.
 """
 
 from __future__ import annotations
 
 import functools
-import socket
-import ssl
-import struct
-import subprocess
-import time
-from collections.abc import Sequence
+import math
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,75 +159,40 @@ class ExecResult:
     stderr: bytes
 
 
-def exec_with_stdin(container: str, cmd: Sequence[str], stdin: bytes,
-                    timeout: float) -> ExecResult:
-    """Run ``cmd`` in ``container`` with ``stdin`` as its input (then its end), as
-    ``docker exec -i`` does; its exit code and output. ``DockerUnavailable`` if the engine
-    cannot run it, ``TimeoutError`` if it takes more than ``timeout`` seconds."""
-    try:
-        api = _client().api
-        exec_id = api.exec_create(container, list(cmd), stdin=True, stdout=True,
-                                  stderr=True)["Id"]
-        conn = api.exec_start(exec_id, socket=True)
-    except docker.errors.DockerException as exc:
-        raise DockerUnavailable(_said(exc)) from None
-    raw = getattr(conn, "_sock", conn)  # the SDK hands the unix socket in a SocketIO
-    if isinstance(raw, ssl.SSLSocket):  # no half-close over TLS: the CLI does it
-        conn.close()
-        return _exec_cli(container, cmd, stdin, timeout)
-    deadline = time.monotonic() + timeout
-    try:
-        raw.settimeout(timeout)
-        raw.sendall(stdin)
-        _close_write(raw)
-        received = bytearray()
-        while chunk := raw.recv(65536):
-            received += chunk
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no end of output within {timeout:g}s")
-            raw.settimeout(max(deadline - time.monotonic(), 0.001))
-    except TimeoutError:
-        raise
-    except OSError as exc:
-        raise DockerUnavailable(f"the exec's connection: {exc}") from None
-    finally:
-        conn.close()
-    stdout, stderr = demultiplex(bytes(received))
-    try:
+def exec_run(container: str, cmd: Sequence[str], environment: Mapping[str, str],
+             timeout: float) -> ExecResult:
+    """Run ``cmd`` in ``container`` with ``environment`` added to its own, as ``docker exec
+    -e`` does; its exit code and output. ``DockerUnavailable`` if the engine cannot run it,
+    ``TimeoutError`` if its output has not ended within ``timeout`` seconds."""
+    def run() -> ExecResult:
+        api = docker.from_env(timeout=max(1, math.ceil(timeout))).api
+        exec_id = api.exec_create(container, list(cmd), stdout=True, stderr=True,
+                                  environment=dict(environment))["Id"]
+        stdout, stderr = api.exec_start(exec_id, demux=True)
         code = api.exec_inspect(exec_id).get("ExitCode")
-    except docker.errors.DockerException as exc:
-        raise DockerUnavailable(_said(exc)) from None
-    return ExecResult(int(code) if code is not None else -1, stdout, stderr)
+        return ExecResult(int(code) if code is not None else -1, stdout or b"", stderr or b"")
 
+    # The SDK reads an exec's output with no timeout of its own: a daemon thread reads it and
+    # this one waits at most ``timeout`` (a thread left behind ends with the exec, or with
+    # the CLI's process).
+    done: list[ExecResult | BaseException] = []
 
-def _close_write(raw: Any) -> None:
-    """The end of stdin: half-close the connection (the output still comes back on it)."""
-    if hasattr(raw, "shutdown_write"):  # an ssh:// engine's channel
-        raw.shutdown_write()
-    else:
-        raw.shutdown(socket.SHUT_WR)
+    def work() -> None:
+        try:
+            done.append(run())
+        except BaseException as exc:  # noqa: BLE001 (carried to the caller's thread)
+            done.append(exc)
 
-
-def demultiplex(stream: bytes) -> tuple[bytes, bytes]:
-    """stdout and stderr from the engine's multiplexed stream of a process without a TTY:
-    frames of an 8-byte header (stream 1 or 2, three zero bytes, a big-endian length) and
-    that many bytes; a truncated last frame counts as far as it goes."""
-    out, err = bytearray(), bytearray()
-    at = 0
-    while at + 8 <= len(stream):
-        kind, size = struct.unpack(">BxxxL", stream[at:at + 8])
-        data = stream[at + 8:at + 8 + size]
-        (err if kind == 2 else out).extend(data)
-        at += 8 + size
-    return bytes(out), bytes(err)
-
-
-def _exec_cli(container: str, cmd: Sequence[str], stdin: bytes, timeout: float) -> ExecResult:
-    try:
-        proc = subprocess.run(["docker", "exec", "-i", container, *cmd], input=stdin,
-                              capture_output=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise TimeoutError(f"no end of output within {timeout:g}s") from None
-    except OSError as exc:
-        raise DockerUnavailable(str(exc)) from None
-    return ExecResult(proc.returncode, proc.stdout, proc.stderr)
+    worker = threading.Thread(target=work, name="docker-exec", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not done:
+        raise TimeoutError(f"no end of output within {timeout:g}s")
+    outcome = done[0]
+    if isinstance(outcome, docker.errors.DockerException):
+        raise DockerUnavailable(_said(outcome))
+    if isinstance(outcome, OSError):  # the engine's connection broke (requests' are OSErrors)
+        raise DockerUnavailable(f"the exec's connection: {outcome}")
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome

@@ -30,6 +30,7 @@ from composemesh.healthcheck import connect_unix
 from composemesh.model.wellknown import LABEL_ROLE, PILOT_SOCKET, PILOT_SOCKET_DIR, ROLE_PILOT
 
 TIMEOUT_S = 10.0
+RELAY_BODY = "COMPOSEMESH_PILOT_BODY"  # the request body, for the relay run by docker exec
 
 
 class PilotUnreachable(Exception):  # noqa: N818 (a condition, said as such)
@@ -93,9 +94,9 @@ class PilotChannel:
         from composemesh.engine import docker_host
 
         try:
-            proc = docker_host.exec_with_stdin(
+            proc = docker_host.exec_run(
                 self.container, ["python3", "-m", "composemesh.engine.pilot_api", method, target],
-                body or b"", timeout + 20)
+                {RELAY_BODY: body.decode()} if body is not None else {}, timeout + 20)
         except (docker_host.DockerUnavailable, TimeoutError) as exc:
             raise PilotUnreachable(f"docker exec {self.container}: {exc}") from None
         status, _, rest = proc.stdout.partition(b"\n")
@@ -181,13 +182,18 @@ class PilotClient:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The relay inside the pilot's container: ``METHOD PATH``, the body on stdin; prints the
-    status on one line, then the body."""
+    """The relay inside the pilot's container: ``METHOD PATH``, the body (JSON, so text) in
+    ``COMPOSEMESH_PILOT_BODY`` or else on stdin for a POST or PUT; prints the status on one
+    line, then the body."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print("usage: python3 -m composemesh.engine.pilot_api METHOD PATH", file=sys.stderr)
         return 2
-    body = sys.stdin.buffer.read() if args[0] in ("POST", "PUT") else None
+    given = os.environ.get(RELAY_BODY)
+    if given is not None:
+        body: bytes | None = given.encode()
+    else:
+        body = sys.stdin.buffer.read() if args[0] in ("POST", "PUT") else None
     try:
         answer = over_socket(PILOT_SOCKET, args[0], args[1], body)
     except OSError as exc:

@@ -3,9 +3,10 @@
 
 It answers what ``docker_host`` asks, from what a test puts in it: the container list
 (filtered by labels as the engine filters), a container's inspect document, its logs, and
-exec: ``exec_start`` hijacks the connection as the engine does (101 UPGRADED, then stdin up to
-the client's half-close, then stdout and stderr multiplexed in frames), running the command
-given by ``on_exec`` on what came in. Every call is logged as (method, path, query).
+exec: ``exec_create`` keeps the command and its environment, ``exec_start`` hijacks the
+connection as the engine does (101 UPGRADED, then stdout and stderr multiplexed in frames, then
+the end), running the command as ``on_exec`` says. Every call is logged as (method, path,
+query).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import socketserver
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +26,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 API = "1.45"
-Exec = Callable[[str, list[str], bytes], tuple[int, bytes, bytes]]  # container, cmd, stdin
+# (container, cmd, the environment the exec adds) -> (exit code, stdout, stderr)
+Exec = Callable[[str, list[str], dict[str, str]], tuple[int, bytes, bytes]]
 
 
 @dataclass
@@ -115,7 +118,8 @@ class _Handler(BaseHTTPRequestHandler):
             if parts[2] == "exec" and method == "POST":
                 eid = uuid.uuid4().hex
                 cmd = (body or {}).get("Cmd")
-                self.engine.execs[eid] = {"container": doc["Id"], "cmd": cmd,
+                env = dict(e.split("=", 1) for e in (body or {}).get("Env") or [])
+                self.engine.execs[eid] = {"container": doc["Id"], "cmd": cmd, "env": env,
                                           "ExitCode": None}
                 return self._send(201, {"Id": eid})
         if parts[0] == "exec" and len(parts) == 3 and parts[1] in self.engine.execs:
@@ -133,9 +137,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Upgrade", "tcp")
         self.end_headers()
         self.wfile.flush()
-        stdin = self.rfile.read()  # up to the client's half-close, as the engine reads it
+        # The engine's answer comes once the process has started, well after the upgrade's
+        # head; the SDK reads the stream from the raw socket under the response's buffer, so
+        # bytes sent in the same segment as the head would be lost to that buffer.
+        time.sleep(0.05)
         assert self.engine.on_exec is not None, "an exec nobody expected"
-        code, out, err = self.engine.on_exec(run["container"], run["cmd"], stdin)
+        code, out, err = self.engine.on_exec(run["container"], run["cmd"], run["env"])
         run["ExitCode"] = code
         self.wfile.write((frame(1, out) if out else b"") + (frame(2, err) if err else b""))
         self.wfile.flush()

@@ -1,5 +1,5 @@
-"""The CLI's Docker access layer (``engine.docker_host``): the pure parts (the engine's
-multiplexed stream, ``docker port``'s address, ``docker ps``'s name), then each call through
+"""The CLI's Docker access layer (``engine.docker_host``): the pure parts (``docker port``'s
+address, ``docker ps``'s name), then each call through
 the real Docker SDK against the fake engine of tests/engine/fake_engine.py."""
 
 from __future__ import annotations
@@ -14,23 +14,13 @@ from composemesh.engine.docker_host import (
     DockerUnavailable,
     ExecResult,
     container_name,
-    demultiplex,
     first_address,
 )
-from tests.engine.fake_engine import Engine, frame
+from tests.engine.fake_engine import Engine
 
 PROJECT = "com.docker.compose.project"
 
 # --------------------------------------------------------------------------- pure
-
-
-def test_the_multiplexed_stream_splits_into_stdout_and_stderr() -> None:
-    stream = frame(1, b"200\n") + frame(2, b"warn") + frame(1, b'{"ok": true}') + frame(2, b"!")
-    assert demultiplex(stream) == (b'200\n{"ok": true}', b"warn!")
-    assert demultiplex(b"") == (b"", b"")
-    # a frame cut short counts as far as it goes; a header cut short not at all
-    assert demultiplex(frame(1, b"abcdef")[:-2]) == (b"abcd", b"")
-    assert demultiplex(frame(2, b"ab") + b"\x01\x00") == (b"", b"ab")
 
 
 def test_the_first_address_is_as_docker_port_writes_it() -> None:
@@ -73,7 +63,7 @@ def test_no_engine_lists_nothing_as_docker_ps_printed_nothing(
         assert docker_host.mounts("x") == [] and docker_host.health_log("x") == []
         assert docker_host.published_address("x", 80) is None
         with pytest.raises(DockerUnavailable):
-            docker_host.exec_with_stdin("x", ["true"], b"", 5)
+            docker_host.exec_run("x", ["true"], {}, 5)
     finally:
         docker_host._client.cache_clear()
 
@@ -104,32 +94,31 @@ def test_an_unknown_container_has_the_engines_sentence_for_logs_and_nothing_else
     assert said == "Error response from daemon: No such container: gone"
     assert docker_host.health_log("gone") == [] and docker_host.mounts("gone") == []
     with pytest.raises(DockerUnavailable, match="^Error response from daemon: No such container"):
-        docker_host.exec_with_stdin("gone", ["true"], b"", 5)
+        docker_host.exec_run("gone", ["true"], {}, 5)
 
 
-def test_exec_writes_stdin_to_its_end_and_reads_both_streams_and_the_code(
+def test_exec_passes_its_environment_and_reads_both_streams_and_the_code(
         engine: Engine) -> None:
     engine.add("e" * 64, "shop-pilot-1", {PROJECT: "shop"})
-    seen: list[tuple[str, list[str], bytes]] = []
+    seen: list[tuple[str, list[str], dict[str, str]]] = []
 
-    def run(container: str, cmd: list[str], stdin: bytes) -> tuple[int, bytes, bytes]:
-        seen.append((container, cmd, stdin))
-        return 3, b"out:" + stdin, b"err"
+    def run(container: str, cmd: list[str], env: dict[str, str]) -> tuple[int, bytes, bytes]:
+        seen.append((container, cmd, env))
+        return 3, b"out:" + env.get("BODY", "").encode(), b"err"
 
     engine.on_exec = run
-    body = b'{"step": "begin"}' * 5000  # more than one write of the socket
-    assert docker_host.exec_with_stdin("shop-pilot-1", ["cat"], body, 10) == ExecResult(
-        3, b"out:" + body, b"err")
-    assert docker_host.exec_with_stdin("e" * 12, ["true"], b"", 10) == ExecResult(
-        3, b"out:", b"err")
-    assert seen == [("e" * 64, ["cat"], body), ("e" * 64, ["true"], b"")]
+    body = '{"step": "begin"}' * 5000  # more than one read of the socket comes back
+    assert docker_host.exec_run("shop-pilot-1", ["cat"], {"BODY": body}, 10) == ExecResult(
+        3, b"out:" + body.encode(), b"err")
+    assert docker_host.exec_run("e" * 12, ["true"], {}, 10) == ExecResult(3, b"out:", b"err")
+    assert seen == [("e" * 64, ["cat"], {"BODY": body}), ("e" * 64, ["true"], {})]
 
 
 def test_an_exec_that_does_not_end_in_time_is_a_timeout(engine: Engine) -> None:
     engine.add("f" * 64, "shop-pilot-1", {PROJECT: "shop"})
     release = socket.socketpair()
 
-    def hang(container: str, cmd: list[str], stdin: bytes) -> tuple[int, bytes, bytes]:
+    def hang(container: str, cmd: list[str], env: dict[str, str]) -> tuple[int, bytes, bytes]:
         release[0].settimeout(10)
         release[0].recv(1)  # until the test has seen the timeout
         return 0, b"", b""
@@ -137,7 +126,7 @@ def test_an_exec_that_does_not_end_in_time_is_a_timeout(engine: Engine) -> None:
     engine.on_exec = hang
     try:
         with pytest.raises(TimeoutError):
-            docker_host.exec_with_stdin("shop-pilot-1", ["sleep"], b"", 0.5)
+            docker_host.exec_run("shop-pilot-1", ["sleep"], {}, 0.5)
     finally:
         release[1].send(b"x")
         release[0].close()

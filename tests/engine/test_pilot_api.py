@@ -196,14 +196,14 @@ RELAY = ("import os, sys; from composemesh.engine import pilot_api; "
 def relay_in_the_container(sock: Path, ran: list[list[str]] | None = None) -> Any:
     """An exec as the pilot's container runs it: the real relay, its socket at ``sock``."""
 
-    def run(container: str, cmd: list[str], stdin: bytes) -> tuple[int, bytes, bytes]:
+    def run(container: str, cmd: list[str], env: dict[str, str]) -> tuple[int, bytes, bytes]:
         assert container == PILOT_ID
         assert cmd[:3] == ["python3", "-m", "composemesh.engine.pilot_api"], cmd
         if ran is not None:
             ran.append(cmd)
-        proc = subprocess.run([sys.executable, "-c", RELAY, *cmd[3:]], input=stdin,
+        proc = subprocess.run([sys.executable, "-c", RELAY, *cmd[3:]], stdin=subprocess.DEVNULL,
                               capture_output=True, cwd=REPO, timeout=30, check=False,
-                              env={**os.environ, "FAKE_PILOT_SOCKET": str(sock)})
+                              env={**os.environ, **env, "FAKE_PILOT_SOCKET": str(sock)})
         return proc.returncode, proc.stdout, proc.stderr
 
     return run
