@@ -248,6 +248,12 @@ def start_haproxy(comps: Components, binary: str, mode: str, server: tuple[str, 
     return port
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (/proc, clock-tick resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # --------------------------------------------------------------------------- nginx
 
 
@@ -386,6 +392,7 @@ def results_table(title: str, metrics: Sequence[Metric], subjects: Sequence[str]
         table.add_column(baseline.heading, justify="right")
     table.add_column("rounds", justify="right", style="dim")
     for m_index, metric in enumerate(metrics):
+        labelled = False
         for s_index, subject in enumerate(subjects):
             figures = results.get((metric.key, subject))
             if not figures:
@@ -397,7 +404,8 @@ def results_table(title: str, metrics: Sequence[Metric], subjects: Sequence[str]
                 ratio = paired_ratio(figures, base) if base and not own else None
                 ratios.append("" if ratio is None else f"{ratio:.2f}×")
             rounds = " ".join(_fmt(v, metric.digits) for v in figures)
-            label = metric.label if s_index == 0 else ""
+            label = "" if labelled else metric.label  # on the metric's first row shown
+            labelled = True
             table.add_row(label, subject, _fmt(statistics.median(figures), metric.digits),
                           *ratios, rounds,
                           end_section=s_index == len(subjects) - 1

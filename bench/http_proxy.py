@@ -2,6 +2,7 @@
 """HTTP/1.1 on loopback: requests/s and latency with wrk, against direct and HAProxy.
 
     python -m bench.http_proxy [--rounds 3] [--duration 5] [--connections 50] [--quick]
+                               [--compare DIR]
 
 One fast upstream answers every GET with a 13-byte body, keep-alive: nginx (one worker) when
 it is installed, else a Python one (httptools on uvloop, one process); the output says which.
@@ -14,11 +15,16 @@ Subjects, each in its own process and all on the same hop to that upstream:
   a connection: a routing table with one mesh service and one endpoint (the upstream), the
   original destination given by an injected resolver; every request is parsed, routed and
   carried over a pooled upstream connection;
-- composemesh tcp (with --tcp-path): the same service declared ``tcp``: bytes pass through.
+- composemesh tcp (with --tcp-path): the same service declared ``tcp``: bytes pass through;
+- composemesh@DIR (with --compare DIR, a checkout of another revision, e.g. from
+  ``git worktree add``): that revision's outbound HTTP path, built by that revision's own
+  bench, run in the same rounds: a change's before/after, paired round by round.
 
 Figures per subject, with wrk (keep-alive, one request in flight per connection) at one
 connection (the latency of a lone client: Debian's wrk has no fixed-rate mode) and at
---connections: requests/s, and the p50 and p99 latency.
+--connections: requests/s, and the p50 and p99 latency; for the proxies, the CPU time each
+spent per request (/proc: user + system, over the run), which the machine's other load
+moves far less than it moves the rates.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from bench._common import (
     Ready,
     Results,
     console,
+    cpu_seconds,
     find_tool,
     print_header,
     print_ratio_note,
@@ -89,6 +96,19 @@ def python_upstream(ready: Ready) -> None:
     serve_forever(ready, start)
 
 
+def compared_outbound(ready: Ready, tree: str, upstream_port: int, protocol: str) -> None:
+    """``composemesh_outbound`` of the checkout at ``tree``: its bench, its composemesh."""
+    import importlib.util
+
+    sys.path.insert(0, tree)  # composemesh is not imported yet in this process: tree's is
+    spec = importlib.util.spec_from_file_location(
+        "bench_compared", Path(tree) / "bench" / "http_proxy.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.composemesh_outbound(ready, upstream_port, protocol)
+
+
 def composemesh_outbound(ready: Ready, upstream_port: int, protocol: str) -> None:
     """The outbound listener of a proxy whose snapshot knows one service, ``upstream``, with
     one endpoint: the upstream, its port's protocol ``protocol``."""
@@ -119,7 +139,8 @@ def composemesh_outbound(ready: Ready, upstream_port: int, protocol: str) -> Non
         snapshot = Snapshot("1", identity, settings=SnapshotSettings(
             services={"upstream": (ServiceEndpoint("bench-upstream-1", "v1", UPSTREAM_HOST),)},
             routing={"upstream": routing},
-            protocols={"upstream": DeclaredProtocols(protocol)},
+            protocols={"upstream": DeclaredProtocols(
+                "tcp" if protocol == "tcp" else "http")},
         ))
         stats = ProxyStats()
         http = HttpPath(stats)
@@ -151,7 +172,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--haproxy-threads", type=int, default=1,
                         help="HAProxy's nbthread (default 1, as the proxy has one loop)")
     parser.add_argument("--quick", action="store_true", help="a smoke run, under 30 s")
+    parser.add_argument("--compare", metavar="DIR",
+                        help="also the proxy of the checkout in DIR (another revision)")
     args = parser.parse_args(argv)
+    if args.compare and not (Path(args.compare) / "bench" / "http_proxy.py").is_file():
+        parser.error(f"--compare: {args.compare} holds no bench/http_proxy.py")
     defaults = {"rounds": (3, 2), "duration": (5.0, 1.0)}
     for name, (full, quick) in defaults.items():
         if getattr(args, name) is None:
@@ -179,17 +204,27 @@ def run(args: argparse.Namespace, comps: Components) -> Results:
     tools = require_tools("haproxy", "wrk")
     out = console()
     upstream_port, upstream_name = start_upstream(args, comps)
+    haproxy_port = start_haproxy(comps, tools["haproxy"], "http",
+                                 (UPSTREAM_HOST, upstream_port), args.haproxy_threads)
+    pids = {"haproxy": comps.popens[-1][0].pid}  # the proxies' processes, for their CPU
     urls = {
         "direct": f"http://{UPSTREAM_HOST}:{upstream_port}/",
-        "haproxy": "http://{}:{}/".format(PROXY_HOST, start_haproxy(
-            comps, tools["haproxy"], "http", (UPSTREAM_HOST, upstream_port),
-            args.haproxy_threads)),
+        "haproxy": f"http://{PROXY_HOST}:{haproxy_port}/",
     }
     for subject, protocol in (("composemesh", "http"), ("composemesh tcp", "tcp")):
         if protocol == "tcp" and not args.tcp_path:
             continue
         port = comps.spawn(f"{subject} proxy", composemesh_outbound, upstream_port, protocol)
         urls[subject] = f"http://{PROXY_HOST}:{port}/"
+        pids[subject] = int(comps.children[-1].pid or 0)
+    baselines: tuple[Baseline, ...] = BASELINES
+    if args.compare:
+        subject = f"composemesh@{Path(args.compare).name}"
+        port = comps.spawn(f"{subject} proxy", compared_outbound,
+                           str(Path(args.compare).resolve()), upstream_port, "http")
+        urls[subject] = f"http://{PROXY_HOST}:{port}/"
+        pids[subject] = int(comps.children[-1].pid or 0)
+        baselines = (*BASELINES, Baseline(subject, f"÷ {Path(args.compare).name}"))
     subjects = tuple(urls)
     levels = (1, args.connections)
     metrics = tuple(
@@ -197,6 +232,7 @@ def run(args: argparse.Namespace, comps: Components) -> Results:
             Metric(f"rps@{c}", f"req/s, {c} conn."),
             Metric(f"p50@{c}", f"p50 ms, {c} conn.", digits=3),
             Metric(f"p99@{c}", f"p99 ms, {c} conn.", digits=3),
+            Metric(f"cpu@{c}", f"CPU µs / req., {c} conn.", digits=1),
         )
     )
     haproxy_version = tool_version([tools["haproxy"], "-v"], r"version (\S+)")
@@ -212,15 +248,21 @@ def run(args: argparse.Namespace, comps: Components) -> Results:
     for round_no in range(args.rounds):
         for connections in levels:
             for subject in rotated(subjects, round_no):
+                pid = pids.get(subject)
+                cpu = cpu_seconds(pid) if pid else 0.0
                 got = run_wrk(tools["wrk"], urls[subject], connections, args.duration)
-                for key, value in (("rps", got.requests_per_s), ("p50", got.p50_ms),
-                                   ("p99", got.p99_ms)):
+                figures = [("rps", got.requests_per_s), ("p50", got.p50_ms),
+                           ("p99", got.p99_ms)]
+                if pid and got.requests_per_s:
+                    used = cpu_seconds(pid) - cpu
+                    figures.append(("cpu", 1e6 * used / (got.requests_per_s * args.duration)))
+                for key, value in figures:
                     results.setdefault((f"{key}@{connections}", subject), []).append(value)
         comps.check_alive()
         progress(f"round {round_no + 1}/{args.rounds} done")
     out.print(results_table("HTTP/1.1 on loopback, wrk (medians)", metrics, subjects, results,
-                            BASELINES))
-    print_ratio_note(out, "the p50 and p99 latencies")
+                            baselines))
+    print_ratio_note(out, "the p50 and p99 latencies and the CPU per request")
     return results
 
 

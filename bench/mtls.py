@@ -39,7 +39,6 @@ if not __package__:  # run as a file: put the repository, not bench/, first on s
 
 import argparse
 import asyncio
-import os
 import ssl
 import statistics
 import time
@@ -58,6 +57,7 @@ from bench._common import (
     Ready,
     Results,
     console,
+    cpu_seconds,
     free_port,
     haproxy_config,
     print_header,
@@ -138,7 +138,13 @@ def mesh_proxy(ready: Ready, side: str, host: str, original: tuple[str, int],
     SO_ORIGINAL_DST; without ``material`` the proxy has no certificate (plaintext)."""
     import random
 
-    from composemesh.model.snapshot import ProxyIdentity, Snapshot, encode_snapshot
+    from composemesh.model.snapshot import (
+        ProxyIdentity,
+        Snapshot,
+        SnapshotSettings,
+        encode_snapshot,
+    )
+    from composemesh.model.wire import convert
     from composemesh.proxy.pilot_client import ConfigStore
     from composemesh.proxy.server import data_path
     from composemesh.proxy.stats import INBOUND, PeerLabels
@@ -151,7 +157,8 @@ def mesh_proxy(ready: Ready, side: str, host: str, original: tuple[str, int],
         identity = ProxyIdentity(node=f"{PROJECT}-{service}-1", project=PROJECT,
                                  compose_service=service, service=service, version="v1")
         answer = ConfigStore([path.apply]).offer(encode_snapshot(Snapshot(
-            "1", identity, settings={"trust_domain": TD, **settings})))
+            "1", identity, settings=convert({"trust_domain": TD, **settings},
+                                            SnapshotSettings))))
         if not answer.ok:
             raise BenchError(f"{service}'s proxy refused its snapshot: {answer.reason}")
         listener = path.inbound if side == INBOUND else path.outbound
@@ -187,12 +194,6 @@ def start_haproxy_tls(comps: Components, binary: str, server: tuple[str, int],
     config.write_text(text)
     comps.run("haproxy tls", [binary, "-db", "-f", str(config)], "127.0.0.1", port)
     return port
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (/proc, clock-tick resolution)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- clients
