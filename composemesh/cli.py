@@ -96,7 +96,8 @@ def _prepare(files: Sequence[str], project: str | None, env_files: Sequence[str]
     validated = validate_project(loaded)
     if validated.ca is not None:
         check_user_root(validated.ca)  # the user's own root: readable, a CA, in date, key fits
-    result = inject(loaded.model, validated.labels, ca=validated.ca)
+    result = inject(loaded.model, validated.labels, ca=validated.ca,
+                    gateways=validated.gateways)
     text = dump_yaml(result.model)
     compose_config_check(text, loaded.project_dir)
     return loaded, result, text

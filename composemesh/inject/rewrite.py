@@ -61,12 +61,14 @@ from composemesh.inject.templates import (
     PILOT_VOLUME,
     SOCKET_VOLUME,
     make_holder,
+    make_ingress_gateway,
     make_pilot,
     make_proxy,
     user_root_files,
 )
 from composemesh.model import wellknown as wk
 from composemesh.model.ca_config import CAConfig
+from composemesh.model.gateways import Gateways, ingress_settings
 from composemesh.model.labels import MeshLabels
 from composemesh.model.settings import SECTION
 
@@ -111,14 +113,17 @@ def inject(
     *,
     image: str = wk.MESH_IMAGE,
     ca: CAConfig | None = None,
+    gateways: Gateways | None = None,
 ) -> InjectResult:
     """Return ``model`` with every meshed service given a netns holder and a proxy.
 
     ``labels`` are the validated MeshLabels per compose service; a service missing from it
     has its labels parsed here. ``ca`` is the validated ``x-composemesh: mtls:``: a root the
     user brings is mounted into the pilot, read-only; without ``ca``, the root the pilot of
-    an already meshed ``model`` mounts stays. Raises ConfigError if a user service already
-    has a name the injector needs (validate_project says so with the file first).
+    an already meshed ``model`` mounts stays. ``gateways``: the validated gateways (with the
+    label routes merged): an ingress adds the ingress gateway's holder and proxy. Raises
+    ConfigError if a user service already has a name the injector needs (validate_project
+    says so with the file first).
     """
     src: dict[str, Any] = copy.deepcopy(dict(model))
     services = services_of(src)
@@ -158,8 +163,15 @@ def inject(
     if ctx.meshed_any:
         root = user_root_files(ca, services)
         external = external_networks(src.get("networks"))
+        ingress = gateways.ingress if gateways is not None else None
+        if ingress is not None:
+            added = make_ingress_gateway(ingress, out_services, image, external)
+            out_services.update(added)
+            for name, role in zip(added, (wk.ROLE_NETNS, wk.ROLE_PROXY), strict=True):
+                ctx.added.append(AddedService(name, role, wk.INGRESS_GATEWAY))
         out_services[wk.PILOT_SERVICE] = make_pilot(
-            out_services, src.get(SECTION), image, root, external
+            out_services, src.get(SECTION), image, root, external,
+            ingress_settings(ingress) if ingress is not None else None,
         )
         ctx.added.append(AddedService(wk.PILOT_SERVICE, wk.ROLE_PILOT, None))
         for name in _unscraped(out_services, external):
@@ -170,7 +182,10 @@ def inject(
     else:
         ctx.warnings.append("no service is in the mesh: nothing was injected")
     for name, svc in services.items():
-        if name not in out_services and role_of(svc, name) in OWN_ROLES:
+        if labels_of(svc, name).get(wk.LABEL_GATEWAY) and name not in out_services:
+            ctx.warnings.append(f"service {name!r}: injected earlier, dropped now: "
+                                "x-composemesh.gateways has no ingress any more")
+        elif name not in out_services and role_of(svc, name) in OWN_ROLES:
             of = labels_of(svc, name).get(wk.LABEL_OF)
             why = f"its app {of!r} is gone or out of the mesh" if of else "nothing is meshed"
             ctx.warnings.append(f"service {name!r}: injected earlier, dropped now: {why}")

@@ -25,8 +25,11 @@ from composemesh.model.ca_config import (
     PILOT_ROOT_KEY,
     CAConfig,
 )
+from composemesh.model.gateways import IngressGateway
+from composemesh.model.ingress import IngressSettings
 from composemesh.model.labels import MeshLabels
 from composemesh.model.limits import limits_to_env
+from composemesh.model.wire import encode
 
 PILOT_URL = wk.PILOT_URL
 # What each injected container may do: every capability dropped but what it needs, and no
@@ -150,12 +153,67 @@ def _follow_app(injected: dict[str, Any], app: Mapping[str, Any]) -> None:
         injected["deploy"] = {"replicas": 0}
 
 
+def own_networks(services: Mapping[str, Any], external: frozenset[str]) -> list[str]:
+    """The project's own networks that a holder is on (none of the ``external`` ones, which
+    other projects' containers are on); ``default`` if there is none and it is not external."""
+    networks: set[str] = set()
+    for name, svc in services.items():
+        if role_of(svc, name) == wk.ROLE_NETNS:
+            networks.update(attached_networks(svc))
+    own = sorted(networks - external)
+    if not own and "default" not in external:
+        own = ["default"]
+    return own
+
+
+INGRESS_LABELS = MeshLabels(enabled=True, service=wk.INGRESS_GATEWAY, version=wk.DEFAULT_VERSION,
+                            weight=None, protocol=None)
+
+
+def make_ingress_gateway(
+    ingress: IngressGateway, services: Mapping[str, Any], image: str,
+    external: frozenset[str] = frozenset(),
+) -> dict[str, dict[str, Any]]:
+    """The ingress gateway: a holder (its namespace and identity, like any workload's) that
+    publishes the ingress ports on the host, only it, and a proxy in the gateway role in that
+    namespace, the hosts' certificate files mounted read-only. Inbound capture leaves the
+    ingress ports alone (the gateway itself listens there). On every network of the
+    project's own that a holder is on, so that it reaches each mesh service."""
+    app = wk.INGRESS_GATEWAY
+    ports = []
+    for target, published in ((wk.INGRESS_HTTP_PORT, ingress.http_port),
+                              (wk.INGRESS_HTTPS_PORT, ingress.https_port)):
+        if published is not None:
+            ports.append({"target": target, "published": str(published),
+                          "host_ip": ingress.bind, "protocol": "tcp", "mode": "ingress"})
+    networks = own_networks(services, external)
+    ns: dict[str, Any] = {
+        "ports": ports,
+        "environment": {wk.ENV_EXCLUDE_INBOUND: f"{wk.INGRESS_HTTP_PORT},{wk.INGRESS_HTTPS_PORT}"},
+        **({"networks": dict.fromkeys(networks)} if networks else {"network_mode": "none"}),
+    }
+    holder = make_holder(app, (app,), {}, ns, INGRESS_LABELS, image)
+    holder["labels"][wk.LABEL_GATEWAY] = wk.GATEWAY_INGRESS
+    proxy = make_proxy(app, {}, INGRESS_LABELS, image)
+    proxy["labels"][wk.LABEL_GATEWAY] = wk.GATEWAY_INGRESS
+    proxy["environment"][wk.ENV_GATEWAY] = wk.GATEWAY_INGRESS
+    for host in ingress.hosts:
+        if host.tls is None:
+            continue
+        for source, name in ((host.tls.cert, "tls.crt"), (host.tls.key, "tls.key")):
+            proxy["volumes"].append({
+                "type": "bind", "source": os.path.abspath(source),
+                "target": f"{wk.INGRESS_CERT_DIR}/{host.name}/{name}", "read_only": True})
+    return {wk.netns_service(app): holder, wk.proxy_service(app): proxy}
+
+
 def make_pilot(
     services: Mapping[str, Any],
     settings: Any,
     image: str,
     root: tuple[str, str] | None = None,
     external: frozenset[str] = frozenset(),
+    ingress: IngressSettings | None = None,
 ) -> dict[str, Any]:
     """The control plane: on every network of the project's own that a holder is on (it
     scrapes the proxies' metrics there), never on an ``external`` one (another project's
@@ -168,13 +226,7 @@ def make_pilot(
     ``root``: the host paths of the user's own root cert and key, mounted read-only where
     the pilot's CA looks for them (named in its environment).
     """
-    networks: set[str] = set()
-    for name, svc in services.items():
-        if role_of(svc, name) == wk.ROLE_NETNS:
-            networks.update(attached_networks(svc))
-    own = sorted(networks - external)
-    if not own and "default" not in external:
-        own = ["default"]
+    own = own_networks(services, external)
     pilot: dict[str, Any] = {
         "image": image,
         "command": ["composemesh", "pilot"],
@@ -197,6 +249,8 @@ def make_pilot(
         pilot["environment"] = {
             "COMPOSEMESH_SETTINGS": json.dumps(settings, sort_keys=True, default=str)
         }
+    if ingress is not None:  # as `check` resolved it: the file's routes and the labels'
+        pilot.setdefault("environment", {})[wk.ENV_INGRESS] = encode(ingress).decode()
     if root is not None:
         for source, target in zip(root, (PILOT_ROOT_CERT, PILOT_ROOT_KEY), strict=True):
             pilot["volumes"].append(

@@ -17,6 +17,7 @@ from composemesh.inject.replicas import collisions
 from composemesh.inject.rewrite import inject
 from composemesh.model import wellknown as wk
 from composemesh.model.ca_config import CAConfig, parse_ca_config
+from composemesh.model.gateways import Gateways, HostRoute, load_gateways, route_from_labels
 from composemesh.model.labels import MeshLabels, normalize_labels, parse_labels
 from composemesh.model.policy import Policy, parse_policies
 from composemesh.model.routing import ServiceRouting
@@ -37,6 +38,7 @@ class ValidatedProject:
     routing: dict[str, ServiceRouting] = field(default_factory=dict)  # per mesh service
     policies: dict[str, tuple[Policy, ...]] = field(default_factory=dict)  # per destination
     ca: CAConfig | None = None
+    gateways: Gateways = field(default_factory=Gateways)  # certificates checked too
 
 
 def validate_project(loaded: LoadedProject) -> ValidatedProject:
@@ -89,8 +91,10 @@ def validate_model(
             service=name,
         )
     routing = _routing(model, labels, settings, where)
+    gateways = _gateways(model, labels, settings, routing, base_dir, where)
+    callers = tuple(routing) + ((wk.INGRESS_GATEWAY,) if gateways.ingress else ())
     try:
-        policies = parse_policies(settings.raw.get("policies"), tuple(routing))
+        policies = parse_policies(settings.raw.get("policies"), callers)
         ca = parse_ca_config(settings.raw.get("mtls"), base_dir)
     except ConfigError as exc:
         raise exc.located(file=where(None, SECTION)) from None
@@ -101,7 +105,63 @@ def validate_model(
         routing=routing,
         policies=policies,
         ca=ca,
+        gateways=gateways,
     )
+
+
+def service_ports(model: Mapping[str, Any], labels: Mapping[str, MeshLabels]
+                  ) -> dict[str, frozenset[int]]:
+    """Each mesh service's container ports that its compose services declare (``expose``,
+    the targets of ``ports``); empty where none is declared (any port goes)."""
+    out: dict[str, set[int]] = {}
+    for name, svc in (model.get("services") or {}).items():
+        own = labels.get(name)
+        if own is None or not own.enabled or not isinstance(svc, Mapping):
+            continue
+        ports = out.setdefault(own.service, set())
+        for item in svc.get("expose") or ():
+            text = str(item).split("/", 1)[0]
+            if text.isdecimal():
+                ports.add(int(text))
+        for item in svc.get("ports") or ():
+            target = item.get("target") if isinstance(item, Mapping) else None
+            if isinstance(target, int):
+                ports.add(target)
+    return {service: frozenset(ports) for service, ports in out.items()}
+
+
+def _gateways(
+    model: Mapping[str, Any],
+    labels: Mapping[str, MeshLabels],
+    settings: MeshSettings,
+    routing: Mapping[str, ServiceRouting],
+    base_dir: str,
+    where: Locate,
+) -> Gateways:
+    """``x-composemesh: gateways:``/``egress:`` with the ``composemesh.ingress.*`` label
+    routes merged in, each route checked against the mesh services and their ports, every
+    certificate read and checked; errors name the file, service and field."""
+    known = service_ports(model, labels)
+    ports = {service: known.get(service, frozenset()) for service in routing}
+    label_routes: list[HostRoute] = []
+    for name, own in labels.items():
+        host, path, port = own.ingress
+        if (host, path, port) == (None, None, None):
+            continue
+        try:
+            found = route_from_labels(own.service, host, path, port,
+                                      ports=ports.get(own.service, frozenset()))
+        except ConfigError as exc:
+            raise ConfigError(exc.message, file=where(name, "labels"), service=name,
+                              field=exc.field) from None
+        if found is not None and found not in label_routes:  # replicas say it once each
+            label_routes.append(found)
+    networks = tuple((model.get("networks") or {}).keys())
+    try:
+        return load_gateways(settings.raw, base_dir=Path(base_dir), services=ports,
+                             label_routes=label_routes, networks=networks)
+    except ConfigError as exc:
+        raise exc.located(file=where(None, SECTION)) from None
 
 
 def _routing(

@@ -39,29 +39,31 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from composemesh.errors import ConfigError
+from composemesh.model import wellknown as wk
+from composemesh.model.ingress import IngressHostSpec, IngressPath, IngressSettings
 from composemesh.model.settings import SECTION
 
 GATEWAYS = f"{SECTION}.gateways"
 INGRESS = f"{GATEWAYS}.ingress"
 EGRESS = f"{SECTION}.egress"
-INGRESS_GATEWAY = "ingress-gateway"  # the mesh service names of the gateways (fixed)
-EGRESS_GATEWAY = "egress-gateway"
+INGRESS_GATEWAY = wk.INGRESS_GATEWAY  # the mesh service names of the gateways (fixed)
+EGRESS_GATEWAY = wk.EGRESS_GATEWAY
 BLACK_HOLE_CLUSTER = "BlackHoleCluster"  # Istio's destination for refused outbound calls
 PASSTHROUGH_CLUSTER = "PassthroughCluster"  # Istio's destination for unlisted calls let out
 REGISTRY_ONLY = "REGISTRY_ONLY"
 ALLOW_ANY = "ALLOW_ANY"
 POLICIES = (ALLOW_ANY, REGISTRY_ONLY)
 PROTOCOLS = ("tls", "http", "tcp")
-LABEL_HOST = "composemesh.ingress.host"
-LABEL_PATH = "composemesh.ingress.path"
-LABEL_PORT = "composemesh.ingress.port"
+LABEL_HOST = wk.LABEL_INGRESS_HOST
+LABEL_PATH = wk.LABEL_INGRESS_PATH
+LABEL_PORT = wk.LABEL_INGRESS_PORT
 
 GATEWAYS_KEYS = ("ingress",)
 INGRESS_KEYS = ("bind", "http_port", "https_port", "redirect_to_https", "hosts")
@@ -580,13 +582,36 @@ def normal_host(value: str) -> str:
 # --------------------------------------------------------------------------- decisions
 
 
-def match_route(host_routes: Iterable[IngressRoute], path: str) -> IngressRoute | None:
+class _Pathed(Protocol):
+    @property
+    def path(self) -> str: ...
+
+
+R = TypeVar("R", bound=_Pathed)
+
+
+def match_route(host_routes: Iterable[R], path: str) -> R | None:
     """The route whose path prefix is the longest that ``path`` starts with (None: 404)."""
-    best: IngressRoute | None = None
+    best: R | None = None
     for route in host_routes:
         if path.startswith(route.path) and (best is None or len(route.path) > len(best.path)):
             best = route
     return best
+
+
+def ingress_settings(ingress: IngressGateway) -> IngressSettings:
+    """What the pilot tells the ingress gateway (its snapshot's part): the hosts, whether each
+    has a certificate (the files themselves are mounted into the gateway), and their routes."""
+    return IngressSettings(
+        http=ingress.http_port is not None,
+        https=ingress.https_port is not None,
+        redirect_to_https=ingress.redirect_to_https,
+        public_https_port=ingress.https_port,
+        hosts=tuple(
+            IngressHostSpec(host.name, tls=host.tls is not None, routes=tuple(
+                IngressPath(r.path, r.service, r.port) for r in host.routes))
+            for host in ingress.hosts),
+    )
 
 
 def egress_lookup(egress: Egress, host: str, port: int) -> EgressHost | None:

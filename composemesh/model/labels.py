@@ -31,10 +31,13 @@ KNOWN_LABELS = (
     wk.LABEL_WEIGHT,
     wk.LABEL_PROTOCOL,
     "composemesh.port.<N>.protocol",
+    wk.LABEL_INGRESS_HOST,
+    wk.LABEL_INGRESS_PATH,
+    wk.LABEL_INGRESS_PORT,
     f"{LIMITS_PREFIX}<limit>",
 )
 # Set by the injector itself; accepted on input so that injecting twice changes nothing.
-INJECTOR_LABELS = (wk.LABEL_ROLE, wk.LABEL_OF, wk.LABEL_INSTANCE)
+INJECTOR_LABELS = (wk.LABEL_ROLE, wk.LABEL_OF, wk.LABEL_INSTANCE, wk.LABEL_GATEWAY)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class MeshLabels:
     protocol: str | None  # None: detect (http where the port speaks HTTP/1.1)
     port_protocols: Mapping[int, str] = field(default_factory=dict)
     limits: ProxyLimits = field(default_factory=ProxyLimits)  # composemesh.proxy.* labels
+    # the composemesh.ingress.* labels as written (model.gateways.route_from_labels checks
+    # them against the service's ports); None: not given
+    ingress: tuple[str | None, str | None, str | None] = (None, None, None)
 
     def protocol_for(self, port: int) -> str | None:
         """The declared protocol of ``port``: its own label first, then the service's."""
@@ -176,6 +182,8 @@ def decode_labels(
         protocol=protocol,
         port_protocols=MappingProxyType(port_protocols),
         limits=limits,
+        ingress=(labels.get(wk.LABEL_INGRESS_HOST), labels.get(wk.LABEL_INGRESS_PATH),
+                 labels.get(wk.LABEL_INGRESS_PORT)),
     )
     return decoded, tuple(problems)
 

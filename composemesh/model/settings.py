@@ -9,6 +9,7 @@ from typing import Any
 
 from composemesh.errors import ConfigError
 from composemesh.model import wellknown as wk
+from composemesh.model.ingress import IngressSettings
 
 SECTION = "x-composemesh"
 KEYS = (
@@ -34,6 +35,8 @@ class MeshSettings:
     mtls_mode: str = "STRICT"
     mtls_overrides: Mapping[str, str] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict)
+    # the ingress as `check` resolved it (file and labels merged; the pilot's ENV_INGRESS)
+    ingress: IngressSettings | None = None
 
 
 def parse_settings(section: object) -> MeshSettings:

@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from composemesh.model.ingress import IngressSettings
 from composemesh.model.mesh import NetworkAttachment
 from composemesh.model.policy import Policy
 from composemesh.model.routing import ServiceRouting
@@ -90,6 +91,7 @@ class SnapshotSettings:
     policies: Mapping[str, tuple[Policy, ...]] = field(default_factory=dict)  # this service's
     published_ports: tuple[int, ...] = ()  # container ports the holder publishes
     networks: tuple[NetworkAttachment, ...] = ()  # the holder's networks, with subnets
+    ingress: IngressSettings | None = None  # the ingress gateway's alone
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,11 @@ LABEL_VERSION: Final = "composemesh.version"
 LABEL_WEIGHT: Final = "composemesh.weight"
 LABEL_PROTOCOL: Final = "composemesh.protocol"
 LABEL_PORT_PREFIX: Final = "composemesh.port."  # composemesh.port.<N>.protocol
+# one route of the ingress gateway to this service (x-composemesh.gateways: the long form)
+LABEL_INGRESS_HOST: Final = "composemesh.ingress.host"
+LABEL_INGRESS_PATH: Final = "composemesh.ingress.path"
+LABEL_INGRESS_PORT: Final = "composemesh.ingress.port"
+LABEL_GATEWAY: Final = "composemesh.gateway"  # on the gateways' own containers: ingress
 
 # Label keys the injector sets on what it adds.
 LABEL_ROLE: Final = "composemesh.role"  # netns | proxy | pilot
@@ -45,6 +50,16 @@ ROLE_PROXY: Final = "proxy"
 ROLE_PILOT: Final = "pilot"
 
 PILOT_SERVICE: Final = "composemesh-pilot"
+INGRESS_GATEWAY: Final = "ingress-gateway"  # the gateways' mesh (and compose) service names
+EGRESS_GATEWAY: Final = "egress-gateway"
+GATEWAY_INGRESS: Final = "ingress"  # the value of LABEL_GATEWAY and of ENV_GATEWAY
+ENV_GATEWAY: Final = "COMPOSEMESH_GATEWAY"  # the proxy's role, if a gateway's
+ENV_INGRESS: Final = "COMPOSEMESH_INGRESS"  # the pilot's copy of the resolved ingress (JSON)
+INGRESS_HTTP_PORT: Final = 8080  # where the ingress gateway listens, in its own namespace
+INGRESS_HTTPS_PORT: Final = 8443
+ENV_EXCLUDE_INBOUND: Final = "COMPOSEMESH_EXCLUDE_INBOUND_PORTS"  # the holder's: not captured
+ENV_EXCLUDE_OUTBOUND: Final = "COMPOSEMESH_EXCLUDE_OUTBOUND_PORTS"
+INGRESS_CERT_DIR: Final = "/etc/composemesh/ingress"  # <host>/tls.crt and tls.key, read-only
 DEFAULT_VERSION: Final = "v1"
 DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
 

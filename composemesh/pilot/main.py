@@ -11,13 +11,16 @@ import signal
 import socket
 import stat
 import sys
+from dataclasses import replace
 
 from aiohttp import web
 
 from composemesh.errors import ConfigError, EngineError, MeshError
 from composemesh.model import wellknown as wk
+from composemesh.model.ingress import IngressSettings
 from composemesh.model.mesh import MeshState
 from composemesh.model.settings import MeshSettings, parse_settings
+from composemesh.model.wire import ContractError, decode
 from composemesh.pilot.ca_service import CAService
 from composemesh.pilot.server import Pilot, make_app
 from composemesh.pilot.sources.docker.controller import DockerSource
@@ -30,11 +33,19 @@ log = logging.getLogger("composemesh.pilot")
 
 
 def settings_from_env() -> MeshSettings:
+    """The section as the injector copied it, and the ingress as `check` resolved it."""
     raw = os.environ.get("COMPOSEMESH_SETTINGS", "")
     try:
-        return parse_settings(json.loads(raw) if raw else None)
+        settings = parse_settings(json.loads(raw) if raw else None)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"COMPOSEMESH_SETTINGS is not JSON: {exc}") from None
+    ingress = os.environ.get(wk.ENV_INGRESS)
+    if ingress:
+        try:
+            settings = replace(settings, ingress=decode(ingress, IngressSettings))
+        except ContractError as exc:
+            raise ConfigError(f"{wk.ENV_INGRESS}: {exc}") from None
+    return settings
 
 
 async def own_project(api: EngineAPI) -> str:

@@ -23,6 +23,7 @@ from composemesh.model.snapshot import (
     Snapshot,
     SnapshotSettings,
 )
+from composemesh.model.wellknown import INGRESS_GATEWAY
 from composemesh.model.wire import content_version
 
 Endpoints = Mapping[str, tuple[ServiceEndpoint, ...]]
@@ -94,8 +95,10 @@ class PushIndex:
             policies=policies,
             published_ports=workload.published_ports,
             networks=workload.attachments,
+            ingress=state.settings.ingress if workload.service == INGRESS_GATEWAY else None,
         )
-        own = (identity, mtls_mode, policies, workload.published_ports, workload.attachments)
+        own = (identity, mtls_mode, policies, workload.published_ports, workload.attachments,
+               settings.ingress)
         version = content_version((own, services_digest, self.shared_digest))
         return Snapshot(version=version, identity=identity, settings=settings)
 

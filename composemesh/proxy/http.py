@@ -204,9 +204,20 @@ class InboundCaller:
         self.endpoint = endpoint
 
 
+class IngressCaller:
+    """A client outside the mesh, at the ingress gateway: over ``scheme`` (``https``, TLS
+    ended here, or ``http``); each request is routed by its Host and path."""
+
+    __slots__ = ("scheme",)
+
+    def __init__(self, scheme: str) -> None:
+        self.scheme = scheme
+
+
 class HttpDownstream(asyncio.Protocol):
     """A connection to one mesh service (and port), speaking HTTP/1.x: the app's to a mesh
-    service (outbound), or a peer's to the app (inbound: ``caller`` says who).
+    service (outbound), a peer's to the app (inbound: ``caller`` says who), or a client's
+    from outside at the ingress gateway (``IngressCaller``: per request, where it routes).
 
     Requests are answered one at a time, in order; one parsed while another is being
     answered waits (pipelining works, without concurrency).
@@ -229,7 +240,7 @@ class HttpDownstream(asyncio.Protocol):
     transport: asyncio.Transport
 
     def __init__(self, http: HttpPath, service: str, port: int,
-                 caller: InboundCaller | None = None) -> None:
+                 caller: InboundCaller | IngressCaller | None = None) -> None:
         self.http = http
         self.service = service
         self.port = port
@@ -412,10 +423,19 @@ class HttpDownstream(asyncio.Protocol):
                 path = (httptools.parse_url(url).path or b"/").decode("latin-1")
             except httptools.HttpParserInvalidURLError:
                 path = "/"
-        if self.caller is not None and self.http.inbound.paths_checked and url != b"*":
-            url, path = checked_target(url, path, self.http.escaped_slashes)
-        line = b"%s %s HTTP/1.1\r\n" if v11 else b"%s %s HTTP/1.0\r\n"
+        caller = self.caller
+        forwarded = b""
         drop = _UPGRADE_HOP if upgrade else _REQUEST_HOP
+        if caller is not None:
+            if type(caller) is InboundCaller:
+                if self.http.inbound.paths_checked and url != b"*":
+                    url, path = checked_target(url, path, self.http.escaped_slashes)
+            else:  # from outside, at the ingress: said where from (Envoy's edge, Istio's)
+                forwarded = forwarded_headers(
+                    pairs, self.transport.get_extra_info("peername"),
+                    cast(IngressCaller, caller).scheme)
+                drop = drop | _FORWARDED
+        line = b"%s %s HTTP/1.1\r\n" if v11 else b"%s %s HTTP/1.0\r\n"
         parts, connection, chunked, expect = _request_head(line % (method, url), pairs, drop)
         if connection is not None:
             tokens = {t.strip().lower() for t in connection.split(b",")} - _NOT_HOP_TOKENS
@@ -423,6 +443,8 @@ class HttpDownstream(asyncio.Protocol):
                 parts, _, chunked, expect = _request_head(parts[0], pairs, drop | tokens)
         if upgrade:
             parts.append(b"Connection: upgrade\r\n")
+        if forwarded:
+            parts.append(forwarded)
         parts.append(b"\r\n")
         exchange = self.current = Exchange(
             self, method.decode("latin-1"), path, pairs, b"".join(parts), v11,
@@ -529,9 +551,9 @@ class HttpDownstream(asyncio.Protocol):
     def count_refused(self, status: int, flags: str) -> None:
         http = self.http
         caller = self.caller
-        if caller is None:
-            http.stats.http_request(http.router.me, self.service, UNKNOWN, UNKNOWN, None,
-                                    status, flags, 0.0, 0, 0)
+        if type(caller) is not InboundCaller:  # the app's, or a client's at the ingress
+            http.stats.http_request(http.router.me, self.service or UNKNOWN, UNKNOWN, UNKNOWN,
+                                    None, status, flags, 0.0, 0, 0)
             return
         inbound = http.inbound
         http.stats.http_inbound_request(inbound.source(caller.peer), inbound.me, status, flags,
@@ -652,7 +674,8 @@ class Exchange:
     """One request and its answer: routing, tries, timeouts, and streaming the response."""
 
     __slots__ = (
-        "down", "method", "path", "pairs", "head", "v11", "keep_alive", "chunked", "expect",
+        "down", "service", "port", "method", "path", "pairs", "head", "v11", "keep_alive",
+        "chunked", "expect",
         "upgrade", "head_only", "body", "body_size", "complete", "replayable",
         "dispatched", "started", "router", "state", "route", "tries", "tried", "endpoint",
         "in_try", "connecting", "conn", "sent", "per_try", "deadline", "delay",
@@ -664,6 +687,8 @@ class Exchange:
                  pairs: list[tuple[bytes, bytes]], head: bytes, v11: bool, keep_alive: bool,
                  chunked: bool, expect: bool, upgrade: bool) -> None:
         self.down = down
+        self.service = down.service  # the mesh service and port it goes to (the ingress:
+        self.port = down.port  # per request, by its route)
         self.method = method
         self.path = path
         self.pairs = pairs
@@ -758,20 +783,25 @@ class Exchange:
         """Route the request: no route, fault, or the first try."""
         self.dispatched = True
         down = self.down
-        if down.caller is not None:
-            self._dispatch_inbound(down.caller)
-            return
+        caller = down.caller
+        if caller is not None:
+            if type(caller) is InboundCaller:
+                self._dispatch_inbound(caller)
+                return
+            if not self._ingress_target(cast(IngressCaller, caller)):
+                return
         router = self.router = down.http.router
-        state = self.state = router.services.get(down.service)
+        service = self.service
+        state = self.state = router.services.get(service)
         if state is None:  # the service left the mesh under a kept-alive connection
             self.local(503, NO_HEALTHY_UPSTREAM_BODY, NO_HEALTHY_UPSTREAM)
             return
         headers = self.header_map() if state.needs_headers else _NO_HEADERS
-        if down.service in router.table.pinned_services:  # only then is Host worth reading
+        if service in router.table.pinned_services:  # only then is Host worth reading
             self.pinned = router.table.pinned.get(self.host(), ())
         route = self.route = select_route(state.routing, self.method, self.path, headers)
         if route is None:
-            self.local(404, NO_ROUTE_BODY.format(service=down.service).encode(), NO_ROUTE)
+            self.local(404, NO_ROUTE_BODY.format(service=service).encode(), NO_ROUTE)
             return
         if route.fault is not None:
             delay, abort = draw_fault(route.fault, router.rng)
@@ -782,6 +812,24 @@ class Exchange:
             self._go(abort)
             return
         self._go(None)
+
+    def _ingress_target(self, caller: IngressCaller) -> bool:
+        """A request from outside the mesh, at the ingress gateway: the mesh service and port
+        its Host and path route to (then routed as an app's request to it), else answered
+        here: 308 to https where plain HTTP is redirected, 404 for an unknown host or path.
+        False when answered."""
+        table = self.down.http.switch.current.ingress
+        host = self.host()
+        if caller.scheme == "http" and table.redirect_to_https:
+            target = self.head.split(b" ", 2)[1].decode("latin-1")
+            self.redirect(table.https_url(host, target if target[:1] == "/" else self.path))
+            return False
+        found = table.route(host, self.path)
+        if found is None:
+            self.local(404, b"", NO_ROUTE)
+            return False
+        self.service, self.port = found.service, found.port
+        return True
 
     def _dispatch_inbound(self, caller: InboundCaller) -> None:
         """A peer's request into the app: authorized by the inbound router in force (a
@@ -826,7 +874,7 @@ class Exchange:
         per_try = tries.per_try_timeout_s
         if per_try is not None:
             self.per_try = asyncio.get_running_loop().call_later(per_try, self._per_try_timeout)
-        key = (endpoint.address, self.down.port)
+        key = (endpoint.address, self.port)
         conn = None if self.upgrade else self.down.http.pool.acquire(key)
         if conn is None:
             self._connect(key)
@@ -845,9 +893,9 @@ class Exchange:
             assert router is not None
             # versions without endpoints (stopped, scaled to 0) give their share to the others
             version = pick_version(self.route, router.rng,
-                                   router.table.serving_versions(self.down.service))
+                                   router.table.serving_versions(self.service))
             endpoints = (
-                router.table.endpoints.get((self.down.service, version), ()) if version else ()
+                router.table.endpoints.get((self.service, version), ()) if version else ()
             )
         endpoint = None
         if endpoints:
@@ -881,7 +929,7 @@ class Exchange:
         """The SPIFFE ID the endpoint must prove over mTLS (None: plaintext, as to the app
         in this namespace)."""
         tls = self.router.tls if self.router is not None else None
-        return tls.expected(self.down.service) if tls is not None else None
+        return tls.expected(self.service) if tls is not None else None
 
     def _send(self, conn: UpstreamConnection) -> None:
         self.conn = conn
@@ -1081,17 +1129,21 @@ class Exchange:
 
     # ---- the end
 
-    def local(self, status: int, body: bytes, flags: str) -> None:
-        """Answer the app ourselves."""
+    def local(self, status: int, body: bytes, flags: str, extra: bytes = b"") -> None:
+        """Answer the app ourselves; ``extra``: header lines of that answer's own."""
         self._cancel_timers()
         self.flags = flags
         self.status = status
         close = (not self.keep_alive or not self.complete or self.down.eof
                  or self.upgrade)
-        head = _local_head(status, len(body), close)
+        head = _local_head(status, len(body), close, extra)
         self.response_size = len(head) + len(body)
         self.down.transport.write(head if self.head_only else head + body)
         self._finish(close)
+
+    def redirect(self, location: str) -> None:
+        """308 Permanent Redirect to ``location`` (the method and body are kept by clients)."""
+        self.local(308, b"", NO_FLAGS, b"location: %s\r\n" % location.encode("latin-1"))
 
     def abandon(self, status: int, flags: str) -> bool:
         """The request was refused while it came (``HttpDownstream.refuse``): stop its try,
@@ -1157,7 +1209,7 @@ class Exchange:
         down = self.down
         http = down.http
         caller = down.caller
-        if caller is not None:
+        if type(caller) is InboundCaller:
             inbound = http.inbound
             http.stats.http_inbound_request(
                 inbound.source(caller.peer), inbound.me, self.status, self.flags,
@@ -1174,9 +1226,24 @@ class Exchange:
             version, workload, node = (endpoint.version, router.table.workload(endpoint),
                                        endpoint.node)
         http.stats.http_request(
-            router.me, down.service, version, workload, node, self.status, self.flags,
+            router.me, self.service or UNKNOWN, version, workload, node, self.status,
+            self.flags,
             (asyncio.get_running_loop().time() - self.started) * 1000.0,
             len(self.head) + self.body_size, self.response_size)
+
+
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto"})
+
+
+def forwarded_headers(pairs: list[tuple[bytes, bytes]], peer: object, scheme: str) -> bytes:
+    """What the ingress tells the mesh of a request from outside: ``x-forwarded-for`` with
+    the client's address appended to what the client said, ``x-forwarded-proto`` the scheme
+    it came over (the client's own is not believed), as Envoy does at the edge."""
+    client = peer[0] if isinstance(peer, tuple) and peer else ""
+    said = [v.strip() for n, v in pairs if n.lower() == b"x-forwarded-for" and v.strip()]
+    chain = b", ".join([*said, str(client).encode()]) if client else b", ".join(said)
+    out = b"x-forwarded-proto: %s\r\n" % scheme.encode()
+    return (b"x-forwarded-for: %s\r\n" % chain if chain else b"") + out
 
 
 def checked_target(url: bytes, path: str, escaped_slashes: str) -> tuple[bytes, str]:
@@ -1227,7 +1294,7 @@ def _request_head(line: bytes, pairs: list[tuple[bytes, bytes]], drop: frozenset
 _PHRASES = {414: b"URI Too Long"}  # RFC 9110's name (Python's is RFC 2616's)
 
 
-def _local_head(status: int, length: int, close: bool) -> bytes:
+def _local_head(status: int, length: int, close: bool, extra: bytes = b"") -> bytes:
     phrase = _PHRASES.get(status)
     if phrase is None:
         try:
@@ -1235,5 +1302,5 @@ def _local_head(status: int, length: int, close: bool) -> bytes:
         except ValueError:
             phrase = b"Unknown"
     return (b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\ncontent-type: text/plain\r\n"
-            b"server: composemesh\r\n%s\r\n"
-            % (status, phrase, length, b"connection: close\r\n" if close else b""))
+            b"server: composemesh\r\n%s%s\r\n"
+            % (status, phrase, length, extra, b"connection: close\r\n" if close else b""))

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Mapping
 from types import FrameType
 
+from composemesh.model import wellknown as wk
 from composemesh.proxy.capture import (
     DEFAULT_EXCLUDE_INBOUND_PORTS,
     CaptureError,
@@ -18,8 +19,8 @@ from composemesh.proxy.capture import (
     parse_ports,
 )
 
-ENV_EXCLUDE_INBOUND = "COMPOSEMESH_EXCLUDE_INBOUND_PORTS"  # added to the proxy's own ports
-ENV_EXCLUDE_OUTBOUND = "COMPOSEMESH_EXCLUDE_OUTBOUND_PORTS"
+ENV_EXCLUDE_INBOUND = wk.ENV_EXCLUDE_INBOUND  # added to the proxy's own ports
+ENV_EXCLUDE_OUTBOUND = wk.ENV_EXCLUDE_OUTBOUND
 
 
 def rules_from_env(environ: Mapping[str, str]) -> list[Rule]:

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 
 from composemesh.ca.tls import MESH_ALPN_HTTP, MESH_ALPN_TCP
+from composemesh.model.gateways import match_route
+from composemesh.model.ingress import IngressPath, IngressSettings
 from composemesh.model.policy import Policy, authorize
 from composemesh.model.routing import HttpRoute, ServiceRouting, WeightedSubset
 from composemesh.model.snapshot import Snapshot, SnapshotError
@@ -293,12 +295,45 @@ class InboundRouter:
 EMPTY_INBOUND = InboundRouter(InboundConfig(me=PeerLabels(), node=""))
 
 
+@dataclass(frozen=True)
+class IngressTable:
+    """The ingress gateway's routes of one snapshot: by Host, the longest path prefix wins."""
+
+    hosts: Mapping[str, tuple[IngressPath, ...]] = field(default_factory=dict)
+    redirect_to_https: bool = False
+    public_https_port: int | None = None
+
+    def route(self, host: str, path: str) -> IngressPath | None:
+        """Where a request for ``host`` (lower-case, no port) and ``path`` goes; None: 404."""
+        routes = self.hosts.get(host)
+        return match_route(routes, path) if routes else None
+
+    def https_url(self, host: str, target: str) -> str:
+        """The https URL of ``host`` and ``target`` (the request target), for a redirect."""
+        port = self.public_https_port
+        return f"https://{host}{'' if port in (None, 443) else f':{port}'}{target}"
+
+
+def ingress_table(settings: IngressSettings | None) -> IngressTable:
+    if settings is None:
+        return EMPTY_INGRESS
+    return IngressTable(
+        hosts={h.name: h.routes for h in settings.hosts},
+        redirect_to_https=settings.redirect_to_https,
+        public_https_port=settings.public_https_port,
+    )
+
+
+EMPTY_INGRESS = IngressTable()
+
+
 @dataclass(frozen=True, slots=True)
 class Routers:
-    """The outbound and inbound routers of one snapshot."""
+    """The outbound and inbound routers of one snapshot, and the ingress gateway's routes."""
 
     outbound: Router
     inbound: InboundRouter
+    ingress: IngressTable = EMPTY_INGRESS
 
 
 class RouterSwitch:

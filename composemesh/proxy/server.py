@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -20,6 +21,11 @@ from composemesh.model.limits import ProxyLimits, limits_from_env
 from composemesh.model.snapshot import ProxyIdentity, Snapshot
 from composemesh.model.wellknown import (
     DEFAULT_VERSION,
+    ENV_GATEWAY,
+    GATEWAY_INGRESS,
+    INGRESS_CERT_DIR,
+    INGRESS_HTTP_PORT,
+    INGRESS_HTTPS_PORT,
     PILOT_URL,
     PORT_ADMIN,
     PORT_HEALTH,
@@ -36,6 +42,7 @@ from composemesh.proxy.admin import (
 from composemesh.proxy.http import HttpPath
 from composemesh.proxy.identity import WorkloadCertificate, WorkloadIdentity, trust_bundle_applier
 from composemesh.proxy.inbound import InboundForwarder
+from composemesh.proxy.ingress import start_ingress
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.original_dst import original_dst
 from composemesh.proxy.pilot_client import ConfigStore, PilotClient
@@ -46,6 +53,7 @@ from composemesh.proxy.router import (
     Routers,
     RouterSwitch,
     inbound_config,
+    ingress_table,
 )
 from composemesh.proxy.stats import (
     INBOUND,
@@ -94,6 +102,10 @@ class ProxyConfig:
     connect_timeout: float = CONNECT_TIMEOUT
     resolver: Resolver = original_dst  # tests stand in for SO_ORIGINAL_DST here
     limits: ProxyLimits = ProxyLimits()  # noqa: RUF009 (frozen)
+    gateway: str = ""  # "ingress": the ingress gateway's listeners too; "": a sidecar
+    ingress_http_port: int | None = INGRESS_HTTP_PORT
+    ingress_https_port: int | None = INGRESS_HTTPS_PORT
+    ingress_cert_dir: str = INGRESS_CERT_DIR
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ProxyConfig:
@@ -104,6 +116,7 @@ class ProxyConfig:
             compose_service=environ.get(ENV_COMPOSE_SERVICE, ""),
             admin_host=environ.get(ENV_ADMIN_HOST) or "127.0.0.1",
             limits=limits_from_env(environ),
+            gateway=environ.get(ENV_GATEWAY, ""),
         )
 
     def claimed_identity(self) -> ProxyIdentity:
@@ -131,7 +144,7 @@ def routing_applier(
         config = inbound_config(snapshot, me, table.protocols.get(me.app, ServiceProtocols()))
         in_router = InboundRouter(
             config, inbound_http.inbound_entry if inbound_http is not None else None, rng)
-        routers = Routers(router, in_router)
+        routers = Routers(router, in_router, ingress_table(snapshot.settings.ingress))
         trust_domain = snapshot.settings.trust_domain
 
         def commit() -> None:
@@ -252,6 +265,13 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
             stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, host, port, reuse_address=True)
             await _listen(site.start(), host, port)
+        if config.gateway == GATEWAY_INGRESS:
+            for server in await _listen(
+                    start_ingress(path.http, http_port=config.ingress_http_port,
+                                  https_port=config.ingress_https_port,
+                                  cert_dir=Path(config.ingress_cert_dir)),
+                    config.capture_host, config.ingress_https_port or 0):
+                stack.push_async_callback(_close_server, server)
         pilot_task = loop.create_task(pilot.run(), name="composemesh-pilot-client")
         stack.push_async_callback(_cancel, pilot_task)
         identity_task = loop.create_task(identity.run(), name="composemesh-identity")
@@ -309,6 +329,12 @@ async def _listen(opening: Awaitable[T], host: str, port: int) -> T:
 async def _close_listener(server: asyncio.Server, forwarder: Forwarder) -> None:
     server.close()  # stop accepting ...
     forwarder.abort_all()  # ... and drop what is in flight
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(server.wait_closed(), HTTP_SHUTDOWN_TIMEOUT)
+
+
+async def _close_server(server: asyncio.Server) -> None:
+    server.close()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(server.wait_closed(), HTTP_SHUTDOWN_TIMEOUT)
 

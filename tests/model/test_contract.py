@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from composemesh.model.ingress import IngressHostSpec, IngressPath, IngressSettings
 from composemesh.model.mesh import NetworkAttachment
 from composemesh.model.policy import Operation, Policy
 from composemesh.model.routing import (
@@ -91,6 +92,10 @@ SNAPSHOT = Snapshot(
         )},
         published_ports=(443, 9080),
         networks=(NetworkAttachment("shop_back", "10.0.0.5", "10.0.0.0/24", "10.0.0.1"),),
+        ingress=IngressSettings(
+            http=True, https=True, redirect_to_https=True, public_https_port=8443,
+            hosts=(IngressHostSpec("www.example.com", tls=True, routes=(
+                IngressPath("/api/", "api", 8000), IngressPath("/", "web", 8000))),)),
     ),
 )
 

@@ -144,7 +144,10 @@ def workloads_from_containers(
                 service=mesh.service,
                 version=mesh.version,
                 addresses=addresses(holder),
-                running=holder.get("State") == "running" and serving(apps.get(holder_id, [])),
+                # a gateway's namespace holds no app: its proxy is what serves
+                running=holder.get("State") == "running" and (
+                    bool((holder.get("Labels") or {}).get(wk.LABEL_GATEWAY))
+                    or serving(apps.get(holder_id, []))),
                 proxy_container=container_name(proxy) if proxy else None,
                 proxy_container_id=str(proxy.get("Id")) if proxy else None,
                 proxy_healthy=proxy is not None
