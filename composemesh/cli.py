@@ -177,6 +177,8 @@ def up(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...],
                              timeout - (time.monotonic() - started))
     _print_status(status)
     _print_endpoints(loaded.name, result)
+    if result.ingress is not None:
+        out.print(cli_render.ingress_table(result.ingress))
     out.print(f"[green]mesh {loaded.name} ready[/] in {time.monotonic() - started:.1f}s")
 
 

@@ -15,6 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from composemesh.model.gateways import IngressGateway, ingress_urls
+
 Column = tuple[str, Callable[[dict[str, Any]], Any]]  # heading, and the cell of a proxy
 WHICH_PROXY: tuple[Column, ...] = (
     ("instance", lambda p: p["compose_service"]),
@@ -44,6 +46,18 @@ def status_tables(data: dict[str, Any], console: Console) -> list[Table]:
                     f"{100 * rate['error_ratio']:.1f}%" if rate else "—",
                     ("`route`" if info["overridden"] else "labels/config") if i == 0 else "",
                 )
+        tables.append(table)
+    gateways = data.get("gateways") or []
+    if gateways:
+        table = Table(title=f"gateways of {data.get('project', '?')}")
+        for col in ("gateway", "proxy", "config", "cert expires", "hosts", "routes", "req/s"):
+            table.add_column(col)
+        for g in gateways:
+            table.add_row(
+                g["gateway"], "ready" if g["ready"] else "starting",
+                Text("in sync", style="green") if g["in_sync"] else Text("behind", "yellow"),
+                expiry(g.get("cert_not_after"), relative_only=True), str(g["hosts"]),
+                str(g["routes"]), "—" if g.get("rps") is None else f"{g['rps']:.1f}")
         tables.append(table)
     tables.append(proxies_table(
         console, f"proxies of {data.get('project', '?')}", data.get("proxies", []), (
@@ -186,6 +200,16 @@ def route_table(service: str, result: dict[str, Any]) -> Table:
         table.add_row(
             version, f"{result['old'].get(version, 0)}", f"{result['new'].get(version, 0)}"
         )
+    return table
+
+
+def ingress_table(ingress: IngressGateway) -> Table:
+    """The ingress gateway's URLs, and how to reach each from this machine."""
+    table = Table(title="ingress")
+    for col in ("host", "url", "from this machine"):
+        table.add_column(col)
+    for row in ingress_urls(ingress):
+        table.add_row(*row)
     return table
 
 

@@ -52,3 +52,18 @@ def test_an_identity_that_is_not_the_services_is_always_shown(
     odd = [proxy("reviews", "reviews-v1"), proxy("web", "web", identity=None)]
     text = printed(monkeypatch, 80, odd)
     assert "<service>" not in text and "no certificate" in text
+
+
+def test_status_shows_the_gateways_with_their_routes_and_rate(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    buffer = io.StringIO()
+    monkeypatch.setattr(cli, "out", Console(file=buffer, width=160, highlight=False))
+    gateway = {"gateway": "ingress-gateway", "node": "shop-ingress-gateway-netns-1",
+               "ready": True, "in_sync": True, "cert_not_after": "2099-01-01T00:00:00+00:00",
+               "hosts": 2, "routes": 3, "rps": 12.5}
+    cli._print_status({"project": "shop", "services": {}, "gateways": [gateway],
+                       "proxies": [proxy("ingress-gateway", "ingress-gateway")]})
+    text = buffer.getvalue()
+    assert "gateways of shop" in text
+    row = next(line for line in text.splitlines() if "ingress-gateway" in line and "12.5" in line)
+    assert "ready" in row and "in sync" in row and " 2 " in row and " 3 " in row

@@ -68,7 +68,7 @@ from composemesh.inject.templates import (
 )
 from composemesh.model import wellknown as wk
 from composemesh.model.ca_config import CAConfig
-from composemesh.model.gateways import Gateways, ingress_settings
+from composemesh.model.gateways import Gateways, IngressGateway, ingress_settings
 from composemesh.model.labels import MeshLabels
 from composemesh.model.settings import SECTION
 
@@ -102,6 +102,7 @@ class InjectResult:
     warnings: tuple[str, ...] = ()
     added: tuple[AddedService, ...] = ()  # every injected service in ``model``
     services: tuple[ServicePlan, ...] = field(default=())  # one per user service, in order
+    ingress: IngressGateway | None = None  # the ingress gateway added, as validated
 
 
 # --------------------------------------------------------------------------- the rewrite
@@ -206,7 +207,8 @@ def inject(
         for row in ctx.rows.values()
     )
     return InjectResult(
-        model=result, warnings=tuple(ctx.warnings), added=tuple(ctx.added), services=rows
+        model=result, warnings=tuple(ctx.warnings), added=tuple(ctx.added), services=rows,
+        ingress=gateways.ingress if gateways is not None and ctx.meshed_any else None,
     )
 
 

@@ -158,10 +158,21 @@ def _gateways(
             label_routes.append(found)
     networks = tuple((model.get("networks") or {}).keys())
     try:
-        return load_gateways(settings.raw, base_dir=Path(base_dir), services=ports,
-                             label_routes=label_routes, networks=networks)
+        gateways = load_gateways(settings.raw, base_dir=Path(base_dir), services=ports,
+                                 label_routes=label_routes, networks=networks)
     except ConfigError as exc:
         raise exc.located(file=where(None, SECTION)) from None
+    if gateways.ingress is not None:
+        taken = (wk.netns_service(wk.INGRESS_GATEWAY), wk.proxy_service(wk.INGRESS_GATEWAY))
+        for name in (wk.INGRESS_GATEWAY, *taken):
+            svc = (model.get("services") or {}).get(name)
+            if svc is not None and not (name in taken and isinstance(svc, Mapping) and (
+                    svc.get("labels") or {}).get(wk.LABEL_GATEWAY)):
+                raise ConfigError(
+                    f"the name is taken: the ingress gateway is {wk.INGRESS_GATEWAY!r} (its "
+                    f"services {', '.join(taken)}); rename this service",
+                    file=where(name, None), service=name)
+    return gateways
 
 
 def _routing(

@@ -614,6 +614,23 @@ def ingress_settings(ingress: IngressGateway) -> IngressSettings:
     )
 
 
+def ingress_urls(ingress: IngressGateway) -> list[tuple[str, str, str]]:
+    """Where the user reaches each ingress host from this machine: (host, URL, the curl line
+    that reaches it before DNS names the host: ``--resolve`` to the bound address)."""
+    rows = []
+    address = "127.0.0.1" if ingress.bind in ("0.0.0.0", "::") else ingress.bind  # noqa: S104
+    for host in ingress.hosts:
+        for scheme, port, default in (("https", ingress.https_port, 443),
+                                      ("http", ingress.http_port, 80)):
+            if port is None or (scheme == "https" and host.tls is None):
+                continue
+            if scheme == "http" and ingress.redirect_to_https and host.tls is not None:
+                continue  # answered with a redirect to the https one
+            url = f"{scheme}://{host.name}{'' if port == default else f':{port}'}/"
+            rows.append((host.name, url, f"curl --resolve {host.name}:{port}:{address} {url}"))
+    return rows
+
+
 def egress_lookup(egress: Egress, host: str, port: int) -> EgressHost | None:
     """The listed external host an outbound call to ``host:port`` is for (by name or address)."""
     name = normal_host(host)

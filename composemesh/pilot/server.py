@@ -29,6 +29,7 @@ from aiohttp import web
 from composemesh.ca import IssuanceRefused, RotationError, fingerprint
 from composemesh.ca.authority import MAX_CSR_BYTES
 from composemesh.errors import ConfigError
+from composemesh.model import wellknown as wk
 from composemesh.model.mesh import MeshState, Workload
 from composemesh.model.routing_config import apply_weights
 from composemesh.model.settings import MeshSettings
@@ -239,11 +240,28 @@ class Pilot:
             }
             for name, routing in sorted(self.state.routing.items())
         }
+        sent = self.traffic.sent() if self.traffic is not None else {}
+        ingress = self.state.settings.ingress
+        gateways = [
+            {
+                "gateway": row["service"],
+                "node": row["node"],
+                "ready": row["proxy_healthy"],
+                "in_sync": row["in_sync"],
+                "cert_not_after": row.get("cert_not_after"),
+                "hosts": len(ingress.hosts) if ingress is not None else 0,
+                "routes": sum(len(h.routes) for h in ingress.hosts) if ingress else 0,
+                "rps": round(sent[row["node"]].requests_per_s, 2)
+                if row["node"] in sent else None,
+            }
+            for row in rows if row["service"] in (wk.INGRESS_GATEWAY, wk.EGRESS_GATEWAY)
+        ]
         return {
             "project": self.state.project,
             "synced": self.synced,
             "proxies": rows,
             "services": services,
+            "gateways": gateways,
             "errors": list(self.state.errors),
             "generation": self.generation,
         }

@@ -84,6 +84,28 @@ def rates(
     return {k: Rate(v / span, errors.get(k, 0.0) / span) for k, v in requests.items()}
 
 
+def sent_rates(
+    before: Mapping[str, Mapping[Key, float]],
+    after: Mapping[str, Mapping[Key, float]],
+    seconds: float,
+) -> dict[str, Rate]:
+    """Per proxy (by node): the requests it sent, whatever their destination (a gateway's
+    request rate); a proxy whose counters went down restarted, as in ``rates``."""
+    out = {}
+    span = max(seconds, 1e-9)
+    for node, now in after.items():
+        then = before.get(node, {})
+        sent = failed = 0.0
+        for key, value in now.items():
+            delta = value - then.get(key, 0.0)
+            delta = value if delta < 0 else delta
+            sent += max(delta, 0.0)
+            if key[2].startswith("5") or key[2] == "0":
+                failed += max(delta, 0.0)
+        out[node] = Rate(sent / span, failed / span)
+    return out
+
+
 @dataclass
 class TrafficMonitor:
     """Scrapes the proxies; ``current()`` gives the rates between the last two scrapes."""
@@ -97,6 +119,13 @@ class TrafficMonitor:
             return {}
         (t0, s0), (t1, s1) = self._samples[-2], self._samples[-1]
         return rates(s0, s1, t1 - t0)
+
+    def sent(self) -> dict[str, Rate]:
+        """What each proxy sent between the last two scrapes, by node."""
+        if len(self._samples) < 2:
+            return {}
+        (t0, s0), (t1, s1) = self._samples[-2], self._samples[-1]
+        return sent_rates(s0, s1, t1 - t0)
 
     async def scrape_once(self, session: aiohttp.ClientSession) -> None:
         targets = [w for w in self.workloads() if w.proxy_healthy and w.addresses]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from composemesh.pilot.traffic import parse_requests, rates
+from composemesh.pilot.traffic import parse_requests, rates, sent_rates
 
 
 def line(reporter: str, version: str, code: str, value: float) -> str:
@@ -43,3 +43,13 @@ def test_rates_over_the_interval_with_errors_and_a_restarted_proxy():
 def test_no_traffic_no_rate():
     same = {"a": {("reviews", "v1", "200"): 5.0}}
     assert rates(same, same, 5.0) == {}
+
+
+def test_what_each_proxy_sent_whatever_the_destination():
+    """A gateway's request rate: everything its proxy sent, errors among it."""
+    before = {"gw": {("web", "v1", "200"): 10.0, ("api", "v1", "503"): 1.0}}
+    after = {"gw": {("web", "v1", "200"): 30.0, ("api", "v1", "503"): 5.0},
+             "new": {("web", "v1", "200"): 4.0}}
+    sent = sent_rates(before, after, 2.0)
+    assert (sent["gw"].requests_per_s, sent["gw"].errors_per_s) == (12.0, 2.0)
+    assert sent["new"].requests_per_s == 2.0  # a proxy not seen before: all of it is new
