@@ -329,11 +329,12 @@ def parse_wrk(out: str) -> WrkResult:
 
 
 def run_wrk(binary: str, url: str, connections: int, duration: float,
-            threads: int | None = None) -> WrkResult:
-    """One wrk run: keep-alive GETs on ``connections`` connections for ``duration`` seconds."""
+            threads: int | None = None, headers: Sequence[str] = ()) -> WrkResult:
+    """One wrk run: keep-alive GETs on ``connections`` connections for ``duration`` seconds
+    (``headers``: added to each request; ``Connection: close`` makes each a new one)."""
     threads = threads or min(connections, os.cpu_count() or 1)
     argv = [binary, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s",
-            "--latency", "--timeout", "10s", url]
+            "--latency", "--timeout", "10s", *(a for h in headers for a in ("-H", h)), url]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise BenchError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr}")
