@@ -5,6 +5,12 @@ from __future__ import annotations
 from rich.table import Table
 
 from composemesh.inject.rewrite import InjectResult
+from composemesh.model.wellknown import (
+    DEFAULT_VERSION,
+    INGRESS_GATEWAY,
+    netns_service,
+    proxy_service,
+)
 
 COLUMNS = ("service", "version", "netns holder", "proxy", "notes")
 
@@ -25,6 +31,15 @@ def plan_rows(result: InjectResult) -> list[tuple[str, str, str, str, str]]:
                 "; ".join(plan.notes) or ("" if plan.netns else "not in the mesh"),
             )
         )
+    ingress = result.ingress
+    if ingress is not None:  # the gateway is a mesh service of the mesh's own
+        routes = [f"{h.name}{r.path} -> {r.service}:{r.port}" for h in ingress.hosts
+                  for r in h.routes]
+        ports = [f"{scheme} {ingress.bind}:{port}" for scheme, port in
+                 (("http", ingress.http_port), ("https", ingress.https_port)) if port]
+        rows.append((f"{INGRESS_GATEWAY} (added)", DEFAULT_VERSION,
+                     netns_service(INGRESS_GATEWAY), proxy_service(INGRESS_GATEWAY),
+                     "; ".join([", ".join(ports), *routes])))
     return rows
 
 

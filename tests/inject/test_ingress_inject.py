@@ -180,3 +180,15 @@ def test_a_user_service_with_the_gateways_name_is_refused(tmp_path: Path) -> Non
     doc["services"]["ingress-gateway"] = {"image": "busybox"}
     err = refused(doc, tmp_path)
     assert "ingress-gateway" in str(err) and err.service == "ingress-gateway"
+
+
+def test_check_shows_the_gateway_it_will_add_with_its_ports_and_routes(tmp_path: Path) -> None:
+    from composemesh.inject.plan import plan_rows
+
+    doc = model(tmp_path)
+    checked = validate_model(doc, locate=locate, base_dir=str(tmp_path))
+    row = plan_rows(inject(doc, checked.labels, gateways=checked.gateways))[-1]
+    assert row[:4] == ("ingress-gateway (added)", "v1", "ingress-gateway-netns",
+                       "ingress-gateway-proxy")
+    assert row[4] == ("http 127.0.0.1:8080, https 127.0.0.1:8443; www.example.com/ -> web:8000; "
+                      "shop.example.com/api/ -> api:9000")
