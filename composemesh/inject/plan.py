@@ -7,6 +7,7 @@ from rich.table import Table
 from composemesh.inject.rewrite import InjectResult
 from composemesh.model.wellknown import (
     DEFAULT_VERSION,
+    EGRESS_GATEWAY,
     INGRESS_GATEWAY,
     netns_service,
     proxy_service,
@@ -40,6 +41,13 @@ def plan_rows(result: InjectResult) -> list[tuple[str, str, str, str, str]]:
         rows.append((f"{INGRESS_GATEWAY} (added)", DEFAULT_VERSION,
                      netns_service(INGRESS_GATEWAY), proxy_service(INGRESS_GATEWAY),
                      "; ".join([", ".join(ports), *routes])))
+    egress = result.egress
+    if egress is not None and egress.hosts:
+        hosts = [f"{h.host}:{h.port} {h.protocol}" + (" +tls" if h.origination else "")
+                 for h in egress.hosts]
+        rows.append((f"{EGRESS_GATEWAY} (added)", DEFAULT_VERSION,
+                     netns_service(EGRESS_GATEWAY), proxy_service(EGRESS_GATEWAY),
+                     "; ".join([egress.policy, *hosts])))
     return rows
 
 

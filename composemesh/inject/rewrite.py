@@ -60,6 +60,8 @@ from composemesh.inject.templates import (
     HOLDER_OWN_KEYS,
     PILOT_VOLUME,
     SOCKET_VOLUME,
+    add_egress_names,
+    make_egress_gateway,
     make_holder,
     make_ingress_gateway,
     make_pilot,
@@ -68,7 +70,14 @@ from composemesh.inject.templates import (
 )
 from composemesh.model import wellknown as wk
 from composemesh.model.ca_config import CAConfig
-from composemesh.model.gateways import Gateways, IngressGateway, ingress_settings
+from composemesh.model.egress import EgressSettings
+from composemesh.model.gateways import (
+    ALLOW_ANY,
+    Gateways,
+    IngressGateway,
+    egress_settings,
+    ingress_settings,
+)
 from composemesh.model.labels import MeshLabels
 from composemesh.model.settings import SECTION
 
@@ -103,6 +112,7 @@ class InjectResult:
     added: tuple[AddedService, ...] = ()  # every injected service in ``model``
     services: tuple[ServicePlan, ...] = field(default=())  # one per user service, in order
     ingress: IngressGateway | None = None  # the ingress gateway added, as validated
+    egress: EgressSettings | None = None  # what the proxies are told of the outside
 
 
 # --------------------------------------------------------------------------- the rewrite
@@ -161,6 +171,7 @@ def inject(
     extend_instance_dependencies(out_services)
     _follow_start_order(out_services)
 
+    egress_told = None
     if ctx.meshed_any:
         root = user_root_files(ca, services)
         external = external_networks(src.get("networks"))
@@ -170,9 +181,19 @@ def inject(
             out_services.update(added)
             for name, role in zip(added, (wk.ROLE_NETNS, wk.ROLE_PROXY), strict=True):
                 ctx.added.append(AddedService(name, role, wk.INGRESS_GATEWAY))
-        out_services[wk.PILOT_SERVICE] = make_pilot(
-            out_services, src.get(SECTION), image, root, external,
-            ingress_settings(ingress) if ingress is not None else None,
+        egress = gateways.egress if gateways is not None else None
+        if egress is not None and (egress.hosts or egress.policy != ALLOW_ANY):
+            egress_told = egress_settings(egress)
+            add_egress_names(out_services, egress_told)
+        if egress is not None and egress.hosts:
+            added = make_egress_gateway(egress, out_services, image, external)
+            out_services.update(added)
+            for name, role in zip(added, (wk.ROLE_NETNS, wk.ROLE_PROXY), strict=True):
+                ctx.added.append(AddedService(name, role, wk.EGRESS_GATEWAY))
+        outside = frozenset(egress.networks) if egress is not None else frozenset()
+        out_services[wk.PILOT_SERVICE] = make_pilot(  # the outside is the egress gateway's
+            out_services, src.get(SECTION), image, root, external | outside,
+            ingress_settings(ingress) if ingress is not None else None, egress_told,
         )
         ctx.added.append(AddedService(wk.PILOT_SERVICE, wk.ROLE_PILOT, None))
         for name in _unscraped(out_services, external):
@@ -209,6 +230,7 @@ def inject(
     return InjectResult(
         model=result, warnings=tuple(ctx.warnings), added=tuple(ctx.added), services=rows,
         ingress=gateways.ingress if gateways is not None and ctx.meshed_any else None,
+        egress=egress_told,
     )
 
 

@@ -25,7 +25,8 @@ from composemesh.model.ca_config import (
     PILOT_ROOT_KEY,
     CAConfig,
 )
-from composemesh.model.gateways import IngressGateway
+from composemesh.model.egress import EgressSettings
+from composemesh.model.gateways import Egress, IngressGateway, egress_files
 from composemesh.model.ingress import IngressSettings
 from composemesh.model.labels import MeshLabels
 from composemesh.model.limits import limits_to_env
@@ -207,6 +208,58 @@ def make_ingress_gateway(
     return {wk.netns_service(app): holder, wk.proxy_service(app): proxy}
 
 
+EGRESS_LABELS = MeshLabels(enabled=True, service=wk.EGRESS_GATEWAY, version=wk.DEFAULT_VERSION,
+                           weight=None, protocol=None)
+
+
+def make_egress_gateway(
+    egress: Egress, services: Mapping[str, Any], image: str,
+    external: frozenset[str] = frozenset(),
+) -> dict[str, dict[str, Any]]:
+    """The egress gateway: a holder on the project's own networks (the sidecars reach it
+    there) and on ``egress.networks`` (the outside it alone reaches), and a proxy in the
+    gateway role listening for the sidecars' mTLS on EGRESS_PORT, which the holder's
+    inbound capture leaves alone; the origination files mounted read-only."""
+    app = wk.EGRESS_GATEWAY
+    networks = sorted(set(own_networks(services, external)) | set(egress.networks))
+    ns: dict[str, Any] = {
+        "environment": {wk.ENV_EXCLUDE_INBOUND: str(wk.EGRESS_PORT)},
+        "networks": dict.fromkeys(networks),
+    }
+    holder = make_holder(app, (app,), {}, ns, EGRESS_LABELS, image)
+    holder["labels"][wk.LABEL_GATEWAY] = wk.GATEWAY_EGRESS
+    proxy = make_proxy(app, {}, EGRESS_LABELS, image)
+    proxy["labels"][wk.LABEL_GATEWAY] = wk.GATEWAY_EGRESS
+    proxy["environment"][wk.ENV_GATEWAY] = wk.GATEWAY_EGRESS
+    for i, entry in enumerate(egress.hosts):
+        if entry.tls_origination is None:
+            continue
+        for target, source in egress_files(i, entry.tls_origination).items():
+            proxy["volumes"].append({"type": "bind", "source": os.path.abspath(source),
+                                     "target": target, "read_only": True})
+    return {wk.netns_service(app): holder, wk.proxy_service(app): proxy}
+
+
+def add_egress_names(services: dict[str, Any], egress: EgressSettings) -> None:
+    """Every meshed namespace resolves each listed external host to its VIP (the holder's
+    ``extra_hosts``: the apps in its namespace share its /etc/hosts), so that an app calls
+    it by name as without the mesh and its sidecar knows the call by that address."""
+    for name, svc in services.items():
+        if role_of(svc, name) != wk.ROLE_NETNS or labels_of(svc, name).get(wk.LABEL_GATEWAY):
+            continue
+        current = svc.get("extra_hosts")
+        if isinstance(current, Mapping):
+            extra = dict(current)
+            for entry in egress.hosts:
+                extra.setdefault(entry.host, entry.vip)
+            svc["extra_hosts"] = extra
+        else:
+            listed = [str(item) for item in current or ()]
+            named = {item.replace("=", ":").split(":", 1)[0] for item in listed}
+            listed += [f"{e.host}:{e.vip}" for e in egress.hosts if e.host not in named]
+            svc["extra_hosts"] = listed
+
+
 def make_pilot(
     services: Mapping[str, Any],
     settings: Any,
@@ -214,6 +267,7 @@ def make_pilot(
     root: tuple[str, str] | None = None,
     external: frozenset[str] = frozenset(),
     ingress: IngressSettings | None = None,
+    egress: EgressSettings | None = None,
 ) -> dict[str, Any]:
     """The control plane: on every network of the project's own that a holder is on (it
     scrapes the proxies' metrics there), never on an ``external`` one (another project's
@@ -251,6 +305,8 @@ def make_pilot(
         }
     if ingress is not None:  # as `check` resolved it: the file's routes and the labels'
         pilot.setdefault("environment", {})[wk.ENV_INGRESS] = encode(ingress).decode()
+    if egress is not None:  # with each host's VIP
+        pilot.setdefault("environment", {})[wk.ENV_EGRESS] = encode(egress).decode()
     if root is not None:
         for source, target in zip(root, (PILOT_ROOT_CERT, PILOT_ROOT_KEY), strict=True):
             pilot["volumes"].append(

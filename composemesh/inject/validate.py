@@ -162,15 +162,18 @@ def _gateways(
                                  label_routes=label_routes, networks=networks)
     except ConfigError as exc:
         raise exc.located(file=where(None, SECTION)) from None
-    if gateways.ingress is not None:
-        taken = (wk.netns_service(wk.INGRESS_GATEWAY), wk.proxy_service(wk.INGRESS_GATEWAY))
-        for name in (wk.INGRESS_GATEWAY, *taken):
+    added = [(wk.INGRESS_GATEWAY, "ingress")] if gateways.ingress is not None else []
+    if gateways.egress.hosts:
+        added.append((wk.EGRESS_GATEWAY, "egress"))
+    for gateway, what in added:
+        taken = (wk.netns_service(gateway), wk.proxy_service(gateway))
+        for name in (gateway, *taken):
             svc = (model.get("services") or {}).get(name)
             if svc is not None and not (name in taken and isinstance(svc, Mapping) and (
                     svc.get("labels") or {}).get(wk.LABEL_GATEWAY)):
                 raise ConfigError(
-                    f"the name is taken: the ingress gateway is {wk.INGRESS_GATEWAY!r} (its "
-                    f"services {', '.join(taken)}); rename this service",
+                    f"the name is taken: the {what} gateway is {gateway!r} (its services "
+                    f"{', '.join(taken)}); rename this service",
                     file=where(name, None), service=name)
     return gateways
 

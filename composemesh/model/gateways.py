@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import serialization
 
 from composemesh.errors import ConfigError
 from composemesh.model import wellknown as wk
+from composemesh.model.egress import EgressHostSpec, EgressOrigination, EgressSettings
 from composemesh.model.ingress import IngressHostSpec, IngressPath, IngressSettings
 from composemesh.model.settings import SECTION
 
@@ -629,6 +630,41 @@ def ingress_urls(ingress: IngressGateway) -> list[tuple[str, str, str]]:
             url = f"{scheme}://{host.name}{'' if port == default else f':{port}'}/"
             rows.append((host.name, url, f"curl --resolve {host.name}:{port}:{address} {url}"))
     return rows
+
+
+def egress_vip(index: int) -> str:
+    """The address the ``index``-th listed host's name has in every meshed namespace: in
+    240.240.0.0/16, as Istio's auto-allocated ServiceEntry addresses (never routed)."""
+    network = ipaddress.ip_network(wk.EGRESS_VIP_NETWORK)
+    return str(network.network_address + 1 + index)
+
+
+def egress_files(index: int, origination: TLSOrigination) -> dict[str, Path]:
+    """The host paths of the ``index``-th host's origination files by their mount target in
+    the egress gateway."""
+    folder = f"{wk.EGRESS_FILES_DIR}/{index}"
+    pairs = (("ca.pem", origination.ca), ("tls.crt", origination.cert),
+             ("tls.key", origination.key))
+    return {f"{folder}/{name}": path for name, path in pairs if path is not None}
+
+
+def egress_settings(egress: Egress) -> EgressSettings:
+    """What the pilot tells every proxy of the external hosts: their VIPs and protocols, and
+    for the gateway where each is and the mounted paths of its origination files."""
+    hosts = []
+    for i, entry in enumerate(egress.hosts):
+        o = entry.tls_origination
+        origination = None
+        if o is not None:
+            folder = f"{wk.EGRESS_FILES_DIR}/{i}"
+            origination = EgressOrigination(
+                port=o.port,
+                ca=f"{folder}/ca.pem" if o.ca is not None else None,
+                cert=f"{folder}/tls.crt" if o.cert is not None else None,
+                key=f"{folder}/tls.key" if o.key is not None else None)
+        hosts.append(EgressHostSpec(entry.host, entry.port, entry.protocol, egress_vip(i),
+                                    entry.address, origination))
+    return EgressSettings(policy=egress.policy, hosts=tuple(hosts))  # type: ignore[arg-type]
 
 
 def egress_lookup(egress: Egress, host: str, port: int) -> EgressHost | None:

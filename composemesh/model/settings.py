@@ -9,6 +9,7 @@ from typing import Any
 
 from composemesh.errors import ConfigError
 from composemesh.model import wellknown as wk
+from composemesh.model.egress import EgressSettings
 from composemesh.model.ingress import IngressSettings
 
 SECTION = "x-composemesh"
@@ -37,6 +38,7 @@ class MeshSettings:
     raw: Mapping[str, Any] = field(default_factory=dict)
     # the ingress as `check` resolved it (file and labels merged; the pilot's ENV_INGRESS)
     ingress: IngressSettings | None = None
+    egress: EgressSettings | None = None  # the same, of x-composemesh.egress (ENV_EGRESS)
 
 
 def parse_settings(section: object) -> MeshSettings:

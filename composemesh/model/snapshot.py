@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from composemesh.model.egress import EgressSettings
 from composemesh.model.ingress import IngressSettings
 from composemesh.model.mesh import NetworkAttachment
 from composemesh.model.policy import Policy
@@ -92,6 +93,7 @@ class SnapshotSettings:
     published_ports: tuple[int, ...] = ()  # container ports the holder publishes
     networks: tuple[NetworkAttachment, ...] = ()  # the holder's networks, with subnets
     ingress: IngressSettings | None = None  # the ingress gateway's alone
+    egress: EgressSettings | None = None  # None: no egress section (ALLOW_ANY, no hosts)
 
 
 @dataclass(frozen=True)

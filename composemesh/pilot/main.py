@@ -17,6 +17,7 @@ from aiohttp import web
 
 from composemesh.errors import ConfigError, EngineError, MeshError
 from composemesh.model import wellknown as wk
+from composemesh.model.egress import EgressSettings
 from composemesh.model.ingress import IngressSettings
 from composemesh.model.mesh import MeshState
 from composemesh.model.settings import MeshSettings, parse_settings
@@ -39,12 +40,14 @@ def settings_from_env() -> MeshSettings:
         settings = parse_settings(json.loads(raw) if raw else None)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"COMPOSEMESH_SETTINGS is not JSON: {exc}") from None
-    ingress = os.environ.get(wk.ENV_INGRESS)
-    if ingress:
-        try:
-            settings = replace(settings, ingress=decode(ingress, IngressSettings))
-        except ContractError as exc:
-            raise ConfigError(f"{wk.ENV_INGRESS}: {exc}") from None
+    for env, field, kind in ((wk.ENV_INGRESS, "ingress", IngressSettings),
+                             (wk.ENV_EGRESS, "egress", EgressSettings)):
+        given = os.environ.get(env)
+        if given:
+            try:
+                settings = replace(settings, **{field: decode(given, kind)})  # type: ignore[arg-type]
+            except ContractError as exc:
+                raise ConfigError(f"{env}: {exc}") from None
     return settings
 
 

@@ -62,7 +62,7 @@ class PushIndex:
             protocols=protocols,
             shared_digest=content_version(
                 (state.settings.trust_domain, idle, routing, protocols, trust_bundle,
-                 signing_root)),
+                 signing_root, state.settings.egress)),
         )
 
     def render(self, workload: Workload) -> Snapshot:
@@ -96,6 +96,7 @@ class PushIndex:
             published_ports=workload.published_ports,
             networks=workload.attachments,
             ingress=state.settings.ingress if workload.service == INGRESS_GATEWAY else None,
+            egress=state.settings.egress,
         )
         own = (identity, mtls_mode, policies, workload.published_ports, workload.attachments,
                settings.ingress)

@@ -241,7 +241,9 @@ class Pilot:
             for name, routing in sorted(self.state.routing.items())
         }
         sent = self.traffic.sent() if self.traffic is not None else {}
-        ingress = self.state.settings.ingress
+        ingress, egress = self.state.settings.ingress, self.state.settings.egress
+        hosts = {wk.INGRESS_GATEWAY: len(ingress.hosts) if ingress is not None else 0,
+                 wk.EGRESS_GATEWAY: len(egress.hosts) if egress is not None else 0}
         gateways = [
             {
                 "gateway": row["service"],
@@ -249,8 +251,9 @@ class Pilot:
                 "ready": row["proxy_healthy"],
                 "in_sync": row["in_sync"],
                 "cert_not_after": row.get("cert_not_after"),
-                "hosts": len(ingress.hosts) if ingress is not None else 0,
-                "routes": sum(len(h.routes) for h in ingress.hosts) if ingress else 0,
+                "hosts": hosts[str(row["service"])],
+                "routes": sum(len(h.routes) for h in ingress.hosts)
+                if ingress is not None and row["service"] == wk.INGRESS_GATEWAY else 0,
                 "rps": round(sent[row["node"]].requests_per_s, 2)
                 if row["node"] in sent else None,
             }

@@ -31,6 +31,7 @@ from typing import cast
 
 import httptools
 
+from composemesh.model.gateways import BLACK_HOLE_CLUSTER
 from composemesh.model.limits import ProxyLimits
 from composemesh.model.policy import request_path
 from composemesh.model.routing import HttpRoute, RetryPolicy
@@ -102,6 +103,8 @@ STREAM_TIMEOUT_BODY = b"stream timeout"
 UPSTREAM_PROTOCOL_BODY = (b"upstream connect error or disconnect/reset before headers. "
                           b"reset reason: protocol error")
 CONNECT_METHOD_BODY = b"CONNECT is not supported"
+BLACK_HOLE_BODY = (b"%s:%d is outside the mesh and not listed in x-composemesh.egress.hosts: "
+                   b"refused (outboundTrafficPolicy REGISTRY_ONLY, BlackHoleCluster)")
 
 
 class Refusal(Exception):
@@ -174,7 +177,12 @@ class HttpPath:
                                                       address=original[0]))
         return Handoff(partial(self._take, self.inbound.me.app, original[1], caller))
 
-    def _take(self, service: str, port: int, caller: InboundCaller | None,
+    def black_hole_entry(self, host: str, port: int) -> Handoff:
+        """The handoff of an app's HTTP connection to ``host:port`` that REGISTRY_ONLY refuses:
+        each request gets its 502 (a ``Router``'s ``black_hole``)."""
+        return Handoff(partial(self._take, BLACK_HOLE_CLUSTER, port, BlackHoleCaller(host, port)))
+
+    def _take(self, service: str, port: int, caller: InboundCaller | BlackHoleCaller | None,
               transport: asyncio.Transport, first: bytes) -> None:
         downstream = HttpDownstream(self, service, port, caller)
         transport.set_protocol(downstream)
@@ -214,6 +222,17 @@ class IngressCaller:
         self.scheme = scheme
 
 
+class BlackHoleCaller:
+    """The app called ``host:port``, outside the mesh and not listed, under REGISTRY_ONLY:
+    each request is answered 502 saying so (Istio's BlackHoleCluster)."""
+
+    __slots__ = ("host", "port")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+
+
 class HttpDownstream(asyncio.Protocol):
     """A connection to one mesh service (and port), speaking HTTP/1.x: the app's to a mesh
     service (outbound), a peer's to the app (inbound: ``caller`` says who), or a client's
@@ -240,7 +259,8 @@ class HttpDownstream(asyncio.Protocol):
     transport: asyncio.Transport
 
     def __init__(self, http: HttpPath, service: str, port: int,
-                 caller: InboundCaller | IngressCaller | None = None) -> None:
+                 caller: InboundCaller | IngressCaller | BlackHoleCaller | None = None
+                 ) -> None:
         self.http = http
         self.service = service
         self.port = port
@@ -430,10 +450,9 @@ class HttpDownstream(asyncio.Protocol):
             if type(caller) is InboundCaller:
                 if self.http.inbound.paths_checked and url != b"*":
                     url, path = checked_target(url, path, self.http.escaped_slashes)
-            else:  # from outside, at the ingress: said where from (Envoy's edge, Istio's)
+            elif type(caller) is IngressCaller:  # from outside: said where from (the edge's)
                 forwarded = forwarded_headers(
-                    pairs, self.transport.get_extra_info("peername"),
-                    cast(IngressCaller, caller).scheme)
+                    pairs, self.transport.get_extra_info("peername"), caller.scheme)
                 drop = drop | _FORWARDED
         line = b"%s %s HTTP/1.1\r\n" if v11 else b"%s %s HTTP/1.0\r\n"
         parts, connection, chunked, expect = _request_head(line % (method, url), pairs, drop)
@@ -787,6 +806,10 @@ class Exchange:
         if caller is not None:
             if type(caller) is InboundCaller:
                 self._dispatch_inbound(caller)
+                return
+            if type(caller) is BlackHoleCaller:
+                self.service = BLACK_HOLE_CLUSTER
+                self.local(502, BLACK_HOLE_BODY % (caller.host.encode(), caller.port), NO_ROUTE)
                 return
             if not self._ingress_target(cast(IngressCaller, caller)):
                 return

@@ -22,15 +22,17 @@ from __future__ import annotations
 import ipaddress
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from composemesh.ca.tls import MESH_ALPN_HTTP, MESH_ALPN_TCP
-from composemesh.model.gateways import match_route
+from composemesh.model.egress import EgressHostSpec, EgressSettings
+from composemesh.model.gateways import BLACK_HOLE_CLUSTER, REGISTRY_ONLY, match_route
 from composemesh.model.ingress import IngressPath, IngressSettings
 from composemesh.model.policy import Policy, authorize
 from composemesh.model.routing import HttpRoute, ServiceRouting, WeightedSubset
 from composemesh.model.snapshot import Snapshot, SnapshotError
+from composemesh.model.wellknown import EGRESS_GATEWAY, EGRESS_PORT
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.original_dst import Address
 from composemesh.proxy.retries import Answer
@@ -62,6 +64,31 @@ HttpEntry = Callable[[str, int], Handoff]  # (mesh service, port) -> the HTTP pa
 # (original destination, peer's mesh service or None, mTLS or not) -> the inbound HTTP handoff
 InboundHttpEntry = Callable[[Address, "str | None", bool], Handoff]
 
+@dataclass(frozen=True)
+class EgressTable:
+    """The external hosts of one snapshot by the addresses an app calls them at (the VIP its
+    name resolves to, and its own address if the file gives one), and the policy."""
+
+    by_address: Mapping[tuple[str, int], EgressHostSpec] = field(default_factory=dict)
+    registry_only: bool = False
+    hosts: Mapping[tuple[str, int], EgressHostSpec] = field(default_factory=dict)  # by name
+
+
+def egress_table(settings: EgressSettings | None) -> EgressTable:
+    if settings is None:
+        return NO_EGRESS
+    by_address: dict[tuple[str, int], EgressHostSpec] = {}
+    for entry in settings.hosts:
+        by_address[(entry.vip, entry.port)] = entry
+        if entry.address is not None:
+            by_address.setdefault((entry.address, entry.port), entry)
+    return EgressTable(by_address, settings.policy == REGISTRY_ONLY,
+                       {(e.host, e.port): e for e in settings.hosts})
+
+
+NO_EGRESS = EgressTable()
+
+
 class ServiceState:
     """What the data path keeps about one mesh service between connections and requests."""
 
@@ -84,9 +111,14 @@ class Router:
 
     def __init__(self, table: RoutingTable, me: PeerLabels, *, rng: random.Random | None = None,
                  http: HttpEntry | None = None, previous: Router | None = None,
-                 tls: MeshTls | None = None) -> None:
+                 tls: MeshTls | None = None, egress: EgressTable | None = None,
+                 networks: tuple[LocalNetwork, ...] = (),
+                 black_hole: HttpEntry | None = None) -> None:
         self.table = table
         self.me = me
+        self.egress = egress or NO_EGRESS
+        self.networks = networks  # this namespace's own (their subnets)
+        self.black_hole = black_hole  # the HTTP path answering REGISTRY_ONLY's refusals
         self.tls = tls  # None: endpoints are reached in plaintext
         self.rng = rng or random.Random()
         self.http = http
@@ -108,7 +140,7 @@ class Router:
         table = self.table
         service = table.service_at(host)
         if service is None:
-            return Destination(host, port, self.passthrough)
+            return self.outside(host, port)
         protocol = table.protocol(service, port)
         http = self.http
         if protocol == TCP or http is None:
@@ -117,6 +149,45 @@ class Router:
             return http(service, port)
         return Sniff(http(service, port), partial(self.tcp_destination, service, port, host),
                      (service, port))
+
+    def outside(self, host: str, port: int) -> Route:
+        """A call to an address of no mesh service: a listed external host (its VIP or its
+        address) goes to the egress gateway over mTLS, the target named first inside it (a
+        CONNECT line, as Istio's HBONE names it); under REGISTRY_ONLY anything else that is
+        not on this namespace's own networks is refused (HTTP 502 saying why, other TCP
+        closed; counted as BlackHoleCluster); else it passes through as without the mesh."""
+        egress = self.egress
+        entry = egress.by_address.get((host, port))
+        if entry is not None:
+            to = self.tcp_destination(EGRESS_GATEWAY, EGRESS_PORT)
+            if to is None:
+                return Refused("no_egress_gateway")
+            return replace(to, labels=self.egress_labels(entry), preamble=b"CONNECT %s:%d "
+                           b"HTTP/1.1\r\n\r\n" % (entry.host.encode(), entry.port))
+        if egress.registry_only and not self.is_local(host):
+            refused = Refused(BLACK_HOLE_CLUSTER)
+            if self.black_hole is None:
+                return refused
+            return Sniff(self.black_hole(host, port), lambda: refused, (BLACK_HOLE_CLUSTER, port))
+        return Destination(host, port, self.passthrough)
+
+    def is_local(self, host: str) -> bool:
+        """Whether ``host`` is on one of this namespace's networks, or loopback: not outside
+        (non-meshed containers of the project stay reachable under REGISTRY_ONLY)."""
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return address.is_loopback or any(address in n.subnet for n in self.networks)
+
+    def egress_labels(self, entry: EgressHostSpec) -> TcpLabels:
+        me = self.me
+        return TcpLabels(
+            reporter=REPORTER[OUTBOUND], source=me,
+            destination=PeerLabels(workload=EGRESS_GATEWAY, namespace=me.namespace,
+                                   app=EGRESS_GATEWAY),
+            destination_service=entry.host, destination_service_name=entry.host,
+            destination_service_namespace=me.namespace, connection_security_policy=MUTUAL_TLS)
 
     def tcp_destination(self, service: str, port: int, host: str = "") -> Destination | None:
         """An endpoint of ``service`` for one TCP connection to ``host``. An address of a

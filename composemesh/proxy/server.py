@@ -21,7 +21,9 @@ from composemesh.model.limits import ProxyLimits, limits_from_env
 from composemesh.model.snapshot import ProxyIdentity, Snapshot
 from composemesh.model.wellknown import (
     DEFAULT_VERSION,
+    EGRESS_PORT,
     ENV_GATEWAY,
+    GATEWAY_EGRESS,
     GATEWAY_INGRESS,
     INGRESS_CERT_DIR,
     INGRESS_HTTP_PORT,
@@ -39,6 +41,7 @@ from composemesh.proxy.admin import (
     build_health_app,
     build_prometheus_app,
 )
+from composemesh.proxy.egress import EgressGateway, start_egress
 from composemesh.proxy.http import HttpPath
 from composemesh.proxy.identity import WorkloadCertificate, WorkloadIdentity, trust_bundle_applier
 from composemesh.proxy.inbound import InboundForwarder
@@ -52,6 +55,7 @@ from composemesh.proxy.router import (
     Router,
     Routers,
     RouterSwitch,
+    egress_table,
     inbound_config,
     ingress_table,
 )
@@ -106,6 +110,7 @@ class ProxyConfig:
     ingress_http_port: int | None = INGRESS_HTTP_PORT
     ingress_https_port: int | None = INGRESS_HTTPS_PORT
     ingress_cert_dir: str = INGRESS_CERT_DIR
+    egress_port: int = EGRESS_PORT
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ProxyConfig:
@@ -139,9 +144,11 @@ def routing_applier(
     def prepare(snapshot: Snapshot) -> Callable[[], None]:
         table = table_from_snapshot(snapshot)
         me = workload_of(snapshot.identity)
-        router = Router(table, me, rng=rng, http=http.entry if http is not None else None,
-                        previous=switch.current.outbound, tls=tls)
         config = inbound_config(snapshot, me, table.protocols.get(me.app, ServiceProtocols()))
+        router = Router(table, me, rng=rng, http=http.entry if http is not None else None,
+                        previous=switch.current.outbound, tls=tls,
+                        egress=egress_table(snapshot.settings.egress), networks=config.networks,
+                        black_hole=http.black_hole_entry if http is not None else None)
         in_router = InboundRouter(
             config, inbound_http.inbound_entry if inbound_http is not None else None, rng)
         routers = Routers(router, in_router, ingress_table(snapshot.settings.ingress))
@@ -265,6 +272,12 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
             stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, host, port, reuse_address=True)
             await _listen(site.start(), host, port)
+        if config.gateway == GATEWAY_EGRESS:
+            egress = EgressGateway(path.tls, path.switch)
+            stack.callback(egress.close)
+            server = await _listen(start_egress(egress, port=config.egress_port),
+                                   config.capture_host, config.egress_port)
+            stack.push_async_callback(_close_server, server)
         if config.gateway == GATEWAY_INGRESS:
             for server in await _listen(
                     start_ingress(path.http, http_port=config.ingress_http_port,

@@ -66,6 +66,7 @@ class Destination:
     port: int
     labels: TcpLabels
     peer: str | None = None  # the SPIFFE ID the destination must prove (mTLS); None: plaintext
+    preamble: bytes = b""  # sent first on the connection, before the client's bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,6 +422,8 @@ class Downstream(_Side):
                         Unused(link)
                         return
                     link.attach(Upstream(self))
+                    if destination.preamble:  # inside the mTLS, before the client's bytes
+                        link.write(destination.preamble)
                     upstream_transport = link
         except TimeoutError:
             kind = "connect_timeout"
@@ -627,12 +630,13 @@ class PipeEnds:
 
 def splice(a: asyncio.Transport, b: asyncio.Transport, a_first: bytes, b_first: bytes,
            owner: set[asyncio.Protocol], idle_timeout: float = 0.0,
-           ended: Callable[[str], object] | None = None) -> None:
+           ended: Callable[[str], object] | None = None) -> tuple[Pipe, Pipe]:
     """Join two open transports into a flow-controlled pipe; ``a_first`` (read from ``a``
     already) goes to ``b`` first, ``b_first`` to ``a``. Both ends are kept in ``owner``;
     with ``idle_timeout``, both are closed once neither carried a byte for that long.
     ``ended`` is told once both are closed, with ``DC`` if ``a`` (the downstream) broke
-    first, ``UC`` if ``b`` (the upstream) did, else ``-``."""
+    first, ``UC`` if ``b`` (the upstream) did, else ``-``. Returns both ends (their
+    ``forward`` may be wrapped, to count)."""
     ends = PipeEnds(ended) if ended is not None else None
     pa, pb = Pipe(a, owner, ends, DOWNSTREAM_CLOSED), Pipe(b, owner, ends, UPSTREAM_RESET)
     pa.peer, pb.peer = pb, pa
@@ -653,6 +657,7 @@ def splice(a: asyncio.Transport, b: asyncio.Transport, a_first: bytes, b_first: 
         a.write(b_first)
     a.resume_reading()
     b.resume_reading()
+    return pa, pb
 
 
 UNCOUNTED = TcpCounters()  # what a connection's bytes add to before it has its own counters

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from composemesh.model.egress import EgressHostSpec, EgressOrigination, EgressSettings
 from composemesh.model.ingress import IngressHostSpec, IngressPath, IngressSettings
 from composemesh.model.mesh import NetworkAttachment
 from composemesh.model.policy import Operation, Policy
@@ -96,6 +97,10 @@ SNAPSHOT = Snapshot(
             http=True, https=True, redirect_to_https=True, public_https_port=8443,
             hosts=(IngressHostSpec("www.example.com", tls=True, routes=(
                 IngressPath("/api/", "api", 8000), IngressPath("/", "web", 8000))),)),
+        egress=EgressSettings(policy="REGISTRY_ONLY", hosts=(
+            EgressHostSpec("api.partner.example", 443, "tls", "240.240.0.1"),
+            EgressHostSpec("legacy.partner.example", 80, "http", "240.240.0.2", "10.1.2.3",
+                           EgressOrigination(443, "/etc/composemesh/egress/1/ca.pem")))),
     ),
 )
 
