@@ -92,7 +92,8 @@ def validate_model(
         )
     routing = _routing(model, labels, settings, where)
     gateways = _gateways(model, labels, settings, routing, base_dir, where)
-    callers = tuple(routing) + ((wk.INGRESS_GATEWAY,) if gateways.ingress else ())
+    callers = (tuple(routing) + ((wk.INGRESS_GATEWAY,) if gateways.ingress else ())
+               + ((wk.EGRESS_GATEWAY,) if gateways.egress.hosts else ()))
     try:
         policies = parse_policies(settings.raw.get("policies"), callers)
         ca = parse_ca_config(settings.raw.get("mtls"), base_dir)

@@ -40,6 +40,7 @@ from .conftest import run_on
 from .test_mtls import TD, mesh_tls, new_pki
 
 A, GATEWAY, API, LEGACY, ELSEWHERE = "127.0.0.1", "127.0.0.4", "127.0.0.6", "127.0.0.7", "127.0.0.8"
+DB = "127.0.0.9"
 API_HOST, LEGACY_HOST = "api.partner.example", "legacy.partner.example"
 
 
@@ -72,6 +73,7 @@ class Outside:
     legacy_port: int
     ca: Path
     dialed: list[tuple[str, int]]  # what the app "dialed": A's original destination
+    db_port: int
     lines: list[dict[str, Any]] = field(default_factory=list)
 
     async def call(self, to: tuple[str, int], data: bytes, *, tls_host: str | None = None
@@ -97,10 +99,19 @@ async def outside(tmp: Path) -> AsyncIterator[Outside]:
     legacy = await tls_server(LEGACY, LEGACY_HOST, authority, b"legacy over TLS")
     api_port = api.sockets[0].getsockname()[1]
     legacy_port = legacy.sockets[0].getsockname()[1]
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data.upper())
+            await writer.drain()
+        writer.close()
+
+    db = await asyncio.start_server(echo, DB, 0)
+    db_port = db.sockets[0].getsockname()[1]
     egress = EgressSettings(policy="REGISTRY_ONLY", hosts=(
         EgressHostSpec(API_HOST, api_port, "tls", egress_vip(0), address=API),
         EgressHostSpec(LEGACY_HOST, 80, "http", egress_vip(1), address=LEGACY,
                        origination=EgressOrigination(port=legacy_port, ca=str(authority.path))),
+        EgressHostSpec("db.partner.example", db_port, "tcp", egress_vip(2), address=DB),
     ))
     gateway_route = ServiceRouting(wk.EGRESS_GATEWAY, (HttpRoute("default", (), (
         WeightedSubset("v1", 1),)),))
@@ -121,7 +132,7 @@ async def outside(tmp: Path) -> AsyncIterator[Outside]:
         answer = ConfigStore([path.apply]).offer(encode_snapshot(Snapshot(
             "1", identity(who), settings=settings)))
         assert answer.ok, answer.reason
-    result = Outside(0, api_port, legacy_port, authority.path, dialed)
+    result = Outside(0, api_port, legacy_port, authority.path, dialed, db_port)
     gateway = EgressGateway(b.tls, b.switch, log_line=result.lines.append)
     gw_server = await start_egress(gateway, host=GATEWAY)
     listener = await asyncio.get_running_loop().create_server(a.outbound, A, 0)
@@ -137,6 +148,7 @@ async def outside(tmp: Path) -> AsyncIterator[Outside]:
         b.close()
         api.close()
         legacy.close()
+        db.close()
 
 
 def test_the_connect_line_names_the_target() -> None:
@@ -179,6 +191,25 @@ def test_a_listed_http_host_gets_tls_from_the_gateway(loop_kind: str, tmp_path: 
                     break
                 await asyncio.sleep(0.05)
             assert out.lines[0]["status"] == 200 and out.lines[0]["host"] == LEGACY_HOST
+
+    run_on(loop_kind, main())
+
+
+def test_a_listed_tcp_host_by_its_own_address_is_carried_as_bytes(
+        loop_kind: str, tmp_path: Path) -> None:
+    """An app that dials the host's address (not its name) is known by it too."""
+    async def main() -> None:
+        async with outside(tmp_path) as out:
+            port = out.db_port
+            self_check = await out.call((DB, port), b"select 1;")
+            assert self_check == b"SELECT 1;", self_check
+            for _ in range(50):
+                if out.lines:
+                    break
+                await asyncio.sleep(0.05)
+            [line] = out.lines
+            assert (line["host"], line["protocol"], line["bytes_sent"]) == (
+                "db.partner.example", "tcp", 9)
 
     run_on(loop_kind, main())
 
