@@ -40,7 +40,8 @@ from .conftest import run_on
 from .test_mtls import TD, mesh_tls, new_pki
 
 A, GATEWAY, API, LEGACY, ELSEWHERE = "127.0.0.1", "127.0.0.4", "127.0.0.6", "127.0.0.7", "127.0.0.8"
-DB = "127.0.0.9"
+DB, SECURE = "127.0.0.9", "127.0.0.10"
+SECURE_HOST = "mtls.partner.example"
 API_HOST, LEGACY_HOST = "api.partner.example", "legacy.partner.example"
 
 
@@ -48,12 +49,16 @@ def identity(service: str) -> ProxyIdentity:
     return ProxyIdentity(f"shop-{service}-netns-1", "shop", service, service, "v1")
 
 
-async def tls_server(address: str, host: str, authority: Authority, answer: bytes
-                     ) -> asyncio.Server:
-    """An HTTPS server of "the outside": its certificate for ``host`` by ``authority``."""
+async def tls_server(address: str, host: str, authority: Authority, answer: bytes,
+                     client_ca: Path | None = None) -> asyncio.Server:
+    """An HTTPS server of "the outside": its certificate for ``host`` by ``authority``;
+    with ``client_ca``, a client certificate of that CA required."""
     cert, key = authority.server(host)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=str(client_ca))
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, ssl.SSLError):
@@ -107,11 +112,19 @@ async def outside(tmp: Path) -> AsyncIterator[Outside]:
 
     db = await asyncio.start_server(echo, DB, 0)
     db_port = db.sockets[0].getsockname()[1]
+    secure = await tls_server(SECURE, SECURE_HOST, authority, b"client certificate seen",
+                              client_ca=authority.path)
+    secure_port = secure.sockets[0].getsockname()[1]
+    client_cert, client_key = authority.server("mesh.client.example", stem="client")
     egress = EgressSettings(policy="REGISTRY_ONLY", hosts=(
         EgressHostSpec(API_HOST, api_port, "tls", egress_vip(0), address=API),
         EgressHostSpec(LEGACY_HOST, 80, "http", egress_vip(1), address=LEGACY,
                        origination=EgressOrigination(port=legacy_port, ca=str(authority.path))),
         EgressHostSpec("db.partner.example", db_port, "tcp", egress_vip(2), address=DB),
+        EgressHostSpec(SECURE_HOST, 80, "http", egress_vip(3), address=SECURE,
+                       origination=EgressOrigination(port=secure_port, ca=str(authority.path),
+                                                     cert=str(client_cert),
+                                                     key=str(client_key))),
     ))
     gateway_route = ServiceRouting(wk.EGRESS_GATEWAY, (HttpRoute("default", (), (
         WeightedSubset("v1", 1),)),))
@@ -149,6 +162,7 @@ async def outside(tmp: Path) -> AsyncIterator[Outside]:
         api.close()
         legacy.close()
         db.close()
+        secure.close()
 
 
 def test_the_connect_line_names_the_target() -> None:
@@ -210,6 +224,17 @@ def test_a_listed_tcp_host_by_its_own_address_is_carried_as_bytes(
             [line] = out.lines
             assert (line["host"], line["protocol"], line["bytes_sent"]) == (
                 "db.partner.example", "tcp", 9)
+
+    run_on(loop_kind, main())
+
+
+def test_tls_origination_presents_the_client_certificate_the_file_names(
+        loop_kind: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with outside(tmp_path) as out:
+            got = await out.call((egress_vip(3), 80),
+                                 b"GET / HTTP/1.1\r\nhost: mtls.partner.example\r\n\r\n")
+            assert got.endswith(b"client certificate seen"), got
 
     run_on(loop_kind, main())
 
