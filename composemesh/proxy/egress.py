@@ -46,6 +46,7 @@ from composemesh.proxy.tls_link import TlsLink
 log = logging.getLogger("composemesh.proxy.egress")
 
 MAX_HEAD = 1024  # the CONNECT line and its empty line must come within this many bytes
+HEAD_TIMEOUT = 10.0  # ... and within this many seconds of the accept
 CONNECT_TIMEOUT = 10.0  # seconds to reach the external host (and end its TLS handshake)
 
 LogLine = Callable[[dict[str, Any]], None]
@@ -90,6 +91,7 @@ class EgressSession(asyncio.Protocol):
         self.record: dict[str, Any] = {}
         self.sent = self.received = 0
         self.status: int | None = None
+        self.waiting: asyncio.TimerHandle | None = None  # for the CONNECT line
 
     # the raw connection, then the link
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -101,6 +103,7 @@ class EgressSession(asyncio.Protocol):
             raw.abort()
             return
         link = self.link = TlsLink(server, server_side=True, handshake_timeout=HANDSHAKE_TIMEOUT)
+        self.waiting = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, link.abort)
         raw.set_protocol(link)
         link.connection_made(raw)
         link.handshake.add_done_callback(self._handshaken)
@@ -109,11 +112,13 @@ class EgressSession(asyncio.Protocol):
         link = self.link
         assert link is not None
         if done.cancelled() or done.exception() is not None:
+            self._stop_waiting()
             link.abort()
             return
         tls = self.gateway.tls
         spiffe = peer_spiffe(link.sslobj)
         if tls.source_service(spiffe) is None:  # a good chain, but not of this project
+            self._stop_waiting()
             link.abort()
             return
         self.source = str(spiffe)
@@ -127,6 +132,7 @@ class EgressSession(asyncio.Protocol):
                 self._refuse(None, "bad_connect")
             return
         rest = bytes(self.head[end + 4:])
+        self._stop_waiting()
         target = parse_connect(bytes(self.head[:end + 2]))
         if target is None:
             self._refuse(None, "bad_connect")
@@ -143,7 +149,12 @@ class EgressSession(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        pass
+        self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
+        if self.waiting is not None:
+            self.waiting.cancel()
+            self.waiting = None
 
     def _refuse(self, target: tuple[str, int] | None, outcome: str) -> None:
         host, port = target if target is not None else ("", 0)

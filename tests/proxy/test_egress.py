@@ -79,6 +79,7 @@ class Outside:
     ca: Path
     dialed: list[tuple[str, int]]  # what the app "dialed": A's original destination
     db_port: int
+    app_tls: Any = None  # the app sidecar's mTLS contexts (MeshTls)
     lines: list[dict[str, Any]] = field(default_factory=list)
 
     async def call(self, to: tuple[str, int], data: bytes, *, tls_host: str | None = None
@@ -145,7 +146,7 @@ async def outside(tmp: Path) -> AsyncIterator[Outside]:
         answer = ConfigStore([path.apply]).offer(encode_snapshot(Snapshot(
             "1", identity(who), settings=settings)))
         assert answer.ok, answer.reason
-    result = Outside(0, api_port, legacy_port, authority.path, dialed, db_port)
+    result = Outside(0, api_port, legacy_port, authority.path, dialed, db_port, a.tls)
     gateway = EgressGateway(b.tls, b.switch, log_line=result.lines.append)
     gw_server = await start_egress(gateway, host=GATEWAY)
     listener = await asyncio.get_running_loop().create_server(a.outbound, A, 0)
@@ -235,6 +236,27 @@ def test_tls_origination_presents_the_client_certificate_the_file_names(
             got = await out.call((egress_vip(3), 80),
                                  b"GET / HTTP/1.1\r\nhost: mtls.partner.example\r\n\r\n")
             assert got.endswith(b"client certificate seen"), got
+
+    run_on(loop_kind, main())
+
+
+def test_a_peer_that_never_names_its_target_is_closed(
+        loop_kind: str, tmp_path: Path, monkeypatch: Any) -> None:
+    """A mesh member that completes mTLS and says nothing costs the gateway a socket for
+    HEAD_TIMEOUT, no longer."""
+    from composemesh.proxy import egress
+
+    monkeypatch.setattr(egress, "HEAD_TIMEOUT", 0.3)
+
+    async def main() -> None:
+        async with outside(tmp_path) as out:
+            reader, writer = await asyncio.open_connection(
+                GATEWAY, wk.EGRESS_PORT, ssl=out.app_tls.client_tcp)
+            try:
+                assert await asyncio.wait_for(reader.read(100), 5) == b""
+            finally:
+                writer.close()
+            assert not out.lines
 
     run_on(loop_kind, main())
 
