@@ -261,6 +261,49 @@ def test_a_peer_that_never_names_its_target_is_closed(
     run_on(loop_kind, main())
 
 
+def test_an_attacker_without_a_mesh_certificate_gets_nothing_through_the_gateway(
+        loop_kind: str, tmp_path: Path) -> None:
+    """On the gateway's network, as an attacker would try it: plaintext, TLS with no client
+    certificate, and a certificate of another root each end at the handshake; a mesh
+    member asking for a host that is not listed is refused and logged."""
+    async def main() -> None:
+        async with outside(tmp_path) as out:
+            connect = b"CONNECT 203.0.113.7:22 HTTP/1.1\r\n\r\n"
+            reader, writer = await asyncio.open_connection(GATEWAY, wk.EGRESS_PORT)
+            writer.write(connect)
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(reader.read(100), 15) == b""
+            writer.close()
+            anonymous = ssl.create_default_context()
+            anonymous.check_hostname, anonymous.verify_mode = False, ssl.CERT_NONE
+            stranger = mesh_tls(new_pki("another root"), "app").client_tcp
+            for context in (anonymous, stranger):
+                try:
+                    reader, writer = await asyncio.open_connection(
+                        GATEWAY, wk.EGRESS_PORT, ssl=context)
+                    writer.write(connect)
+                    assert await asyncio.wait_for(reader.read(100), 15) == b""
+                    writer.close()
+                except (ssl.SSLError, ConnectionResetError):
+                    pass  # refused in the handshake itself
+            assert not out.lines  # none of them got as far as naming a target
+            reader, writer = await asyncio.open_connection(
+                GATEWAY, wk.EGRESS_PORT, ssl=out.app_tls.client_tcp)
+            writer.write(connect)
+            assert await asyncio.wait_for(reader.read(100), 15) == b""
+            writer.close()
+            for _ in range(50):
+                if out.lines:
+                    break
+                await asyncio.sleep(0.05)
+            [line] = out.lines
+            assert (line["host"], line["port"], line["outcome"]) == ("203.0.113.7", 22,
+                                                                     "not_listed")
+            assert line["source"] == f"spiffe://{TD}/ns/shop/sa/app"
+
+    run_on(loop_kind, main())
+
+
 def test_registry_only_refuses_an_unlisted_host_at_the_callers_sidecar(
         loop_kind: str, tmp_path: Path) -> None:
     """203.0.113.7 (TEST-NET-3) is outside and never connected to: refused before that."""

@@ -210,3 +210,28 @@ def test_plain_http_is_routed_when_not_redirected(loop_kind: str, tmp_path: Path
             assert names[b"x-forwarded-proto"] == b"http"
 
     run_on(loop_kind, main())
+
+
+def test_hostile_requests_at_the_ingress_get_envoys_statuses(loop_kind: str,
+                                                             tmp_path: Path) -> None:
+    """The ingress is the outbound HTTP path with the same limits: an oversized head is 431,
+    a broken request 400, a CONNECT 405; nothing reaches the mesh."""
+    async def main() -> None:
+        async with ingress(tmp_path) as gw:
+            for request, status in (
+                    (b"GET / HTTP/1.1\r\nhost: www.example.com\r\nx-big: "
+                     + b"a" * 200_000 + b"\r\n\r\n", b"431"),
+                    (b"GET / HTTP/1.1\r\nhost: www.example.com\r\ncontent-length: x\r\n\r\n",
+                     b"400"),
+                    (b"CONNECT api:443 HTTP/1.1\r\nhost: api:443\r\n\r\n", b"405")):
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", gw.https, ssl=gw.ca, server_hostname=WWW)
+                writer.write(request)
+                try:
+                    head = await asyncio.wait_for(reader.read(100), 10)
+                finally:
+                    writer.close()
+                assert head.startswith(b"HTTP/1.1 " + status), (status, head)
+            assert not gw.web.requests and not gw.api.requests
+
+    run_on(loop_kind, main())
