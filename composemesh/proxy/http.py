@@ -172,10 +172,11 @@ class HttpPath:
         """The handoff that makes a peer's connection into the app an HTTP one (an
         ``InboundRouter``'s ``http``): ``peer`` is its mesh service (None: unauthenticated),
         ``secure`` whether it came over mTLS."""
-        caller = InboundCaller(peer, secure, Endpoint(node=self.inbound.config.node,
-                                                      version=self.inbound.me.version,
+        inbound = self.inbound  # the one in force, read once
+        caller = InboundCaller(peer, secure, Endpoint(node=inbound.config.node,
+                                                      version=inbound.me.version,
                                                       address=original[0]))
-        return Handoff(partial(self._take, self.inbound.me.app, original[1], caller))
+        return Handoff(partial(self._take, inbound.me.app, original[1], caller))
 
     def black_hole_entry(self, host: str, port: int) -> Handoff:
         """The handoff of an app's HTTP connection to ``host:port`` that REGISTRY_ONLY refuses:
