@@ -234,6 +234,32 @@ def status(project: str | None, as_json: bool) -> None:
     _print_status(data)
 
 
+@main.command()
+@click.option("-p", "--project-name", "project", envvar="COMPOSE_PROJECT_NAME", default=None)
+@click.option("-n", "--interval", type=float, default=2.0, show_default=True,
+              help="Seconds between updates.")
+@click.option("--once", is_flag=True, help="Print one table (two scrapes apart) and exit.")
+@handle_errors
+def top(project: str | None, interval: float, once: bool) -> None:
+    """Live traffic from the proxies' metrics: per service and version the request rate,
+    success rate, p50 and p99, and per caller."""
+    from composemesh.cli_top import run_top
+
+    run_top(project or _project_from_cwd(), interval=interval, once=once)
+
+
+@main.command()
+@click.option("-o", "--output", "output", type=click.Path(file_okay=False), required=True,
+              help="The directory to write the dashboards' Grafana JSON into.")
+@handle_errors
+def dashboards(output: str) -> None:
+    """Write the traffic and control-plane dashboards as Grafana JSON, for your own Grafana."""
+    from composemesh.dashboards import write_dashboards
+
+    for path in write_dashboards(Path(output)):
+        err.print(f"wrote {path}")
+
+
 @main.group(invoke_without_command=True)
 @click.option("-p", "--project-name", "project", envvar="COMPOSE_PROJECT_NAME", default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the CA and identities as JSON.")

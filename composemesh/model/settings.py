@@ -11,6 +11,7 @@ from composemesh.errors import ConfigError
 from composemesh.model import wellknown as wk
 from composemesh.model.egress import EgressSettings
 from composemesh.model.ingress import IngressSettings
+from composemesh.model.monitoring import MonitoringSettings, parse_monitoring
 
 SECTION = "x-composemesh"
 KEYS = (
@@ -39,6 +40,7 @@ class MeshSettings:
     # the ingress as `check` resolved it (file and labels merged; the pilot's ENV_INGRESS)
     ingress: IngressSettings | None = None
     egress: EgressSettings | None = None  # the same, of x-composemesh.egress (ENV_EGRESS)
+    monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
 
 
 def parse_settings(section: object) -> MeshSettings:
@@ -68,6 +70,7 @@ def parse_settings(section: object) -> MeshSettings:
         mtls_mode=mode,
         mtls_overrides=overrides,
         raw=dict(section),
+        monitoring=parse_monitoring(section.get("monitoring")),
     )
 
 

@@ -21,6 +21,7 @@ import msgspec
 from composemesh.model.egress import EgressSettings
 from composemesh.model.ingress import IngressSettings
 from composemesh.model.mesh import NetworkAttachment
+from composemesh.model.monitoring import Telemetry
 from composemesh.model.policy import Policy
 from composemesh.model.routing import ServiceRouting
 from composemesh.model.wire import ContractError, decode, encode
@@ -94,6 +95,7 @@ class SnapshotSettings:
     networks: tuple[NetworkAttachment, ...] = ()  # the holder's networks, with subnets
     ingress: IngressSettings | None = None  # the ingress gateway's alone
     egress: EgressSettings | None = None  # None: no egress section (ALLOW_ANY, no hosts)
+    telemetry: Telemetry = Telemetry()  # access logs, tracing: this proxy's service's
 
 
 @dataclass(frozen=True)

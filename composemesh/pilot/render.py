@@ -97,9 +97,10 @@ class PushIndex:
             networks=workload.attachments,
             ingress=state.settings.ingress if workload.service == INGRESS_GATEWAY else None,
             egress=state.settings.egress,
+            telemetry=state.settings.monitoring.telemetry(workload.service),
         )
         own = (identity, mtls_mode, policies, workload.published_ports, workload.attachments,
-               settings.ingress)
+               settings.ingress, settings.telemetry)
         version = content_version((own, services_digest, self.shared_digest))
         return Snapshot(version=version, identity=identity, settings=settings)
 

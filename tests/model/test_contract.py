@@ -17,6 +17,7 @@ import pytest
 
 from composemesh.model.egress import EgressHostSpec, EgressOrigination, EgressSettings
 from composemesh.model.ingress import IngressHostSpec, IngressPath, IngressSettings
+from composemesh.model.monitoring import Telemetry, TracingSettings
 from composemesh.model.mesh import NetworkAttachment
 from composemesh.model.policy import Operation, Policy
 from composemesh.model.routing import (
@@ -101,6 +102,8 @@ SNAPSHOT = Snapshot(
             EgressHostSpec("api.partner.example", 443, "tls", "240.240.0.1"),
             EgressHostSpec("legacy.partner.example", 80, "http", "240.240.0.2", "10.1.2.3",
                            EgressOrigination(443, "/etc/composemesh/egress/1/ca.pem")))),
+        telemetry=Telemetry(access_log=False, tracing=TracingSettings(
+            zipkin="http://collector:9411/api/v2/spans", sampling=0.25)),
     ),
 )
 
