@@ -16,7 +16,7 @@ from cryptography import x509
 
 from composemesh.ca import pki
 from composemesh.ca.rotation import Root, RootSet, steady
-from composemesh.ca.spiffe import SpiffeId, trust_domain_uri
+from composemesh.ca.spiffe import SpiffeId, WorkloadName, trust_domain_uri
 from composemesh.clock import Clock, system_clock
 from composemesh.errors import ConfigError, MeshError
 from composemesh.model.ca_config import MTLS, CAConfig
@@ -90,8 +90,10 @@ class CertificateAuthority:
 
     # ------------------------------------------------------------------ issuance
 
-    def sign(self, csr_pem: bytes | str, attested: SpiffeId) -> SignedCertificate:
-        """A certificate for the CSR's key naming ``attested``; IssuanceRefused saying why not."""
+    def sign(self, csr_pem: bytes | str, attested: SpiffeId,
+             workload: WorkloadName | None = None) -> SignedCertificate:
+        """A certificate for the CSR's key naming ``attested`` (and ``workload``, its attested
+        compose service and version, in the subject); IssuanceRefused saying why not."""
         if attested.trust_domain != self.trust_domain:
             raise IssuanceRefused(
                 f"the identity {attested.uri} is in trust domain {attested.trust_domain!r}; "
@@ -103,7 +105,8 @@ class CertificateAuthority:
         now = self._clock()
         try:
             cert = pki.sign_workload(
-                csr, issuer.cert, issuer.key, attested.uri, self.workload_ttl, now=now
+                csr, issuer.cert, issuer.key, attested.uri, self.workload_ttl, now=now,
+                workload=workload,
             )
         except ValueError as exc:
             raise IssuanceRefused(f"cannot sign: {exc}") from None

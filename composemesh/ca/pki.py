@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from composemesh.ca.spiffe import trust_domain_uri
+from composemesh.ca.spiffe import WorkloadName, trust_domain_uri
 
 # Lifetimes and limits (mitmproxy's certs.py keeps its expiry constants up here too).
 ROOT_LIFETIME = timedelta(days=3650)  # a generated root: ten years
@@ -244,10 +244,13 @@ def sign_workload(
     *,
     now: datetime | None = None,
     serial: int | None = None,
+    workload: WorkloadName | None = None,
 ) -> x509.Certificate:
     """The workload certificate for the CSR's key, named ``spiffe_uri`` (the caller's decision).
 
-    Only the CSR's public key is used: its subject and SANs are ignored. ``not_before`` is
+    Only the CSR's public key is used: its subject and SANs are ignored. ``workload``, the
+    attested compose service and version, goes in the subject (``workload_subject``): the
+    peer's metrics name it from there, as Istio's metadata exchange would. ``not_before`` is
     ``now - CLOCK_SKEW``; ``not_after`` is ``now + lifetime`` capped at the issuer's expiry.
     ValueError if the key is not P-256, the lifetime is not positive, or the issuer is
     expired, not yet valid or not a CA.
@@ -262,7 +265,7 @@ def sign_workload(
     not_before, not_after = _window(issuer_cert, now, lifetime)
     return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
+        .subject_name(workload_subject(workload))
         .issuer_name(issuer_cert.subject)
         .public_key(public_key)
         .serial_number(serial if serial is not None else x509.random_serial_number())
@@ -291,12 +294,24 @@ def sign_workload(
         )
         .add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_uri)]),
-            critical=True,  # the subject is empty (RFC 5280 4.2.1.6)
+            critical=workload is None,  # when the subject is empty (RFC 5280 4.2.1.6)
         )
         .add_extension(_ski(public_key), critical=False)
         .add_extension(_aki(issuer_cert), critical=False)
         .sign(issuer_key, _hash_for(issuer_key))
     )
+
+
+def workload_subject(workload: WorkloadName | None) -> x509.Name:
+    """The subject of a workload certificate: O the compose project, OU the version, CN the
+    compose service (the workload), all attested; empty without them."""
+    if workload is None:
+        return x509.Name([])
+    return x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, workload.namespace),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, workload.version),
+        x509.NameAttribute(NameOID.COMMON_NAME, workload.workload),
+    ])
 
 
 def _window(

@@ -44,6 +44,22 @@ class SpiffeId:
         return self.uri
 
 
+@dataclass(frozen=True, slots=True)
+class WorkloadName:
+    """What a workload certificate says beside its SPIFFE ID: the compose service (Istio's
+    workload) and the version, attested as the SPIFFE ID is (ValueError if a part is invalid).
+    Several versions share one SPIFFE ID; the peer's metrics tell them apart by these."""
+
+    namespace: str  # the compose project
+    workload: str  # the compose service
+    version: str
+
+    def __post_init__(self) -> None:
+        _check_segment(self.namespace, "namespace")
+        _check_segment(self.workload, "workload")
+        _check_segment(self.version, "version")
+
+
 def spiffe_id(trust_domain: str, project: str, service: str) -> str:
     """``spiffe://<trust_domain>/ns/<project>/sa/<service>``; ValueError if a part is invalid."""
     return SpiffeId(trust_domain, project, service).uri

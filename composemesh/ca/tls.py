@@ -73,6 +73,17 @@ def peer_spiffe(ssl_object: Any) -> str | None:
     return uris[0] if len(uris) == 1 else None
 
 
+def peer_workload(ssl_object: Any) -> tuple[str, str] | None:
+    """The (workload, version) the CA wrote in the verified peer certificate's subject (CN,
+    OU: ``pki.workload_subject``), None where it wrote none (an older certificate)."""
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    if not cert:
+        return None
+    names = {k: v for rdn in cert.get("subject", ()) for k, v in rdn}
+    workload, version = names.get("commonName"), names.get("organizationalUnitName")
+    return (workload, version) if workload and version else None
+
+
 def is_tls_client_hello(first: bytes) -> bool:
     """Whether a connection's first bytes start a TLS handshake (record type 22, version 3.x)."""
     return len(first) >= 2 and first[0] == TLS_RECORD and first[1] == 3

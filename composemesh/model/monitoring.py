@@ -164,7 +164,8 @@ def _tracing(value: object) -> TracingSettings:
     return TracingSettings(zipkin=zipkin, otlp=otlp, sampling=float(sampling))
 
 
-def _mapping(value: object, where: str, keys: tuple[str, ...], also: str = "") -> Mapping[str, object]:
+def _mapping(value: object, where: str, keys: tuple[str, ...],
+             also: str = "") -> Mapping[str, object]:
     if not isinstance(value, Mapping):
         raise ConfigError(f"must be {also}a mapping", field=where)
     for key in value:

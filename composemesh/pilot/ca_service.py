@@ -38,6 +38,7 @@ from composemesh.ca import (
     switch_signing,
 )
 from composemesh.ca.pki import check_root
+from composemesh.ca.spiffe import WorkloadName
 from composemesh.clock import Clock, system_clock
 from composemesh.errors import ConfigError, MeshError
 from composemesh.model.ca_config import (  # the user's root, where the injector mounted it
@@ -248,10 +249,18 @@ class CAService:
         except ValueError as exc:
             raise IssuanceRefused(f"no SPIFFE ID for node {workload.node}: {exc}") from None
 
+    def attest_name(self, workload: Workload) -> WorkloadName | None:
+        """The compose service and version of the caller found at ``workload`` (None where
+        a part is not a name a certificate can carry: the SPIFFE ID alone then)."""
+        try:
+            return WorkloadName(self.project, workload.compose_service, workload.version)
+        except ValueError:
+            return None
+
     def issue(self, csr_pem: bytes, workload: Workload, container: str = "") -> SignedCertificate:
         """Sign ``csr_pem`` for the attested ``workload``, whose proxy ``container`` asked;
         IssuanceRefused saying why not."""
-        signed = self.authority.sign(csr_pem, self.attest(workload))
+        signed = self.authority.sign(csr_pem, self.attest(workload), self.attest_name(workload))
         cert, issuer = certs_from_pem(signed.chain_pem)[:2]
         record = IssuedRecord(
             node=workload.node,

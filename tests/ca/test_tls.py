@@ -11,19 +11,22 @@ import pytest
 
 from composemesh.ca import cert_to_pem, key_to_pem, make_csr, make_root, sign_workload
 from composemesh.ca.pki import generate_key
+from composemesh.ca.spiffe import WorkloadName
 from composemesh.ca.tls import (
     client_context,
     is_tls_client_hello,
     peer_spiffe,
+    peer_workload,
     server_context,
 )
 
 TD = "cluster.local"
 
 
-def _leaf(root, root_key, uri: str) -> tuple[bytes, bytes]:
+def _leaf(root, root_key, uri: str, workload: WorkloadName | None = None
+          ) -> tuple[bytes, bytes]:
     key = generate_key()
-    cert = sign_workload(make_csr(key), root, root_key, uri)
+    cert = sign_workload(make_csr(key), root, root_key, uri, workload=workload)
     return cert_to_pem(cert), key_to_pem(key)
 
 
@@ -34,7 +37,8 @@ def pki():
     return {
         "bundle": cert_to_pem(root),
         "server": _leaf(root, root_key, f"spiffe://{TD}/ns/shop/sa/reviews"),
-        "client": _leaf(root, root_key, f"spiffe://{TD}/ns/shop/sa/productpage"),
+        "client": _leaf(root, root_key, f"spiffe://{TD}/ns/shop/sa/productpage",
+                        WorkloadName("shop", "productpage-v2", "v2")),
         "foreign": _leaf(other, other_key, f"spiffe://{TD}/ns/shop/sa/productpage"),
     }
 
@@ -48,6 +52,7 @@ def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext):
         try:
             with server_ctx.wrap_socket(a, server_side=True) as s:
                 seen["server_peer"] = peer_spiffe(s)
+                seen["server_peer_workload"] = peer_workload(s)
                 seen["version"] = s.version()
                 s.sendall(b"ok")
         except (ssl.SSLError, OSError) as exc:
@@ -58,6 +63,7 @@ def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext):
     try:
         with client_ctx.wrap_socket(b) as c:
             seen["client_peer"] = peer_spiffe(c)
+            seen["client_peer_workload"] = peer_workload(c)
             seen["data"] = c.recv(2)
     except (ssl.SSLError, OSError) as exc:
         seen["client_error"] = exc
@@ -70,6 +76,9 @@ def test_mutual_tls_both_ends_see_the_peers_spiffe_id_over_tls13(pki):
                       client_context(*pki["client"], pki["bundle"]))
     assert seen["server_peer"] == f"spiffe://{TD}/ns/shop/sa/productpage"
     assert seen["client_peer"] == f"spiffe://{TD}/ns/shop/sa/reviews"
+    # the CA's subject names the workload and version (the server's certificate has none)
+    assert seen["server_peer_workload"] == ("productpage-v2", "v2")
+    assert seen["client_peer_workload"] is None
     assert seen["version"] == "TLSv1.3"
     assert seen["data"] == b"ok"
 

@@ -223,6 +223,9 @@ def test_post_certificate_issues_for_the_attested_caller(tmp_path: Path,
         cert = cert_from_pem(answer["cert_pem"])
         assert answer["spiffe"] == spiffe_of(cert) == "spiffe://cluster.local/ns/shop/sa/web"
         assert cert.public_key() == key.public_key()
+        # the attested workload and version, in the subject: the peer's metrics name them
+        assert cert.subject.rfc4514_string() == (
+            f"CN={WEB.compose_service},OU={WEB.version},O=shop")
         chain = certs_from_pem(answer["chain_pem"])
         verify_chain(cert, chain[1:], certs_from_pem(answer["trust_bundle_pem"]))
         assert datetime.fromisoformat(answer["not_after"]) == cert.not_valid_after_utc
