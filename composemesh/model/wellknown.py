@@ -10,11 +10,14 @@ from composemesh import __version__
 PORT_ADMIN: Final = 15000  # config dump, ready, stats
 PORT_OUTBOUND: Final = 15001  # outbound capture (iptables REDIRECT target)
 PORT_INBOUND: Final = 15006  # inbound capture (iptables REDIRECT target)
-# The pilot listens on no port: its API is on a Unix socket in a volume that only the mesh's
+# The pilot's API listens on no port: it is on a Unix socket in a volume that only the mesh's
 # own containers mount (the proxies read-only); callers are attested by the kernel.
 PILOT_SOCKET_DIR: Final = "/run/composemesh"
 PILOT_SOCKET: Final = f"{PILOT_SOCKET_DIR}/pilot.sock"
 PILOT_URL: Final = f"unix://{PILOT_SOCKET}"  # how a proxy names it (COMPOSEMESH_PILOT_URL)
+# Its one network port: the read-only monitoring listener (Istio's istiod port), serving
+# /metrics and /sd/prometheus only (pilot.monitoring).
+PORT_PILOT_MONITORING: Final = 15014
 PORT_HEALTH: Final = 15021  # /healthz/ready
 PORT_PROMETHEUS: Final = 15090  # /stats/prometheus
 PROXY_PORTS: Final = (PORT_ADMIN, PORT_OUTBOUND, PORT_INBOUND, PORT_HEALTH, PORT_PROMETHEUS)

@@ -1,4 +1,5 @@
-"""Runs the pilot: the one place that owns its asyncio lifecycle (CA, source watch, API server)."""
+"""Runs the pilot: the one place that owns its asyncio lifecycle (CA, source watch, API server,
+monitoring listener)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 from aiohttp import web
 
@@ -23,6 +26,8 @@ from composemesh.model.mesh import MeshState
 from composemesh.model.settings import MeshSettings, parse_settings
 from composemesh.model.wire import ContractError, decode
 from composemesh.pilot.ca_service import CAService
+from composemesh.pilot.metrics import PilotMetrics, counted
+from composemesh.pilot.monitoring import make_monitoring_app, start_monitoring
 from composemesh.pilot.server import Pilot, make_app
 from composemesh.pilot.sources.docker.controller import DockerSource
 from composemesh.pilot.sources.docker.convert import PROJECT_LABEL
@@ -62,6 +67,44 @@ async def own_project(api: EngineAPI) -> str:
     return str(project)
 
 
+async def own_networks(api: EngineAPI) -> frozenset[str] | None:
+    """The names of the networks the pilot's own container is on; None where the engine
+    does not know it (a pilot run outside a container): the proxies are then scraped and
+    listed at their first address (``traffic.metrics_address``)."""
+    try:
+        me = await api.inspect(socket.gethostname())
+    except EngineError as exc:
+        log.warning("cannot tell which networks the pilot is on: %s", exc)
+        return None
+    found = ((me.get("NetworkSettings") or {}).get("Networks")) or {}
+    return frozenset(str(name) for name in found) if isinstance(found, dict) and found else None
+
+
+class CountedEngineAPI(EngineAPI):
+    """The engine's API, counting each event its stream delivers (``pilot_docker_events``)."""
+
+    def __init__(self, metrics: PilotMetrics, path: str | None = None) -> None:
+        super().__init__(path)
+        self._metrics = metrics
+
+    def events(self, *, project: str) -> AsyncIterator[dict[str, Any]]:
+        return counted(super().events(project=project), self._metrics.docker_events.inc)
+
+
+async def serve_monitoring(pilot: Pilot, networks: frozenset[str] | None,
+                           port: int = wk.PORT_PILOT_MONITORING) -> web.AppRunner | None:
+    """The read-only monitoring listener on ``port`` of every interface; None (logged) if it
+    cannot bind: the pilot serves its API and pushes without it."""
+    app = make_monitoring_app(pilot.metrics, lambda: pilot.state, networks)
+    try:
+        runner = await start_monitoring(app, None, port)
+    except OSError as exc:
+        log.error("monitoring listener not started: cannot listen on port %d: %s", port, exc)
+        return None
+    log.info("monitoring (/metrics, /sd/prometheus) on port %d", port)
+    return runner
+
+
 ENV_SOCKET = "COMPOSEMESH_PILOT_SOCKET"
 SOCKET_MODE = 0o666  # who may connect is bounded by who mounts the volume; each call is attested
 
@@ -72,22 +115,27 @@ async def serve(path: str | None = None) -> None:
     volume's directory or ``docker exec``."""
     path = path or os.environ.get(ENV_SOCKET) or wk.PILOT_SOCKET
     settings = settings_from_env()
-    api = EngineAPI()
+    metrics = PilotMetrics()
+    api = CountedEngineAPI(metrics)
     runner: web.AppRunner | None = None
+    monitoring: web.AppRunner | None = None
     watch: asyncio.Task[None] | None = None
     scrape: asyncio.Task[None] | None = None
     try:
         project = await own_project(api)
         ca = CAService.load_or_create(settings, project)
-        pilot = Pilot(MeshState(project=project, settings=settings), OverrideStore(), ca)
+        pilot = Pilot(MeshState(project=project, settings=settings), OverrideStore(), ca,
+                      metrics=metrics)
+        networks = await own_networks(api)
         source = DockerSource(api, project, pilot.update_workloads)
         runner = web.AppRunner(make_app(pilot), access_log=None)
         await runner.setup()
         await web.SockSite(runner, bind_socket(path)).start()
+        log.info("pilot of project %s: its API on %s (no network port)", project, path)
+        monitoring = await serve_monitoring(pilot, networks)
         watch = asyncio.create_task(source.run(), name="docker-watch")
-        pilot.traffic = TrafficMonitor(lambda: pilot.state.workloads)
+        pilot.traffic = TrafficMonitor(lambda: pilot.state.workloads, networks=networks)
         scrape = asyncio.create_task(pilot.traffic.run(), name="traffic-scrape")
-        log.info("pilot of project %s listening on %s (no network port)", project, path)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -98,6 +146,8 @@ async def serve(path: str | None = None) -> None:
             if task:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if monitoring:
+            await monitoring.cleanup()
         if runner:
             await runner.cleanup()
         await api.close()

@@ -13,6 +13,10 @@ address or by what it claims, and each endpoint names who may call it:
 
 Refusals are 403 with the reason (503 for a container the pilot may not have seen yet), logged
 with who asked.
+
+The pilot's metrics (``pilot.metrics``) are counted here, where snapshots go out, answers come
+in and certificates are signed or refused; they are served by ``pilot.monitoring``, on its own
+listener, never by this API.
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ from composemesh.model.wire import ContractError, decode, encode
 from composemesh.pilot.attest import Caller, KernelAttestor, Unknown
 from composemesh.pilot.build import build_state, default_split, service_versions
 from composemesh.pilot.ca_service import ROTATION_STEPS, CAService
+from composemesh.pilot.metrics import (
+    Convergence,
+    PilotMetrics,
+    connected_proxies,
+    refusal_outcome,
+)
 from composemesh.pilot.push_context import PushContext
 from composemesh.pilot.store import OverrideStore
 from composemesh.pilot.traffic import TrafficMonitor
@@ -82,7 +92,7 @@ class Pilot:
 
     def __init__(
         self, state: MeshState, store: OverrideStore | None = None, ca: CAService | None = None,
-        attestor: Attestor | None = None,
+        attestor: Attestor | None = None, metrics: PilotMetrics | None = None,
     ) -> None:
         self.state = state
         self.store = store
@@ -97,6 +107,43 @@ class Pilot:
         self.held: dict[str, HeldCertificate] = {}  # by node
         self._changed = asyncio.Condition()
         self._push: PushContext | None = None
+        # what ``pilot_xds`` counts (``metrics.connected_proxies``): open polls by node, and
+        # when (monotonic) each node's last poll ended or its last ACK came
+        self.open_polls: dict[str, int] = {}
+        self.last_contact: dict[str, float] = {}
+        self.published_at = time.monotonic()  # when the current state was published
+        self.convergence = Convergence()
+        self.metrics = metrics or PilotMetrics()
+        self.metrics.bind(lambda: self.state, self.connected)
+
+    def connected(self) -> int:
+        """How many proxies are connected now (``metrics.connected_proxies``)."""
+        return connected_proxies(self.open_polls, self.last_contact, time.monotonic())
+
+    def poll_opened(self, node: str) -> None:
+        self.open_polls[node] = self.open_polls.get(node, 0) + 1
+
+    def poll_closed(self, node: str) -> None:
+        left = self.open_polls.get(node, 0) - 1
+        if left > 0:
+            self.open_polls[node] = left
+        else:
+            self.open_polls.pop(node, None)
+        self.last_contact[node] = time.monotonic()
+
+    def snapshot_current(self, workload: Workload, version: str) -> None:
+        """``version`` is what ``workload``'s proxy is sent now: current for it since the
+        push in which the pilot first rendered it for that proxy (a proxy that is polling,
+        as every connected one is, renders it in the push that made it current)."""
+        self.convergence.current(workload.node, version, self.published_at)
+
+    def answered(self, node: str, version: str, ok: bool) -> None:
+        """A proxy's ACK or NACK of ``version``, counted; an ACK of the version current for
+        it is observed as its convergence time."""
+        now = time.monotonic()
+        self.last_contact[node] = now
+        converged = self.convergence.acked(node, version, now) if ok else None
+        self.metrics.answered(ok, converged)
 
     async def update_workloads(self, workloads: tuple[Workload, ...]) -> None:
         """A new view from the Docker source: rebuild and publish."""
@@ -133,6 +180,11 @@ class Pilot:
             self.state = state
             self.generation += 1
             self.synced = True
+            self.published_at = time.monotonic()
+            nodes = {w.node for w in state.workloads}
+            self.convergence.forget(nodes)
+            for node in [n for n in self.last_contact if n not in nodes]:
+                del self.last_contact[node]
             self._changed.notify_all()
 
     async def wait_for_change(self, generation: int, timeout: float) -> None:
@@ -315,32 +367,44 @@ async def get_snapshot(request: web.Request) -> web.StreamResponse:
         return _error(400, f"wait must be a number of seconds from 0 to {LONG_POLL_MAX_S:g}")
     started = time.monotonic()
     deadline = started + wait
-    while True:
-        generation = pilot.generation
-        caller = _attested(pilot, request, "a snapshot", PROXY_ONLY)
-        unknown = isinstance(caller, web.Response)
-        if isinstance(caller, web.Response):  # a container not known yet may be, soon
-            now = time.monotonic()
-            if caller.status != 503 or now - started > UNKNOWN_GRACE_S or now >= deadline:
-                return caller
-        else:
-            workload = caller.proxy_workload
-            pilot.last_seen[workload.node] = time.time()
-            serial = request.query.get("cert_serial", "")
-            if serial:
-                pilot.held[workload.node] = HeldCertificate(
-                    serial[:64], request.query.get("cert_not_after", "")[:40])
-            applied = request.query.get("applied", "")
-            if applied and workload.node not in pilot.acks:  # a pilot that lost its memory
-                pilot.acks[workload.node] = AckRecord(applied, True, "", time.time())
-            push = pilot.push_context()
-            if push.snapshot(workload).version != have:
-                return web.Response(body=push.body(workload), content_type="application/json")
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return web.Response(status=304)
-        await pilot.wait_for_change(generation, min(remaining, UNKNOWN_GRACE_S) if unknown
-                                    else remaining)
+    polling: str | None = None  # the node whose poll this is, once attested
+    try:
+        while True:
+            generation = pilot.generation
+            caller = _attested(pilot, request, "a snapshot", PROXY_ONLY)
+            unknown = isinstance(caller, web.Response)
+            if isinstance(caller, web.Response):  # a container not known yet may be, soon
+                now = time.monotonic()
+                if caller.status != 503 or now - started > UNKNOWN_GRACE_S or now >= deadline:
+                    return caller
+            else:
+                workload = caller.proxy_workload
+                if polling is None:
+                    polling = workload.node
+                    pilot.poll_opened(polling)
+                pilot.last_seen[workload.node] = time.time()
+                serial = request.query.get("cert_serial", "")
+                if serial:
+                    pilot.held[workload.node] = HeldCertificate(
+                        serial[:64], request.query.get("cert_not_after", "")[:40])
+                applied = request.query.get("applied", "")
+                if applied and workload.node not in pilot.acks:  # a pilot that lost its memory
+                    pilot.acks[workload.node] = AckRecord(applied, True, "", time.time())
+                push = pilot.push_context()
+                version = push.snapshot(workload).version
+                pilot.snapshot_current(workload, version)
+                if version != have:
+                    body = push.body(workload)
+                    pilot.metrics.pushed()
+                    return web.Response(body=body, content_type="application/json")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return web.Response(status=304)
+            await pilot.wait_for_change(generation, min(remaining, UNKNOWN_GRACE_S) if unknown
+                                        else remaining)
+    finally:
+        if polling is not None:
+            pilot.poll_closed(polling)
 
 
 async def post_ack(request: web.Request) -> web.Response:
@@ -358,6 +422,7 @@ async def post_ack(request: web.Request) -> web.Response:
         return _error(403, "node does not match the caller")
     pilot.acks[workload.node] = AckRecord(ack.version, ack.ok, ack.reason, time.time())
     pilot.last_seen[workload.node] = time.time()
+    pilot.answered(workload.node, ack.version, ack.ok)
     if ack.ok:
         log.info("ACK %s %s", workload.node, ack.version)
     else:
@@ -372,19 +437,32 @@ async def post_certificate(request: web.Request) -> web.Response:
         return _error(404, "this pilot runs no CA")
     caller = _attested(pilot, request, "a workload certificate", PROXY_ONLY)
     if isinstance(caller, web.Response):
+        pilot.metrics.certificate("attestation_failed")
         return caller
     workload = caller.proxy_workload
     who = caller.describe()
+    try:
+        pilot.ca.attest(workload)  # the identity the caller was attested as has a name
+    except IssuanceRefused as exc:
+        log.warning("certificate refused to %s (%s): %s", who, workload.node, exc.reason)
+        pilot.metrics.certificate("attestation_failed")
+        return _error(403, exc.reason)
     if request.content_length is not None and request.content_length > MAX_CSR_BYTES:
         reason = f"the CSR is larger than {MAX_CSR_BYTES} bytes"
         log.warning("certificate refused to %s (%s): %s", who, workload.node, reason)
+        pilot.metrics.certificate("bad_csr")
         return _error(403, reason)
     csr = await request.read()  # aiohttp caps a body at 1 MiB; the CA at MAX_CSR_BYTES
     try:
         signed = pilot.ca.issue(csr, workload, caller.container_id or "")
     except IssuanceRefused as exc:
         log.warning("certificate refused to %s (%s): %s", who, workload.node, exc.reason)
+        pilot.metrics.certificate(refusal_outcome(exc.reason))
         return _error(403, exc.reason)
+    except Exception:
+        pilot.metrics.certificate("error")
+        raise
+    pilot.metrics.certificate("issued")
     record = pilot.ca.issued[workload.node]
     pilot.held[workload.node] = HeldCertificate(record.serial, record.not_after)
     log.info("certificate issued to %s (%s): %s serial %s until %s",

@@ -3,7 +3,9 @@
 The pilot scrapes every running proxy's ``:15090/stats/prometheus`` on an interval and keeps
 the last two samples of ``istio_requests_total`` (reporter="source": every request counted
 once, by the proxy that sent it); rates are the difference over the time between them.
-Parsing and rating are pure; the scrape loop is the only I/O.
+Parsing, rating and the choice of the address a proxy is scraped at (``metrics_address``,
+which the pilot's Prometheus service discovery uses too) are pure; the scrape loop is the only
+I/O.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -24,6 +26,24 @@ log = logging.getLogger("composemesh.pilot.traffic")
 SCRAPE_INTERVAL_S = 5.0
 
 Key = tuple[str, str, str]  # (destination service, destination version, response code)
+
+
+def metrics_address(workload: Workload, pilot_networks: Collection[str] | None = None
+                    ) -> str | None:
+    """The address ``workload``'s proxy is scraped at: the lowest of its addresses on the
+    networks the pilot is on too (``pilot_networks``, by name); where the pilot's networks or
+    the workload's are not known, its lowest address of all. None when it has no address the
+    pilot can reach."""
+    if pilot_networks is not None and workload.networks:
+        shared = sorted(address for name, address in workload.networks
+                        if name in pilot_networks and address)
+        return shared[0] if shared else None
+    return min(workload.addresses) if workload.addresses else None
+
+
+def host_port(address: str, port: int) -> str:
+    """``address:port`` as a URL or a Prometheus target names it (an IPv6 address bracketed)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def parse_requests(text: str) -> dict[Key, float]:
@@ -112,6 +132,7 @@ class TrafficMonitor:
 
     workloads: Callable[[], Iterable[Workload]]
     interval_s: float = SCRAPE_INTERVAL_S
+    networks: Collection[str] | None = None  # the pilot's networks, by name; None: not known
     _samples: list[tuple[float, dict[str, dict[Key, float]]]] = field(default_factory=list)
 
     def current(self) -> dict[tuple[str, str], Rate]:
@@ -128,13 +149,15 @@ class TrafficMonitor:
         return sent_rates(s0, s1, t1 - t0)
 
     async def scrape_once(self, session: aiohttp.ClientSession) -> None:
-        targets = [w for w in self.workloads() if w.proxy_healthy and w.addresses]
-        results = await asyncio.gather(*(self._scrape(session, w) for w in targets))
-        sample = {w.node: r for w, r in zip(targets, results, strict=True) if r is not None}
+        targets = [(w, address) for w in self.workloads() if w.proxy_healthy
+                   and (address := metrics_address(w, self.networks)) is not None]
+        results = await asyncio.gather(*(self._scrape(session, w, a) for w, a in targets))
+        sample = {w.node: r for (w, _), r in zip(targets, results, strict=True) if r is not None}
         self._samples = [*self._samples[-1:], (time.monotonic(), sample)]
 
-    async def _scrape(self, session: aiohttp.ClientSession, w: Workload) -> dict[Key, float] | None:
-        url = f"http://{w.addresses[0]}:{wk.PORT_PROMETHEUS}/stats/prometheus"
+    async def _scrape(self, session: aiohttp.ClientSession, w: Workload,
+                      address: str) -> dict[Key, float] | None:
+        url = f"http://{host_port(address, wk.PORT_PROMETHEUS)}/stats/prometheus"
         try:
             async with session.get(url) as resp:
                 if resp.status != 200:
