@@ -93,16 +93,20 @@ class CountedEngineAPI(EngineAPI):
 
 async def serve_monitoring(pilot: Pilot, networks: frozenset[str] | None,
                            port: int = wk.PORT_PILOT_MONITORING) -> web.AppRunner | None:
-    """The read-only monitoring listener on ``port`` of every interface; None (logged) if it
-    cannot bind: the pilot serves its API and pushes without it."""
-    app = make_monitoring_app(pilot.metrics, lambda: pilot.state, networks)
-    try:
-        runner = await start_monitoring(app, None, port)
-    except OSError as exc:
-        log.error("monitoring listener not started: cannot listen on port %d: %s", port, exc)
-        return None
-    log.info("monitoring (/metrics, /sd/prometheus) on port %d", port)
-    return runner
+    """The read-only monitoring listener on ``port`` of every interface (IPv4 and IPv6; IPv4
+    alone where IPv6 cannot be bound); None (logged) if it cannot bind at all: the pilot serves
+    its API and pushes without it."""
+    for host, where in ((None, "every interface"), ("0.0.0.0", "every IPv4 interface")):
+        app = make_monitoring_app(pilot.metrics, lambda: pilot.state, networks)
+        try:
+            runner = await start_monitoring(app, host, port)
+        except OSError as exc:
+            failure = exc
+            continue
+        log.info("monitoring (/metrics, /sd/prometheus) on port %d of %s", port, where)
+        return runner
+    log.error("monitoring listener not started: cannot listen on port %d: %s", port, failure)
+    return None
 
 
 ENV_SOCKET = "COMPOSEMESH_PILOT_SOCKET"
