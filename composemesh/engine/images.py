@@ -1,11 +1,13 @@
-"""The mesh and demo images: built offline from a wheelhouse, skipped when nothing changed.
+"""The mesh, demo and Prometheus images: built offline, skipped when nothing changed.
 
 ``ensure_images(client, images=...)`` makes sure the engine has ``MESH_IMAGE`` (pilot, proxy
 and gateway; the role is the command) and, where a service runs it (``images_needed``),
 ``DEMO_IMAGE`` (the stdlib-only demo apps of examples/apps/, only in a source tree).
-Both build FROM the base that :func:`ensure_base_image` provides, with no network in the
-container build: the mesh image installs composemesh and its dependencies from a wheelhouse
-that the host prepared (binary wheels for the image's Python and platform).
+and, where the monitoring add-on runs it, ``PROMETHEUS_IMAGE`` (Debian's ``prometheus``
+package). All build FROM the base that :func:`ensure_base_image` provides, with no network in
+the container build: the mesh image installs composemesh and its dependencies from a
+wheelhouse that the host prepared (binary wheels for the image's Python and platform), the
+Prometheus image the ``.deb`` files that the host's apt downloaded (``prometheus_image``).
 
 Each image carries the label ``composemesh.source-hash``: a hash over everything that goes
 into it (see :mod:`composemesh.engine.image_tags`). When the tagged image has the hash of the
@@ -23,6 +25,7 @@ Progress is reported as ``progress(stage, detail)``, stages:
 - ``cached``: an image is up to date (detail starts with its tag)
 - ``wheelhouse``: downloading the dependency wheels (cached on disk by dependency set)
 - ``wheel``: building the composemesh wheel
+- ``debs``: resolving and downloading the Prometheus image's Debian packages (cached on disk)
 - ``build``: a line of the docker build log (detail starts with the tag)
 - ``built``: an image was built (tag, id, size, seconds)
 """
@@ -60,6 +63,11 @@ from composemesh.engine.image_tags import (
     mesh_inputs,
 )
 from composemesh.engine.progress import Progress, no_progress
+from composemesh.engine.prometheus_image import (
+    PROMETHEUS_DOCKERFILE,
+    ensure_debs,
+    prometheus_inputs,
+)
 from composemesh.engine.requirements import (
     dependency_lock,
     normalized_requirement,
@@ -74,7 +82,7 @@ from composemesh.engine.wheelhouse import (
     wheel_platforms,
 )
 from composemesh.errors import ImageBuildError
-from composemesh.model.wellknown import DEMO_IMAGE, MESH_IMAGE, PROXY_UID
+from composemesh.model.wellknown import DEMO_IMAGE, MESH_IMAGE, PROMETHEUS_IMAGE, PROXY_UID
 
 __all__ = [
     "BUILD_CACHE_IMAGE",
@@ -96,6 +104,7 @@ __all__ = [
     "mesh_inputs",
     "normalized_requirement",
     "probe_base",
+    "prometheus_inputs",
     "runtime_requirements",
     "wheel_platforms",
 ]
@@ -259,15 +268,19 @@ def _same_image(reference: str, tag: str) -> bool:
 
 def images_needed(model: Mapping[str, Any]) -> tuple[str, ...]:
     """The images of ours that a (meshed) compose model runs: MESH_IMAGE always (pilot,
-    proxies, holders and gateways run it), DEMO_IMAGE only when a service names it. Pure."""
+    proxies, holders and gateways run it), DEMO_IMAGE and PROMETHEUS_IMAGE (the monitoring
+    add-on's Prometheus service) only when a service names them. Pure."""
     services = model.get("services") or {}
-    uses_demo = any(
-        isinstance(svc, Mapping)
-        and isinstance(svc.get("image"), str)
-        and _same_image(svc["image"], DEMO_IMAGE)
-        for svc in services.values()
-    )
-    return (MESH_IMAGE, DEMO_IMAGE) if uses_demo else (MESH_IMAGE,)
+
+    def used(tag: str) -> bool:
+        return any(
+            isinstance(svc, Mapping)
+            and isinstance(svc.get("image"), str)
+            and _same_image(svc["image"], tag)
+            for svc in services.values()
+        )
+
+    return (MESH_IMAGE, *(tag for tag in (DEMO_IMAGE, PROMETHEUS_IMAGE) if used(tag)))
 
 
 def ensure_images(
@@ -277,15 +290,15 @@ def ensure_images(
     progress: Progress | None = None,
     force: bool = False,
 ) -> dict[str, str]:
-    """Makes sure the engine has ``images`` (MESH_IMAGE and DEMO_IMAGE unless told fewer,
-    see :func:`images_needed`) for the current sources.
+    """Makes sure the engine has ``images`` (MESH_IMAGE and DEMO_IMAGE unless told others,
+    see :func:`images_needed`; PROMETHEUS_IMAGE only when asked for) for the current sources.
 
     Returns ``{tag: image id}``. Builds only what changed (``force`` rebuilds them, without
     the engine's layer cache); with nothing changed it only hashes and inspects. Raises
     ImageBuildError naming the image and the reason.
     """
     wanted = set(images)
-    unknown = wanted - {MESH_IMAGE, DEMO_IMAGE}
+    unknown = wanted - {MESH_IMAGE, DEMO_IMAGE, PROMETHEUS_IMAGE}
     if unknown:
         raise ValueError(f"not an image of composemesh: {', '.join(sorted(unknown))}")
     report = progress or no_progress
@@ -303,19 +316,24 @@ def ensure_images(
             client, mesh, base, base_id, force, report,
             tree=tree, requirements=requirements, lock=lock,
         )  # fmt: skip
-    if DEMO_IMAGE not in wanted:
-        return result
-
-    apps = tree.apps_dir
-    if apps is None or not (apps / "demo.py").is_file():
-        raise ImageBuildError(
-            f"{DEMO_IMAGE}: a service runs the demo image, but the demo apps "
-            "(examples/apps/demo.py) are not here: they come with the composemesh source tree, "
-            "not with an installed wheel"
+    if DEMO_IMAGE in wanted:
+        apps = tree.apps_dir
+        if apps is None or not (apps / "demo.py").is_file():
+            raise ImageBuildError(
+                f"{DEMO_IMAGE}: a service runs the demo image, but the demo apps "
+                "(examples/apps/demo.py) are not here: they come with the composemesh source "
+                "tree, not with an installed wheel"
+            )
+        files, extra = demo_inputs(apps, base_id=base_id)
+        demo = _Plan(DEMO_IMAGE, "demo", DEMO_DOCKERFILE, files, extra)
+        result[DEMO_IMAGE] = _ensure_one(client, demo, base, base_id, force, report, apps=apps)
+    if PROMETHEUS_IMAGE in wanted:
+        debs = ensure_debs(client, base, base_id, report)
+        files, extra = prometheus_inputs(debs, base_id=base_id)
+        prometheus = _Plan(PROMETHEUS_IMAGE, "prometheus", PROMETHEUS_DOCKERFILE, files, extra)
+        result[PROMETHEUS_IMAGE] = _ensure_one(
+            client, prometheus, base, base_id, force, report, debs=debs
         )
-    files, extra = demo_inputs(apps, base_id=base_id)
-    demo = _Plan(DEMO_IMAGE, "demo", DEMO_DOCKERFILE, files, extra)
-    result[DEMO_IMAGE] = _ensure_one(client, demo, base, base_id, force, report, apps=apps)
     return result
 
 
@@ -331,6 +349,7 @@ def _ensure_one(
     requirements: list[str] | None = None,
     lock: list[str] | None = None,
     apps: Path | None = None,
+    debs: Path | None = None,
 ) -> str:
     current = _current(client, plan.tag)
     if not force and current is not None and current[1] == plan.hash:
@@ -356,6 +375,12 @@ def _ensure_one(
                 (context / "deps" / "requirements.txt").write_text("\n".join(requirements) + "\n")
                 build_composemesh_wheel(tree, context / "app", report, scratch=work)
                 buildargs = {"PROXY_UID": str(PROXY_UID)}
+            elif plan.kind == "prometheus":
+                assert debs is not None
+                (context / "debs").mkdir()
+                for deb in debs.glob("*.deb"):
+                    _link_or_copy(deb, context / "debs" / deb.name)
+                buildargs = {}
             else:
                 assert apps is not None
                 shutil.copytree(
@@ -371,7 +396,8 @@ def _ensure_one(
                 dockerfile=plan.dockerfile,
                 base=base,
                 labels=_labels(plan, base),
-                network=not facts.self_contained,
+                # the Prometheus image's dpkg never needs a network
+                network=plan.kind != "prometheus" and not facts.self_contained,
                 nocache=force,
                 report=report,
                 buildargs=buildargs,

@@ -28,6 +28,8 @@ PROXY_UID: Final = 1337
 # Image every injected container runs; the role is the command.
 MESH_IMAGE: Final = f"composemesh:{__version__}"
 DEMO_IMAGE: Final = f"composemesh-demo:{__version__}"
+# The monitoring add-on's Prometheus, built offline from Debian's `prometheus` package
+PROMETHEUS_IMAGE: Final = f"composemesh-prometheus:{__version__}"
 
 # Label keys a user sets on a compose service.
 LABEL_PREFIX: Final = "composemesh."
@@ -68,6 +70,14 @@ EGRESS_VIP_NETWORK: Final = "240.240.0.0/16"  # the listed hosts' names, in ever
 GATEWAY_EGRESS: Final = "egress"
 ENV_EGRESS: Final = "COMPOSEMESH_EGRESS"  # the pilot's copy of the resolved egress (JSON)
 INGRESS_CERT_DIR: Final = "/etc/composemesh/ingress"  # <host>/tls.crt and tls.key, read-only
+# The monitoring add-on (x-composemesh.monitoring): not meshed, no sidecars of their own.
+PROMETHEUS_SERVICE: Final = "composemesh-prometheus"
+GRAFANA_SERVICE: Final = "composemesh-grafana"
+ROLE_PROMETHEUS: Final = "prometheus"  # their LABEL_ROLE
+ROLE_GRAFANA: Final = "grafana"
+PORT_PROMETHEUS_UI: Final = 9090  # where each listens in its own container
+PORT_GRAFANA_UI: Final = 3000
+GRAFANA_PROFILE: Final = "grafana"  # the compose profile Grafana is in: `up` enables it
 DEFAULT_VERSION: Final = "v1"
 DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
 
