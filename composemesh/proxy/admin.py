@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from composemesh import __version__
 from composemesh.model.snapshot import encode_snapshot
 from composemesh.proxy.http import HttpPath
 from composemesh.proxy.identity import WorkloadIdentity
 from composemesh.proxy.pilot_client import ConfigStore, PilotClient
-from composemesh.proxy.stats import ProxyStats
+from composemesh.proxy.stats import ProxyStats, render
 
 LIVE = "LIVE"  # Envoy's word for a ready server
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # without OpenMetrics
 
 
 @dataclass
@@ -159,8 +160,14 @@ def _ready_response(ctx: AdminContext, ok_text: str) -> web.Response:
 
 
 def _prometheus_handler(ctx: AdminContext) -> Any:
+    """/stats/prometheus: OpenMetrics if the scraper accepts it (Prometheus does), else text
+    0.0.4. prometheus_client's encoders are pure Python and take a while with many series,
+    so the exposition is written in a thread: the data path's event loop keeps running
+    (sharing the GIL) instead of stopping for the whole scrape."""
+
     async def prometheus(request: web.Request) -> web.Response:
-        return web.Response(body=ctx.stats.prometheus_text().encode(),
-                            headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+        body, content_type = await asyncio.to_thread(
+            render, ctx.stats, request.headers.get(hdrs.ACCEPT))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     return prometheus

@@ -1,11 +1,20 @@
-"""The proxy's counters, kept as plain ints, and their Prometheus and JSON exposition."""
+"""The proxy's counters, kept as plain ints, and their Prometheus and JSON exposition.
+
+The data path adds to plain ints found by one dict lookup; nothing on it knows Prometheus.
+At scrape time `ProxyCollector` reads those ints into prometheus_client's metric families, and
+`render` writes them in the format the scraper asked for (OpenMetrics or text 0.0.4).
+"""
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from composemesh.model.snapshot import ProxyIdentity
 
@@ -26,6 +35,7 @@ TCP_METRICS = (
      "Bytes received from the connecting side (request direction).", "received"),
 )
 ERRORS_METRIC = "composemesh_proxy_tcp_errors_total"
+ERRORS_HELP = "TCP connections that failed, by direction and kind."
 
 # Istio's HTTP metrics (Envoy's default buckets for durations, Istio's for sizes).
 REQUESTS_METRIC = "istio_requests_total"
@@ -35,6 +45,13 @@ RESPONSE_BYTES_METRIC = "istio_response_bytes"
 DURATION_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
                     60000, 300000, 600000, 1800000, 3600000)
 BYTES_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
+REQUESTS_HELP = "Requests answered, by source and destination."
+# name -> (help, HttpSeries field)
+HTTP_HISTOGRAMS = (
+    (DURATION_METRIC, "Request durations, to the last byte of the response.", "duration"),
+    (REQUEST_BYTES_METRIC, "Request sizes, head and body.", "request_bytes"),
+    (RESPONSE_BYTES_METRIC, "Response sizes, head and body.", "response_bytes"),
+)
 
 # Envoy's response flags, as the HTTP path sets them.
 NO_FLAGS = "-"
@@ -134,6 +151,15 @@ class TcpCounters:
         self.received = 0  # from the connecting side
 
 
+def _le(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    """The ``le`` label of each bucket as Envoy prints it (``0.5``, ``1``, ``3.6e+06``), then
+    ``+Inf``."""
+    return (*(f"{bound:g}" for bound in bounds), "+Inf")
+
+
+_LE = {DURATION_BUCKETS: _le(DURATION_BUCKETS), BYTES_BUCKETS: _le(BYTES_BUCKETS)}
+
+
 class Histogram:
     """One Prometheus histogram series: a count per bucket (not cumulative) and the sum."""
 
@@ -152,20 +178,21 @@ class Histogram:
     def count(self) -> int:
         return sum(self.counts)
 
-    def lines(self, name: str, labels: str) -> Iterator[str]:
-        """The _bucket (cumulative, le as Envoy prints it), _sum and _count lines."""
+    def buckets(self) -> list[tuple[str, int]]:
+        """(le, cumulative count) per bucket, ``+Inf`` last (its count is the series' count),
+        as prometheus_client's HistogramMetricFamily takes them."""
+        out = []
         total = 0
-        for bound, n in zip(self.bounds, self.counts, strict=False):
+        les = _LE.get(self.bounds) or _le(self.bounds)
+        for le, n in zip(les, self.counts[:], strict=True):  # a copy: the counts of one moment
             total += n
-            yield f'{name}_bucket{{{labels},le="{bound:g}"}} {total}'
-        total += self.counts[-1]
-        yield f'{name}_bucket{{{labels},le="+Inf"}} {total}'
-        yield f"{name}_sum{{{labels}}} {self.sum:g}"
-        yield f"{name}_count{{{labels}}} {total}"
+            out.append((le, total))
+        return out
 
 
-# (source, destination service, destination version, destination workload, code, flags)
-HttpKey = tuple[PeerLabels, str, str, str, int, str]
+# (source, destination service, destination version, destination workload, code, flags,
+#  destination principal)
+HttpKey = tuple[PeerLabels, str, str, str, int, str, str]
 # (source, destination (this proxy's workload), code, flags, connection security policy)
 InboundKey = tuple[PeerLabels, PeerLabels, int, str, str]
 
@@ -199,12 +226,17 @@ class ProxyStats:
         self._by_endpoint: dict[tuple[str, str], int] = {}  # (service, node) -> requests
         self.retries = 0  # tries after the first, over all requests
         self.ejections = 0  # endpoints ejected by outlier detection
+        # What /stats/prometheus exposes: this proxy's own registry, never the global one.
+        self.registry = CollectorRegistry()
+        self.registry.register(ProxyCollector(self))
 
     def http_request(self, source: PeerLabels, service: str, version: str, workload: str,
                      node: str | None, code: int, flags: str, duration_ms: float,
-                     request_bytes: int, response_bytes: int) -> None:
-        """Count one HTTP request answered to the app (reporter "source")."""
-        key = (source, service, version, workload, code, flags)
+                     request_bytes: int, response_bytes: int, *,
+                     principal: str = UNKNOWN) -> None:
+        """Count one HTTP request answered to the app (reporter "source"); ``principal`` is
+        the SPIFFE id the destination proved over mTLS (or was expected to prove)."""
+        key = (source, service, version, workload, code, flags, principal)
         series = self._http.get(key)
         if series is None:
             series = self._http[key] = HttpSeries()
@@ -246,7 +278,7 @@ class ProxyStats:
         by_code: dict[str, int] = {}
         by_flags: dict[str, int] = {}
         requests = 0
-        for (_, service, version, _, code, flags), series in self._http.items():
+        for (_, service, version, _, code, flags, _), series in self._http.items():
             n = series.duration.count
             requests += n
             if version != UNKNOWN:
@@ -302,47 +334,87 @@ class ProxyStats:
 
     def prometheus_text(self) -> str:
         """Every counter in the Prometheus text exposition format (version 0.0.4)."""
-        lines: list[str] = []
-        series = [(_label_text(labels.items()), c) for labels, c in self._tcp.items()]
-        for name, help_text, attr in TCP_METRICS:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} counter")
-            lines.extend(f"{name}{{{text}}} {getattr(c, attr)}" for text, c in series)
-        lines.extend(self._http_lines())
-        lines.append(f"# HELP {ERRORS_METRIC} TCP connections that failed, by direction and kind.")
-        lines.append(f"# TYPE {ERRORS_METRIC} counter")
-        for direction, errors in self._errors.items():
-            for kind, value in errors.items():
-                text = _label_text((("direction", direction), ("kind", kind)))
-                lines.append(f"{ERRORS_METRIC}{{{text}}} {value}")
-        return "\n".join(lines) + "\n"
+        return render(self)[0].decode()
 
-    def _http_lines(self) -> Iterator[str]:
-        series = [(_label_text(http_label_items(key)), s) for key, s in self._http.items()]
-        series += [(_label_text(inbound_label_items(key)), s) for key, s in self._http_in.items()]
-        yield f"# HELP {REQUESTS_METRIC} Requests answered, by source and destination."
-        yield f"# TYPE {REQUESTS_METRIC} counter"
-        for text, s in series:
-            yield f"{REQUESTS_METRIC}{{{text}}} {s.duration.count}"
-        for name, help_text, attr in (
-            (DURATION_METRIC, "Request durations, to the last byte of the response.", "duration"),
-            (REQUEST_BYTES_METRIC, "Request sizes, head and body.", "request_bytes"),
-            (RESPONSE_BYTES_METRIC, "Response sizes, head and body.", "response_bytes"),
-        ):
-            yield f"# HELP {name} {help_text}"
-            yield f"# TYPE {name} histogram"
-            for text, s in series:
-                yield from getattr(s, attr).lines(name, text)
+
+class ProxyCollector(Collector):
+    """prometheus_client's view of one proxy's counters: at each scrape, the families of
+    Istio's metrics built from the plain ints; it only reads them."""
+
+    def __init__(self, stats: ProxyStats) -> None:
+        self.stats = stats
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples: what the registry checks for duplicate names."""
+        yield from _tcp_families()
+        yield CounterMetricFamily(REQUESTS_METRIC, REQUESTS_HELP, labels=HTTP_LABEL_NAMES)
+        yield from _histogram_families()
+        yield CounterMetricFamily(ERRORS_METRIC, ERRORS_HELP, labels=("direction", "kind"))
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats
+        # Copies of the dicts first: a scrape in another thread sees series added meanwhile
+        # at the next scrape, never a dict changing size under it.
+        tcp = [(_values(labels.items()), c) for labels, c in list(stats._tcp.items())]
+        families = _tcp_families()
+        for family, (_, _, attr) in zip(families, TCP_METRICS, strict=True):
+            for values, counters in tcp:
+                family.add_metric(values, getattr(counters, attr))
+        yield from families
+
+        http = [(_values(http_label_items(key)), s) for key, s in list(stats._http.items())]
+        http += [(_values(inbound_label_items(key)), s)
+                 for key, s in list(stats._http_in.items())]
+        series = [(values, s.duration.buckets(), s) for values, s in http]
+        requests = CounterMetricFamily(REQUESTS_METRIC, REQUESTS_HELP, labels=HTTP_LABEL_NAMES)
+        for values, durations, _ in series:
+            requests.add_metric(values, durations[-1][1])  # the +Inf bucket: every request
+        yield requests
+        for histograms, (_, _, attr) in zip(_histogram_families(), HTTP_HISTOGRAMS, strict=True):
+            for values, durations, s in series:
+                histogram = getattr(s, attr)
+                buckets = durations if attr == "duration" else histogram.buckets()
+                histograms.add_metric(values, buckets, histogram.sum)
+            yield histograms
+
+        errors = CounterMetricFamily(ERRORS_METRIC, ERRORS_HELP, labels=("direction", "kind"))
+        for direction, kinds in stats._errors.items():
+            for kind, value in list(kinds.items()):
+                errors.add_metric((direction, kind), value)
+        yield errors
+
+
+def render(source: ProxyStats | CollectorRegistry, accept: str | None = None) -> tuple[bytes, str]:
+    """The exposition of ``source`` (a proxy's counters, or any registry) in the format the
+    ``Accept`` header asks for: (body, Content-Type). OpenMetrics 1.0 when the scraper
+    accepts ``application/openmetrics-text`` (as Prometheus does), else text 0.0.4."""
+    registry = source.registry if isinstance(source, ProxyStats) else source
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
+
+
+def _tcp_families() -> list[CounterMetricFamily]:
+    return [CounterMetricFamily(name, help_text, labels=TCP_LABEL_NAMES)
+            for name, help_text, _ in TCP_METRICS]
+
+
+def _histogram_families() -> list[HistogramMetricFamily]:
+    return [HistogramMetricFamily(name, help_text, labels=HTTP_LABEL_NAMES)
+            for name, help_text, _ in HTTP_HISTOGRAMS]
+
+
+def _values(items: Iterator[tuple[str, str]]) -> tuple[str, ...]:
+    return tuple(value for _, value in items)
 
 
 def http_label_items(key: HttpKey) -> Iterator[tuple[str, str]]:
     """The labels of Istio's HTTP metrics for one series, in a fixed order."""
-    source, service, version, workload, code, flags = key
+    source, service, version, workload, code, flags, principal = key
     labels = TcpLabels(
         reporter=REPORTER[OUTBOUND],
         source=source,
-        destination=PeerLabels(workload=workload, namespace=source.namespace, app=service,
-                               version=version),
+        destination=PeerLabels(workload=workload, namespace=source.namespace,
+                               principal=principal, app=service, version=version),
         destination_service=service,
         destination_service_name=service,
         destination_service_namespace=source.namespace,
@@ -408,9 +480,7 @@ def label_names() -> tuple[str, ...]:
     return tuple(name for name, _ in TcpLabels(reporter="source").items())
 
 
-def _label_text(items: Iterable[tuple[str, str]]) -> str:
-    return ",".join(f'{name}="{_escape(value)}"' for name, value in items)
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+TCP_LABEL_NAMES = label_names()
+# The HTTP metrics' labels: the TCP ones and response_code (after request_protocol).
+HTTP_LABEL_NAMES = tuple(name for name, _ in http_label_items(
+    (PeerLabels(), UNKNOWN, UNKNOWN, UNKNOWN, 0, NO_FLAGS, UNKNOWN)))

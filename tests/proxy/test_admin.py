@@ -6,10 +6,15 @@ import asyncio
 import json
 import socket
 import threading
+from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
 
 from composemesh import healthcheck
 from composemesh.healthcheck import probe
@@ -44,9 +49,10 @@ def test_ready_needs_both_listeners_and_a_snapshot() -> None:
     assert not AdminContext(stats=ProxyStats(), store=ctx.store).readiness()[0]
 
 
-async def get(app: web.Application, path: str) -> tuple[int, str, str]:
+async def get(app: web.Application, path: str,
+              headers: dict[str, str] | None = None) -> tuple[int, str, str]:
     async with TestClient(TestServer(app)) as client:
-        response = await client.get(path)
+        response = await client.get(path, headers=headers)
         return response.status, response.headers["Content-Type"], await response.text()
 
 
@@ -84,6 +90,40 @@ def test_admin_endpoints() -> None:
         assert status == 200
         assert content_type == PROMETHEUS_CONTENT_TYPE
         assert "istio_tcp_connections_opened_total{" in text
+
+    asyncio.run(main())
+
+
+# What Prometheus sends by default: OpenMetrics first, the 0.0.4 text as a fallback.
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,"
+                     "application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+@pytest.mark.parametrize("build", [build_admin_app, build_prometheus_app])  # 15000 and 15090
+def test_the_metrics_endpoint_speaks_the_format_the_scraper_accepts(build: Any) -> None:
+    async def main() -> None:
+        ctx = context()
+        ctx.stats.tcp(passthrough_labels(OUTBOUND, PeerLabels())).opened = 2
+        ctx.stats.http_request(PeerLabels(app="web"), "reviews", "v1", "reviews-v1", None, 200,
+                               "-", 1.5, 10, 20, principal="spiffe://cluster.local/ns/s/sa/r")
+        app = build(ctx)
+        for accept in (None, "text/plain;version=0.0.4", "*/*"):
+            status, content_type, text = await get(
+                app, "/stats/prometheus", {"Accept": accept} if accept else None)
+            assert (status, content_type) == (200, PROMETHEUS_CONTENT_TYPE)
+            assert not text.endswith("# EOF\n")
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            assert families["istio_tcp_connections_opened"].samples[0].value == 2
+        status, content_type, text = await get(app, "/stats/prometheus",
+                                               {"Accept": PROMETHEUS_ACCEPT})
+        assert status == 200
+        assert content_type.startswith("application/openmetrics-text; version=1.0.0;")
+        assert text.endswith("# EOF\n")
+        families = {f.name: f for f in openmetrics_families(text)}
+        requests = families["istio_requests"].samples[0]
+        assert (requests.name, requests.value) == ("istio_requests_total", 1)
+        assert requests.labels["destination_principal"] == "spiffe://cluster.local/ns/s/sa/r"
 
     asyncio.run(main())
 
