@@ -68,6 +68,7 @@ from composemesh.proxy.stats import (
     UNKNOWN,
     UPSTREAM_PROTOCOL_ERROR,
     UPSTREAM_RESET,
+    PeerLabels,
     ProxyStats,
 )
 from composemesh.proxy.tcp import Handoff, splice
@@ -168,14 +169,15 @@ class HttpPath:
         ``Router``'s ``http``)."""
         return Handoff(partial(self._take, service, port, None))
 
-    def inbound_entry(self, original: Address, peer: str | None, secure: bool) -> Handoff:
+    def inbound_entry(self, original: Address, peer: str | None, secure: bool,
+                      source: PeerLabels) -> Handoff:
         """The handoff that makes a peer's connection into the app an HTTP one (an
         ``InboundRouter``'s ``http``): ``peer`` is its mesh service (None: unauthenticated),
-        ``secure`` whether it came over mTLS."""
+        ``secure`` whether it came over mTLS, ``source`` how the metrics name it."""
         inbound = self.inbound  # the one in force, read once
         caller = InboundCaller(peer, secure, Endpoint(node=inbound.config.node,
                                                       version=inbound.me.version,
-                                                      address=original[0]))
+                                                      address=original[0]), source)
         return Handoff(partial(self._take, inbound.me.app, original[1], caller))
 
     def black_hole_entry(self, host: str, port: int) -> Handoff:
@@ -205,12 +207,14 @@ class InboundCaller:
     service (None: unauthenticated), ``secure`` whether over mTLS, and its one ``endpoint``:
     the app, at the address the peer dialed (the app may listen on that address only)."""
 
-    __slots__ = ("peer", "secure", "endpoint")
+    __slots__ = ("peer", "secure", "endpoint", "source")
 
-    def __init__(self, peer: str | None, secure: bool, endpoint: Endpoint) -> None:
+    def __init__(self, peer: str | None, secure: bool, endpoint: Endpoint,
+                 source: PeerLabels) -> None:
         self.peer = peer
         self.secure = secure
         self.endpoint = endpoint
+        self.source = source  # the metrics' source labels: workload, version, principal
 
 
 class IngressCaller:
@@ -576,7 +580,7 @@ class HttpDownstream(asyncio.Protocol):
                                     None, status, flags, 0.0, 0, 0)
             return
         inbound = http.inbound
-        http.stats.http_inbound_request(inbound.source(caller.peer), inbound.me, status, flags,
+        http.stats.http_inbound_request(caller.source, inbound.me, status, flags,
                                         MUTUAL_TLS if caller.secure else NO_SECURITY, 0.0, 0, 0)
 
     # ---- timeouts
@@ -1236,7 +1240,7 @@ class Exchange:
         if type(caller) is InboundCaller:
             inbound = http.inbound
             http.stats.http_inbound_request(
-                inbound.source(caller.peer), inbound.me, self.status, self.flags,
+                caller.source, inbound.me, self.status, self.flags,
                 MUTUAL_TLS if caller.secure else NO_SECURITY,
                 (asyncio.get_running_loop().time() - self.started) * 1000.0,
                 len(self.head) + self.body_size, self.response_size)

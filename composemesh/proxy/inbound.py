@@ -36,6 +36,7 @@ from composemesh.ca.tls import (
     TLS_RECORD,
     is_tls_client_hello,
     peer_spiffe,
+    peer_workload,
 )
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.original_dst import Address
@@ -141,15 +142,17 @@ class InboundDownstream(Downstream):
             link.abort()
             return
         tls = fwd.tls
-        peer = tls.source_service(peer_spiffe(link.sslobj)) if tls is not None else None
+        sslobj = link.sslobj
+        peer = tls.source_service(peer_spiffe(sslobj)) if tls is not None else None
         if peer is None:  # a good chain, but not an identity of this mesh's project
             fwd.stats.error(fwd.direction, "tls_peer")
             link.abort()
             return
         self.transport = link
         link.adopt(self)
-        self.route(self.inbound.switch.current.inbound.decide(
-            self.original, peer, True, link.sslobj.selected_alpn_protocol()))
+        router = self.inbound.switch.current.inbound
+        self.route(router.decide(self.original, peer, True, sslobj.selected_alpn_protocol(),
+                                 router.source(peer, peer_workload(sslobj))))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.waiting is not None:

@@ -53,6 +53,7 @@ from composemesh.proxy.stats import (
     OUTBOUND,
     RBAC_DENIED,
     REPORTER,
+    UNKNOWN,
     PeerLabels,
     TcpLabels,
     passthrough_labels,
@@ -62,7 +63,7 @@ from composemesh.proxy.tcp import Destination, Handoff, Refused, Route, Sniff
 
 HttpEntry = Callable[[str, int], Handoff]  # (mesh service, port) -> the HTTP path's handoff
 # (original destination, peer's mesh service or None, mTLS or not) -> the inbound HTTP handoff
-InboundHttpEntry = Callable[[Address, "str | None", bool], Handoff]
+InboundHttpEntry = Callable[[Address, "str | None", bool, PeerLabels], Handoff]
 
 @dataclass(frozen=True)
 class EgressTable:
@@ -185,7 +186,9 @@ class Router:
         return TcpLabels(
             reporter=REPORTER[OUTBOUND], source=me,
             destination=PeerLabels(workload=EGRESS_GATEWAY, namespace=me.namespace,
-                                   app=EGRESS_GATEWAY),
+                                   app=EGRESS_GATEWAY,
+                                   principal=(self.tls.expected(EGRESS_GATEWAY)
+                                              if self.tls is not None else UNKNOWN)),
             destination_service=entry.host, destination_service_name=entry.host,
             destination_service_namespace=me.namespace, connection_security_policy=MUTUAL_TLS)
 
@@ -220,12 +223,14 @@ class Router:
         labels = self._tcp_labels.get(key)
         if labels is None:
             me = self.me
+            tls = self.tls
             labels = self._tcp_labels[key] = TcpLabels(
                 reporter=REPORTER[OUTBOUND],
                 source=me,
                 destination=PeerLabels(workload=self.table.workload(endpoint),
                                        namespace=me.namespace, app=service,
-                                       version=endpoint.version),
+                                       version=endpoint.version,
+                                       principal=tls.expected(service) if tls else UNKNOWN),
                 destination_service=service,
                 destination_service_name=service,
                 destination_service_namespace=me.namespace,
@@ -299,29 +304,33 @@ class InboundRouter:
             ServiceRouting(service=config.me.app, routes=(INBOUND_ROUTE,), outlier=None),
             rng or random.Random())
         self.paths_checked = config.paths_checked
-        self._labels: dict[tuple[str | None, bool], TcpLabels] = {}
+        self._labels: dict[tuple[PeerLabels, bool], TcpLabels] = {}
+        self._sources: dict[tuple[str, tuple[str, str] | None], PeerLabels] = {}
 
     def admits(self, port: int, source: str) -> bool:
         c = self.config
         return admits_plaintext(c.mode, port, source, c.published, c.networks)
 
     def decide(self, original: Address, peer: str | None, secure: bool,
-               offered: str | None = None) -> Route:
+               offered: str | None = None, source: PeerLabels | None = None) -> Route:
         """Where a let-in connection from ``peer`` (its mesh service; None: unauthenticated)
         to ``original`` goes: TCP (authorized here, whole), HTTP (per request), or sniff.
         ``offered``: the ALPN protocol of its mTLS, what the client proxy says it carries
-        (the port's declared protocol, where there is one, comes first)."""
+        (the port's declared protocol, where there is one, comes first). ``source``: how the
+        metrics name the peer (``source``; by default from ``peer`` alone)."""
+        if source is None:
+            source = self.source(peer)
         port = original[1]
         protocol = self.config.protocols.at(port)
         if protocol is None and offered is not None:
             protocol = _BY_ALPN.get(offered)
         http = self.http
         if protocol == TCP or http is None:
-            return self.tcp(original, peer, secure)
-        handoff = http(original, peer, secure)
+            return self.tcp(original, peer, secure, source)
+        handoff = http(original, peer, secure, source)
         if protocol == HTTP:
             return handoff
-        return Sniff(handoff, partial(self.tcp, original, peer, secure), original)
+        return Sniff(handoff, partial(self.tcp, original, peer, secure, source), original)
 
     def refuses(self, peer: str | None, method: str, path: str) -> Answer | None:
         """The answer to an HTTP request from ``peer`` that may not come in, or None: 400 for
@@ -333,19 +342,22 @@ class InboundRouter:
             return Answer(403, verdict.reason.encode(), RBAC_DENIED)
         return None
 
-    def tcp(self, original: Address, peer: str | None, secure: bool) -> Destination | Refused:
+    def tcp(self, original: Address, peer: str | None, secure: bool,
+            source: PeerLabels | None = None) -> Destination | Refused:
         if not authorize(self.config.policies, peer, None, None).allowed:
             return Refused("rbac_denied")
-        return Destination(original[0], original[1], self.labels(peer, secure))
+        return Destination(original[0], original[1],
+                           self.labels(source if source is not None else self.source(peer),
+                                       secure))
 
-    def labels(self, peer: str | None, secure: bool) -> TcpLabels:
-        key = (peer, secure)
+    def labels(self, source: PeerLabels, secure: bool) -> TcpLabels:
+        key = (source, secure)
         labels = self._labels.get(key)
         if labels is None:
             me = self.me
             labels = self._labels[key] = TcpLabels(
                 reporter=REPORTER[INBOUND],
-                source=self.source(peer),
+                source=source,
                 destination=me,
                 destination_service=me.app,
                 destination_service_name=me.app,
@@ -354,15 +366,24 @@ class InboundRouter:
             )
         return labels
 
-    def source(self, peer: str | None) -> PeerLabels:
-        """How the metrics name the peer: its mesh service and principal, if it proved them."""
+    def source(self, peer: str | None, workload: tuple[str, str] | None = None) -> PeerLabels:
+        """How the metrics name the peer: its mesh service and principal, if it proved them,
+        and its workload and version as its certificate names them (``ca.tls.peer_workload``:
+        the CA wrote them from what it attested). One value per peer, kept."""
         if peer is None:
-            return PeerLabels()
-        ns = self.me.namespace
-        return PeerLabels(namespace=ns, app=peer,
-                          principal=f"spiffe://{self.config.trust_domain}/ns/{ns}/sa/{peer}")
+            return UNKNOWN_SOURCE
+        key = (peer, workload)
+        labels = self._sources.get(key)
+        if labels is None:
+            ns = self.me.namespace
+            name, version = workload if workload is not None else (UNKNOWN, UNKNOWN)
+            labels = self._sources[key] = PeerLabels(
+                workload=name, namespace=ns, app=peer, version=version,
+                principal=f"spiffe://{self.config.trust_domain}/ns/{ns}/sa/{peer}")
+        return labels
 
 
+UNKNOWN_SOURCE = PeerLabels()  # a peer that proved nothing (plaintext)
 EMPTY_INBOUND = InboundRouter(InboundConfig(me=PeerLabels(), node=""))
 
 

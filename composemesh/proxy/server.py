@@ -10,12 +10,13 @@ import random
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
 
+from composemesh.ca.spiffe import spiffe_id
 from composemesh.errors import MeshError
 from composemesh.model.limits import ProxyLimits, limits_from_env
 from composemesh.model.snapshot import ProxyIdentity, Snapshot
@@ -144,6 +145,11 @@ def routing_applier(
     def prepare(snapshot: Snapshot) -> Callable[[], None]:
         table = table_from_snapshot(snapshot)
         me = workload_of(snapshot.identity)
+        if tls is not None and snapshot.settings.trust_domain:  # what its certificate names
+            with contextlib.suppress(ValueError):
+                me = replace(me, principal=spiffe_id(snapshot.settings.trust_domain,
+                                                     snapshot.identity.project,
+                                                     snapshot.identity.service))
         config = inbound_config(snapshot, me, table.protocols.get(me.app, ServiceProtocols()))
         router = Router(table, me, rng=rng, http=http.entry if http is not None else None,
                         previous=switch.current.outbound, tls=tls,
