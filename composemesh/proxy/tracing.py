@@ -356,7 +356,7 @@ class SpanExporter:
     full batch waits. Counters are per collector: a batch delivered to two collectors adds its
     size to ``sent`` twice; a collector that refuses it (non-2xx), times out (5 s) or cannot
     be reached adds its size to ``failed``; the batch is not retried. Spans that find no
-    collector configured are counted in ``dropped``.
+    collector configured, or an exporter closed without ever starting, count as ``dropped``.
     """
 
     def __init__(self, settings: TracingSettings, *, flush_interval: float = 1.0,
@@ -421,6 +421,8 @@ class SpanExporter:
                 await self.flush()
             await self._session.close()
             self._session = None
+        self.dropped += len(self._queue)  # never started: nobody sends these
+        self._queue.clear()
         self._wake = None
 
     async def _run(self) -> None:

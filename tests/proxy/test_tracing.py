@@ -533,3 +533,27 @@ def test_a_full_queue_drops_and_counts() -> None:
         exporter.submit(client_span())
     assert exporter.dropped == 2
     assert (exporter.sent, exporter.failed) == (0, 0)
+
+
+def test_spans_that_find_no_collector_are_dropped_and_counted(loop_kind: str) -> None:
+    async def main() -> None:
+        async with collector() as (double, zipkin, _):
+            exporter = SpanExporter(TracingSettings(zipkin=zipkin), flush_interval=0.02)
+            await exporter.start()
+            exporter.update(TracingSettings())  # tracing switched off under it
+            exporter.submit(client_span())
+            exporter.submit(client_span())
+            await asyncio.sleep(0.1)
+            await exporter.close()
+            await exporter.close()  # twice is harmless
+            assert (exporter.sent, exporter.failed, exporter.dropped) == (0, 0, 2)
+            assert double.posts == []
+
+    run_on(loop_kind, main())
+
+
+def test_an_exporter_never_started_closes_quietly() -> None:
+    exporter = SpanExporter(TracingSettings(otlp="http://127.0.0.1:9/v1/traces"))
+    exporter.submit(client_span())
+    asyncio.run(exporter.close())
+    assert (exporter.sent, exporter.failed, exporter.dropped) == (0, 0, 1)
