@@ -1248,16 +1248,17 @@ class Exchange:
         router = self.router or http.router
         endpoint = self.endpoint
         if endpoint is None:
-            version = workload = UNKNOWN
+            version = workload = principal = UNKNOWN
             node = None
         else:
             version, workload, node = (endpoint.version, router.table.workload(endpoint),
                                        endpoint.node)
+            principal = self._peer() or UNKNOWN  # what the endpoint had to prove
         http.stats.http_request(
             router.me, self.service or UNKNOWN, version, workload, node, self.status,
             self.flags,
             (asyncio.get_running_loop().time() - self.started) * 1000.0,
-            len(self.head) + self.body_size, self.response_size)
+            len(self.head) + self.body_size, self.response_size, principal=principal)
 
 
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto"})

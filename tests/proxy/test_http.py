@@ -553,7 +553,7 @@ def test_admin_shows_the_table_and_the_http_counters() -> None:
             assert stats["http"]["responses_by_code"] == {"200": 3}
             assert (stats["http"]["retries"], stats["http"]["ejections"]) == (0, 0)
             text = m.stats.prometheus_text()
-            assert 'istio_requests_total{reporter="source"' in text
+            assert 'istio_requests_total{' in text and 'reporter="source"' in text
             assert 'destination_service="reviews"' in text
             assert 'response_code="200"' in text
             assert 'istio_request_duration_milliseconds_bucket{' in text

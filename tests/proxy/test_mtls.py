@@ -18,9 +18,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from composemesh.ca import cert_to_pem, key_to_pem, make_csr, make_root, sign_workload
 from composemesh.ca.pki import generate_key
+from composemesh.ca.spiffe import WorkloadName
 from composemesh.model.policy import Operation, Policy
 from composemesh.model.routing import ServiceRouting
 from composemesh.model.snapshot import ProxyIdentity, Snapshot, encode_snapshot
@@ -45,9 +47,12 @@ class Pki:
     key: Any
 
     def leaf(self, service: str) -> tuple[bytes, bytes]:
+        """A certificate for ``service``, naming the workload ``<service>-v3`` of version v3
+        in its subject (as the pilot's CA does from what it attested)."""
         key = generate_key()
         cert = sign_workload(make_csr(key), self.root, self.key,
-                             f"spiffe://{TD}/ns/shop/sa/{service}")
+                             f"spiffe://{TD}/ns/shop/sa/{service}",
+                             workload=WorkloadName("shop", f"{service}-v3", "v3"))
         return cert_to_pem(cert) + cert_to_pem(self.root), key_to_pem(key)
 
 
@@ -245,6 +250,47 @@ def test_http_between_two_proxies_is_mutual_tls_and_attributed(pki: Pki) -> None
             assert 'reporter="destination"' in text
             assert f'source_principal="spiffe://{TD}/ns/shop/sa/productpage"' in text
             assert len(p.app_peers) == 20  # each handed on to the app by B
+
+    asyncio.run(main())
+
+
+def _series(text: str, name: str, reporter: str) -> list[dict[str, str]]:
+    return [sample.labels for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and sample.labels["reporter"] == reporter]
+
+
+PRODUCTPAGE = f"spiffe://{TD}/ns/shop/sa/productpage"
+REVIEWS = f"spiffe://{TD}/ns/shop/sa/reviews"
+
+
+@pytest.mark.parametrize("protocol", ["http", "tcp"])
+def test_both_reporters_name_both_ends_workloads_versions_and_principals(
+        pki: Pki, protocol: str) -> None:
+    """The destination names the caller's workload and version from its certificate (the
+    snapshot of A says productpage v1; its certificate, productpage-v3 v3: the certificate
+    is what B can trust), and both sides name both principals, as Istio's labels do."""
+    async def main() -> None:
+        async with pair(pki, protocol=protocol) as p:
+            if protocol == "http":
+                assert await get(p.url(), 3) == [(200, "reviews")] * 3
+                name = "istio_requests_total"
+            else:
+                assert await tcp_call(A_ADDR, p.port, b"hello") == b"echo:hello"
+                name = "istio_tcp_connections_opened_total"
+            [dest] = _series(p.b_stats.prometheus_text(), name, "destination")
+            assert (dest["source_workload"], dest["source_version"]) == ("productpage-v3", "v3")
+            assert dest["source_canonical_service"] == dest["source_app"] == "productpage"
+            assert dest["source_principal"] == PRODUCTPAGE
+            assert dest["destination_principal"] == REVIEWS
+            assert dest["destination_workload"] == "reviews"
+            assert dest["connection_security_policy"] == "mutual_tls"
+            assert dest["request_protocol"] == protocol
+            [source] = _series(p.a_stats.prometheus_text(), name, "source")
+            assert source["source_workload"] == "productpage"
+            assert source["source_principal"] == PRODUCTPAGE
+            assert source["destination_principal"] == REVIEWS
+            assert source["destination_version"] == "v1"
 
     asyncio.run(main())
 
