@@ -150,6 +150,7 @@ def up(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...],
     started = time.monotonic()
     with _progress() as progress:
         _ensure_images(progress, result.model)
+        grafana_off = _grafana_left_out(progress, result)
         meshed = compose.state_dir(loaded.name) / "compose.yaml"
         write_atomic(meshed, text, MESHED_FILE_MODE)
         proj = _project(loaded.name, Path(loaded.project_dir), meshed)
@@ -158,7 +159,7 @@ def up(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...],
         task = progress.add_task("containers: starting", total=None)
         code, lines = compose.run(
             proj,
-            ["up", "-d", "--wait", "--remove-orphans"],
+            [*_profiles(result, grafana_off), "up", "-d", "--wait", "--remove-orphans"],
             on_line=lambda line: progress.update(
                 task, description=f"containers: {escape(line[:90])}"
             ),
@@ -170,7 +171,7 @@ def up(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...],
             _show_logs_of_failed(reason)
             if not before:
                 err.print("removing what this `up` started ...")
-                compose.run(proj, ["down", "--remove-orphans", "--timeout", "3"])
+                compose.run(proj, [*ALL_PROFILES, "down", "--remove-orphans", "--timeout", "3"])
             raise ComposeError(f"docker compose up failed: {reason}")
         progress.update(task, description="containers: running and healthy", total=1, completed=1)
         status = _wait_ready(progress, _pilot(loaded.name),
@@ -179,6 +180,7 @@ def up(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...],
     _print_endpoints(loaded.name, result)
     if result.ingress is not None:
         out.print(cli_render.ingress_table(result.ingress))
+    _print_monitoring(result, grafana_off)
     out.print(f"[green]mesh {loaded.name} ready[/] in {time.monotonic() - started:.1f}s")
 
 
@@ -207,7 +209,9 @@ def down(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...]
     if not project:
         raise ComposeError("no compose file and no -p: which project?")
     proj = _project(project, project_dir, meshed)
-    args = ["down", "--remove-orphans"] + (["--volumes"] if volumes else [])
+    # every profile: Grafana's (GRAFANA_PROFILE) goes too when `up` started it
+    args = [*(ALL_PROFILES if meshed else []), "down", "--remove-orphans"] + (
+        ["--volumes"] if volumes else [])
     with _progress() as progress:
         task = progress.add_task("stopping", total=None)
         code, lines = compose.run(
@@ -427,6 +431,95 @@ def _ensure_images(progress: Progress, model: dict[str, Any]) -> None:
     )
 
 
+ALL_PROFILES = ("--profile", "*")
+
+
+def _grafana_left_out(progress: Progress, result: Any) -> str | None:
+    """Why the add-on's Grafana stays out (its image is neither in the engine nor to be
+    pulled: it cannot be built offline), or None: it starts, or none was asked for."""
+    from composemesh.engine import docker_host
+    from composemesh.engine.base_image import pull_image
+
+    monitoring = result.monitoring
+    if monitoring is None or monitoring.grafana is None:
+        return None
+    image = monitoring.grafana.image
+    task = progress.add_task(f"grafana: looking for {escape(image)}", total=None)
+    client = docker_host.pinged_client(timeout=600)
+    if _has_image(client, image):
+        progress.update(task, description=f"grafana: {escape(image)} present", total=1,
+                        completed=1)
+        return None
+    progress.update(task, description=f"grafana: pulling {escape(image)}")
+    reason = pull_image(client, image, answer_timeout=GRAFANA_PULL_TIMEOUT)
+    if reason is None:
+        progress.update(task, description=f"grafana: {escape(image)} pulled", total=1,
+                        completed=1)
+        return None
+    progress.update(task, description=f"[yellow]grafana: {escape(image)} cannot be pulled",
+                    total=1, completed=1)
+    why = "no registry answers" if _unreachable(reason) else reason
+    err.print(f"[yellow]warning:[/] Grafana's image {escape(image)} is not in the engine and "
+              f"cannot be pulled ({escape(why)}); it cannot be built offline, so Grafana is "
+              "left out. Prometheus runs; `composemesh dashboards -o DIR` writes the "
+              "dashboards for a Grafana of your own.", soft_wrap=True)
+    return f"its image {image} is not in the engine and cannot be pulled"
+
+
+GRAFANA_PULL_TIMEOUT = 15.0  # seconds for a registry to answer the pull of Grafana's image
+_UNREACHABLE = ("no such host", "timeout", "no answer", "did not answer", "connection refused",
+                "network is unreachable", "dial tcp")
+
+
+def _unreachable(reason: str) -> bool:
+    """True when a pull failed for want of a registry (rather than, say, an unknown tag)."""
+    return any(word in reason.lower() for word in _UNREACHABLE)
+
+
+def _has_image(client: Any, image: str) -> bool:
+    import docker.errors
+
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+def _profiles(result: Any, grafana_off: str | None) -> list[str]:
+    """``--profile`` arguments for `up`: those of COMPOSE_PROFILES (a ``--profile`` replaces
+    it) and Grafana's when it starts."""
+    import os
+
+    monitoring = result.monitoring
+    if monitoring is None or monitoring.grafana is None or grafana_off is not None:
+        return []
+    wanted = [p.strip() for p in os.environ.get("COMPOSE_PROFILES", "").split(",") if p.strip()]
+    args: list[str] = []
+    for profile in dict.fromkeys([*wanted, wk.GRAFANA_PROFILE]):
+        args += ["--profile", profile]
+    return args
+
+
+def _print_monitoring(result: Any, grafana_off: str | None) -> None:
+    """Where the host reaches the monitoring add-on."""
+    monitoring = result.monitoring
+    if monitoring is None or monitoring.prometheus is None:
+        return
+    prom = monitoring.prometheus
+    out.print(f"Prometheus: {_url(prom.bind, prom.port)}", soft_wrap=True)
+    graf = monitoring.grafana
+    if graf is None:
+        return
+    where = _url(graf.bind, graf.port) if grafana_off is None else f"not started ({grafana_off})"
+    out.print(f"Grafana:    {escape(where)}", soft_wrap=True)
+
+
+def _url(bind: str, port: int) -> str:
+    host = f"[{bind}]" if ":" in bind else bind
+    return f"http://{host}:{port}"
+
+
 def _build_user_images(progress: Progress, proj: Any, model: dict[str, Any]) -> None:
     """Build the user's own `build:` images one service at a time, so a failure names it."""
     from composemesh.engine import compose
@@ -551,9 +644,11 @@ def _print_endpoints(project: str, result: Any) -> None:
     """Where the host reaches each port the meshed model publishes."""
     from composemesh.engine.compose import published_addresses
 
+    monitoring = (wk.PROMETHEUS_SERVICE, wk.GRAFANA_SERVICE)  # said by _print_monitoring
     table = cli_render.endpoints_table([
         (port.service, str(port.target), f"http://{where}/")
-        for port, where in published_addresses(project, result.model)])
+        for port, where in published_addresses(project, result.model)
+        if port.compose_service not in monitoring])
     if table is not None:
         out.print(table)
 

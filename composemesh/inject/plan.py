@@ -8,7 +8,10 @@ from composemesh.inject.rewrite import InjectResult
 from composemesh.model.wellknown import (
     DEFAULT_VERSION,
     EGRESS_GATEWAY,
+    GRAFANA_PROFILE,
+    GRAFANA_SERVICE,
     INGRESS_GATEWAY,
+    PROMETHEUS_SERVICE,
     netns_service,
     proxy_service,
 )
@@ -48,7 +51,30 @@ def plan_rows(result: InjectResult) -> list[tuple[str, str, str, str, str]]:
         rows.append((f"{EGRESS_GATEWAY} (added)", DEFAULT_VERSION,
                      netns_service(EGRESS_GATEWAY), proxy_service(EGRESS_GATEWAY),
                      "; ".join([egress.policy, *hosts])))
+    rows.extend(monitoring_rows(result))
     return rows
+
+
+def monitoring_rows(result: InjectResult) -> list[tuple[str, str, str, str, str]]:
+    """The monitoring add-on's services: not in the mesh (no holder, no proxy), where the
+    host reaches them."""
+    monitoring = result.monitoring
+    if monitoring is None or monitoring.prometheus is None:
+        return []
+    prom = monitoring.prometheus
+    rows = [(f"{PROMETHEUS_SERVICE} (added)", "-", "-", "-",
+             f"http://{_host(prom.bind)}:{prom.port}; scrapes the pilot's service discovery "
+             f"every {prom.scrape_interval}s, keeps {prom.retention}")]
+    graf = monitoring.grafana
+    if graf is not None:
+        rows.append((f"{GRAFANA_SERVICE} (added)", "-", "-", "-",
+                     f"http://{_host(graf.bind)}:{graf.port}; {graf.image}, profile "
+                     f"{GRAFANA_PROFILE}: `up` starts it when the engine has or can pull it"))
+    return rows
+
+
+def _host(bind: str) -> str:
+    return f"[{bind}]" if ":" in bind else bind
 
 
 def render_plan(result: InjectResult) -> Table:

@@ -49,6 +49,13 @@ from composemesh.inject.compose_syntax import (
     take_netns,
     udp_ports,
 )
+from composemesh.inject.monitoring import (
+    MonitoringAdded,
+    add_monitoring,
+    drop_monitoring,
+    is_monitoring_config,
+    monitoring_of,
+)
 from composemesh.inject.replicas import (
     collisions,
     extend_instance_dependencies,
@@ -79,6 +86,7 @@ from composemesh.model.gateways import (
     ingress_settings,
 )
 from composemesh.model.labels import MeshLabels
+from composemesh.model.monitoring import MonitoringSettings, parse_monitoring
 from composemesh.model.settings import SECTION
 
 
@@ -87,8 +95,8 @@ class AddedService:
     """A service the injector put into the model: its name, role and the app it serves."""
 
     name: str
-    role: str  # wk.ROLE_NETNS | wk.ROLE_PROXY | wk.ROLE_PILOT
-    of: str | None  # the app compose service; None for the pilot
+    role: str  # wk.ROLE_NETNS | wk.ROLE_PROXY | wk.ROLE_PILOT | ROLE_PROMETHEUS | ROLE_GRAFANA
+    of: str | None  # the app compose service; None for the pilot and the monitoring add-on
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,7 @@ class InjectResult:
     services: tuple[ServicePlan, ...] = field(default=())  # one per user service, in order
     ingress: IngressGateway | None = None  # the ingress gateway added, as validated
     egress: EgressSettings | None = None  # what the proxies are told of the outside
+    monitoring: MonitoringSettings | None = None  # the add-on's settings, when it was added
 
 
 # --------------------------------------------------------------------------- the rewrite
@@ -196,13 +205,21 @@ def inject(
             ingress_settings(ingress) if ingress is not None else None, egress_told,
         )
         ctx.added.append(AddedService(wk.PILOT_SERVICE, wk.ROLE_PILOT, None))
+        monitoring = _monitoring_settings(src.get(SECTION))
+        extras = add_monitoring(out_services, monitoring, external, src.get("configs"))
+        ctx.added.extend(AddedService(name, role, None) for name, role in extras.services)
+        ctx.warnings.extend(extras.warnings)
         for name in _unscraped(out_services, external):
             ctx.warn(name, "on external networks only: the pilot joins none of them, so "
                      "this proxy's metrics are not scraped (its traffic is meshed as usual)")
         for name, text in _protect_static_addresses(out_services):
             ctx.warn(name, text)
     else:
+        extras = MonitoringAdded()
+        drop_monitoring(out_services)  # an earlier injection's: there is no pilot to scrape
         ctx.warnings.append("no service is in the mesh: nothing was injected")
+    for name in monitoring_of(services):  # an earlier injection's: not a user service
+        ctx.rows.pop(name, None)
     for name, svc in services.items():
         if labels_of(svc, name).get(wk.LABEL_GATEWAY) and name not in out_services:
             ctx.warnings.append(f"service {name!r}: injected earlier, dropped now: "
@@ -219,7 +236,10 @@ def inject(
         volumes = dict(result.get("volumes") or {})
         volumes.setdefault(PILOT_VOLUME, None)
         volumes.setdefault(SOCKET_VOLUME, None)
+        for volume in extras.volumes:
+            volumes.setdefault(volume, None)
         result["volumes"] = volumes
+    _put_configs(result, extras)
     rows = tuple(
         ServicePlan(
             row.service, row.mesh_service, row.version, row.netns, row.proxy,
@@ -231,6 +251,7 @@ def inject(
         model=result, warnings=tuple(ctx.warnings), added=tuple(ctx.added), services=rows,
         ingress=gateways.ingress if gateways is not None and ctx.meshed_any else None,
         egress=egress_told,
+        monitoring=monitoring if ctx.meshed_any and extras.services else None,
     )
 
 
@@ -402,6 +423,24 @@ class _Context:
 
 
 # --------------------------------------------------------------------------- its steps
+
+
+def _monitoring_settings(section: object) -> MonitoringSettings:
+    """``x-composemesh.monitoring`` of the model (validated before, by validate_model)."""
+    raw = section.get("monitoring") if isinstance(section, Mapping) else None
+    return parse_monitoring(raw)
+
+
+def _put_configs(result: dict[str, Any], extras: MonitoringAdded) -> None:
+    """The model's top-level ``configs:`` with the add-on's entries as of now (an earlier
+    injection's that are not wanted any more taken out); none at all if that leaves none."""
+    configs = {k: v for k, v in (result.get("configs") or {}).items()
+               if not is_monitoring_config(str(k))}
+    configs.update(extras.configs)
+    if configs:
+        result["configs"] = configs
+    else:
+        result.pop("configs", None)
 
 
 def _join_holder(svc: dict[str, Any], holder: str, proxy: str) -> None:
