@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from functools import partial
 from http import HTTPStatus
@@ -58,6 +59,7 @@ from composemesh.proxy.stats import (
     DOWNSTREAM_CLOSED,
     FAULT_ABORT,
     FAULT_DELAY,
+    INBOUND,
     MUTUAL_TLS,
     NO_FLAGS,
     NO_HEALTHY_UPSTREAM,
@@ -72,6 +74,8 @@ from composemesh.proxy.stats import (
     ProxyStats,
 )
 from composemesh.proxy.tcp import Handoff, splice
+from composemesh.proxy.telemetry import CLIENT, SERVER, Observer, address_text, cluster_name
+from composemesh.proxy.tracing import TraceContext
 from composemesh.proxy.upstream import CHUNKED, UNTIL_CLOSE, UpstreamConnection, UpstreamPool
 
 BODY_BUFFER_LIMIT = 1024 * 1024  # request bodies up to this are kept for retries; larger stream
@@ -133,8 +137,10 @@ class HttpPath:
 
     def __init__(self, stats: ProxyStats, pool: UpstreamPool | None = None,
                  limits: ProxyLimits = ProxyLimits(),  # noqa: B008 (frozen)
-                 switch: RouterSwitch | None = None, direction: str = OUTBOUND) -> None:
+                 switch: RouterSwitch | None = None, direction: str = OUTBOUND,
+                 observer: Observer | None = None) -> None:
         self.stats = stats
+        self.observer = observer  # access logs and spans (None: neither, no request id)
         self.direction = direction
         self.pool = pool or UpstreamPool(limits=limits)
         self.switch = switch or RouterSwitch()
@@ -459,6 +465,10 @@ class HttpDownstream(asyncio.Protocol):
                 forwarded = forwarded_headers(
                     pairs, self.transport.get_extra_info("peername"), caller.scheme)
                 drop = drop | _FORWARDED
+        observer = self.http.observer
+        if observer is not None:  # the trace continued: its headers replaced, a request id
+            trace, dropped, added = observer.trace(pairs)
+            drop = drop | dropped
         line = b"%s %s HTTP/1.1\r\n" if v11 else b"%s %s HTTP/1.0\r\n"
         parts, connection, chunked, expect = _request_head(line % (method, url), pairs, drop)
         if connection is not None:
@@ -469,10 +479,15 @@ class HttpDownstream(asyncio.Protocol):
             parts.append(b"Connection: upgrade\r\n")
         if forwarded:
             parts.append(forwarded)
+        if observer is not None:
+            parts.append(added)
         parts.append(b"\r\n")
         exchange = self.current = Exchange(
             self, method.decode("latin-1"), path, pairs, b"".join(parts), v11,
             parser.should_keep_alive() and not upgrade, chunked, expect, upgrade)
+        if observer is not None:
+            exchange.trace = trace
+            exchange.wall = time.time()
         if self.active is None:
             self._activate(exchange)
         else:
@@ -704,7 +719,7 @@ class Exchange:
         "dispatched", "started", "router", "state", "route", "tries", "tried", "endpoint",
         "in_try", "connecting", "conn", "sent", "per_try", "deadline", "delay",
         "status", "flags", "framing", "responding", "close_client", "response_size", "done",
-        "held", "pinned", "trailers",
+        "held", "pinned", "trailers", "trace", "wall",
     )
 
     def __init__(self, down: HttpDownstream, method: str, path: str,
@@ -752,6 +767,8 @@ class Exchange:
         self.done = False
         self.held: list[bytes] | None = None  # response bytes for the app, sent per read
         self.trailers = b""  # a chunked request body's trailer fields, as sent
+        self.trace: TraceContext | None = None  # with an observer: its place in its trace
+        self.wall = 0.0  # ... and when its head was in (epoch seconds)
 
     # ---- the request, as it comes from the app
 
@@ -1237,13 +1254,17 @@ class Exchange:
         down = self.down
         http = down.http
         caller = down.caller
+        duration = (asyncio.get_running_loop().time() - self.started) * 1000.0
         if type(caller) is InboundCaller:
             inbound = http.inbound
+            security = MUTUAL_TLS if caller.secure else NO_SECURITY
             http.stats.http_inbound_request(
-                caller.source, inbound.me, self.status, self.flags,
-                MUTUAL_TLS if caller.secure else NO_SECURITY,
-                (asyncio.get_running_loop().time() - self.started) * 1000.0,
+                caller.source, inbound.me, self.status, self.flags, security, duration,
                 len(self.head) + self.body_size, self.response_size)
+            if self.trace is not None and http.observer is not None:
+                self._observe(http.observer, duration, SERVER, inbound.me, caller.source,
+                              inbound.me.app, inbound.me, security, inbound.config.node,
+                              cluster_name(INBOUND, self.port, "", ""))
             return
         router = self.router or http.router
         endpoint = self.endpoint
@@ -1254,11 +1275,43 @@ class Exchange:
             version, workload, node = (endpoint.version, router.table.workload(endpoint),
                                        endpoint.node)
             principal = self._peer() or UNKNOWN  # what the endpoint had to prove
+        service = self.service or UNKNOWN
         http.stats.http_request(
-            router.me, self.service or UNKNOWN, version, workload, node, self.status,
-            self.flags,
-            (asyncio.get_running_loop().time() - self.started) * 1000.0,
+            router.me, service, version, workload, node, self.status, self.flags, duration,
             len(self.head) + self.body_size, self.response_size, principal=principal)
+        if self.trace is not None and http.observer is not None:
+            me = router.me
+            self._observe(http.observer, duration, CLIENT, me, me, service,
+                          PeerLabels(workload=workload, namespace=me.namespace, app=service,
+                                     version=version, principal=principal),
+                          None, node or "", cluster_name(OUTBOUND, self.port, version, service))
+
+    def _observe(self, observer: Observer, duration: float, kind: str, me: PeerLabels,
+                 source: PeerLabels, service: str, destination: PeerLabels,
+                 security: str | None, node: str, cluster: str) -> None:
+        """Tell ``observer`` of the request: its access-log line, its span."""
+        authority = user_agent = forwarded_for = None
+        for name, value in self.pairs:
+            lname = name.lower()
+            if lname == b"host":
+                authority = value.decode("latin-1")
+            elif lname == b"user-agent":
+                user_agent = value.decode("latin-1")
+            elif lname == b"x-forwarded-for":
+                forwarded_for = value.decode("latin-1")
+        transport = self.down.transport
+        endpoint = self.endpoint
+        assert self.trace is not None
+        observer.http(
+            self.trace, kind=kind, wall=self.wall, duration_ms=duration, method=self.method,
+            path=self.path, authority=authority or "", user_agent=user_agent,
+            forwarded_for=forwarded_for, status=self.status, flags=self.flags,
+            bytes_received=len(self.head) + self.body_size, bytes_sent=self.response_size,
+            upstream=(f"{endpoint.address}:{self.port}" if endpoint is not None else None),
+            cluster=cluster, local=address_text(transport.get_extra_info("sockname")),
+            remote=address_text(transport.get_extra_info("peername")), me=me, source=source,
+            service=service, destination=destination, security=security, node=node,
+            port=self.port)
 
 
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto"})

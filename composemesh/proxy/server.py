@@ -36,6 +36,7 @@ from composemesh.model.wellknown import (
     PORT_OUTBOUND,
     PORT_PROMETHEUS,
 )
+from composemesh.proxy.access_log import AccessLog, nonblocking_fd
 from composemesh.proxy.admin import (
     AdminContext,
     build_admin_app,
@@ -69,6 +70,7 @@ from composemesh.proxy.stats import (
 )
 from composemesh.proxy.table import EMPTY_TABLE, ServiceProtocols, table_from_snapshot
 from composemesh.proxy.tcp import CONNECT_TIMEOUT, Forwarder, Resolver
+from composemesh.proxy.telemetry import Observer
 from composemesh.proxy.upstream import UpstreamPool
 
 ENV_PILOT_URL = "COMPOSEMESH_PILOT_URL"
@@ -134,6 +136,7 @@ class ProxyConfig:
 def routing_applier(
     switch: RouterSwitch, http: HttpPath | None = None, rng: random.Random | None = None,
     inbound_http: HttpPath | None = None, tls: MeshTls | None = None,
+    observer: Observer | None = None,
 ) -> Callable[[Snapshot], Callable[[], None]]:
     """Applier: a snapshot's outbound and inbound routers, swapped in as one (``switch``).
 
@@ -160,10 +163,14 @@ def routing_applier(
         routers = Routers(router, in_router, ingress_table(snapshot.settings.ingress))
         trust_domain = snapshot.settings.trust_domain
 
+        telemetry = snapshot.settings.telemetry
+
         def commit() -> None:
             if tls is not None:
                 tls.name(trust_domain, snapshot.identity.project)
             switch.current = routers
+            if observer is not None:
+                observer.apply(telemetry)
 
         return commit
 
@@ -184,6 +191,7 @@ class DataPath:
     http: HttpPath
     inbound_http: HttpPath
     apply: Callable[[Snapshot], Callable[[], None]]  # a ConfigStore applier
+    observer: Observer | None = None  # access logs and spans, set by each snapshot
 
     def close(self) -> None:
         """Close both HTTP paths' pooled connections (once the listeners are closed)."""
@@ -194,24 +202,31 @@ class DataPath:
 def data_path(me: PeerLabels, ca_offered: Callable[[], bool | None], *,
               resolver: Resolver = original_dst, connect_timeout: float = CONNECT_TIMEOUT,
               rng: random.Random | None = None, tls: MeshTls | None = None,
-              limits: ProxyLimits = ProxyLimits()) -> DataPath:  # noqa: B008 (frozen)
+              limits: ProxyLimits = ProxyLimits(),  # noqa: B008 (frozen)
+              observer: Observer | None = None) -> DataPath:
     """A new data path for workload ``me`` (its metric labels until a snapshot names it);
     ``ca_offered`` says whether the pilot issues certificates (see InboundForwarder);
     ``tls``: the mTLS contexts, filled by the identity's rotations (new and empty if None);
-    ``limits``: what hostile clients are held to (the app's ``composemesh.proxy.*`` labels)."""
+    ``limits``: what hostile clients are held to (the app's ``composemesh.proxy.*`` labels);
+    ``observer``: access logs and spans (None: neither, and no request id added)."""
     stats, tls = ProxyStats(), tls or MeshTls()
     switch = RouterSwitch()
     outbound = Forwarder(OUTBOUND, stats, switch.choose, resolver=resolver,
-                         connect_timeout=connect_timeout, tls=tls, limits=limits)
+                         connect_timeout=connect_timeout, tls=tls, limits=limits,
+                         observer=observer)
     inbound = InboundForwarder(stats, switch, tls=tls, ca_offered=ca_offered, resolver=resolver,
-                               connect_timeout=connect_timeout, limits=limits)
-    http = HttpPath(stats, UpstreamPool(tls=tls, limits=limits), limits=limits, switch=switch)
-    inbound_http = HttpPath(stats, limits=limits, switch=switch, direction=INBOUND)
+                               connect_timeout=connect_timeout, limits=limits,
+                               observer=observer)
+    http = HttpPath(stats, UpstreamPool(tls=tls, limits=limits), limits=limits, switch=switch,
+                    observer=observer)
+    inbound_http = HttpPath(stats, limits=limits, switch=switch, direction=INBOUND,
+                            observer=observer)
     # until the first snapshot: everything passes through, named as ``me``
     switch.current = Routers(Router(EMPTY_TABLE, me), InboundRouter(
         InboundConfig(me=me, node=""), inbound_http.inbound_entry))
-    apply = routing_applier(switch, http, rng, inbound_http=inbound_http, tls=tls)
-    return DataPath(stats, tls, switch, outbound, inbound, http, inbound_http, apply)
+    apply = routing_applier(switch, http, rng, inbound_http=inbound_http, tls=tls,
+                            observer=observer)
+    return DataPath(stats, tls, switch, outbound, inbound, http, inbound_http, apply, observer)
 
 
 def tls_rotator(tls: MeshTls, identity: WorkloadIdentity) -> Callable[[WorkloadCertificate], None]:
@@ -240,9 +255,10 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
     stop = stop or asyncio.Event()
     claimed = config.compose_service or config.service
     identity = WorkloadIdentity(config.pilot_url, service=claimed)
+    observer = Observer(AccessLog(nonblocking_fd(1)))  # stdout: one JSON line per request
     path = data_path(workload_of(config.claimed_identity()), lambda: identity.offered,
                      resolver=config.resolver, connect_timeout=config.connect_timeout,
-                     limits=config.limits)
+                     limits=config.limits, observer=observer)
     forwarders: dict[str, Forwarder] = {OUTBOUND: path.outbound, INBOUND: path.inbound}
     identity.on_rotate.append(tls_rotator(path.tls, identity))
     store = ConfigStore([path.apply, trust_bundle_applier(identity)])
@@ -259,6 +275,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
         context.append(ctx)
 
     async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(observer.close)  # last: the final lines and spans go out
         stack.callback(path.close)  # once the listeners are closed: no new connections
         ports = {OUTBOUND: config.outbound_port, INBOUND: config.inbound_port}
         for direction, forwarder in forwarders.items():

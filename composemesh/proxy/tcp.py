@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, cast
@@ -39,6 +40,7 @@ from composemesh.proxy.stats import (
     TcpCounters,
     TcpLabels,
 )
+from composemesh.proxy.telemetry import Observer, address_text, cluster_name
 from composemesh.proxy.tls_link import TlsLink
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach a destination before the connection is dropped
@@ -160,8 +162,10 @@ class Forwarder:
         proxy_ports: Collection[int] = PROXY_PORTS,
         tls: MeshTls | None = None,
         limits: ProxyLimits = ProxyLimits(),  # noqa: B008 (frozen)
+        observer: Observer | None = None,
     ) -> None:
         self.direction = direction
+        self.observer = observer  # an access-log line per connection, when it closes
         self.limits = limits
         self.tcp_idle = limits.tcp_idle_timeout
         self.tls = tls  # the client side of mTLS to destinations that name a peer
@@ -235,7 +239,8 @@ class Downstream(_Side):
     """The accepted (captured) connection: decides where it goes and owns the pair's accounting."""
 
     __slots__ = ("forwarder", "counters", "connecting", "upstream", "early", "sniff", "sniffed",
-                 "sniffing", "watch", "ahead", "ready", "dropped")
+                 "sniffing", "watch", "ahead", "ready", "dropped", "destination", "wall",
+                 "received_n", "sent_n")
 
     def __init__(self, forwarder: Forwarder) -> None:
         self.forwarder = forwarder
@@ -252,6 +257,9 @@ class Downstream(_Side):
         self.ahead: Destination | None = None  # connected to while sniffing, before a verdict
         self.ready: asyncio.Transport | None = None  # ... that connection, open, not linked
         self.dropped = False  # the verdict was HTTP: the connection opened ahead is not used
+        self.destination: Destination | None = None  # where it went, once counted
+        self.wall = 0.0  # when it was counted (epoch seconds), for its access-log line
+        self.received_n = self.sent_n = 0  # this connection's own bytes, each way
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop: no subclass
@@ -317,6 +325,9 @@ class Downstream(_Side):
         fwd = self.forwarder
         counters = self.counters = fwd.stats.tcp(destination.labels)
         counters.opened += 1
+        self.destination = destination
+        self.wall = time.time()
+        self.received_n = self.sent_n = 0  # what came before (a TLS handshake) is not its own
         fwd.connections.add(self)
         # Hold the client until the destination answers. uvloop starts reading only after
         # connection_made returns, so the first chunk may still come: _hold keeps it.
@@ -386,6 +397,7 @@ class Downstream(_Side):
         assert isinstance(destination, Destination)
         self._start(destination, [first] if first else None)
         self.counters.received += uncounted  # type: ignore[union-attr]
+        self.received_n += uncounted
         return True
 
     def _drop_ahead(self) -> None:
@@ -511,6 +523,7 @@ class Downstream(_Side):
         self.moved = True
         self.forward(data)
         self.counters.received += len(data)  # type: ignore[union-attr]
+        self.received_n += len(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.sniff is not None:  # gone before its first bytes told what it speaks
@@ -525,6 +538,9 @@ class Downstream(_Side):
         counters.closed += 1
         fwd = self.forwarder
         fwd.connections.discard(self)
+        observer = fwd.observer
+        if observer is not None and observer.logging and self.destination is not None:
+            self._log(observer, self.destination, exc)
         if self.watch is not None:
             self.watch.cancel()
         if exc is not None:
@@ -534,6 +550,21 @@ class Downstream(_Side):
         if self.peer is None and self.upstream is not None:  # connected but never linked
             self.upstream.transport.abort()
         self._lost(exc)
+
+    def _log(self, observer: Observer, destination: Destination, exc: Exception | None) -> None:
+        labels = destination.labels
+        transport = self.transport
+        observer.tcp(
+            wall=self.wall, received=self.received_n, sent=self.sent_n,
+            flags=UPSTREAM_RESET if exc is not None else NO_FLAGS,
+            upstream=f"{destination.host}:{destination.port}",
+            cluster=cluster_name(self.forwarder.direction, destination.port,
+                                 labels.destination.version, labels.destination_service_name),
+            local=address_text(transport.get_extra_info("sockname")),
+            remote=address_text(transport.get_extra_info("peername")),
+            reporter=labels.reporter, source=labels.source,
+            service=labels.destination_service_name, destination=labels.destination,
+            security=labels.connection_security_policy)
 
     def abort(self) -> None:
         if self.watch is not None:
@@ -704,10 +735,11 @@ class IdleWatch:
 class Upstream(_Side):
     """The proxy's own connection to the chosen destination."""
 
-    __slots__ = ("counters",)
+    __slots__ = ("counters", "down")
 
     def __init__(self, downstream: Downstream) -> None:
         self.peer = downstream
+        self.down = downstream  # kept when ``peer`` is let go: its bytes are its own
         self.eof_in = self.eof_out = self.moved = False
         self.counters: TcpCounters = downstream.counters  # type: ignore[assignment]
 
@@ -729,6 +761,7 @@ class Upstream(_Side):
         self.moved = True
         self.forward(data)
         self.counters.sent += len(data)
+        self.down.sent_n += len(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         downstream = self.peer

@@ -112,7 +112,8 @@ def test_app_traffic_is_captured_both_ways_and_counted(
             if line.startswith("istio_tcp_received_bytes_total{")]
     source = next(line for line in sent if 'reporter="source"' in line)
     destination = next(line for line in sent if 'reporter="destination"' in line)
-    assert 'source_workload="web-v1"' in source and float(source.rsplit(" ", 1)[1]) == len('hello B')
+    assert 'source_workload="web-v1"' in source
+    assert float(source.rsplit(" ", 1)[1]) == len("hello B")
     assert 'destination_workload="web-v1"' in destination
     assert 'destination_service="web"' in destination
 

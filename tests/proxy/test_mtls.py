@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from composemesh.ca import cert_to_pem, key_to_pem, make_csr, make_root, sign_workload
 from composemesh.ca.pki import generate_key
 from composemesh.ca.spiffe import WorkloadName
+from composemesh.model.monitoring import Telemetry
 from composemesh.model.policy import Operation, Policy
 from composemesh.model.routing import ServiceRouting
 from composemesh.model.snapshot import ProxyIdentity, Snapshot, encode_snapshot
@@ -31,6 +32,7 @@ from composemesh.proxy.pilot_client import ConfigStore
 from composemesh.proxy.selection import LocalNetwork, admits_plaintext
 from composemesh.proxy.server import DataPath, data_path
 from composemesh.proxy.stats import PeerLabels, ProxyStats
+from composemesh.proxy.telemetry import Observer
 from composemesh.proxy.upstream import UpstreamPool
 from tests.support import free_port
 
@@ -111,6 +113,7 @@ class Pair:
     a_tls: MeshTls
     b_tls: MeshTls
     app_peers: list[str]
+    app_headers: list[dict[str, str]]
 
     def url(self, path: str = "/") -> str:
         return f"http://{A_ADDR}:{self.port}{path}"
@@ -119,11 +122,14 @@ class Pair:
 @contextlib.asynccontextmanager
 async def pair(pki: Pki, *, protocol: str | None = "http", client: str = "productpage",
                a_tls: MeshTls | None = None, b_tls: MeshTls | None = None,
-               app: Any = None, **server: Any) -> AsyncIterator[Pair]:
+               app: Any = None, a_observer: Observer | None = None,
+               b_observer: Observer | None = None, b_telemetry: Telemetry | None = None,
+               **server: Any) -> AsyncIterator[Pair]:
     """Proxies A and B with mTLS between them; behind B an HTTP app, a TCP echo (``protocol``
     tcp), or ``app`` (an asyncio.start_server handler); ``protocol`` None: detected."""
     loop = asyncio.get_running_loop()
     app_peers: list[str] = []
+    app_headers: list[dict[str, str]] = []
     port = free_port(APP_ADDR)
     cleanups: list[Any] = []
     try:
@@ -134,6 +140,7 @@ async def pair(pki: Pki, *, protocol: str | None = "http", client: str = "produc
         elif protocol != "tcp":
             async def handle(request: web.Request) -> web.Response:
                 app_peers.append(request.remote or "")
+                app_headers.append({k.lower(): v for k, v in request.headers.items()})
                 return web.Response(text="reviews")
 
             app = web.Application()
@@ -154,21 +161,30 @@ async def pair(pki: Pki, *, protocol: str | None = "http", client: str = "produc
 
         # proxy B, the app's sidecar: its inbound listener (SO_ORIGINAL_DST: the app)
         b = data_path(PeerLabels(), lambda: True, resolver=lambda sock: (APP_ADDR, port),
-                      rng=random.Random(1), tls=b_tls or mesh_tls(pki, "reviews"))
+                      rng=random.Random(1), tls=b_tls or mesh_tls(pki, "reviews"),
+                      observer=b_observer)
         b_store = ConfigStore([b.apply])
-        answer = b_store.offer(snapshot("reviews", "reviews", server_settings(protocol, **server)))
+        settings = server_settings(protocol, **server)
+        if b_telemetry is not None:
+            settings["telemetry"] = b_telemetry
+        answer = b_store.offer(snapshot("reviews", "reviews", settings))
         assert answer.ok, answer.reason
         b_listener = await loop.create_server(b.inbound, B_ADDR, port)
         cleanups.append(_closer(b_listener, b))
 
         # proxy A, the client's sidecar: its outbound listener (SO_ORIGINAL_DST: B)
         a = data_path(PeerLabels(), lambda: True, resolver=lambda sock: (B_ADDR, port),
-                      rng=random.Random(1), tls=a_tls or mesh_tls(pki, client))
-        answer = ConfigStore([a.apply]).offer(snapshot(client, client, client_settings(protocol)))
+                      rng=random.Random(1), tls=a_tls or mesh_tls(pki, client),
+                      observer=a_observer)
+        settings = client_settings(protocol)
+        if b_telemetry is not None:
+            settings["telemetry"] = b_telemetry
+        answer = ConfigStore([a.apply]).offer(snapshot(client, client, settings))
         assert answer.ok, answer.reason
         a_listener = await loop.create_server(a.outbound, A_ADDR, port)
         cleanups.append(_closer(a_listener, a))
-        yield Pair(port, a.stats, b.stats, a.http.pool, b_store, a.tls, b.tls, app_peers)
+        yield Pair(port, a.stats, b.stats, a.http.pool, b_store, a.tls, b.tls, app_peers,
+                   app_headers)
     finally:
         for cleanup in reversed(cleanups):
             await cleanup()
