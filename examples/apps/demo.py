@@ -27,6 +27,10 @@ VERSION = os.environ.get("VERSION", "v1")
 HOSTNAME = socket.gethostname()
 FAIL_EVERY = int(os.environ.get("FAIL_EVERY", "0"))
 DELAY_MS = int(os.environ.get("DELAY_MS", "0"))
+# Istio's Bookinfo apps forward these (W3C trace context, B3, Envoy's request id)
+FORWARDED_HEADERS = frozenset({
+    "x-request-id", "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid",
+    "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "x-ot-span-context"})
 _counter = itertools.count(1)
 _lock = threading.Lock()
 
@@ -90,8 +94,14 @@ class Handler(BaseHTTPRequestHandler):
         obj.setdefault("host", HOSTNAME)
         self.answer(status, obj)
 
+    def forwarded(self, *more: str) -> dict[str, str]:
+        """The headers an app passes on to the services it calls so that the mesh can join
+        their spans into one trace: Istio's list for its Bookinfo sample, and ``more``."""
+        keep = FORWARDED_HEADERS.union(more)
+        return {k: v for k, v in self.headers.items() if k.lower() in keep}
+
     def productpage_page(self) -> tuple[int, dict]:
-        headers = {k: v for k, v in self.headers.items() if k.lower() in ("end-user", "x-user")}
+        headers = self.forwarded("end-user", "x-user")
         status, reviews = http_get("reviews", 9080, "/reviews/0", headers)
         details = json.loads(tcp_line("details", 9000, "0"))
         return (200 if status == 200 else 502), {
@@ -101,7 +111,7 @@ class Handler(BaseHTTPRequestHandler):
         obj: dict = {"service": "reviews", "version": VERSION,
                      "reviews": ["An extremely entertaining play.", "Absolutely fun."]}
         if VERSION != "v1":
-            status, ratings = http_get("ratings", 9080, "/ratings/0")
+            status, ratings = http_get("ratings", 9080, "/ratings/0", self.forwarded())
             obj["ratings"] = ratings if status == 200 else {"error": status}
             obj["stars"] = "black" if VERSION == "v2" else "red"
         return 200, obj
