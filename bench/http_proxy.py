@@ -16,6 +16,12 @@ Subjects, each in its own process and all on the same hop to that upstream:
   original destination given by an injected resolver; every request is parsed, routed and
   carried over a pooled upstream connection;
 - composemesh tcp (with --tcp-path): the same service declared ``tcp``: bytes pass through;
+- with --observability, the same path three more ways, to price what it records: ``no
+  metrics`` (the counters' calls do nothing), ``+access log`` (a JSON line per request,
+  written to a pipe that a thread drains, as the engine drains a container's stdout), and
+  ``+log+trace`` (the log, and every request sampled: a span per request, batched to a
+  Zipkin collector on loopback that answers 202); the plain ``composemesh`` subject has the
+  metrics and neither (its trace headers and request id untouched);
 - composemesh@DIR (with --compare DIR, a checkout of another revision, e.g. from
   ``git worktree add``): that revision's outbound HTTP path, built by that revision's own
   bench, run in the same rounds: a change's before/after, paired round by round.
@@ -109,10 +115,34 @@ def compared_outbound(ready: Ready, tree: str, upstream_port: int, protocol: str
     module.composemesh_outbound(ready, upstream_port, protocol)
 
 
-def composemesh_outbound(ready: Ready, upstream_port: int, protocol: str) -> None:
+def span_collector(ready: Ready) -> None:
+    """A Zipkin collector that takes every POST and answers 202 (no parsing)."""
+    from aiohttp import web
+
+    async def start() -> asyncio.Server:
+        async def spans(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response(status=202)
+
+        app = web.Application()
+        app.router.add_post("/api/v2/spans", spans)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, PROXY_HOST, 0)
+        await site.start()
+        return site._server  # type: ignore[return-value]  # noqa: SLF001 (its one socket)
+
+    serve_forever(ready, start)
+
+
+def composemesh_outbound(ready: Ready, upstream_port: int, protocol: str,
+                         variant: str = "", collector: str = "") -> None:
     """The outbound listener of a proxy whose snapshot knows one service, ``upstream``, with
-    one endpoint: the upstream, its port's protocol ``protocol``."""
+    one endpoint: the upstream, its port's protocol ``protocol``. ``variant``: "" (metrics),
+    "no metrics", "+access log", "+log+trace" (spans to ``collector``)."""
+    import os
     import random
+    import threading
 
     from composemesh.model.routing import (
         HttpRoute,
@@ -143,7 +173,25 @@ def composemesh_outbound(ready: Ready, upstream_port: int, protocol: str) -> Non
                 "tcp" if protocol == "tcp" else "http")},
         ))
         stats = ProxyStats()
-        http = HttpPath(stats)
+        if variant == "no metrics":
+            stats.http_request = lambda *args, **kwargs: None  # type: ignore[method-assign]
+        observer = None
+        if variant in ("+access log", "+log+trace"):
+            from composemesh.model.monitoring import Telemetry, TracingSettings
+            from composemesh.proxy.access_log import AccessLog
+            from composemesh.proxy.telemetry import Observer
+
+            r, w = os.pipe()
+
+            def drain() -> None:
+                while os.read(r, 1 << 20):
+                    pass
+
+            threading.Thread(target=drain, daemon=True).start()
+            observer = Observer(AccessLog(w))
+            observer.apply(Telemetry(tracing=TracingSettings(zipkin=collector, sampling=1.0))
+                           if variant == "+log+trace" else Telemetry())
+        http = HttpPath(stats, observer=observer) if observer else HttpPath(stats)
         router = Router(table_from_snapshot(snapshot), workload_of(identity),
                         rng=random.Random(1), http=http.entry)
         http.switch.current = Routers(router, EMPTY_INBOUND)
@@ -171,6 +219,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also the proxy with the service declared tcp (pass-through)")
     parser.add_argument("--haproxy-threads", type=int, default=1,
                         help="HAProxy's nbthread (default 1, as the proxy has one loop)")
+    parser.add_argument("--observability", action="store_true",
+                        help="also the proxy without metrics, with access logs, with tracing")
     parser.add_argument("--quick", action="store_true", help="a smoke run, under 30 s")
     parser.add_argument("--compare", metavar="DIR",
                         help="also the proxy of the checkout in DIR (another revision)")
@@ -218,6 +268,15 @@ def run(args: argparse.Namespace, comps: Components) -> Results:
         urls[subject] = f"http://{PROXY_HOST}:{port}/"
         pids[subject] = int(comps.children[-1].pid or 0)
     baselines: tuple[Baseline, ...] = BASELINES
+    if args.observability:
+        collector = comps.spawn("span collector", span_collector)
+        for variant in ("no metrics", "+access log", "+log+trace"):
+            port = comps.spawn(f"composemesh {variant} proxy", composemesh_outbound,
+                               upstream_port, "http", variant,
+                               f"http://{PROXY_HOST}:{collector}/api/v2/spans")
+            urls[variant] = f"http://{PROXY_HOST}:{port}/"
+            pids[variant] = int(comps.children[-1].pid or 0)
+        baselines = (*BASELINES, Baseline("composemesh", "÷ composemesh"))
     if args.compare:
         subject = f"composemesh@{Path(args.compare).name}"
         port = comps.spawn(f"{subject} proxy", compared_outbound,
