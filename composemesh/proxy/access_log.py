@@ -25,6 +25,8 @@ import time
 import msgspec
 
 NO_FLAGS = "-"  # Envoy's RESPONSE_FLAGS when none is set
+FLUSH_DELAY = 0.05  # seconds a line may wait for the ones after it
+FLUSH_BYTES = 64 * 1024  # ... unless this much is waiting
 CLOSE_WAIT = 1.0  # seconds ``close`` waits for a full pipe to take the rest
 
 
@@ -163,9 +165,11 @@ def nonblocking_fd(fd: int = 1) -> int:
 
 
 class AccessLog:
-    """Lines written to ``fd`` from the event loop, one ``os.write`` per loop iteration.
+    """Lines written to ``fd`` from the event loop, in batches: one ``os.write`` for what came
+    in ``FLUSH_DELAY`` seconds, or at once when ``FLUSH_BYTES`` are waiting (a syscall and a
+    reader's wake-up per request cost more than the line itself).
 
-    ``write`` appends to a buffer and schedules one flush (``loop.call_soon``); the flush
+    ``write`` appends to a buffer and schedules one flush (``loop.call_later``); the flush
     writes what it can and, when ``fd`` would block (a full pipe), waits for it to become
     writable (``loop.add_writer``; a poll every 10 ms where the loop cannot watch ``fd``).
     A line that would grow the buffer past ``max_buffer`` bytes is dropped and counted in
@@ -193,10 +197,12 @@ class AccessLog:
             self.dropped += 1
             return
         buffer += line
+        if len(buffer) >= FLUSH_BYTES and self._watching is None:
+            self._write_out()  # what fd does not take now, the scheduled flush waits for
         if not self._scheduled:
             self._scheduled = True
             try:
-                asyncio.get_running_loop().call_soon(self._flush)
+                asyncio.get_running_loop().call_later(FLUSH_DELAY, self._flush)
             except RuntimeError:  # no loop (start-up, shut-down): write now
                 self._flush()
 

@@ -78,6 +78,7 @@ from composemesh.proxy.telemetry import CLIENT, SERVER, Observer, address_text, 
 from composemesh.proxy.tracing import TraceContext
 from composemesh.proxy.upstream import CHUNKED, UNTIL_CLOSE, UpstreamConnection, UpstreamPool
 
+UNKNOWN_PEER = PeerLabels()  # a destination not chosen yet
 BODY_BUFFER_LIMIT = 1024 * 1024  # request bodies up to this are kept for retries; larger stream
 LINGER = 1.0  # seconds a connection closed after an error answer still reads (Envoy's
 # delayed_close_timeout): what the client sends meanwhile is dropped, not answered with a reset
@@ -265,7 +266,7 @@ class HttpDownstream(asyncio.Protocol):
     __slots__ = ("http", "service", "port", "caller", "transport", "parser", "current", "active",
                  "queue", "paused", "writing_paused", "closed", "eof", "tunnel_first", "_url",
                  "_pairs", "head_left", "in_head", "in_body", "head_since", "seen",
-                 "quiet_since", "idle_since", "timer")
+                 "quiet_since", "idle_since", "timer", "addresses")
 
     transport: asyncio.Transport
 
@@ -287,6 +288,7 @@ class HttpDownstream(asyncio.Protocol):
         self.tunnel_first: list[bytes] | None = None  # after an upgrade request: bytes held
         self._url = b""
         self._pairs: list[tuple[bytes, bytes]] = []
+        self.addresses: tuple[str, str] | None = None  # (local, remote), for access logs
         self.head_left = http.head_max  # bytes the current (or next) request head may still take
         self.in_head = False  # the parser is inside a request head
         self.in_body = False  # ... inside a request body: reads do not count against the head
@@ -588,15 +590,32 @@ class HttpDownstream(asyncio.Protocol):
         self.timer = asyncio.get_running_loop().call_later(LINGER, transport.abort)
 
     def count_refused(self, status: int, flags: str) -> None:
+        """Count (and log) a request refused before it was whole (400, 408, 413, 414, 431)."""
         http = self.http
         caller = self.caller
+        observer = http.observer
+        transport = self.transport
         if type(caller) is not InboundCaller:  # the app's, or a client's at the ingress
-            http.stats.http_request(http.router.me, self.service or UNKNOWN, UNKNOWN, UNKNOWN,
+            me = http.router.me
+            http.stats.http_request(me, self.service or UNKNOWN, UNKNOWN, UNKNOWN,
                                     None, status, flags, 0.0, 0, 0)
+            if observer is not None:
+                observer.refused(status=status, flags=flags, reporter="source", source=me,
+                                 service=self.service or UNKNOWN, destination=UNKNOWN_PEER,
+                                 security=None,
+                                 local=address_text(transport.get_extra_info("sockname")),
+                                 remote=address_text(transport.get_extra_info("peername")))
             return
         inbound = http.inbound
-        http.stats.http_inbound_request(caller.source, inbound.me, status, flags,
-                                        MUTUAL_TLS if caller.secure else NO_SECURITY, 0.0, 0, 0)
+        security = MUTUAL_TLS if caller.secure else NO_SECURITY
+        http.stats.http_inbound_request(caller.source, inbound.me, status, flags, security,
+                                        0.0, 0, 0)
+        if observer is not None:
+            observer.refused(status=status, flags=flags, reporter="destination",
+                             source=caller.source, service=inbound.me.app,
+                             destination=inbound.me, security=security,
+                             local=address_text(transport.get_extra_info("sockname")),
+                             remote=address_text(transport.get_extra_info("peername")))
 
     # ---- timeouts
 
@@ -1299,7 +1318,12 @@ class Exchange:
                 user_agent = value.decode("latin-1")
             elif lname == b"x-forwarded-for":
                 forwarded_for = value.decode("latin-1")
-        transport = self.down.transport
+        down = self.down
+        addresses = down.addresses
+        if addresses is None:  # once per connection: each asks the kernel
+            transport = down.transport
+            addresses = down.addresses = (address_text(transport.get_extra_info("sockname")),
+                                          address_text(transport.get_extra_info("peername")))
         endpoint = self.endpoint
         assert self.trace is not None
         observer.http(
@@ -1308,8 +1332,7 @@ class Exchange:
             forwarded_for=forwarded_for, status=self.status, flags=self.flags,
             bytes_received=len(self.head) + self.body_size, bytes_sent=self.response_size,
             upstream=(f"{endpoint.address}:{self.port}" if endpoint is not None else None),
-            cluster=cluster, local=address_text(transport.get_extra_info("sockname")),
-            remote=address_text(transport.get_extra_info("peername")), me=me, source=source,
+            cluster=cluster, local=addresses[0], remote=addresses[1], me=me, source=source,
             service=service, destination=destination, security=security, node=node,
             port=self.port)
 

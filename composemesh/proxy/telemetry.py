@@ -137,6 +137,24 @@ class Observer:
                            canonical_service=me.app, canonical_revision=me.version,
                            node_id=node, request_id=ctx.request_id)))
 
+    def refused(self, *, status: int, flags: str, reporter: str, source: PeerLabels,
+                service: str, destination: PeerLabels, security: str | None, local: str,
+                remote: str) -> None:
+        """A request refused before its head was whole or sane (no method, path or trace
+        to tell): its access-log line, with the status the client got."""
+        if not self.logging:
+            return
+        assert self.log is not None
+        self.log.write(http_entry(
+            start_time=time.time(), method="", path="", protocol="HTTP/1.1",
+            response_code=status, response_flags=flags, bytes_received=0, bytes_sent=0,
+            duration=0, downstream_local_address=local, downstream_remote_address=remote,
+            reporter=reporter, source_workload=_known(source.workload),
+            source_principal=_known(source.principal), destination_service=service,
+            destination_workload=_known(destination.workload),
+            destination_principal=_known(destination.principal),
+            connection_security_policy=security))
+
     def tcp(self, *, wall: float, received: int, sent: int, flags: str, upstream: str | None,
             cluster: str, local: str, remote: str, reporter: str, source: PeerLabels,
             service: str, destination: PeerLabels, security: str) -> None:

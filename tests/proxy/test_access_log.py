@@ -137,7 +137,12 @@ def numbered(n: int, width: int = 0) -> bytes:
     return b'{"n":%d,"pad":"%s"}\n' % (n, b"x" * (width or n % 97))
 
 
-def test_lines_arrive_whole_in_order_one_write_per_iteration(
+async def batch() -> None:
+    """Past the flush of what was written so far (its timer is due first)."""
+    await asyncio.sleep(access_log.FLUSH_DELAY + 0.01)
+
+
+def test_lines_arrive_whole_in_order_one_write_per_batch(
         loop_kind: str, pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
     read, write = pipe
     writes: list[int] = []
@@ -154,12 +159,12 @@ def test_lines_arrive_whole_in_order_one_write_per_iteration(
         log = AccessLog(write)
         for n in range(100):
             log.write(numbered(n))
-        assert writes == []  # nothing yet: the flush comes on the next iteration
-        await asyncio.sleep(0)
+        assert writes == []  # nothing yet: the flush comes FLUSH_DELAY later
+        await batch()
         assert len(writes) == 1  # one write for the hundred
         assert read_all(read) == b"".join(numbered(n) for n in range(100))
         log.write(numbered(100))
-        await asyncio.sleep(0)
+        await batch()
         assert len(writes) == 2
         assert read_all(read) == numbered(100)
         assert log.dropped == 0
@@ -254,10 +259,10 @@ def test_enabled_is_read_on_every_write(loop_kind: str, pipe: tuple[int, int]) -
         log.write(numbered(1))
         log.enabled = False
         log.write(numbered(2))
-        await asyncio.sleep(0)
+        await batch()
         log.enabled = True
         log.write(numbered(3))
-        await asyncio.sleep(0)
+        await batch()
         assert read_all(read) == numbered(1) + numbered(3)
         assert log.dropped == 0  # switched off is not dropped
 
@@ -273,7 +278,7 @@ def test_close_flushes_what_is_buffered(loop_kind: str, pipe: tuple[int, int]) -
         log.write(numbered(2))
         log.close()  # before the loop turns
         assert read_all(read) == numbered(1) + numbered(2)
-        await asyncio.sleep(0)  # the flush already scheduled finds nothing left
+        await batch()  # the flush already scheduled finds nothing left
         assert read_all(read) == b""
 
     run_on(loop_kind, main())
@@ -304,7 +309,7 @@ def test_a_gone_reader_counts_lines_and_raises_nothing(loop_kind: str,
         log = AccessLog(write)
         log.write(numbered(1))
         log.write(numbered(2))
-        await asyncio.sleep(0)
+        await batch()
         assert log.dropped == 2
 
     run_on(loop_kind, main())
@@ -334,3 +339,16 @@ def test_nonblocking_fd_is_the_same_pipe_and_leaves_the_original_blocking(
                 os.write(mine, b"x" * 4096)
     finally:
         os.close(mine)
+
+
+def test_a_full_batch_goes_out_at_once(loop_kind: str, pipe: tuple[int, int]) -> None:
+    read, write = pipe
+
+    async def main() -> None:
+        log = AccessLog(write)
+        line = b"x" * 1023 + b"\n"
+        for _ in range(access_log.FLUSH_BYTES // len(line)):
+            log.write(line)
+        assert len(read_all(read)) == access_log.FLUSH_BYTES  # not waiting for the timer
+
+    run_on(loop_kind, main())

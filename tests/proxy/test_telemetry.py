@@ -182,3 +182,31 @@ def test_without_tracing_trace_headers_pass_untouched_and_a_request_id_is_added(
         await a_obs.close()
 
     asyncio.run(main())
+
+
+def test_a_request_refused_for_its_head_is_logged_with_the_status_it_got() -> None:
+    pki = new_pki()
+
+    async def main() -> None:
+        a_pipe = Pipe()
+        a_obs = Observer(AccessLog(a_pipe.w))
+        try:
+            async with pair(pki, a_observer=a_obs) as p:
+                reader, writer = await asyncio.open_connection(A_ADDR, p.port)
+                writer.write(b"GET / HTTP/1.1\r\nHost: reviews\r\nX-Big: " + b"a" * 200_000
+                             + b"\r\n\r\n")
+                await writer.drain()
+                head = await asyncio.wait_for(reader.readline(), 5)
+                writer.close()
+                assert head.startswith(b"HTTP/1.1 431"), head
+                await until(lambda: a_pipe.lines())
+                [line] = a_pipe.lines()
+                assert (line["response_code"], line["response_flags"]) == (431, "DPE")
+                assert line["reporter"] == "source" and line["method"] is None
+                assert line["downstream_remote_address"].startswith(f"{A_ADDR}:")
+                assert p.app_headers == []  # nothing reached the app
+        finally:
+            await a_obs.close()
+            a_pipe.close()
+
+    asyncio.run(main())
