@@ -18,7 +18,8 @@ Subjects, each in its own process and all on the same hop to that upstream:
 - composemesh tcp (with --tcp-path): the same service declared ``tcp``: bytes pass through;
 - with --observability, the same path three more ways, to price what it records: ``no
   metrics`` (the counters' calls do nothing), ``+access log`` (a JSON line per request,
-  written to a pipe that a thread drains, as the engine drains a container's stdout), and
+  written to a pipe that another process (`cat`) drains, as dockerd drains a container's
+  stdout), and
   ``+log+trace`` (the log, and every request sampled: a span per request, batched to a
   Zipkin collector on loopback that answers 202); the plain ``composemesh`` subject has the
   metrics and neither (its trace headers and request id untouched);
@@ -140,9 +141,8 @@ def composemesh_outbound(ready: Ready, upstream_port: int, protocol: str,
     """The outbound listener of a proxy whose snapshot knows one service, ``upstream``, with
     one endpoint: the upstream, its port's protocol ``protocol``. ``variant``: "" (metrics),
     "no metrics", "+access log", "+log+trace" (spans to ``collector``)."""
-    import os
     import random
-    import threading
+    import subprocess
 
     from composemesh.model.routing import (
         HttpRoute,
@@ -181,14 +181,11 @@ def composemesh_outbound(ready: Ready, upstream_port: int, protocol: str,
             from composemesh.proxy.access_log import AccessLog
             from composemesh.proxy.telemetry import Observer
 
-            r, w = os.pipe()
-
-            def drain() -> None:
-                while os.read(r, 1 << 20):
-                    pass
-
-            threading.Thread(target=drain, daemon=True).start()
-            observer = Observer(AccessLog(w))
+            # the pipe's reader is another process, as dockerd is a container's stdout's
+            drain = subprocess.Popen(["cat"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL)
+            assert drain.stdin is not None
+            observer = Observer(AccessLog(drain.stdin.fileno()))
             observer.apply(Telemetry(tracing=TracingSettings(zipkin=collector, sampling=1.0))
                            if variant == "+log+trace" else Telemetry())
         http = HttpPath(stats, observer=observer) if observer else HttpPath(stats)
