@@ -186,9 +186,12 @@ def test_a_faked_address_gets_no_certificate_and_steers_nothing(mesh: Mesh, vict
     assert logs_of(mesh.container(wk.PILOT_SERVICE)).count("certificate issued") == issued_before
 
 
-def test_the_pilot_listens_on_no_network_port(mesh: Mesh) -> None:
-    """Nothing of the pilot's is on a network: its only listener is its Unix socket (the one
-    TCP listener in its namespace is Docker's embedded DNS on 127.0.0.11)."""
+def test_the_pilot_listens_on_no_network_port_but_its_read_only_monitoring_one(
+        mesh: Mesh) -> None:
+    """Nothing of the pilot's API is on a network: it is on its Unix socket alone. The one
+    port on the networks is 15014 (Istio's istiod monitoring port: metrics and Prometheus's
+    service discovery, read-only, see the next test); the other TCP listener in its
+    namespace is Docker's embedded DNS on 127.0.0.11."""
     pilot = mesh.container(wk.PILOT_SERVICE)
     listening = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -196,9 +199,43 @@ def test_the_pilot_listens_on_no_network_port(mesh: Mesh) -> None:
             cols = line.split()
             if cols[3] == "0A":  # LISTEN
                 listening.append(cols[1])
-    assert all(local.startswith("0B00007F:") for local in listening), listening
+    monitoring = f":{wk.PORT_PILOT_MONITORING:04X}"
+    assert all(local.startswith("0B00007F:") or local.endswith(monitoring)
+               for local in listening), listening
     assert docker("exec", pilot, "stat", "-c", "%F", wk.PILOT_SOCKET) == "socket"
     assert docker("inspect", "-f", "{{json .NetworkSettings.Ports}}", pilot) in ("{}", "null")
+
+
+def test_the_monitoring_port_changes_nothing_and_tells_no_secret(mesh: Mesh) -> None:
+    """From a faked address (reviews', the bridge gateway's), the API's paths on 15014 are
+    not there (404) or not for that method (405); nothing is issued or changed. What it
+    does tell (metrics, scrape targets) holds no certificate, key or token."""
+    before = pilot_state(mesh)
+    issued_before = logs_of(mesh.container(wk.PILOT_SERVICE)).count("certificate issued")
+    pilot = address_of(mesh, mesh.container(wk.PILOT_SERVICE))
+    port = wk.PORT_PILOT_MONITORING
+    for as_ in (mesh.address("reviews"), gateway(mesh)):
+        for method, path, statuses in (
+            ("POST", "/v1/certificate", {"404"}),
+            ("PUT", "/v1/routes/reviews", {"404"}),
+            ("POST", "/v1/ca/rotate", {"404"}),
+            ("POST", "/metrics", {"405"}),
+            ("DELETE", "/sd/prometheus", {"405"}),
+        ):
+            body = csr() if path == "/v1/certificate" else b""
+            result = spoof(mesh.network(), as_, pilot, port, "--payload-b64",
+                           http_request(method, path, body))
+            assert result["result"] == "connected", (method, path, result)
+            status = result["reply"].split(" ", 2)[1] if result["reply"] else ""
+            assert status in statuses, (method, path, result["reply"][:200])
+    assert pilot_state(mesh) == before
+    assert logs_of(mesh.container(wk.PILOT_SERVICE)).count("certificate issued") == issued_before
+    for path in ("/metrics", "/sd/prometheus"):
+        told = mesh.exec("reviews", "python3", "-c",
+                         "import urllib.request,sys;sys.stdout.write(urllib.request.urlopen("
+                         f"'http://{wk.PILOT_SERVICE}:{port}{path}',timeout=10).read().decode())")
+        assert told and "BEGIN" not in told and "PRIVATE" not in told, told[:300]
+        assert "token" not in told.lower(), told[:300]
 
 
 def test_a_plaintext_request_from_a_faked_address_does_not_reach_a_strict_service(

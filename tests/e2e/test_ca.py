@@ -153,8 +153,8 @@ def test_a_csr_for_another_services_identity_is_refused(mesh: Mesh) -> None:
 
 
 def test_a_container_outside_the_project_has_no_way_to_ask(mesh: Mesh) -> None:
-    """Not on any port of the pilot's (it listens on none; tests/e2e/test_attacks.py fakes
-    addresses too), and it mounts no socket."""
+    """Not on any port of the pilot's (its API listens on none; 15014 is read-only
+    monitoring; tests/e2e/test_attacks.py fakes addresses too), and it mounts no socket."""
     dial = ("import socket\n"
             "for port in (15010, 15012):\n"
             "    try:\n"
