@@ -90,6 +90,7 @@ def validate_model(
             file=where(name, None),
             service=name,
         )
+    _addon_names(model, settings, where)
     routing = _routing(model, labels, settings, where)
     gateways = _gateways(model, labels, settings, routing, base_dir, where)
     callers = (tuple(routing) + ((wk.INGRESS_GATEWAY,) if gateways.ingress else ())
@@ -177,6 +178,24 @@ def _gateways(
                     f"{', '.join(taken)}); rename this service",
                     file=where(name, None), service=name)
     return gateways
+
+
+def _addon_names(model: Mapping[str, Any], settings: MeshSettings, where: Any) -> None:
+    """The monitoring add-on's services need their names: a user service that has one (and
+    is not an earlier injection's, by its role label) is named, with its file."""
+    monitoring = settings.monitoring
+    added = ([(wk.PROMETHEUS_SERVICE, wk.ROLE_PROMETHEUS, "prometheus")]
+             if monitoring.prometheus is not None else [])
+    if monitoring.grafana is not None:
+        added.append((wk.GRAFANA_SERVICE, wk.ROLE_GRAFANA, "grafana"))
+    services = model.get("services") or {}
+    for name, role, key in added:
+        svc = services.get(name)
+        if svc is not None and not (isinstance(svc, Mapping)
+                                    and (svc.get("labels") or {}).get(wk.LABEL_ROLE) == role):
+            raise ConfigError(
+                f"the name is taken: x-composemesh.monitoring.{key} adds {name!r}; rename "
+                f"this service", file=where(name, None), service=name)
 
 
 def _routing(

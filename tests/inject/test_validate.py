@@ -144,6 +144,18 @@ def test_settings_errors_name_the_file_with_the_section(tmp_path: Path) -> None:
             "composemesh-pilot",
             "pilot",
         ),
+        (
+            "x-composemesh:\n  monitoring: {prometheus: {port: 9090}}\n"
+            "services:\n  web:\n    image: x\n  composemesh-prometheus:\n    image: y\n",
+            "composemesh-prometheus",
+            "monitoring.prometheus",
+        ),
+        (
+            "x-composemesh:\n  monitoring: {prometheus: {port: 9090}, grafana: {port: 3000}}\n"
+            "services:\n  web:\n    image: x\n  composemesh-grafana:\n    image: y\n",
+            "composemesh-grafana",
+            "monitoring.grafana",
+        ),
     ],
 )
 def test_injected_names_must_be_free(tmp_path: Path, text: str, taken: str, owner: str) -> None:
