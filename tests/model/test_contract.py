@@ -17,8 +17,8 @@ import pytest
 
 from composemesh.model.egress import EgressHostSpec, EgressOrigination, EgressSettings
 from composemesh.model.ingress import IngressHostSpec, IngressPath, IngressSettings
-from composemesh.model.monitoring import Telemetry, TracingSettings
 from composemesh.model.mesh import NetworkAttachment
+from composemesh.model.monitoring import Telemetry, TracingSettings
 from composemesh.model.policy import Operation, Policy
 from composemesh.model.routing import (
     FaultAbort,
