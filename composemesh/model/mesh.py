@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from composemesh.model.consul import ConsulView
 from composemesh.model.policy import Policy
 from composemesh.model.routing import ServiceRouting
 from composemesh.model.settings import MeshSettings
@@ -53,6 +54,7 @@ class MeshState:
     route_overrides: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     errors: tuple[str, ...] = ()  # why some service kept its last good routing (or policies)
     policies: Mapping[str, tuple[Policy, ...]] = field(default_factory=dict)  # by destination
+    consul: ConsulView | None = None  # None: no x-composemesh.consul
 
     def workload_by_node(self, node: str) -> Workload | None:
         for workload in self.workloads:

@@ -35,6 +35,7 @@ CSR_CONTENT_TYPE = "application/pkcs10"
 
 Protocol = Literal["http", "tcp"]
 MtlsMode = Literal["STRICT", "PERMISSIVE"]
+Locality = Literal["local", "remote"]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 PortName = Annotated[str, msgspec.Meta(pattern=r"^[1-9][0-9]{0,4}$")]  # a JSON key: a string
 Name = Annotated[str, msgspec.Meta(min_length=1)]
@@ -67,6 +68,14 @@ class ServiceEndpoint:
     address: Name  # the one address this proxy reaches it at
     addresses: tuple[str, ...] = ()  # all of its addresses: any of them the app may dial
     compose_service: str | None = None  # a metric label; None: read from the node's name
+    # An instance outside this project (imported from Consul): dialed at ``address:port``
+    # (its host's east-west gateway, or the instance itself) instead of the port the app
+    # called; 0 for this project's own, dialed at the app's port.
+    port: int = 0
+    locality: Locality = "local"  # "remote": used only while no local endpoint is available
+    peer: str = ""  # the SPIFFE ID it must prove; "": this project's own ID of the service
+    sni: str = ""  # the east-west gateway's target (``model.east_west.sni_tail``), "": none
+    plaintext: bool = False  # a catalog instance not in any mesh: plain TCP to address:port
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +105,8 @@ class SnapshotSettings:
     ingress: IngressSettings | None = None  # the ingress gateway's alone
     egress: EgressSettings | None = None  # None: no egress section (ALLOW_ANY, no hosts)
     telemetry: Telemetry = Telemetry()  # access logs, tracing: this proxy's service's
+    # names the proxy's DNS answers (imported services with no instance here) -> their VIP
+    dns: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

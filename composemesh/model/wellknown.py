@@ -68,6 +68,15 @@ EGRESS_PORT: Final = 15443  # the egress gateway's mTLS listener, for the sideca
 EGRESS_FILES_DIR: Final = "/etc/composemesh/egress"  # <n>/ca.pem, tls.crt, tls.key
 EGRESS_VIP_NETWORK: Final = "240.240.0.0/16"  # the listed hosts' names, in every namespace
 GATEWAY_EGRESS: Final = "egress"
+# The east-west gateway (x-composemesh.consul): other hosts' sidecars reach this project's
+# through it, by SNI, the TLS passed through (model.east_west).
+EAST_WEST_GATEWAY: Final = "east-west-gateway"
+GATEWAY_EAST_WEST: Final = "east-west"
+PORT_EAST_WEST: Final = 15443  # where it listens in its own namespace (published as east_west_port)
+# Each sidecar answers the app's DNS queries for imported names (iptables sends the app's
+# UDP to 127.0.0.11:53 here) and passes every other query on to Docker's DNS.
+PORT_DNS: Final = 15053
+DOCKER_DNS: Final = "127.0.0.11"
 ENV_EGRESS: Final = "COMPOSEMESH_EGRESS"  # the pilot's copy of the resolved egress (JSON)
 INGRESS_CERT_DIR: Final = "/etc/composemesh/ingress"  # <host>/tls.crt and tls.key, read-only
 # The monitoring add-on (x-composemesh.monitoring): not meshed, no sidecars of their own.

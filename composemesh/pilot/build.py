@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from composemesh.errors import ConfigError
+from composemesh.model.consul import ConsulView
 from composemesh.model.mesh import MeshState, Workload
 from composemesh.model.policy import Policy, parse_policies
 from composemesh.model.routing import ServiceRouting
@@ -34,6 +35,7 @@ def build_state(
     settings: MeshSettings,
     overrides: Mapping[str, Mapping[str, int]],
     previous: MeshState | None = None,
+    consul: ConsulView | None = None,
 ) -> MeshState:
     routes_section = settings.raw.get("routes") or {}
     routing: dict[str, ServiceRouting] = {}
@@ -62,6 +64,7 @@ def build_state(
         route_overrides={k: dict(v) for k, v in overrides.items()},
         errors=tuple(errors),
         policies=policies,
+        consul=consul,
     )
 
 

@@ -34,6 +34,7 @@ from composemesh.ca import IssuanceRefused, RotationError, fingerprint
 from composemesh.ca.authority import MAX_CSR_BYTES
 from composemesh.errors import ConfigError
 from composemesh.model import wellknown as wk
+from composemesh.model.consul import ConsulView
 from composemesh.model.mesh import MeshState, Workload
 from composemesh.model.routing_config import apply_weights
 from composemesh.model.settings import MeshSettings
@@ -114,6 +115,7 @@ class Pilot:
         self.published_at = time.monotonic()  # when the current state was published
         self.convergence = Convergence()
         self.metrics = metrics or PilotMetrics()
+        self.consul: ConsulView | None = state.consul  # the Consul source's latest view
         self.metrics.bind(lambda: self.state, self.connected)
 
     def connected(self) -> int:
@@ -149,8 +151,14 @@ class Pilot:
         """A new view from the Docker source: rebuild and publish."""
         await self.publish(self._build(workloads, self.state.settings))
 
+    async def update_consul(self, view: ConsulView) -> None:
+        """A new view from the Consul source (exports, imported instances): rebuild, publish."""
+        self.consul = view
+        await self.publish(self._build(self.state.workloads, self.state.settings))
+
     def _build(self, workloads: tuple[Workload, ...], settings: MeshSettings) -> MeshState:
-        state = build_state(self.state.project, workloads, settings, self.overrides, self.state)
+        state = build_state(self.state.project, workloads, settings, self.overrides, self.state,
+                            consul=self.consul)
         for error in state.errors:
             log.error("kept the last good config of %s", error)
         return state

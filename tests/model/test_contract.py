@@ -80,7 +80,13 @@ SNAPSHOT = Snapshot(
         services={"reviews": (
             ServiceEndpoint("shop-reviews-v1-netns-1", "v1", "10.0.0.5", ("10.0.0.5", "10.1.0.5")),
             ServiceEndpoint("vm-reviews", "v2", "10.0.9.9", compose_service="reviews-vm"),
+            ServiceEndpoint("shop-reviews-v3-1@192.0.2.10", "v3", "192.0.2.10", port=15443,
+                            locality="remote", peer="spiffe://shop.example/ns/shop/sa/reviews",
+                            sni="v3_.reviews.shop.svc.shop.example"),
+            ServiceEndpoint("vm-ratings-1", "v1", "192.0.2.77", port=9080, locality="remote",
+                            plaintext=True),
         )},
+        dns={"payments": "240.241.10.3"},
         idle_addresses={"ratings": ("10.0.0.8",)},
         routing={"reviews": ROUTING},
         protocols={"reviews": DeclaredProtocols("http", {"9090": "tcp"}),
