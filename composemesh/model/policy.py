@@ -52,6 +52,8 @@ POLICY_KEYS = ("name", "action", "from", "to")
 OPERATION_KEYS = ("methods", "paths")
 
 Action = Literal["ALLOW", "DENY"]
+# ``from`` naming a service of another compose project (on another host, sharing the root)
+_OTHER_PROJECT = re.compile(r"[a-z0-9][a-z0-9_-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # What ``request_path`` does with escaped slashes and backslashes (Envoy's
 # path_with_escaped_slashes_action, Istio's pathNormalization).
@@ -322,6 +324,8 @@ def _sources(value: object, where: str, known: set[str]) -> list[str]:
     for i, source in enumerate(items):
         if source == ANY_IDENTITY:
             continue
+        if isinstance(source, str) and _OTHER_PROJECT.fullmatch(source):
+            continue  # <project>/<service>: a caller of another project (host), same root
         if not isinstance(source, str) or source not in known:
             raise ConfigError(
                 f"{source!r} is not a mesh identity (the mesh services are {_names(known)}, "

@@ -107,6 +107,9 @@ class SnapshotSettings:
     telemetry: Telemetry = Telemetry()  # access logs, tracing: this proxy's service's
     # names the proxy's DNS answers (imported services with no instance here) -> their VIP
     dns: Mapping[str, str] = field(default_factory=dict)
+    # callers of other projects of the trust domain are let in (x-composemesh.consul set:
+    # other hosts' sidecars, through this project's east-west gateway); False: this one's only
+    federated: bool = False
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from composemesh.model.policy import Policy, parse_policies
 from composemesh.model.routing import ServiceRouting
 from composemesh.model.routing_config import apply_weights, build_routing
 from composemesh.model.settings import MeshSettings
+from composemesh.pilot.federation import imported, remote_versions
 
 
 def service_versions(workloads: tuple[Workload, ...]) -> dict[str, dict[str, int | None]]:
@@ -40,7 +41,14 @@ def build_state(
     routes_section = settings.raw.get("routes") or {}
     routing: dict[str, ServiceRouting] = {}
     errors: list[str] = []
-    for service, versions in service_versions(workloads).items():
+    known = service_versions(workloads)
+    found = imported(MeshState(project=project, workloads=workloads, settings=settings,
+                               consul=consul))
+    for service, elsewhere in remote_versions(found).items():  # a split may span hosts
+        versions_here = known.setdefault(service, {})
+        for version in sorted(elsewhere):
+            versions_here.setdefault(version, None)
+    for service, versions in known.items():
         section = {service: routes_section[service]} if service in routes_section else {}
         try:
             built = build_routing({service: versions}, section)[service]

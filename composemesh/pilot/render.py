@@ -25,6 +25,7 @@ from composemesh.model.snapshot import (
 )
 from composemesh.model.wellknown import INGRESS_GATEWAY
 from composemesh.model.wire import content_version
+from composemesh.pilot.federation import NOTHING, Imported, imported
 
 Endpoints = Mapping[str, tuple[ServiceEndpoint, ...]]
 
@@ -41,6 +42,7 @@ class PushIndex:
     routing: Mapping[str, ServiceRouting]
     protocols: Mapping[str, DeclaredProtocols]
     shared_digest: str  # of everything above that every proxy is sent alike
+    imported: Imported = NOTHING  # what the Consul catalog adds: remote endpoints, VIPs
     _endpoints: dict[frozenset[str], tuple[Endpoints, str]] = field(default_factory=dict)
 
     @classmethod
@@ -52,7 +54,9 @@ class PushIndex:
                 idle[w.service] = (*idle.get(w.service, ()), *w.addresses)
         routing = dict(sorted(state.routing.items()))
         protocols = _protocols(by_node)
+        found = imported(state)
         return cls(
+            imported=found,
             state=state,
             trust_bundle=trust_bundle,
             signing_root=signing_root,
@@ -62,7 +66,8 @@ class PushIndex:
             protocols=protocols,
             shared_digest=content_version(
                 (state.settings.trust_domain, idle, routing, protocols, trust_bundle,
-                 signing_root, state.settings.egress)),
+                 signing_root, state.settings.egress, found.endpoints, found.vips,
+                 federated(state))),
         )
 
     def render(self, workload: Workload) -> Snapshot:
@@ -98,6 +103,8 @@ class PushIndex:
             ingress=state.settings.ingress if workload.service == INGRESS_GATEWAY else None,
             egress=state.settings.egress,
             telemetry=state.settings.monitoring.telemetry(workload.service),
+            dns=self.imported.vips,
+            federated=federated(state),
         )
         own = (identity, mtls_mode, policies, workload.published_ports, workload.attachments,
                settings.ingress, settings.telemetry)
@@ -118,8 +125,16 @@ class PushIndex:
                 endpoint = ServiceEndpoint(node=w.node, version=w.version, address=address,
                                            addresses=w.addresses)
                 services[w.service] = (*services.get(w.service, ()), endpoint)
+            for service, remote in self.imported.endpoints.items():  # after the local ones
+                services[service] = (*services.get(service, ()), *remote)
             found = self._endpoints[key] = (services, content_version(services))
         return found
+
+
+def federated(state: MeshState) -> bool:
+    """Whether the mesh spans hosts (``x-composemesh.consul`` set): its proxies then let in
+    callers of other projects of the trust domain, which policies name ``<project>/<service>``."""
+    return getattr(state.settings, "consul", None) is not None
 
 
 def render_snapshot(

@@ -19,9 +19,12 @@ class PeerIdentityError(ssl.SSLError):
     """The endpoint's certificate is good but names another workload than the one expected."""
 
 
-async def connect_peer(context: ssl.SSLContext, host: str, port: int, peer: str) -> TlsLink:
+async def connect_peer(context: ssl.SSLContext, host: str, port: int, peer: str,
+                       sni: str | None = None) -> TlsLink:
     """A TLS link to ``host:port`` whose handshake is done and whose certificate names
-    ``peer`` (a SPIFFE ID), with no protocol attached yet.
+    ``peer`` (a SPIFFE ID), with no protocol attached yet. ``sni``: the server name sent in
+    the ClientHello, which an east-west gateway on the way routes by (the certificate is
+    checked against ``peer`` whatever it says).
 
     Raises OSError (no connection), ssl.SSLError (handshake), PeerIdentityError (another
     workload); the link is aborted whatever goes wrong, cancellation included."""
@@ -29,7 +32,8 @@ async def connect_peer(context: ssl.SSLContext, host: str, port: int, peer: str)
     link: TlsLink | None = None
     try:
         _, link = await loop.create_connection(
-            partial(TlsLink, context, server_side=False, handshake_timeout=HANDSHAKE_TIMEOUT),
+            partial(TlsLink, context, server_side=False, handshake_timeout=HANDSHAKE_TIMEOUT,
+                    server_hostname=sni),
             host, port)
         await link.handshake
         seen = peer_spiffe(link.sslobj)

@@ -117,7 +117,8 @@ class EgressSession(asyncio.Protocol):
             return
         tls = self.gateway.tls
         spiffe = peer_spiffe(link.sslobj)
-        if tls.source_service(spiffe) is None:  # a good chain, but not of this project
+        caller = tls.source_service(spiffe)
+        if caller is None or "/" in caller:  # a good chain, but not of this project
             self._stop_waiting()
             link.abort()
             return

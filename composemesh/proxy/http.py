@@ -52,7 +52,13 @@ from composemesh.proxy.router import (
     RouterSwitch,
     ServiceState,
 )
-from composemesh.proxy.selection import Endpoint, draw_fault, pick_version, select_route
+from composemesh.proxy.selection import (
+    Endpoint,
+    draw_fault,
+    pick_version,
+    prefer_local,
+    select_route,
+)
 from composemesh.proxy.stats import (
     BAD_REQUEST,
     CONNECT_FAILURE,
@@ -76,7 +82,13 @@ from composemesh.proxy.stats import (
 from composemesh.proxy.tcp import Handoff, splice
 from composemesh.proxy.telemetry import CLIENT, SERVER, Observer, address_text, cluster_name
 from composemesh.proxy.tracing import TraceContext
-from composemesh.proxy.upstream import CHUNKED, UNTIL_CLOSE, UpstreamConnection, UpstreamPool
+from composemesh.proxy.upstream import (
+    CHUNKED,
+    UNTIL_CLOSE,
+    UpstreamConnection,
+    UpstreamPool,
+    upstream_key,
+)
 
 UNKNOWN_PEER = PeerLabels()  # a destination not chosen yet
 BODY_BUFFER_LIMIT = 1024 * 1024  # request bodies up to this are kept for retries; larger stream
@@ -938,7 +950,7 @@ class Exchange:
         per_try = tries.per_try_timeout_s
         if per_try is not None:
             self.per_try = asyncio.get_running_loop().call_later(per_try, self._per_try_timeout)
-        key = (endpoint.address, self.port)
+        key = upstream_key(endpoint, self.port)
         conn = None if self.upgrade else self.down.http.pool.acquire(key)
         if conn is None:
             self._connect(key)
@@ -964,6 +976,8 @@ class Exchange:
         endpoint = None
         if endpoints:
             available = state.outlier.available(endpoints)
+            if self.router is not None and self.service in self.router.table.remote:
+                available = prefer_local(available)
             endpoint = state.picker.pick(available, self.tried)
             if endpoint is None and self.tried:  # every one tried already: any will do
                 endpoint = state.picker.pick(available)
@@ -993,7 +1007,12 @@ class Exchange:
         """The SPIFFE ID the endpoint must prove over mTLS (None: plaintext, as to the app
         in this namespace)."""
         tls = self.router.tls if self.router is not None else None
-        return tls.expected(self.service) if tls is not None else None
+        if tls is None:
+            return None
+        endpoint = self.endpoint
+        if endpoint is not None and endpoint.remote:
+            return None if endpoint.plaintext else endpoint.peer or tls.expected(self.service)
+        return tls.expected(self.service)
 
     def _send(self, conn: UpstreamConnection) -> None:
         self.conn = conn

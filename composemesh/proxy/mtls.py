@@ -12,7 +12,8 @@ is refused.
 Peers are named by SPIFFE IDs: ``spiffe://<trust domain>/ns/<project>/sa/<mesh service>``.
 An outbound connection to an endpoint of service S is accepted only if the peer proves to
 be S (``expected``); an inbound one is attributed to the service its certificate names
-(``source_service``), if that certificate is of this mesh's trust domain and project.
+(``source_service``), if that certificate is of this mesh's trust domain and project (or,
+federated across hosts, of another project of the trust domain: ``<project>/<service>``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class MeshTls:
     """The TLS contexts in force and the identity names of this proxy's mesh."""
 
     __slots__ = ("client", "client_tcp", "server", "trust_domain", "project", "_expected",
-                 "rebuilt")
+                 "rebuilt", "federated")
 
     def __init__(self) -> None:
         self.client: ssl.SSLContext | None = None  # HTTP/1.1 (ALPN composemesh-http/1.1)
@@ -38,6 +39,7 @@ class MeshTls:
         self.server: ssl.SSLContext | None = None
         self.trust_domain = ""
         self.project = ""
+        self.federated = False  # other projects' identities of the trust domain let in
         self._expected: dict[str, str] = {}  # mesh service -> its SPIFFE ID
         self.rebuilt = 0  # how many times the contexts were built (rotations seen)
 
@@ -56,8 +58,10 @@ class MeshTls:
         self.client, self.client_tcp, self.server = client, client_tcp, server
         self.rebuilt += 1
 
-    def name(self, trust_domain: str, project: str) -> None:
-        """The trust domain and project peers must belong to (from the snapshot)."""
+    def name(self, trust_domain: str, project: str, federated: bool = False) -> None:
+        """The trust domain and project peers must belong to (from the snapshot); with
+        ``federated``, other projects of the trust domain too (other hosts' meshes)."""
+        self.federated = federated
         if (trust_domain, project) != (self.trust_domain, self.project):
             self.trust_domain, self.project = trust_domain, project
             self._expected = {}
@@ -71,13 +75,17 @@ class MeshTls:
         return uri
 
     def source_service(self, spiffe: str | None) -> str | None:
-        """The mesh service a verified peer SPIFFE ID names, if it is of this mesh; else None."""
+        """The mesh identity a verified peer SPIFFE ID names, if it is of this trust domain;
+        else None: ``<service>`` for this project's, ``<project>/<service>`` for another
+        project's (another host's, sharing the root), as policies name them in ``from``."""
         if spiffe is None:
             return None
         try:
             peer = parse_spiffe(spiffe)
         except ValueError:
             return None
-        if peer.trust_domain != self.trust_domain or peer.namespace != self.project:
+        if peer.trust_domain != self.trust_domain:
             return None
+        if peer.namespace != self.project:
+            return f"{peer.namespace}/{peer.service}" if self.federated else None
         return peer.service

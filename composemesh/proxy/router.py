@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 
 from composemesh.ca.tls import MESH_ALPN_HTTP, MESH_ALPN_TCP
+from composemesh.model.east_west import sni
 from composemesh.model.egress import EgressHostSpec, EgressSettings
 from composemesh.model.gateways import BLACK_HOLE_CLUSTER, REGISTRY_ONLY, match_route
 from composemesh.model.ingress import IngressPath, IngressSettings
@@ -44,6 +45,7 @@ from composemesh.proxy.selection import (
     OutlierDetector,
     admits_plaintext,
     pick_version,
+    prefer_local,
 )
 from composemesh.proxy.stats import (
     BAD_REQUEST,
@@ -211,12 +213,31 @@ class Router:
             endpoints = table.endpoints.get((service, version), ()) if version else ()
         else:
             endpoints = table.service_endpoints.get(service, ())
-        endpoint = state.picker.pick(state.outlier.available(endpoints)) if endpoints else None
+        endpoint = None
+        if endpoints:
+            available = state.outlier.available(endpoints)
+            if service in table.remote:
+                available = prefer_local(available)
+            endpoint = state.picker.pick(available)
         if endpoint is None:
             return None
         tls = self.tls
+        if endpoint.remote:
+            return self.remote_destination(service, endpoint, port)
         return Destination(endpoint.address, port, self.tcp_labels(service, endpoint),
                            tls.expected(service) if tls is not None else None)
+
+    def remote_destination(self, service: str, endpoint: Endpoint, port: int) -> Destination:
+        """A connection to an instance on another host: to its east-west gateway, the
+        target named in the SNI (the app's ``port`` inside it), the instance's own identity
+        proved end to end; or to an instance outside the mesh, in plain TCP."""
+        tls = self.tls
+        labels = self.tcp_labels(service, endpoint)
+        if endpoint.plaintext or tls is None:
+            return Destination(endpoint.address, endpoint.port or port, labels)
+        return Destination(endpoint.address, endpoint.port or port, labels,
+                           endpoint.peer or tls.expected(service),
+                           sni=sni(port, endpoint.sni) if endpoint.sni else None)
 
     def tcp_labels(self, service: str, endpoint: Endpoint) -> TcpLabels:
         key = (service, endpoint)
@@ -224,18 +245,28 @@ class Router:
         if labels is None:
             me = self.me
             tls = self.tls
+            namespace = me.namespace
+            principal = tls.expected(service) if tls else UNKNOWN
+            if endpoint.remote:
+                principal = endpoint.peer or (UNKNOWN if endpoint.plaintext else principal)
+                namespace = spiffe_namespace(endpoint.peer) or UNKNOWN
             labels = self._tcp_labels[key] = TcpLabels(
                 reporter=REPORTER[OUTBOUND],
                 source=me,
                 destination=PeerLabels(workload=self.table.workload(endpoint),
-                                       namespace=me.namespace, app=service,
-                                       version=endpoint.version,
-                                       principal=tls.expected(service) if tls else UNKNOWN),
+                                       namespace=namespace, app=service,
+                                       version=endpoint.version, principal=principal),
                 destination_service=service,
                 destination_service_name=service,
-                destination_service_namespace=me.namespace,
+                destination_service_namespace=namespace,
             )
         return labels
+
+
+def spiffe_namespace(spiffe: str) -> str:
+    """The namespace (compose project) of ``spiffe://<td>/ns/<ns>/sa/<service>``; "" if none."""
+    _, found, rest = spiffe.partition("/ns/")
+    return rest.partition("/")[0] if found else ""
 
 
 EMPTY_ROUTER = Router(EMPTY_TABLE, PeerLabels())
@@ -375,11 +406,12 @@ class InboundRouter:
         key = (peer, workload)
         labels = self._sources.get(key)
         if labels is None:
-            ns = self.me.namespace
+            ns, _, service = peer.rpartition("/")  # another project's: <project>/<service>
+            ns = ns or self.me.namespace
             name, version = workload if workload is not None else (UNKNOWN, UNKNOWN)
             labels = self._sources[key] = PeerLabels(
-                workload=name, namespace=ns, app=peer, version=version,
-                principal=f"spiffe://{self.config.trust_domain}/ns/{ns}/sa/{peer}")
+                workload=name, namespace=ns, app=service, version=version,
+                principal=f"spiffe://{self.config.trust_domain}/ns/{ns}/sa/{service}")
         return labels
 
 

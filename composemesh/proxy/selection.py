@@ -37,6 +37,20 @@ class Endpoint:
     node: str
     version: str
     address: str  # IP
+    # An instance on another host or outside the mesh (imported from Consul): dialed at
+    # ``address:port`` (its east-west gateway, or itself) rather than at the app's port.
+    port: int = 0  # 0: the port the app called
+    remote: bool = False  # used only while no local endpoint of its version is available
+    peer: str = ""  # the SPIFFE ID it must prove; "": the project's own ID of its service
+    sni: str = ""  # its east-west SNI without the port (``model.east_west.sni_tail``)
+    plaintext: bool = False  # not in any mesh: plain TCP
+
+
+def prefer_local(endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
+    """Locality failover (Istio's, by priority): the local endpoints of ``endpoints`` if any,
+    else all of them (the remote ones)."""
+    local = [ep for ep in endpoints if not ep.remote]
+    return local if local else endpoints
 
 
 # --------------------------------------------------------------------------- routes

@@ -162,12 +162,13 @@ def routing_applier(
             config, inbound_http.inbound_entry if inbound_http is not None else None, rng)
         routers = Routers(router, in_router, ingress_table(snapshot.settings.ingress))
         trust_domain = snapshot.settings.trust_domain
+        federated = snapshot.settings.federated
 
         telemetry = snapshot.settings.telemetry
 
         def commit() -> None:
             if tls is not None:
-                tls.name(trust_domain, snapshot.identity.project)
+                tls.name(trust_domain, snapshot.identity.project, federated)
             switch.current = routers
             if observer is not None:
                 observer.apply(telemetry)

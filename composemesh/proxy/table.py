@@ -76,6 +76,8 @@ class RoutingTable:
     # Host, and its original destination is an instance of that compose service
     pinned_by_address: Mapping[str, str] = _empty()
     serving: Mapping[str, frozenset[str]] = _empty()  # service -> versions with endpoints
+    remote: frozenset[str] = frozenset()  # services with endpoints elsewhere: locality applies
+    dns: Mapping[str, str] = _empty()  # imported name (lower case) -> its VIP, for the DNS proxy
 
     def serving_versions(self, service: str) -> frozenset[str]:
         """The versions of ``service`` that have at least one endpoint (built once)."""
@@ -110,7 +112,9 @@ class RoutingTable:
             service: {
                 "endpoints": [
                     {"node": ep.node, "version": ep.version, "address": ep.address,
-                     "workload": self.workload(ep)}
+                     "workload": self.workload(ep),
+                     **({"port": ep.port, "locality": "remote", "peer": ep.peer, "sni": ep.sni,
+                         "plaintext": ep.plaintext} if ep.remote else {})}
                     for ep in self.service_endpoints.get(service, ())
                 ],
                 "protocols": {
@@ -152,13 +156,25 @@ def _build(settings: SnapshotSettings, project: str) -> RoutingTable:
     per_service: dict[str, tuple[Endpoint, ...]] = {}
     workloads: dict[str, str] = {}
     dialed_by_node: dict[str, set[str]] = {}
+    remote: set[str] = set()  # services with endpoints on other hosts or outside the mesh
     for service, entries in settings.services.items():
         where = f"$.settings.services.{service}"
         endpoints = []
         for i, entry in enumerate(entries):
             ew = f"{where}[{i}]"
             ep = Endpoint(node=entry.node, version=entry.version,
-                          address=_ip(entry.address, f"{ew}.address"))
+                          address=_ip(entry.address, f"{ew}.address"), port=entry.port,
+                          remote=entry.locality == "remote", peer=entry.peer, sni=entry.sni,
+                          plaintext=entry.plaintext)
+            if ep.port and not 0 < ep.port < 65536:
+                raise ValueError(f"{ew}.port: {ep.port} is not a port number")
+            if ep.remote:  # dialed at the gateway's address: not the app's destination
+                remote.add(service)
+                endpoints.append(ep)
+                per_version.setdefault((service, ep.version), []).append(ep)
+                if entry.compose_service:
+                    workloads[ep.node] = entry.compose_service
+                continue
             # what the app's DNS may answer
             dialed = {ep.address, *(_ip(a, f"{ew}.addresses[{j}]")
                                     for j, a in enumerate(entry.addresses))}
@@ -184,6 +200,17 @@ def _build(settings: SnapshotSettings, project: str) -> RoutingTable:
                                   service)
         per_service.setdefault(service, ())
 
+    # The VIPs the proxy's DNS answers for imported names: what is sent there is that service.
+    for name, vip in settings.dns.items():
+        where = f"$.settings.dns.{name}"
+        address = _ip(vip, where)
+        owner = by_address.get(address)
+        if owner is not None and owner != name:
+            raise ValueError(f"{where}: {address} is already an endpoint of {owner!r}")
+        by_address[address] = name
+        per_service.setdefault(name, ())
+    dns = {name.lower().rstrip("."): vip for name, vip in settings.dns.items()}
+
     routing: dict[str, ServiceRouting] = {}
     for service, decoded in settings.routing.items():
         if decoded.service != service:
@@ -203,7 +230,7 @@ def _build(settings: SnapshotSettings, project: str) -> RoutingTable:
     pinned_by_address: dict[str, str] = {}
     for service, listed in per_service.items():
         for ep in listed:
-            name = workloads.get(ep.node)
+            name = workloads.get(ep.node) if not ep.remote else None
             if name and name not in per_service:
                 pinned.setdefault(name, []).append(ep)
                 pinned_services.add(service)
@@ -224,6 +251,8 @@ def _build(settings: SnapshotSettings, project: str) -> RoutingTable:
         protocols=MappingProxyType(protocols),
         workloads=MappingProxyType(workloads),
         services=tuple(sorted(routing)),
+        remote=frozenset(remote),
+        dns=MappingProxyType(dns),
     )
 
 

@@ -69,6 +69,7 @@ class Destination:
     labels: TcpLabels
     peer: str | None = None  # the SPIFFE ID the destination must prove (mTLS); None: plaintext
     preamble: bytes = b""  # sent first on the connection, before the client's bytes
+    sni: str | None = None  # the server name of the mTLS ClientHello (an east-west gateway's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,7 +429,8 @@ class Downstream(_Side):
                     upstream_transport, _ = await loop.create_connection(
                         lambda: Upstream(self), destination.host, destination.port)
                 else:
-                    link = await connect_peer(context, destination.host, destination.port, peer)
+                    link = await connect_peer(context, destination.host, destination.port, peer,
+                                              destination.sni)
                     if self.dropped:  # opened ahead for nothing
                         self.connecting = None
                         Unused(link)

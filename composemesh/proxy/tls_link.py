@@ -43,11 +43,12 @@ class TlsLink(asyncio.Protocol, asyncio.Transport):
     raw: asyncio.Transport
 
     def __init__(self, context: ssl.SSLContext, *, server_side: bool,
-                 handshake_timeout: float = 10.0) -> None:
+                 handshake_timeout: float = 10.0, server_hostname: str | None = None) -> None:
         asyncio.Transport.__init__(self)
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side)
+        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                       server_hostname=server_hostname)
         self.app: asyncio.Protocol | None = None
         loop = asyncio.get_running_loop()
         self.handshake: asyncio.Future[None] = loop.create_future()

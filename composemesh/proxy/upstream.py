@@ -21,16 +21,29 @@ from typing import Protocol, cast
 
 import httptools
 
+from composemesh.model.east_west import sni
 from composemesh.model.limits import ProxyLimits
 from composemesh.proxy.buffers import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from composemesh.proxy.connector import connect_peer
 from composemesh.proxy.mtls import MeshTls
+from composemesh.proxy.selection import Endpoint
 
 MAX_IDLE_PER_HOST = 64
 IDLE_EXPIRY = 60.0  # seconds an idle connection is kept
 SWEEP_INTERVAL = 10.0  # how often expired idle connections are closed
 
-Key = tuple[str, int]  # (address, port)
+Key = tuple[str, int] | tuple[str, int, str]  # (address, port), or with an east-west SNI
+
+
+def upstream_key(endpoint: Endpoint, port: int) -> Key:
+    """Where a request to ``endpoint`` for the app's ``port`` goes, as the pool keys it: the
+    endpoint at that port, or an instance on another host at its gateway with the SNI that
+    names it there (connections to one gateway for two targets are not shared)."""
+    if not endpoint.remote:
+        return (endpoint.address, port)
+    if endpoint.sni and not endpoint.plaintext:
+        return (endpoint.address, endpoint.port or port, sni(port, endpoint.sni))
+    return (endpoint.address, endpoint.port or port)
 
 # How a response's body ends, decided from its head.
 NO_BODY = 0  # HEAD, 1xx, 204, 304
@@ -445,7 +458,8 @@ class UpstreamPool:
             self.opened += 1
             return conn
         async with asyncio.timeout(timeout):
-            link = await connect_peer(context, key[0], key[1], peer)
+            link = await connect_peer(context, key[0], key[1], peer,
+                                      key[2] if len(key) > 2 else None)
         conn = UpstreamConnection(self, key)
         link.attach(conn)
         self.opened += 1

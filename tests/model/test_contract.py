@@ -87,6 +87,7 @@ SNAPSHOT = Snapshot(
                             plaintext=True),
         )},
         dns={"payments": "240.241.10.3"},
+        federated=True,
         idle_addresses={"ratings": ("10.0.0.8",)},
         routing={"reviews": ROUTING},
         protocols={"reviews": DeclaredProtocols("http", {"9090": "tcp"}),
