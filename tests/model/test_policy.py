@@ -544,3 +544,15 @@ def test_wire_errors_name_the_field(obj: object, where: str) -> None:
     with pytest.raises(ContractError) as info:
         decode(json.dumps(obj), WIRE)
     assert str(info.value).startswith(where), str(info.value)
+
+
+def test_a_caller_of_another_project_is_named_project_slash_service() -> None:
+    """Across hosts (x-composemesh.consul), a sidecar of project ``a`` calls through this
+    project's east-west gateway; its certificate names ``a``, and policies name it ``a/web``."""
+    parsed = parse_policies({"reviews": [{"from": ["a/web", "productpage"]}]}, SERVICES)
+    (policy,) = parsed["reviews"]
+    assert authorize(parsed["reviews"], "a/web", "GET", "/").allowed
+    assert not authorize(parsed["reviews"], "a/other", "GET", "/").allowed
+    assert not authorize(parsed["reviews"], "web", "GET", "/").allowed  # not this project's
+    assert policy.sources == frozenset({"a/web", "productpage"})
+    assert "is not a mesh identity" in str(error({"reviews": [{"from": ["A B/web"]}]}))
