@@ -59,6 +59,9 @@ def status_tables(data: dict[str, Any], console: Console) -> list[Table]:
                 expiry(g.get("cert_not_after"), relative_only=True), str(g["hosts"]),
                 str(g["routes"]), "—" if g.get("rps") is None else f"{g['rps']:.1f}")
         tables.append(table)
+    consul = data.get("consul")
+    if consul:
+        tables.append(consul_table(consul))
     tables.append(proxies_table(
         console, f"proxies of {data.get('project', '?')}", data.get("proxies", []), (
             *WHICH_PROXY,
@@ -70,6 +73,32 @@ def status_tables(data: dict[str, Any], console: Console) -> list[Table]:
             ("cert expires", lambda p: expiry(p.get("cert_not_after"), relative_only=True)),
         )))
     return tables
+
+
+def consul_table(consul: dict[str, Any]) -> Table:
+    """What this project exports to Consul and imports from it, per service; the caption says
+    whether Consul answers."""
+    if consul.get("reachable"):
+        caption = Text(f"Consul at {consul['address']}: answering", style="green")
+    else:
+        caption = Text(f"Consul at {consul['address']}: not answering "
+                       f"({consul.get('error') or 'not asked yet'})", style="red")
+    table = Table(title="Consul", caption=caption)
+    for col in ("service", "direction", "instances", "versions", "reached at"):
+        table.add_column(col)
+    gateway = f"{consul['host_address']}:{consul['east_west_port']}"
+    for service, ids in (consul.get("exported") or {}).items():
+        table.add_row(service, "exported", str(len(ids)), "—", f"{gateway} (east-west gateway)")
+    for service, instances in (consul.get("imported") or {}).items():
+        used = [i for i in instances if i["used"]]
+        where = sorted({f"{i['address']}:{i['port']}" + ("" if i["mesh"] else " (plain TCP)")
+                        for i in used})
+        table.add_row(service, "imported", f"{len(used)} of {len(instances)}",
+                      ", ".join(sorted({i["version"] for i in used})) or "—",
+                      ", ".join(where) or "not used (see left out)")
+    for reason in consul.get("left_out") or ():
+        table.add_row("", "left out", "", "", Text(reason, style="yellow"))
+    return table
 
 
 def config_state(p: dict[str, Any]) -> Text:

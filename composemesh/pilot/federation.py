@@ -109,3 +109,36 @@ def remote_endpoint(instance: CatalogInstance, trust_domain: str,
 def remote_versions(found: Imported) -> dict[str, set[str]]:
     """The versions each imported service has elsewhere (its routing covers them)."""
     return {service: {e.version for e in eps} for service, eps in found.endpoints.items()}
+
+
+def consul_status(state: MeshState) -> dict[str, object] | None:
+    """What ``composemesh status`` shows of Consul: whether it answers, what this project
+    exports and what it imports, per service (None: no ``x-composemesh.consul``)."""
+    settings = getattr(state.settings, "consul", None)
+    if settings is None:
+        return None
+    view = state.consul
+    found = imported(state)
+    used = {e.node for eps in found.endpoints.values() for e in eps}
+    return {
+        "address": settings.address,
+        "datacenter": settings.datacenter,
+        "host_address": settings.host_address,
+        "east_west_port": settings.east_west_port,
+        "reachable": bool(view and view.reachable),
+        "error": view.error if view else "not asked yet",
+        "error_kind": view.error_kind if view else "",
+        "exported": {service: list(ids) for service, ids in
+                     sorted((view.exported if view else {}).items())},
+        "imported": {
+            service: [
+                {"id": i.id, "address": i.address, "port": i.port,
+                 "version": i.version or wk.DEFAULT_VERSION, "project": i.project,
+                 "mesh": i.spiffe is not None, "used": i.id in used}
+                for i in instances
+            ]
+            for service, instances in sorted((view.imported if view else {}).items())
+        },
+        "vips": dict(found.vips),
+        "left_out": list(found.left_out),
+    }

@@ -50,6 +50,7 @@ from composemesh.model.snapshot import (
 from composemesh.model.wire import ContractError, decode, encode
 from composemesh.pilot.attest import Caller, KernelAttestor, Unknown
 from composemesh.pilot.build import build_state, default_split, service_versions
+from composemesh.pilot.federation import consul_status
 from composemesh.pilot.ca_service import ROTATION_STEPS, CAService
 from composemesh.pilot.metrics import (
     Convergence,
@@ -303,7 +304,8 @@ class Pilot:
         sent = self.traffic.sent() if self.traffic is not None else {}
         ingress, egress = self.state.settings.ingress, self.state.settings.egress
         hosts = {wk.INGRESS_GATEWAY: len(ingress.hosts) if ingress is not None else 0,
-                 wk.EGRESS_GATEWAY: len(egress.hosts) if egress is not None else 0}
+                 wk.EGRESS_GATEWAY: len(egress.hosts) if egress is not None else 0,
+                 wk.EAST_WEST_GATEWAY: 0}
         gateways = [
             {
                 "gateway": row["service"],
@@ -317,7 +319,7 @@ class Pilot:
                 "rps": round(sent[row["node"]].requests_per_s, 2)
                 if row["node"] in sent else None,
             }
-            for row in rows if row["service"] in (wk.INGRESS_GATEWAY, wk.EGRESS_GATEWAY)
+            for row in rows if row["service"] in hosts
         ]
         return {
             "project": self.state.project,
@@ -327,6 +329,7 @@ class Pilot:
             "gateways": gateways,
             "errors": list(self.state.errors),
             "generation": self.generation,
+            "consul": consul_status(self.state),
         }
 
 
