@@ -977,7 +977,16 @@ class Exchange:
         if endpoints:
             available = state.outlier.available(endpoints)
             if self.router is not None and self.service in self.router.table.remote:
-                available = prefer_local(available)
+                # locality: the local ones first; a retry after every local one failed
+                # goes to the remote ones (failover within the request, as Envoy's
+                # priority load balancing retries the next priority)
+                local = prefer_local(available)
+                endpoint = state.picker.pick(local, self.tried)
+                if endpoint is None and local is not available:
+                    endpoint = state.picker.pick(available, self.tried)
+                if endpoint is None and self.tried:
+                    endpoint = state.picker.pick(local)
+                return endpoint
             endpoint = state.picker.pick(available, self.tried)
             if endpoint is None and self.tried:  # every one tried already: any will do
                 endpoint = state.picker.pick(available)
