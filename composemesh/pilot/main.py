@@ -12,7 +12,7 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -20,15 +20,17 @@ from aiohttp import web
 
 from composemesh.errors import ConfigError, EngineError, MeshError
 from composemesh.model import wellknown as wk
+from composemesh.model.consul import ConsulSettings
 from composemesh.model.egress import EgressSettings
 from composemesh.model.ingress import IngressSettings
-from composemesh.model.mesh import MeshState
+from composemesh.model.mesh import MeshState, Workload
 from composemesh.model.settings import MeshSettings, parse_settings
 from composemesh.model.wire import ContractError, decode
 from composemesh.pilot.ca_service import CAService
 from composemesh.pilot.metrics import PilotMetrics, counted
 from composemesh.pilot.monitoring import make_monitoring_app, start_monitoring
 from composemesh.pilot.server import Pilot, make_app
+from composemesh.pilot.sources.consul import ConsulSource
 from composemesh.pilot.sources.docker.controller import DockerSource
 from composemesh.pilot.sources.docker.convert import PROJECT_LABEL
 from composemesh.pilot.sources.docker.engine_api import EngineAPI
@@ -109,6 +111,30 @@ async def serve_monitoring(pilot: Pilot, networks: frozenset[str] | None,
     return None
 
 
+def consul_source(settings: MeshSettings, project: str, pilot: Pilot) -> ConsulSource | None:
+    """The Consul source when ``x-composemesh.consul`` is set (None otherwise), its views
+    going to ``pilot.update_consul``."""
+    consul = getattr(settings, "consul", None)  # MeshSettings.consul: ConsulSettings | None
+    if not isinstance(consul, ConsulSettings):
+        return None
+    return ConsulSource(consul, project=project, trust_domain=settings.trust_domain,
+                        on_view=pilot.update_consul)
+
+
+def feeding(source: ConsulSource | None,
+            on_change: Callable[[tuple[Workload, ...]], Awaitable[None]],
+            ) -> Callable[[tuple[Workload, ...]], Awaitable[None]]:
+    """``on_change`` (the pilot's), telling ``source`` of each delivery of workloads too."""
+    if source is None:
+        return on_change
+
+    async def both(workloads: tuple[Workload, ...]) -> None:
+        source.workloads_changed(workloads)
+        await on_change(workloads)
+
+    return both
+
+
 ENV_SOCKET = "COMPOSEMESH_PILOT_SOCKET"
 SOCKET_MODE = 0o666  # who may connect is bounded by who mounts the volume; each call is attested
 
@@ -125,19 +151,23 @@ async def serve(path: str | None = None) -> None:
     monitoring: web.AppRunner | None = None
     watch: asyncio.Task[None] | None = None
     scrape: asyncio.Task[None] | None = None
+    consul: asyncio.Task[None] | None = None
     try:
         project = await own_project(api)
         ca = CAService.load_or_create(settings, project)
         pilot = Pilot(MeshState(project=project, settings=settings), OverrideStore(), ca,
                       metrics=metrics)
         networks = await own_networks(api)
-        source = DockerSource(api, project, pilot.update_workloads)
+        exporter = consul_source(settings, project, pilot)
+        source = DockerSource(api, project, feeding(exporter, pilot.update_workloads))
         runner = web.AppRunner(make_app(pilot), access_log=None)
         await runner.setup()
         await web.SockSite(runner, bind_socket(path)).start()
         log.info("pilot of project %s: its API on %s (no network port)", project, path)
         monitoring = await serve_monitoring(pilot, networks)
         watch = asyncio.create_task(source.run(), name="docker-watch")
+        if exporter is not None:
+            consul = asyncio.create_task(exporter.run(), name="consul-source")
         pilot.traffic = TrafficMonitor(lambda: pilot.state.workloads, networks=networks)
         scrape = asyncio.create_task(pilot.traffic.run(), name="traffic-scrape")
         stop = asyncio.Event()
@@ -146,7 +176,8 @@ async def serve(path: str | None = None) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
-        for task in (scrape, watch):  # in reverse order of start
+        # in reverse order of start; Consul first: its registrations go before anything else
+        for task in (consul, scrape, watch):
             if task:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
