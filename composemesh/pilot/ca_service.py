@@ -76,6 +76,10 @@ class CAStateError(MeshError):
     """The CA's state on its volume cannot be used as it is; the message says how to recover."""
 
 
+class ExportRefused(MeshError):
+    """The CA's root may not be exported now; the message is the one sentence saying why."""
+
+
 @dataclass(frozen=True)
 class IssuedRecord:
     """One certificate the CA signed for a node: public facts only (what status shows)."""
@@ -239,6 +243,25 @@ class CAService:
                 if self.state_dir is not None:
                     with contextlib.suppress(FileNotFoundError):
                         (self.state_dir / name).unlink()
+
+    # ------------------------------------------------------------------ export
+
+    def export_root(self) -> tuple[bytes, bytes]:
+        """The signing root's certificate and private key as PEM, for `composemesh certs
+        export` (another host's project imports them to share this trust root).
+
+        ExportRefused for the user's own root (its files are the user's already) and while a
+        root rotation is under way (two roots: the one to share is not settled yet).
+        """
+        if self.source == "user":
+            raise ExportRefused(
+                "the root is your own files (x-composemesh.mtls.root): copy them")
+        roots = self.authority.roots
+        if roots.phase != "steady" or roots.incoming is not None:
+            raise ExportRefused(
+                f"a root rotation is under way (phase {roots.phase}): finish "
+                "`composemesh certs rotate-root` first")
+        return cert_to_pem(roots.active.cert), key_to_pem(roots.active.key)
 
     # ------------------------------------------------------------------ issuance
 

@@ -7,7 +7,8 @@ address or by what it claims, and each endpoint names who may call it:
 - a proxy, for its own workload: ``GET /v1/snapshot``, ``POST /v1/ack``,
   ``POST /v1/certificate`` (the CSR is signed for that workload's mesh service only);
 - the host's user (or the pilot's own container, through ``docker exec``): ``GET /v1/status``,
-  ``PUT /v1/routes/<service>``, ``POST /v1/ca/rotate``;
+  ``PUT /v1/routes/<service>``, ``POST /v1/ca/rotate``, ``POST /v1/ca/export`` (the root's
+  key: `composemesh certs export`);
 - any attested caller: ``GET /v1/ca`` (public: the roots and the trust bundle);
 - anyone who can open the socket: ``GET /healthz/ready``.
 
@@ -50,8 +51,8 @@ from composemesh.model.snapshot import (
 from composemesh.model.wire import ContractError, decode, encode
 from composemesh.pilot.attest import Caller, KernelAttestor, Unknown
 from composemesh.pilot.build import build_state, default_split, service_versions
+from composemesh.pilot.ca_service import ROTATION_STEPS, CAService, ExportRefused
 from composemesh.pilot.federation import consul_status
-from composemesh.pilot.ca_service import ROTATION_STEPS, CAService
 from composemesh.pilot.metrics import (
     Convergence,
     PilotMetrics,
@@ -563,6 +564,30 @@ async def post_rotate(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+async def post_ca_export(request: web.Request) -> web.Response:
+    """The signing root's certificate and private key, for `composemesh certs export`: to
+    the host's user only (a proxy, or anyone else, gets 403 and nothing), POST so that no
+    cache keeps the answer. 404 without a CA, 409 for the user's own root or during a root
+    rotation (the sentence says what to do); else ``{"cert_pem", "key_pem", "fingerprint"}``.
+    """
+    pilot = request.app[PILOT_KEY]
+    caller = _attested(pilot, request, "the root's key", HOST_ONLY)
+    if isinstance(caller, web.Response):
+        return caller
+    if pilot.ca is None:
+        return _error(404, "this pilot runs no CA")
+    try:
+        cert_pem, key_pem = pilot.ca.export_root()
+    except ExportRefused as exc:
+        log.warning("root export refused: %s", exc)
+        return _error(409, str(exc))
+    root = fingerprint(pilot.ca.root_cert)
+    log.warning("the root's key %s was exported to %s", root, caller.describe())
+    return web.json_response(
+        {"cert_pem": cert_pem.decode(), "key_pem": key_pem.decode(), "fingerprint": root},
+        headers={"Cache-Control": "no-store"})
+
+
 def make_app(pilot: Pilot) -> web.Application:
     app = web.Application()
     app[PILOT_KEY] = pilot
@@ -572,6 +597,7 @@ def make_app(pilot: Pilot) -> web.Application:
     app.router.add_post(CERTIFICATE_PATH, post_certificate)
     app.router.add_get("/v1/ca", get_ca)
     app.router.add_post("/v1/ca/rotate", post_rotate)
+    app.router.add_post("/v1/ca/export", post_ca_export)
     app.router.add_put("/v1/routes/{service}", put_route)
     app.router.add_get("/healthz/ready", get_ready)
     return app
