@@ -319,6 +319,248 @@ def rotate_root(files: tuple[str, ...], project: str | None, env_files: tuple[st
               f"in {time.monotonic() - started:.1f}s")
 
 
+ROOT_PEM, ROOT_KEY_PEM = "root.pem", "root-key.pem"  # as the CA stores them, and mtls.root
+
+
+def _certs_project(files: Sequence[str], project: str | None,
+                   env_files: Sequence[str]) -> str:
+    """The project of a `certs` subcommand: its own -p, else the group's (`certs -p P ...`),
+    else as compose names it from the files."""
+    ctx = click.get_current_context()
+    project = project or (ctx.parent.params.get("project") if ctx.parent else None)
+    return project if project and not files else _project_name(files, project, env_files)
+
+
+@certs.command("export")
+@compose_options
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True,
+              help="Replace DIR/root.pem and DIR/root-key.pem if they are there.")
+@handle_errors
+def certs_export(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...],
+                 directory: str, force: bool) -> None:
+    """Write the mesh's signing root to DIR, for other hosts to share it: DIR/root.pem (its
+    certificate, 0644) and DIR/root-key.pem (its private key, 0600; never readable by others,
+    not even for an instant). Existing files are left alone unless --force.
+
+    Then, on each other Docker host, before its project's first `up`:
+    `composemesh certs import DIR -f <compose file>` (or name the files in
+    x-composemesh.mtls.root), so that sidecars on every host trust each other's certificates.
+
+    RISK: root-key.pem is the whole mesh's trust. Whoever holds it can mint a certificate for
+    any service of every mesh that trusts this root. Move it only over a channel you trust,
+    keep it off shared disks and backups, and delete it once imported. Refused while a root
+    rotation is under way, and for your own root (x-composemesh.mtls.root: copy those files)."""
+    import os
+
+    from composemesh.ca import fingerprint, load_user_root
+    from composemesh.ca.pki import RootError
+    from composemesh.errors import ConfigError
+
+    project = _certs_project(files, project, env_files)
+    folder = Path(directory)
+    targets = (folder / ROOT_PEM, folder / ROOT_KEY_PEM)
+    pilot = _pilot(project)
+    info = pilot.ca()
+    _exportable(info)
+    there = [str(p) for p in targets if os.path.lexists(p)]
+    if there and not force:
+        raise MeshError(f"{' and '.join(there)} already there; pass --force to replace "
+                        f"{'them' if len(there) > 1 else 'it'}")
+    try:
+        answer = pilot.request("/v1/ca/export", "POST", {})
+    except ConfigError as exc:  # refused by the pilot (a rotation begun since, ...)
+        raise MeshError(str(exc)) from None
+    cert_pem, key_pem = str(answer.get("cert_pem", "")), str(answer.get("key_pem", ""))
+    try:
+        cert, _ = load_user_root(cert_pem.encode(), key_pem.encode())
+    except RootError as exc:
+        raise EngineError(f"the pilot of {project!r} exported a root that cannot sign: "
+                          f"{exc.reason}") from None
+    root = fingerprint(cert)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write_new(targets[1], key_pem.encode(), 0o600, force)  # the key first: never a cert alone
+    _write_new(targets[0], cert_pem.encode(), 0o644, force)
+    out.print(f"wrote {escape(str(targets[0]))} (the root's certificate, 0644)", soft_wrap=True)
+    out.print(f"wrote {escape(str(targets[1]))} (its private key, 0600)", soft_wrap=True)
+    out.print(Text(f"  root of {project}  {root}"))
+    err.print("[yellow]warning:[/] root-key.pem is the whole mesh's trust: move it only over a "
+              "channel you trust and delete it once imported", soft_wrap=True)
+    out.print(f"next, on each other host: composemesh certs import {escape(str(folder))} "
+              "-f <compose file> (before its first `up`), or name both files in "
+              "x-composemesh.mtls.root", soft_wrap=True)
+
+
+def _exportable(info: dict[str, Any]) -> None:
+    """MeshError with the one sentence when the root of ``info`` (GET /v1/ca) is not to be
+    exported: the user's own, or a rotation under way."""
+    if info.get("source") == "user":
+        raise MeshError("the root is your own files (x-composemesh.mtls.root): copy them")
+    phase = str(info.get("rotation_phase", "steady"))
+    if phase != "steady":
+        raise MeshError(f"a root rotation is under way (phase {phase}): finish "
+                        "`composemesh certs rotate-root` first")
+
+
+def _write_new(path: Path, data: bytes, mode: int, replace: bool) -> None:
+    """``path`` made with ``data`` and ``mode`` from its first byte (a sibling made with
+    O_EXCL, synced, then linked in: an existing ``path`` stays unless ``replace``)."""
+    import contextlib
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600, O_EXCL
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if ``path`` exists, whatever it is
+            except FileExistsError:
+                raise MeshError(f"{path} already there; pass --force to replace it") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@certs.command("import")
+@compose_options
+@click.argument("directory", metavar="DIR",
+                type=click.Path(file_okay=False, exists=True))
+@handle_errors
+def certs_import(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...],
+                 directory: str) -> None:
+    """Make the project start with the root in DIR (root.pem and root-key.pem, as `certs
+    export` wrote them on another host), so that its sidecars and those of the other host
+    trust each other: the files go into the project's CA volume, created as `up` would, and
+    at `up` its pilot loads them as its stored root.
+
+    For a project not up yet, or down without -v. Refused while its pilot runs (`composemesh
+    down` first, or `composemesh certs rotate-root` to change a root live), and when its
+    volume holds another root (`composemesh down -v` drops it, and every identity it
+    signed); importing the same root again changes nothing. The pair is checked first: a CA
+    certificate, in date, the key its own.
+
+    RISK: the key is the whole mesh's trust; the volume keeps it 0600, readable by the pilot
+    only. Delete DIR/root-key.pem once imported."""
+    from composemesh.ca import fingerprint
+    from composemesh.engine import ca_volume
+
+    folder = Path(directory)
+    cert_pem, key_pem, cert = _read_root_pair(folder)
+    root = fingerprint(cert)
+    project = _import_project(files, project, env_files, cert)
+    with _progress() as progress:
+        _mesh_image_present(progress)
+        task = progress.add_task(f"CA volume of {escape(project)}: writing the root", total=None)
+        try:
+            done = ca_volume.import_root(project, cert_pem, key_pem)
+        except ca_volume.VolumeRefused as exc:
+            progress.update(task, description=f"[red]CA volume of {escape(project)}: refused",
+                            total=1, completed=1)
+            raise MeshError(str(exc)) from None
+        progress.update(task, description=f"CA volume {escape(done.volume)}: {done.result}",
+                        total=1, completed=1)
+    if done.result == "same":
+        out.print(f"the CA volume {escape(done.volume)} of {escape(project)} holds this root "
+                  "already: nothing to do", soft_wrap=True)
+    else:
+        out.print(f"imported the root into the CA volume {escape(done.volume)} of "
+                  f"{escape(project)}", soft_wrap=True)
+    out.print(Text(f"  root  {root}"))
+    out.print(f"next: composemesh up -p {escape(project)} ... (its pilot signs with this root); "
+              f"then delete {escape(str(folder / ROOT_KEY_PEM))}", soft_wrap=True)
+
+
+def _read_root_pair(folder: Path) -> tuple[str, str, Any]:
+    """DIR's root.pem and root-key.pem, checked as a user's root is (they parse, a CA, in
+    date, the key its own): their PEM and the certificate; MeshError naming the file."""
+    from composemesh.ca import load_user_root
+    from composemesh.ca.pki import RootError
+
+    paths = {"cert": folder / ROOT_PEM, "key": folder / ROOT_KEY_PEM}
+    data: dict[str, bytes] = {}
+    for part, path in paths.items():
+        try:
+            data[part] = path.read_bytes()
+        except OSError as exc:
+            raise MeshError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        cert, _ = load_user_root(data["cert"], data["key"])
+    except RootError as exc:
+        raise MeshError(f"{paths[exc.part]}: {exc.reason}") from None
+    mode = paths["key"].stat().st_mode & 0o777
+    if mode & 0o077:
+        err.print(f"[yellow]warning:[/] {escape(str(paths['key']))} is readable by others "
+                  f"(mode {mode:o}): it is the whole mesh's trust", soft_wrap=True)
+    try:
+        return data["cert"].decode("ascii"), data["key"].decode("ascii"), cert
+    except UnicodeDecodeError:
+        raise MeshError(f"{folder}: root.pem and root-key.pem must be PEM text") from None
+
+
+def _import_project(files: Sequence[str], project: str | None, env_files: Sequence[str],
+                    cert: Any) -> str:
+    """The project to import into; with its compose files at hand, refused when it brings
+    its own root (that one would sign, not the import), warned when its trust domain is not
+    the root's."""
+    from composemesh.ca.spiffe import trust_domain_uri
+    from composemesh.inject import load_project, validate_project
+
+    ctx = click.get_current_context()
+    project = project or (ctx.parent.params.get("project") if ctx.parent else None)
+    if project and not files:
+        return project
+    loaded = load_project(files, project, env_files=env_files)
+    validated = validate_project(loaded)
+    if validated.ca is not None and validated.ca.user_root:
+        raise MeshError(f"project {loaded.name} brings its own root (x-composemesh.mtls.root), "
+                        "which its pilot uses instead: name the imported files there, or "
+                        "remove mtls.root and import")
+    domain = validated.settings.trust_domain
+    if trust_domain_uri(domain) not in _uris_of(cert):
+        err.print(f"[yellow]warning:[/] the root was made for another trust domain than "
+                  f"{escape(domain)} ({', '.join(_uris_of(cert)) or 'none named'}): "
+                  "identities across hosts match only within one trust domain",
+                  soft_wrap=True)
+    return str(loaded.name)
+
+
+def _uris_of(cert: Any) -> list[str]:
+    from cryptography import x509
+
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
+
+
+def _mesh_image_present(progress: Progress) -> None:
+    """The mesh image, whose short-lived container writes into the volume: built offline
+    as `up` does when the engine lacks it (never pulled)."""
+    from composemesh.engine import docker_host
+    from composemesh.engine.images import ensure_images
+
+    try:
+        client = docker_host.pinged_client(timeout=600)
+    except docker_host.DockerUnavailable as exc:
+        raise EngineError(
+            f"the Docker engine does not answer ({exc}); start it or run scripts/bootstrap.sh"
+        ) from None
+    if _has_image(client, wk.MESH_IMAGE):
+        return
+    task = progress.add_task(f"images: building {wk.MESH_IMAGE}", total=None)
+    ensure_images(client, images=[wk.MESH_IMAGE], progress=lambda stage, detail: progress.update(
+        task, description=escape(f"images: {stage}: {detail}"[:100])))
+    progress.update(task, description=f"images: {wk.MESH_IMAGE} ready", total=1, completed=1)
+
+
 @main.command()
 @click.argument("service")
 @click.argument("weights", nargs=-1, required=True)
