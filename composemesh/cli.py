@@ -378,7 +378,9 @@ def certs_export(files: tuple[str, ...], project: str | None, env_files: tuple[s
         raise EngineError(f"the pilot of {project!r} exported a root that cannot sign: "
                           f"{exc.reason}") from None
     root = fingerprint(cert)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not folder.is_dir():
+        folder.mkdir(mode=0o700, parents=True)
+        os.chmod(folder, 0o700)  # the umask may have taken bits away (0o277: unwritable)
     _write_new(targets[1], key_pem.encode(), 0o600, force)  # the key first: never a cert alone
     _write_new(targets[0], cert_pem.encode(), 0o644, force)
     out.print(f"wrote {escape(str(targets[0]))} (the root's certificate, 0644)", soft_wrap=True)
