@@ -333,3 +333,9 @@ def test_export_refused_by_the_pilot_is_the_one_sentence(
     assert result.exit_code == 1
     assert result.output.strip() == f"error: {ROTATING}"
     assert not (tmp_path / "out").exists()
+
+
+def test_the_groups_project_option_counts_too(served: Pilot, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli.main, ["certs", "-p", "shop", "export", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert mode(tmp_path / "o" / "root-key.pem") == 0o600
