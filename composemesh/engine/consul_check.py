@@ -10,7 +10,6 @@ answer is only a warning too.
 from __future__ import annotations
 
 import http.client
-import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -51,7 +50,7 @@ def consul_preflight(settings: ConsulSettings, *, origin: str = "",
                               field=f"{CONSUL}.datacenter") from None
         return (f"Consul at {settings.address} answered HTTP {exc.code} ({text}): the pilot "
                 f"will keep trying; the mesh works locally meanwhile")
-    except (urllib.error.URLError, http.client.HTTPException, socket.timeout, OSError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         return (f"Consul at {settings.address} does not answer ({reason}): the mesh starts and "
                 f"works locally; its pilot registers and imports once Consul answers")

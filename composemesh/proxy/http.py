@@ -86,6 +86,7 @@ from composemesh.proxy.upstream import (
     CHUNKED,
     UNTIL_CLOSE,
     UpstreamConnection,
+    Key,
     UpstreamPool,
     upstream_key,
 )
@@ -992,7 +993,7 @@ class Exchange:
                 endpoint = state.picker.pick(available)
         return endpoint
 
-    def _connect(self, key: tuple[str, int]) -> None:
+    def _connect(self, key: Key) -> None:
         assert self.state is not None
         task = self.connecting = self.down.http.pool.connect(
             key, self.state.routing.connect_timeout_s, self._peer())

@@ -230,7 +230,9 @@ def _build(settings: SnapshotSettings, project: str) -> RoutingTable:
     pinned_by_address: dict[str, str] = {}
     for service, listed in per_service.items():
         for ep in listed:
-            name = workloads.get(ep.node) if not ep.remote else None
+            if ep.remote:  # reached at its gateway: no name of its own here
+                continue
+            name = workloads.get(ep.node)
             if name and name not in per_service:
                 pinned.setdefault(name, []).append(ep)
                 pinned_services.add(service)

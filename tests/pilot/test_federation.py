@@ -121,7 +121,7 @@ def test_a_catalog_change_is_a_new_snapshot_version_the_same_catalog_the_same() 
     here = (workload("a-web-netns-1", "web"),)
     first = PushIndex.build(state(mesh_instance("payments", "v1"), workloads=here)).render(here[0])
     again = PushIndex.build(state(mesh_instance("payments", "v1"), workloads=here)).render(here[0])
-    moved = PushIndex.build(state(mesh_instance("payments", "v1"), mesh_instance("payments", "v1", n=2),
-                                  workloads=here)).render(here[0])
+    two = (mesh_instance("payments", "v1"), mesh_instance("payments", "v1", n=2))
+    moved = PushIndex.build(state(*two, workloads=here)).render(here[0])
     assert first.version == again.version != moved.version
     assert len(moved.settings.services["payments"]) == 2
