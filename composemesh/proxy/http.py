@@ -85,8 +85,8 @@ from composemesh.proxy.tracing import TraceContext
 from composemesh.proxy.upstream import (
     CHUNKED,
     UNTIL_CLOSE,
-    UpstreamConnection,
     Key,
+    UpstreamConnection,
     UpstreamPool,
     upstream_key,
 )

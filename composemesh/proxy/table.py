@@ -201,15 +201,15 @@ def _build(settings: SnapshotSettings, project: str) -> RoutingTable:
         per_service.setdefault(service, ())
 
     # The VIPs the proxy's DNS answers for imported names: what is sent there is that service.
-    for name, vip in settings.dns.items():
-        where = f"$.settings.dns.{name}"
+    for imported, vip in settings.dns.items():
+        where = f"$.settings.dns.{imported}"
         address = _ip(vip, where)
         owner = by_address.get(address)
-        if owner is not None and owner != name:
+        if owner is not None and owner != imported:
             raise ValueError(f"{where}: {address} is already an endpoint of {owner!r}")
-        by_address[address] = name
-        per_service.setdefault(name, ())
-    dns = {name.lower().rstrip("."): vip for name, vip in settings.dns.items()}
+        by_address[address] = imported
+        per_service.setdefault(imported, ())
+    dns = {key.lower().rstrip("."): vip for key, vip in settings.dns.items()}
 
     routing: dict[str, ServiceRouting] = {}
     for service, decoded in settings.routing.items():
