@@ -120,11 +120,35 @@ def load_project(
     name = str(model.get("name") or project_name or "")
     _drop_compose_defaults(model)
     _drop_derived_names(model, raw, name)
+    _resolve_mesh_paths(model, paths, raw, cwd)
     project_dir = str((cwd / paths[0]).resolve().parent) if paths else str(cwd)
     warnings = tuple(dict.fromkeys(_clean_lines(proc.stderr, paths)))
     return LoadedProject(
         files=paths, name=name, model=model, raw=raw, warnings=warnings, project_dir=project_dir
     )
+
+
+def compose_environment(loaded: LoadedProject) -> dict[str, str]:
+    """The environment compose resolves a variable passed by name from at `up` (``environment:
+    [NAME]``): this process's, then the project directory's ``.env`` (never ``--env-file``:
+    `up` runs the meshed file without it). This process's environment alone when compose
+    cannot say."""
+    args: list[str] = []
+    for path in loaded.files:
+        args += ["-f", str(Path(path).resolve())]
+    if loaded.project_dir:
+        args += ["--project-directory", loaded.project_dir]
+    try:
+        proc = _run_compose([*args, "config", "--no-consistency", "--environment"],
+                            loaded.files, cwd=Path(loaded.project_dir or os.getcwd()), env=None)
+    except ComposeError:
+        return dict(os.environ)
+    found = dict(os.environ)
+    for line in proc.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key and key not in os.environ:
+            found[key] = value
+    return found
 
 
 def compose_config_check(
@@ -261,6 +285,26 @@ def _first_refusal(
 
 
 _NAMES_A_SERVICE = re.compile(r'service "[^"]+"')
+
+
+def _resolve_mesh_paths(
+    model: dict[str, Any], paths: Sequence[str], raw: Sequence[Mapping[str, Any]], cwd: Path
+) -> None:
+    """``x-composemesh.consul.token_file`` made absolute against the directory of the last
+    file with ``x-composemesh`` (where `check` reads it from), as compose makes its own
+    paths absolute: the meshed file names the same file wherever it is written or read."""
+    section = model.get("x-composemesh")
+    consul = section.get("consul") if isinstance(section, dict) else None
+    token_file = consul.get("token_file") if isinstance(consul, dict) else None
+    if not isinstance(consul, dict) or not isinstance(token_file, str) or not token_file.strip():
+        return
+    path = Path(token_file.strip()).expanduser()
+    if path.is_absolute():
+        return
+    owner = next((f for f, doc in zip(reversed(paths), reversed(raw), strict=True)
+                  if "x-composemesh" in doc), paths[0] if paths else None)
+    base = (cwd / owner).resolve().parent if owner else cwd
+    consul["token_file"] = str(base / path)
 
 
 def _drop_compose_defaults(model: dict[str, Any]) -> None:

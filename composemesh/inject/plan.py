@@ -7,6 +7,7 @@ from rich.table import Table
 from composemesh.inject.rewrite import InjectResult
 from composemesh.model.wellknown import (
     DEFAULT_VERSION,
+    EAST_WEST_GATEWAY,
     EGRESS_GATEWAY,
     GRAFANA_PROFILE,
     GRAFANA_SERVICE,
@@ -51,6 +52,11 @@ def plan_rows(result: InjectResult) -> list[tuple[str, str, str, str, str]]:
         rows.append((f"{EGRESS_GATEWAY} (added)", DEFAULT_VERSION,
                      netns_service(EGRESS_GATEWAY), proxy_service(EGRESS_GATEWAY),
                      "; ".join([egress.policy, *hosts])))
+    if result.east_west_port is not None:  # x-composemesh.consul: other hosts come in here
+        rows.append((f"{EAST_WEST_GATEWAY} (added)", DEFAULT_VERSION,
+                     netns_service(EAST_WEST_GATEWAY), proxy_service(EAST_WEST_GATEWAY),
+                     f"tcp *:{result.east_west_port}; other hosts' sidecars, by SNI "
+                     "(mTLS passed through)"))
     rows.extend(monitoring_rows(result))
     return rows
 

@@ -68,6 +68,8 @@ from composemesh.inject.templates import (
     PILOT_VOLUME,
     SOCKET_VOLUME,
     add_egress_names,
+    east_west_port,
+    make_east_west_gateway,
     make_egress_gateway,
     make_holder,
     make_ingress_gateway,
@@ -122,6 +124,7 @@ class InjectResult:
     ingress: IngressGateway | None = None  # the ingress gateway added, as validated
     egress: EgressSettings | None = None  # what the proxies are told of the outside
     monitoring: MonitoringSettings | None = None  # the add-on's settings, when it was added
+    east_west_port: int | None = None  # the host port of the east-west gateway, when added
 
 
 # --------------------------------------------------------------------------- the rewrite
@@ -181,6 +184,7 @@ def inject(
     _follow_start_order(out_services)
 
     egress_told = None
+    east_west: int | None = None
     if ctx.meshed_any:
         root = user_root_files(ca, services)
         external = external_networks(src.get("networks"))
@@ -199,6 +203,13 @@ def inject(
             out_services.update(added)
             for name, role in zip(added, (wk.ROLE_NETNS, wk.ROLE_PROXY), strict=True):
                 ctx.added.append(AddedService(name, role, wk.EGRESS_GATEWAY))
+        consul = _consul_section(src.get(SECTION))
+        if consul is not None:  # x-composemesh.consul: other hosts come in through it
+            added = make_east_west_gateway(consul, out_services, image, external)
+            out_services.update(added)
+            for name, role in zip(added, (wk.ROLE_NETNS, wk.ROLE_PROXY), strict=True):
+                ctx.added.append(AddedService(name, role, wk.EAST_WEST_GATEWAY))
+            east_west = east_west_port(consul)
         outside = frozenset(egress.networks) if egress is not None else frozenset()
         out_services[wk.PILOT_SERVICE] = make_pilot(  # the outside is the egress gateway's
             out_services, src.get(SECTION), image, root, external | outside,
@@ -221,9 +232,10 @@ def inject(
     for name in monitoring_of(services):  # an earlier injection's: not a user service
         ctx.rows.pop(name, None)
     for name, svc in services.items():
-        if labels_of(svc, name).get(wk.LABEL_GATEWAY) and name not in out_services:
-            ctx.warnings.append(f"service {name!r}: injected earlier, dropped now: "
-                                "x-composemesh.gateways has no ingress any more")
+        gateway = labels_of(svc, name).get(wk.LABEL_GATEWAY)
+        if gateway and name not in out_services:
+            why = _GATEWAY_GONE.get(gateway, f"x-composemesh has no {gateway} gateway any more")
+            ctx.warnings.append(f"service {name!r}: injected earlier, dropped now: {why}")
         elif name not in out_services and role_of(svc, name) in OWN_ROLES:
             of = labels_of(svc, name).get(wk.LABEL_OF)
             why = f"its app {of!r} is gone or out of the mesh" if of else "nothing is meshed"
@@ -252,7 +264,21 @@ def inject(
         ingress=gateways.ingress if gateways is not None and ctx.meshed_any else None,
         egress=egress_told,
         monitoring=monitoring if ctx.meshed_any and extras.services else None,
+        east_west_port=east_west,
     )
+
+
+_GATEWAY_GONE = {
+    wk.GATEWAY_INGRESS: "x-composemesh.gateways has no ingress any more",
+    wk.GATEWAY_EGRESS: "x-composemesh.egress lists no host any more",
+    wk.GATEWAY_EAST_WEST: "x-composemesh has no consul section any more",
+}
+
+
+def _consul_section(section: object) -> Mapping[str, Any] | None:
+    """``x-composemesh.consul`` of the model (validated before, by validate_model)."""
+    consul = section.get("consul") if isinstance(section, Mapping) else None
+    return consul if isinstance(consul, Mapping) else None
 
 
 @dataclass

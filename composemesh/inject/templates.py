@@ -25,6 +25,7 @@ from composemesh.model.ca_config import (
     PILOT_ROOT_KEY,
     CAConfig,
 )
+from composemesh.model.consul import ENV_ADDRESS, ENV_TOKEN
 from composemesh.model.egress import EgressSettings
 from composemesh.model.gateways import Egress, IngressGateway, egress_files
 from composemesh.model.ingress import IngressSettings
@@ -240,6 +241,68 @@ def make_egress_gateway(
     return {wk.netns_service(app): holder, wk.proxy_service(app): proxy}
 
 
+# With x-composemesh.consul, the pilot resolves host.docker.internal to the host (on Linux
+# too), so that `address: http://host.docker.internal:8500` reaches an agent on the host.
+CONSUL_HOST_GATEWAY = "host.docker.internal:host-gateway"
+EAST_WEST_LABELS = MeshLabels(enabled=True, service=wk.EAST_WEST_GATEWAY,
+                              version=wk.DEFAULT_VERSION, weight=None, protocol=None)
+
+
+def east_west_port(consul: Mapping[str, Any]) -> int:
+    """The host port of ``x-composemesh.consul`` (validated before; the default if unset)."""
+    port = consul.get("east_west_port", wk.PORT_EAST_WEST)
+    return port if isinstance(port, int) and not isinstance(port, bool) else wk.PORT_EAST_WEST
+
+
+def make_east_west_gateway(
+    consul: Mapping[str, Any], services: Mapping[str, Any], image: str,
+    external: frozenset[str] = frozenset(),
+) -> dict[str, dict[str, Any]]:
+    """The east-west gateway (``x-composemesh.consul``): a holder on every network of the
+    project's own that a holder is on (it reaches each sidecar there), publishing
+    ``east_west_port`` on every interface of the host to PORT_EAST_WEST in its namespace (the
+    inbound capture leaves that port alone: the gateway listens there itself), and a proxy
+    in the east-west role, which routes other hosts' mTLS by SNI."""
+    app = wk.EAST_WEST_GATEWAY
+    networks = own_networks(services, external)
+    ns: dict[str, Any] = {
+        "ports": [{"target": wk.PORT_EAST_WEST, "published": str(east_west_port(consul)),
+                   "protocol": "tcp", "mode": "ingress"}],
+        "environment": {wk.ENV_EXCLUDE_INBOUND: str(wk.PORT_EAST_WEST)},
+        **({"networks": dict.fromkeys(networks)} if networks else {"network_mode": "none"}),
+    }
+    holder = make_holder(app, (app,), {}, ns, EAST_WEST_LABELS, image)
+    holder["labels"][wk.LABEL_GATEWAY] = wk.GATEWAY_EAST_WEST
+    proxy = make_proxy(app, {}, EAST_WEST_LABELS, image)
+    proxy["labels"][wk.LABEL_GATEWAY] = wk.GATEWAY_EAST_WEST
+    proxy["environment"][wk.ENV_GATEWAY] = wk.GATEWAY_EAST_WEST
+    return {wk.netns_service(app): holder, wk.proxy_service(app): proxy}
+
+
+def consul_for_pilot(
+    section: Mapping[str, Any],
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, None]]:
+    """What the pilot is given of ``x-composemesh.consul`` (validated before): the section as
+    its pilot reads it, its mounts and its environment. The token never gets into the file:
+    a ``token_file`` is mounted read-only at PILOT_CONSUL_TOKEN, which the pilot's copy names;
+    without one, CONSUL_HTTP_TOKEN is passed by name only, so that compose takes its value
+    from the environment of `up`. The same for CONSUL_HTTP_ADDR when ``address`` is unset."""
+    consul = dict(section.get("consul") or {})
+    mounts: list[dict[str, Any]] = []
+    environment: dict[str, None] = {}
+    token_file = consul.get("token_file")
+    if isinstance(token_file, str) and token_file.strip():
+        source = os.path.abspath(os.path.expanduser(token_file.strip()))
+        mounts.append({"type": "bind", "source": source, "target": wk.PILOT_CONSUL_TOKEN,
+                       "read_only": True})
+        consul["token_file"] = wk.PILOT_CONSUL_TOKEN
+    else:
+        environment[ENV_TOKEN] = None
+    if consul.get("address") is None:
+        environment[ENV_ADDRESS] = None
+    return {**section, "consul": consul}, mounts, environment
+
+
 def add_egress_names(services: dict[str, Any], egress: EgressSettings) -> None:
     """Every meshed namespace resolves each listed external host to its VIP (the holder's
     ``extra_hosts``: the apps in its namespace share its /etc/hosts), so that an app calls
@@ -278,7 +341,9 @@ def make_pilot(
     process as on the host (``pilot.attest``).
 
     ``root``: the host paths of the user's own root cert and key, mounted read-only where
-    the pilot's CA looks for them (named in its environment).
+    the pilot's CA looks for them (named in its environment). ``settings``' ``consul``
+    section reaches the pilot as ``consul_for_pilot`` makes it: the token file mounted,
+    the token's and the address's variables passed by name, never a token in the file.
     """
     own = own_networks(services, external)
     pilot: dict[str, Any] = {
@@ -297,6 +362,11 @@ def make_pilot(
         "healthcheck": copy.deepcopy(PILOT_HEALTHCHECK),
         "labels": {wk.LABEL_ROLE: wk.ROLE_PILOT},
     }
+    consul_mounts: list[dict[str, Any]] = []
+    consul_env: dict[str, None] = {}
+    federated = isinstance(settings, Mapping) and isinstance(settings.get("consul"), Mapping)
+    if federated:
+        settings, consul_mounts, consul_env = consul_for_pilot(settings)
     if settings is not None:
         # Not $-escaped again: the model is compose's resolved one, a literal `$` in it
         # written `$$` already, so compose reads this copy at `up` as it reads the section.
@@ -315,6 +385,11 @@ def make_pilot(
         pilot.setdefault("environment", {}).update(
             {ENV_CA_CERT_FILE: PILOT_ROOT_CERT, ENV_CA_KEY_FILE: PILOT_ROOT_KEY}
         )
+    pilot["volumes"].extend(consul_mounts)
+    if federated and "networks" in pilot:  # an agent on the host, by Docker Desktop's name
+        pilot["extra_hosts"] = [CONSUL_HOST_GATEWAY]
+    if consul_env:  # names only: compose takes each value from the environment of `up`
+        pilot.setdefault("environment", {}).update(consul_env)
     return pilot
 
 

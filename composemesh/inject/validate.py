@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from composemesh.errors import ConfigError
-from composemesh.inject.compose_file import LoadedProject
+from composemesh.inject.compose_file import LoadedProject, compose_environment
 from composemesh.inject.replicas import collisions
 from composemesh.inject.rewrite import inject
 from composemesh.model import wellknown as wk
 from composemesh.model.ca_config import CAConfig, parse_ca_config
+from composemesh.model.consul import CONSUL
 from composemesh.model.gateways import Gateways, HostRoute, load_gateways, route_from_labels
 from composemesh.model.labels import MeshLabels, normalize_labels, parse_labels
 from composemesh.model.policy import Policy, parse_policies
@@ -42,16 +43,27 @@ class ValidatedProject:
 
 
 def validate_project(loaded: LoadedProject) -> ValidatedProject:
-    """Validate what `docker compose config` made of the user's files."""
+    """Validate what `docker compose config` made of the user's files. CONSUL_HTTP_ADDR and
+    CONSUL_HTTP_TOKEN, where ``x-composemesh.consul`` names no address or token file, are
+    read from where compose reads them at `up` (the environment, then the ``.env`` file)."""
     base_dir = str(Path(loaded.file_of_key(SECTION)).resolve().parent)
-    return validate_model(loaded.model, locate=loaded.locate, base_dir=base_dir)
+    section = loaded.model.get(SECTION)
+    consul = section.get("consul") if isinstance(section, Mapping) else None
+    environ = None
+    if isinstance(consul, Mapping) and not ("address" in consul and "token_file" in consul):
+        environ = compose_environment(loaded)
+    return validate_model(loaded.model, locate=loaded.locate, base_dir=base_dir,
+                          environ=environ)
 
 
 def validate_model(
-    model: Mapping[str, Any], *, locate: Locate | None = None, base_dir: str = "."
+    model: Mapping[str, Any], *, locate: Locate | None = None, base_dir: str = ".",
+    environ: Mapping[str, str] | None = None,
 ) -> ValidatedProject:
     """Validate ``x-composemesh:``, every service's labels, the names the injector needs and
     the routes (``x-composemesh: routes:`` against the mesh services and versions that run).
+    ``environ`` (default: this process's) is where ``consul`` falls back to CONSUL_HTTP_ADDR
+    and CONSUL_HTTP_TOKEN; its token file is read from ``base_dir``.
 
     Raises the first ConfigError found, with its file (from ``locate``), service and field.
     """
@@ -60,7 +72,7 @@ def validate_model(
         return locate(service, field) if locate else None
 
     try:
-        settings = parse_settings(model.get(SECTION))
+        settings = parse_settings(model.get(SECTION), environ=environ, base_dir=base_dir)
     except ConfigError as exc:
         raise exc.located(file=where(None, SECTION)) from None
 
@@ -93,8 +105,10 @@ def validate_model(
     _addon_names(model, settings, where)
     routing = _routing(model, labels, settings, where)
     gateways = _gateways(model, labels, settings, routing, base_dir, where)
+    _east_west_port_free(model, settings, gateways, where)
     callers = (tuple(routing) + ((wk.INGRESS_GATEWAY,) if gateways.ingress else ())
-               + ((wk.EGRESS_GATEWAY,) if gateways.egress.hosts else ()))
+               + ((wk.EGRESS_GATEWAY,) if gateways.egress.hosts else ())
+               + ((wk.EAST_WEST_GATEWAY,) if settings.consul is not None else ()))
     try:
         policies = parse_policies(settings.raw.get("policies"), callers)
         ca = parse_ca_config(settings.raw.get("mtls"), base_dir)
@@ -167,6 +181,8 @@ def _gateways(
     added = [(wk.INGRESS_GATEWAY, "ingress")] if gateways.ingress is not None else []
     if gateways.egress.hosts:
         added.append((wk.EGRESS_GATEWAY, "egress"))
+    if settings.consul is not None:
+        added.append((wk.EAST_WEST_GATEWAY, "east-west"))
     for gateway, what in added:
         taken = (wk.netns_service(gateway), wk.proxy_service(gateway))
         for name in (gateway, *taken):
@@ -178,6 +194,63 @@ def _gateways(
                     f"{', '.join(taken)}); rename this service",
                     file=where(name, None), service=name)
     return gateways
+
+
+def _east_west_port_free(model: Mapping[str, Any], settings: MeshSettings,
+                         gateways: Gateways, where: Locate) -> None:
+    """``consul.east_west_port`` is published on every interface of the host: no other
+    service of the file (nor the ingress gateway, nor the monitoring add-on) may publish the
+    same TCP port. The gateways an earlier injection added are not counted (they are
+    regenerated)."""
+    if settings.consul is None:
+        return
+    port = settings.consul.east_west_port
+    taken: list[tuple[str, str]] = []  # (who, how it publishes the port)
+    for name, svc in (model.get("services") or {}).items():
+        if not isinstance(svc, Mapping) or (svc.get("labels") or {}).get(wk.LABEL_GATEWAY):
+            continue
+        for item in svc.get("ports") or ():
+            text = _publishes(item, port)
+            if text:
+                taken.append((f"service {name!r}", text))
+    ingress = gateways.ingress
+    if ingress is not None:
+        for key, published in (("http_port", ingress.http_port),
+                               ("https_port", ingress.https_port)):
+            if published == port:
+                taken.append((f"the ingress gateway (x-composemesh.gateways.ingress.{key})",
+                              f"{ingress.bind}:{published}"))
+    monitoring = settings.monitoring
+    for key, addon in (("prometheus", monitoring.prometheus), ("grafana", monitoring.grafana)):
+        if addon is not None and getattr(addon, "port", None) == port:
+            taken.append((f"x-composemesh.monitoring.{key}", f"{addon.bind}:{port}"))
+    if taken:
+        who, text = taken[0]
+        raise ConfigError(
+            f"{port} is published on the host by {who} already ({text}); the east-west "
+            f"gateway needs it on every interface: choose another port",
+            file=where(None, SECTION), field=f"{CONSUL}.east_west_port")
+
+
+def _publishes(item: object, port: int) -> str:
+    """How a ``ports:`` entry publishes TCP ``port`` on the host ("" if it does not): the
+    long form compose prints, or the short one."""
+    if isinstance(item, Mapping):
+        if str(item.get("protocol") or "tcp").lower() != "tcp":
+            return ""
+        published = str(item.get("published") or "")
+        text = f"{published}:{item.get('target')}"
+    else:
+        text = str(item)
+        spec, _, proto = text.partition("/")
+        if (proto or "tcp").lower() != "tcp":
+            return ""
+        parts = spec.rsplit(":", 2)
+        published = parts[-2] if len(parts) >= 2 else ""
+    low, _, high = published.partition("-")
+    if not low.isdecimal() or not (high or low).isdecimal():
+        return ""
+    return text if int(low) <= port <= int(high or low) else ""
 
 
 def _addon_names(model: Mapping[str, Any], settings: MeshSettings, where: Any) -> None:

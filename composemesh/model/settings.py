@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from composemesh.errors import ConfigError
 from composemesh.model import wellknown as wk
+from composemesh.model.consul import ConsulSettings, parse_consul
 from composemesh.model.egress import EgressSettings
 from composemesh.model.ingress import IngressSettings
 from composemesh.model.monitoring import MonitoringSettings, parse_monitoring
@@ -31,7 +34,8 @@ _DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 
 @dataclass(frozen=True)
 class MeshSettings:
-    """Mesh-wide settings. Sections later issues give meaning to are kept raw for now."""
+    """Mesh-wide settings; ``raw`` is the section as written (its other parts are checked
+    where they are used: routes, policies, gateways, mtls.root)."""
 
     trust_domain: str = wk.DEFAULT_TRUST_DOMAIN
     mtls_mode: str = "STRICT"
@@ -41,10 +45,23 @@ class MeshSettings:
     ingress: IngressSettings | None = None
     egress: EgressSettings | None = None  # the same, of x-composemesh.egress (ENV_EGRESS)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
+    # x-composemesh.consul checked, its token read (None: no section); the token is never shown
+    consul: ConsulSettings | None = None
 
 
-def parse_settings(section: object) -> MeshSettings:
-    """Validate ``x-composemesh:``; raise ConfigError naming the offending key."""
+def parse_settings(
+    section: object,
+    *,
+    environ: Mapping[str, str] | None = None,
+    base_dir: str | Path = ".",
+) -> MeshSettings:
+    """Validate ``x-composemesh:``; raise ConfigError naming the offending key.
+
+    ``environ`` (default: this process's) gives CONSUL_HTTP_ADDR and CONSUL_HTTP_TOKEN where
+    ``consul`` names none; a relative ``consul.token_file`` is read from ``base_dir``, the
+    compose file's directory. The CLI parses with the user's; the pilot parses its own copy
+    of the section, whose token_file is the read-only mount the injector gave it.
+    """
     if section is None:
         return MeshSettings()
     if not isinstance(section, Mapping):
@@ -71,6 +88,9 @@ def parse_settings(section: object) -> MeshSettings:
         mtls_overrides=overrides,
         raw=dict(section),
         monitoring=parse_monitoring(section.get("monitoring")),
+        consul=parse_consul(section.get("consul"),
+                            environ=os.environ if environ is None else environ,
+                            base_dir=base_dir),
     )
 
 

@@ -73,6 +73,9 @@ GATEWAY_EGRESS: Final = "egress"
 EAST_WEST_GATEWAY: Final = "east-west-gateway"
 GATEWAY_EAST_WEST: Final = "east-west"
 PORT_EAST_WEST: Final = 15443  # where it listens in its own namespace (published as east_west_port)
+# Where the injector mounts x-composemesh.consul.token_file in the pilot, read-only (the
+# pilot's copy of the section names it; the meshed file never holds the token itself).
+PILOT_CONSUL_TOKEN: Final = "/run/secrets/composemesh-consul-token"
 # Each sidecar answers the app's DNS queries for imported names (iptables sends the app's
 # UDP to 127.0.0.11:53 here) and passes every other query on to Docker's DNS.
 PORT_DNS: Final = 15053

@@ -776,9 +776,9 @@ def test_settings_reach_the_pilot_as_json() -> None:
     settings = json.loads(env["COMPOSEMESH_SETTINGS"])
     assert settings == loaded("x_composemesh").model["x-composemesh"]
     assert settings["trust_domain"] == "shop.example.com"
-    # Resolved as compose resolves the file (CONSUL_TOKEN unset here), `$` still written
+    # Resolved as compose resolves the file (CALLER unset here), `$` still written
     # `$$`: compose reads this copy at `up` exactly as it reads the x-composemesh section.
-    assert settings["consul"]["token"] == ""
+    assert settings["policies"]["reviews"][0]["from"] == ["legacy"]
     assert "$$5" in env["COMPOSEMESH_SETTINGS"]
 
 

@@ -31,7 +31,7 @@ def test_full_section() -> None:
         "policies": {},
         "egress": {"policy": "REGISTRY_ONLY"},
         "gateways": {},
-        "consul": {"address": "consul:8500"},
+        "consul": {"address": "http://consul:8500", "host_address": "192.0.2.10"},
         "monitoring": {},
     }
     settings = parse_settings(section)
