@@ -82,7 +82,8 @@ def main() -> None:
 
 
 def _prepare(files: Sequence[str], project: str | None, env_files: Sequence[str] = ()) -> Any:
-    """Load, validate and inject: every user error surfaces here, before anything is written."""
+    """Load, validate and inject: every user error surfaces here, before anything is written.
+    Returns the project, the injection, the meshed text and the mesh settings."""
     from composemesh.ca import check_user_root
     from composemesh.inject import (
         compose_config_check,
@@ -100,7 +101,7 @@ def _prepare(files: Sequence[str], project: str | None, env_files: Sequence[str]
                     gateways=validated.gateways)
     text = dump_yaml(result.model)
     compose_config_check(text, loaded.project_dir)
-    return loaded, result, text
+    return loaded, result, text, validated.settings
 
 
 @main.command("inject")
@@ -114,7 +115,7 @@ def inject_cmd(
 
     It is compose's resolved model, as `docker compose config` prints it: variables in,
     paths absolute, so it means the same wherever it is written or read."""
-    _, result, text = _prepare(files, project, env_files)
+    _, result, text, _ = _prepare(files, project, env_files)
     _print_warnings(result)
     if output:
         write_atomic(Path(output), text, MESHED_FILE_MODE)
@@ -130,7 +131,7 @@ def check(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...
     """Validate labels and x-composemesh: and show what `up` would add."""
     from composemesh.inject import render_plan
 
-    loaded, result, _ = _prepare(files, project, env_files)
+    loaded, result, _, _ = _prepare(files, project, env_files)
     out.print(render_plan(result))
     _print_warnings(result)
     out.print(f"[green]ok[/]: {', '.join(loaded.files)} (project {loaded.name})")
@@ -145,8 +146,9 @@ def up(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...],
     """Inject, build images offline if needed, start, and wait until every proxy is ready."""
     from composemesh.engine import compose
 
-    loaded, result, text = _prepare(files, project, env_files)
+    loaded, result, text, settings = _prepare(files, project, env_files)
     _print_warnings(result)
+    _look_at_consul(settings.consul, loaded)
     started = time.monotonic()
     with _progress() as progress:
         _ensure_images(progress, result.model)
@@ -196,7 +198,7 @@ def down(files: tuple[str, ...], project: str | None, env_files: tuple[str, ...]
     meshed = None
     project_dir = Path.cwd()
     try:
-        loaded, _, text = _prepare(files, project, env_files)
+        loaded, _, text, _ = _prepare(files, project, env_files)
     except ComposeError:
         if files or not project:
             raise
@@ -786,6 +788,19 @@ def _build_user_images(progress: Progress, proj: Any, model: dict[str, Any]) -> 
             raise
         progress.advance(task)
     progress.update(task, description=f"images: built {', '.join(to_build)}")
+
+
+def _look_at_consul(settings: Any, loaded: Any) -> None:
+    """`up` with ``x-composemesh.consul``: a token Consul refuses is an error before anything
+    starts; a Consul that does not answer is one warning (the mesh starts and catches up)."""
+    if settings is None:
+        return
+    from composemesh.engine.consul_check import consul_preflight
+
+    origin = str(loaded.files[0]) if getattr(loaded, "files", None) else ""
+    warning = consul_preflight(settings, origin=origin)
+    if warning is not None:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
 
 def _print_warnings(result: Any) -> None:
