@@ -390,7 +390,27 @@ def make_pilot(
         pilot["extra_hosts"] = [CONSUL_HOST_GATEWAY]
     if consul_env:  # names only: compose takes each value from the environment of `up`
         pilot.setdefault("environment", {}).update(consul_env)
+    if federated:  # a catalog name never takes the place of one Docker's DNS answers here
+        pilot.setdefault("environment", {})[wk.ENV_LOCAL_NAMES] = ",".join(local_names(services))
     return pilot
+
+
+def local_names(services: Mapping[str, Any]) -> list[str]:
+    """Every name Docker's DNS answers in the project: its services' names, container names
+    and network aliases, sorted."""
+    names: set[str] = set()
+    for name, svc in services.items():
+        names.add(str(name))
+        if not isinstance(svc, Mapping):
+            continue
+        if svc.get("container_name"):
+            names.add(str(svc["container_name"]))
+        networks = svc.get("networks")
+        if isinstance(networks, Mapping):
+            for attachment in networks.values():
+                if isinstance(attachment, Mapping):
+                    names.update(str(a) for a in attachment.get("aliases") or ())
+    return sorted(names)
 
 
 def user_root_files(

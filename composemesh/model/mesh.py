@@ -55,6 +55,9 @@ class MeshState:
     errors: tuple[str, ...] = ()  # why some service kept its last good routing (or policies)
     policies: Mapping[str, tuple[Policy, ...]] = field(default_factory=dict)  # by destination
     consul: ConsulView | None = None  # None: no x-composemesh.consul
+    # every name Docker's DNS answers in the project (its compose services, container names,
+    # aliases): an imported service of one of these names that is no mesh service is left out
+    local_names: frozenset[str] = frozenset()
 
     def workload_by_node(self, node: str) -> Workload | None:
         for workload in self.workloads:

@@ -43,7 +43,8 @@ def build_state(
     errors: list[str] = []
     known = service_versions(workloads)
     found = imported(MeshState(project=project, workloads=workloads, settings=settings,
-                               consul=consul))
+                               consul=consul, local_names=previous.local_names
+                               if previous is not None else frozenset()))
     for service, elsewhere in remote_versions(found).items():  # a split may span hosts
         versions_here = known.setdefault(service, {})
         for version in sorted(elsewhere):
@@ -73,6 +74,7 @@ def build_state(
         errors=tuple(errors),
         policies=policies,
         consul=consul,
+        local_names=previous.local_names if previous is not None else frozenset(),
     )
 
 

@@ -14,6 +14,9 @@ The rules (``labels.md`` documents them for users):
   host's east-west gateway over mTLS end to end. A catalog entry without one (a VM, anything
   Consul knows) is plain TCP: it is used only for a name that is no mesh service here, never
   as a plaintext failover of one.
+- **Local names win.** A catalog service named like a compose service of this project that
+  is not in the mesh (or a container name or alias there) is left out: Docker's DNS answers
+  that name here, and it keeps meaning the local one.
 - **Names.** An imported service that is no mesh service of this project gets a VIP
   (``model.east_west.imported_vips``), which each proxy's DNS answers for its name.
 - Entries whose address is not an IP address are left out (the proxies route by address;
@@ -61,6 +64,10 @@ def imported(state: MeshState) -> Imported:
     left_out: list[str] = []
     for service in sorted(view.imported):
         if service in RESERVED:
+            continue
+        if service in state.local_names and service not in local:
+            left_out.append(f"{service}: a service of this project that is not in the mesh "
+                            f"has that name; the local one wins")
             continue
         found = []
         for instance in view.imported[service]:

@@ -155,7 +155,9 @@ async def serve(path: str | None = None) -> None:
     try:
         project = await own_project(api)
         ca = CAService.load_or_create(settings, project)
-        pilot = Pilot(MeshState(project=project, settings=settings), OverrideStore(), ca,
+        local = frozenset(n for n in os.environ.get(wk.ENV_LOCAL_NAMES, "").split(",") if n)
+        pilot = Pilot(MeshState(project=project, settings=settings, local_names=local),
+                      OverrideStore(), ca,
                       metrics=metrics)
         networks = await own_networks(api)
         exporter = consul_source(settings, project, pilot)

@@ -308,3 +308,13 @@ def test_a_bad_token_in_the_environment_is_refused_without_showing_it(tmp_path: 
     assert result.exit_code != 0
     assert "x-composemesh.consul.token_file" in result.output
     assert "two\tparts" not in result.output
+
+
+def test_the_pilot_is_told_every_name_docker_answers_in_the_project(tmp_path: Path) -> None:
+    """A catalog service of one of these names never takes the local one's place."""
+    services = SERVICES.replace("    networks: [back]\n", "    container_name: the-db\n"
+                                "    networks:\n      back: {aliases: [database]}\n", 1)
+    pilot = injected(project(tmp_path, services=services))["services"][wk.PILOT_SERVICE]
+    names = pilot["environment"][wk.ENV_LOCAL_NAMES].split(",")
+    assert {"web", "db", "the-db", "database"} <= set(names)
+    assert names == sorted(names)

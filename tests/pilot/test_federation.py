@@ -125,3 +125,17 @@ def test_a_catalog_change_is_a_new_snapshot_version_the_same_catalog_the_same() 
     moved = PushIndex.build(state(*two, workloads=here)).render(here[0])
     assert first.version == again.version != moved.version
     assert len(moved.settings.services["payments"]) == 2
+
+
+def test_a_catalog_name_of_a_local_service_outside_the_mesh_is_left_out() -> None:
+    """``db`` runs in this project with ``composemesh.enable: false``: Docker's DNS answers
+    ``db`` here, so the catalog's ``db`` (plaintext or not) never takes its place."""
+    view = ConsulView(reachable=True, imported={"db": (vm_instance("db"),),
+                                                "payments": (mesh_instance("payments", "v1"),)})
+    built = build_state("a", (), parse_settings({}), {},
+                        MeshState(project="a", local_names=frozenset({"db", "web"})),
+                        consul=view)
+    assert built.local_names == {"db", "web"}
+    found = imported(built)
+    assert set(found.endpoints) == {"payments"} and "db" not in found.vips
+    assert "the local one wins" in found.left_out[0]
