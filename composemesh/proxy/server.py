@@ -24,6 +24,7 @@ from composemesh.model.wellknown import (
     DEFAULT_VERSION,
     EGRESS_PORT,
     ENV_GATEWAY,
+    GATEWAY_EAST_WEST,
     GATEWAY_EGRESS,
     GATEWAY_INGRESS,
     INGRESS_CERT_DIR,
@@ -31,6 +32,7 @@ from composemesh.model.wellknown import (
     INGRESS_HTTPS_PORT,
     PILOT_URL,
     PORT_ADMIN,
+    PORT_EAST_WEST,
     PORT_HEALTH,
     PORT_INBOUND,
     PORT_OUTBOUND,
@@ -43,6 +45,7 @@ from composemesh.proxy.admin import (
     build_health_app,
     build_prometheus_app,
 )
+from composemesh.proxy.east_west import EastWestGateway, start_east_west
 from composemesh.proxy.egress import EgressGateway, start_egress
 from composemesh.proxy.http import HttpPath
 from composemesh.proxy.identity import WorkloadCertificate, WorkloadIdentity, trust_bundle_applier
@@ -114,6 +117,7 @@ class ProxyConfig:
     ingress_https_port: int | None = INGRESS_HTTPS_PORT
     ingress_cert_dir: str = INGRESS_CERT_DIR
     egress_port: int = EGRESS_PORT
+    east_west_port: int = PORT_EAST_WEST
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ProxyConfig:
@@ -301,6 +305,12 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
             stack.callback(egress.close)
             server = await _listen(start_egress(egress, port=config.egress_port),
                                    config.capture_host, config.egress_port)
+            stack.push_async_callback(_close_server, server)
+        if config.gateway == GATEWAY_EAST_WEST:
+            east_west = EastWestGateway(path.switch, path.stats)
+            stack.callback(east_west.close)
+            server = await _listen(start_east_west(east_west, port=config.east_west_port),
+                                   config.capture_host, config.east_west_port)
             stack.push_async_callback(_close_server, server)
         if config.gateway == GATEWAY_INGRESS:
             for server in await _listen(
