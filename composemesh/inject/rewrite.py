@@ -210,6 +210,12 @@ def inject(
             for name, role in zip(added, (wk.ROLE_NETNS, wk.ROLE_PROXY), strict=True):
                 ctx.added.append(AddedService(name, role, wk.EAST_WEST_GATEWAY))
             east_west = east_west_port(consul)
+            for name, svc in out_services.items():  # imported names: the proxies answer them
+                if role_of(svc, name) == wk.ROLE_NETNS and isinstance(svc, dict):
+                    env = svc.get("environment")
+                    if not isinstance(env, dict):
+                        env = svc["environment"] = {}
+                    env[wk.ENV_CAPTURE_DNS] = "true"
         outside = frozenset(egress.networks) if egress is not None else frozenset()
         out_services[wk.PILOT_SERVICE] = make_pilot(  # the outside is the egress gateway's
             out_services, src.get(SECTION), image, root, external | outside,

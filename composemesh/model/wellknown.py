@@ -79,6 +79,7 @@ PILOT_CONSUL_TOKEN: Final = "/run/secrets/composemesh-consul-token"
 # Each sidecar answers the app's DNS queries for imported names (iptables sends the app's
 # UDP to 127.0.0.11:53 here) and passes every other query on to Docker's DNS.
 PORT_DNS: Final = 15053
+ENV_CAPTURE_DNS: Final = "COMPOSEMESH_CAPTURE_DNS"  # a holder's: "true" in a federated mesh
 ENV_LOCAL_NAMES: Final = "COMPOSEMESH_LOCAL_NAMES"  # the pilot's: names the project's DNS has
 DOCKER_DNS: Final = "127.0.0.11"
 ENV_EGRESS: Final = "COMPOSEMESH_EGRESS"  # the pilot's copy of the resolved egress (JSON)

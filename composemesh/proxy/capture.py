@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from composemesh.errors import MeshError
 from composemesh.model.wellknown import (
+    DOCKER_DNS,
     PORT_HEALTH,
     PORT_INBOUND,
     PORT_OUTBOUND,
@@ -19,6 +20,7 @@ CHAIN_INBOUND = "COMPOSEMESH_INBOUND"  # PREROUTING jumps here: decides what inb
 CHAIN_IN_REDIRECT = "COMPOSEMESH_IN_REDIRECT"  # REDIRECT to the inbound capture port
 CHAIN_OUTBOUND = "COMPOSEMESH_OUTBOUND"  # OUTPUT jumps here: decides what outbound TCP to capture
 CHAIN_REDIRECT = "COMPOSEMESH_REDIRECT"  # REDIRECT to the outbound capture port
+CHAIN_DNS = "COMPOSEMESH_DNS"  # the app's UDP to Docker's DNS, to the proxy's resolver
 OUR_CHAINS = (CHAIN_INBOUND, CHAIN_IN_REDIRECT, CHAIN_OUTBOUND, CHAIN_REDIRECT)
 
 # Inbound connections left uncaptured: only the ports the proxy itself serves on the
@@ -47,6 +49,7 @@ def capture_rules(
     exclude_inbound_ports: Iterable[int] = DEFAULT_EXCLUDE_INBOUND_PORTS,
     exclude_outbound_ports: Iterable[int] = (),
     exclude_outbound_cidrs: Iterable[str] = (),
+    dns_port: int | None = None,
 ) -> list[Rule]:
     """The iptables argument lists (nat table) that capture inbound and outbound TCP, in order.
 
@@ -54,6 +57,10 @@ def capture_rules(
     COMPOSEMESH_IN_REDIRECT.
     Outbound: OUTPUT -> COMPOSEMESH_OUTBOUND -> RETURN for the proxy's own uid, for loopback
     destinations and for excluded ports/CIDRs -> COMPOSEMESH_REDIRECT.
+    DNS (with ``dns_port``, a federated mesh's): the first rule of OUTPUT sends UDP to
+    Docker's DNS (127.0.0.11:53) -> COMPOSEMESH_DNS -> RETURN for the proxy's own uid ->
+    REDIRECT to ``dns_port`` (the proxy's DNS, ``proxy.dns``); it comes before
+    Docker's own DNAT of that address, which the proxy's own queries still take.
     """
     nat = ["-t", "nat"]
     rules: list[Rule] = [[*nat, "-N", chain] for chain in OUR_CHAINS]
@@ -76,6 +83,14 @@ def capture_rules(
     for cidr in exclude_outbound_cidrs:
         rules.append([*nat, "-A", CHAIN_OUTBOUND, "-d", cidr, "-j", "RETURN"])
     rules.append([*nat, "-A", CHAIN_OUTBOUND, "-j", CHAIN_REDIRECT])
+    if dns_port is not None:
+        rules += [
+            [*nat, "-N", CHAIN_DNS],
+            [*nat, "-A", CHAIN_DNS, "-m", "owner", "--uid-owner", str(proxy_uid), "-j", "RETURN"],
+            [*nat, "-A", CHAIN_DNS, "-p", "udp", "-j", "REDIRECT", "--to-ports", str(dns_port)],
+            [*nat, "-I", "OUTPUT", "1", "-p", "udp", "-d", f"{DOCKER_DNS}/32", "--dport", "53",
+             "-j", CHAIN_DNS],
+        ]
     return rules
 
 
@@ -88,12 +103,18 @@ def reset_rules(rules: Sequence[Rule]) -> list[Rule]:
     table = _table(rules)
     undo: list[Rule] = []
     for rule in rules:
-        if "-A" not in rule:
+        if "-A" in rule:
+            at = rule.index("-A")
+            chain, rest = rule[at + 1], rule[at + 2:]
+        elif "-I" in rule:
+            at = rule.index("-I")
+            chain, rest = rule[at + 1], rule[at + 2:]
+            if rest and rest[0].isdigit():  # the position it was inserted at
+                rest = rest[1:]
+        else:
             continue
-        at = rule.index("-A")
-        chain = rule[at + 1]
         if chain not in ours and rule[-1] in ours:  # a jump from a built-in chain into ours
-            undo.append([*rule[:at], "-D", *rule[at + 1:]])
+            undo.append([*rule[:at], "-D", chain, *rest])
     undo.extend(["-t", table, "-F", chain] for chain in sorted(ours))
     undo.extend(["-t", table, "-X", chain] for chain in sorted(ours))
     return undo

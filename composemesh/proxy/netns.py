@@ -27,7 +27,9 @@ def rules_from_env(environ: Mapping[str, str]) -> list[Rule]:
     """The capture rules with the exclusions the environment asks for (pure)."""
     inbound = DEFAULT_EXCLUDE_INBOUND_PORTS + parse_ports(environ.get(ENV_EXCLUDE_INBOUND))
     outbound = parse_ports(environ.get(ENV_EXCLUDE_OUTBOUND))
-    return capture_rules(exclude_inbound_ports=inbound, exclude_outbound_ports=outbound)
+    dns = wk.PORT_DNS if environ.get(wk.ENV_CAPTURE_DNS, "").lower() == "true" else None
+    return capture_rules(exclude_inbound_ports=inbound, exclude_outbound_ports=outbound,
+                         dns_port=dns)
 
 
 def run_netns_holder(environ: Mapping[str, str] | None = None) -> int:

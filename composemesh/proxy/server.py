@@ -32,6 +32,7 @@ from composemesh.model.wellknown import (
     INGRESS_HTTPS_PORT,
     PILOT_URL,
     PORT_ADMIN,
+    PORT_DNS,
     PORT_EAST_WEST,
     PORT_HEALTH,
     PORT_INBOUND,
@@ -45,6 +46,7 @@ from composemesh.proxy.admin import (
     build_health_app,
     build_prometheus_app,
 )
+from composemesh.proxy.dns import start_dns
 from composemesh.proxy.east_west import EastWestGateway, start_east_west
 from composemesh.proxy.egress import EgressGateway, start_egress
 from composemesh.proxy.http import HttpPath
@@ -118,6 +120,7 @@ class ProxyConfig:
     ingress_cert_dir: str = INGRESS_CERT_DIR
     egress_port: int = EGRESS_PORT
     east_west_port: int = PORT_EAST_WEST
+    dns_port: int | None = None  # the resolver of imported names (UDP, loopback); None: none
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ProxyConfig:
@@ -129,6 +132,7 @@ class ProxyConfig:
             admin_host=environ.get(ENV_ADMIN_HOST) or "127.0.0.1",
             limits=limits_from_env(environ),
             gateway=environ.get(ENV_GATEWAY, ""),
+            dns_port=PORT_DNS,
         )
 
     def claimed_identity(self) -> ProxyIdentity:
@@ -312,6 +316,12 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None,
             server = await _listen(start_east_west(east_west, port=config.east_west_port),
                                    config.capture_host, config.east_west_port)
             stack.push_async_callback(_close_server, server)
+        if not config.gateway and config.dns_port is not None:  # a sidecar: imported names
+            resolver = await _listen(
+                start_dns(lambda: path.switch.current.outbound.table.dns,
+                               port=config.dns_port),
+                "127.0.0.1", config.dns_port)
+            stack.callback(resolver.close)
         if config.gateway == GATEWAY_INGRESS:
             for server in await _listen(
                     start_ingress(path.http, http_port=config.ingress_http_port,

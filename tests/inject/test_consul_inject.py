@@ -318,3 +318,15 @@ def test_the_pilot_is_told_every_name_docker_answers_in_the_project(tmp_path: Pa
     names = pilot["environment"][wk.ENV_LOCAL_NAMES].split(",")
     assert {"web", "db", "the-db", "database"} <= set(names)
     assert names == sorted(names)
+
+
+def test_every_holder_captures_dns_in_a_federated_mesh_and_none_without(tmp_path: Path) -> None:
+    services = injected(project(tmp_path))["services"]
+    holders = [s for s in services.values()
+               if (s.get("labels") or {}).get(wk.LABEL_ROLE) == wk.ROLE_NETNS]
+    assert holders and all(h["environment"][wk.ENV_CAPTURE_DNS] == "true" for h in holders)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "compose.yaml").write_text(textwrap.dedent(SERVICES))
+    others = injected(plain / "compose.yaml")["services"]
+    assert not any(wk.ENV_CAPTURE_DNS in (s.get("environment") or {}) for s in others.values())

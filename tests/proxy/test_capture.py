@@ -167,3 +167,26 @@ def test_apply_is_idempotent_and_leaves_dockers_rules_alone(netns: Callable[[], 
     third = current_rules(binary, run=run)
     assert "-A COMPOSEMESH_OUTBOUND -p tcp -m tcp --dport 5432 -j RETURN" in third
     assert len(third) == len(second) + 1
+
+
+def test_dns_capture_comes_first_in_output_spares_the_proxy_and_is_undone() -> None:
+    """A federated mesh's holders send the app's UDP to Docker's DNS to the proxy's resolver,
+    ahead of Docker's own DNAT of 127.0.0.11 (which the proxy's own queries still take)."""
+    from composemesh.proxy.capture import CHAIN_DNS
+    from composemesh.proxy.netns import rules_from_env
+
+    rules = capture_rules(dns_port=15053)
+    assert ["-t", "nat", "-I", "OUTPUT", "1", "-p", "udp", "-d", "127.0.0.11/32", "--dport",
+            "53", "-j", CHAIN_DNS] in rules
+    owner = rules.index(["-t", "nat", "-A", CHAIN_DNS, "-m", "owner", "--uid-owner", "1337",
+                         "-j", "RETURN"])
+    redirect = rules.index(["-t", "nat", "-A", CHAIN_DNS, "-p", "udp", "-j", "REDIRECT",
+                            "--to-ports", "15053"])
+    assert owner < redirect
+    undo = reset_rules(rules)
+    assert ["-t", "nat", "-D", "OUTPUT", "-p", "udp", "-d", "127.0.0.11/32", "--dport", "53",
+            "-j", CHAIN_DNS] in undo
+    assert ["-t", "nat", "-X", CHAIN_DNS] in undo
+    assert not any(CHAIN_DNS in rule for rule in capture_rules())  # off unless asked
+    assert any(CHAIN_DNS in r for r in rules_from_env({"COMPOSEMESH_CAPTURE_DNS": "true"}))
+    assert not any(CHAIN_DNS in r for r in rules_from_env({}))
