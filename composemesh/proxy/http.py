@@ -1360,7 +1360,8 @@ class Exchange:
             path=self.path, authority=authority or "", user_agent=user_agent,
             forwarded_for=forwarded_for, status=self.status, flags=self.flags,
             bytes_received=len(self.head) + self.body_size, bytes_sent=self.response_size,
-            upstream=(f"{endpoint.address}:{self.port}" if endpoint is not None else None),
+            upstream=(f"{endpoint.address}:{endpoint.port or self.port}"
+                      if endpoint is not None else None),
             cluster=cluster, local=addresses[0], remote=addresses[1], me=me, source=source,
             service=service, destination=destination, security=security, node=node,
             port=self.port)

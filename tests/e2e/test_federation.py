@@ -13,8 +13,8 @@ image can be pulled). It answers the documented endpoints the pilots use, and it
 real agent is used instead (what then cannot be driven, such as its restart, is skipped).
 
 - A has ``client`` (and ``other``, a second caller) and ``reviews``; B has ``payments``
-  (nowhere in A's file) and ``reviews`` too. B's policy lets A's client call payments and
-  refuses A's other.
+  (nowhere in A's file), ``reviews`` too and the ``ratings`` its reviews call. B's policy
+  lets A's client call payments and refuses A's other.
 - A is brought up while Consul does not answer yet (one warning, the mesh works locally),
   then Consul comes and both register.
 """
@@ -76,7 +76,7 @@ class ConsulOnHost:
 
     def start(self) -> None:
         async def serve() -> web.AppRunner:
-            runner = web.AppRunner(self.double.make_app())
+            runner = web.AppRunner(self.double.make_app(), shutdown_timeout=2.0)
             await runner.setup()
             await web.TCPSite(runner, "0.0.0.0", self.port).start()  # noqa: S104
             return runner
@@ -85,7 +85,8 @@ class ConsulOnHost:
 
     def close(self) -> None:
         if self.runner is not None:
-            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+            self.call(self.double.cut)  # its blocking queries end, as an agent's exit ends them
+            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
 
@@ -173,6 +174,9 @@ services:
     command: ["reviews"]
     environment: {{VERSION: b}}
     labels: {{composemesh.version: v1}}
+  ratings:
+    <<: *demo
+    command: ["ratings"]
 """
 
 
@@ -215,7 +219,7 @@ def fleet(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fl
         b = bring_up(b_name, [file_b], {})
         meshes.append(b)
         wait_for("A's and B's registrations", lambda: (
-            len(consul.registrations(a_name)) == 3 and len(consul.registrations(b_name)) == 2))
+            len(consul.registrations(a_name)) == 3 and len(consul.registrations(b_name)) == 3))
         registered_s = time.monotonic() - started
         yield Fleet(consul, a, b, host, ports, registered_s)
     finally:
@@ -232,7 +236,7 @@ def get(mesh: Mesh, service: str, url: str) -> dict[str, Any]:
 
 def test_up_without_consul_warns_once_and_the_mesh_works_locally(fleet: Fleet) -> None:
     out = fleet.a.up_output
-    warnings = [line for line in out.splitlines() if "Consul at" in line]
+    warnings = [line for line in out.splitlines() if line.startswith("warning: Consul at")]
     assert len(warnings) == 1 and "does not answer" in warnings[0], out
     assert get(fleet.a, "client", "http://reviews:9080/reviews/0")["status"] == 200
 
@@ -271,10 +275,8 @@ def test_the_other_host_policy_allows_a_client_and_refuses_another(fleet: Fleet)
 
 def test_the_only_path_between_the_hosts_is_the_east_west_gateway(fleet: Fleet) -> None:
     target = fleet.b.address("payments")
-    probe = ("import socket,sys\ntry:\n socket.create_connection((sys.argv[1], 9080), 3)"
-             "\n print('connected')\nexcept OSError as e:\n print('refused', e)")
-    out = fleet.a.exec("client", "python3", "-c", probe, target)
-    assert out.startswith("refused"), out
+    direct = get(fleet.a, "client", f"http://{target}:9080/ratings/0")  # Docker keeps them apart
+    assert direct["status"] == 0, direct
     # a stranger on the host's side (no mesh certificate) gets nothing through the gateway
     hello = ("import socket,sys\ns = socket.create_connection((sys.argv[1], int(sys.argv[2])), 5)"
              "\ns.sendall(b'GET / HTTP/1.1\\r\\nHost: payments\\r\\n\\r\\n')\ns.settimeout(5)"
@@ -362,8 +364,14 @@ def test_failover_from_local_to_the_other_host_while_a_stream_runs(fleet: Fleet)
     assert len(answers) > 50, f"{out}\n{err}"
     failed = [x for x in answers if x["status"] != 200]
     versions = [x.get("version") for x in answers if x["status"] == 200]
+    if len(failed) > 2:
+        logs = subprocess.run(["docker", "logs", "--tail", "60", a.container("client-proxy")],
+                              capture_output=True, text=True).stdout
+        print("\nCLIENT PROXY LOG\n" + "\n".join(line for line in logs.splitlines()
+                                                 if '"response_code": 50' in line
+                                                 or "reviews" in line)[-6000:])
+    assert len(failed) <= 2, failed[:5]  # no more than were in flight when it stopped
     assert versions[0] == "v1" and versions[-1] == "b", versions
-    assert len(failed) <= 2, failed  # no more than were in flight when it stopped
     print(f"\n{len(answers)} requests, {len(failed)} failed, "
           f"{versions.count('b')} served by the other host")
     wait_for("A's reviews back", lambda: get(a, "client", "http://reviews:9080/reviews/0")
@@ -377,7 +385,16 @@ def test_consul_restarted_without_its_state_gets_every_registration_back(fleet: 
     started = time.monotonic()
     fleet.consul.call(fleet.consul.double.restart)
     assert not fleet.consul.registrations()
-    wait_for("the registrations back", lambda: set(fleet.consul.registrations()) == before)
+    def back() -> list[str] | None:
+        now = set(fleet.consul.registrations())
+        return None if now != before else sorted(now)
+
+    try:
+        wait_for("the registrations back", back)
+    except AssertionError:
+        now = set(fleet.consul.registrations())
+        raise AssertionError(f"missing {sorted(before - now)}, extra {sorted(now - before)}, "
+                             f"checks {fleet.consul.checks()}") from None
     print(f"\nregistrations back {time.monotonic() - started:.1f}s after Consul lost them")
     assert get(fleet.a, "client", "http://payments:9080/ratings/0")["status"] == 200
 
