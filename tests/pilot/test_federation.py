@@ -139,3 +139,38 @@ def test_a_catalog_name_of_a_local_service_outside_the_mesh_is_left_out() -> Non
     found = imported(built)
     assert set(found.endpoints) == {"payments"} and "db" not in found.vips
     assert "the local one wins" in found.left_out[0]
+
+
+def test_status_says_what_is_exported_imported_and_left_out_and_the_table_shows_it() -> None:
+    import io
+
+    from rich.console import Console
+
+    from composemesh.cli_render import consul_table
+    from composemesh.pilot.federation import consul_status
+
+    settings = parse_settings({"consul": {"address": "http://consul:8500",
+                                          "host_address": "192.0.2.10"}}, environ={})
+    view = ConsulView(reachable=True, exported={"web": ("a-web-1@192.0.2.10",)},
+                      imported={"payments": (mesh_instance("payments", "v2"),),
+                                "db": (vm_instance("db"),)})
+    here = (workload("a-db-netns-1", "db"),)
+    built = build_state("a", here, settings, {}, consul=view)
+    status = consul_status(built)
+    assert status is not None and status["reachable"] is True
+    assert status["exported"] == {"web": ["a-web-1@192.0.2.10"]}
+    assert [i["used"] for i in status["imported"]["payments"]] == [True]
+    assert [i["used"] for i in status["imported"]["db"]] == [False]  # plaintext, a mesh name
+    assert list(status["vips"]) == ["payments"]
+    console = Console(file=io.StringIO(), width=200)
+    console.print(consul_table(status))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "answering" in text and "192.0.2.10:15443 (east-west gateway)" in text
+    assert "1 of 1" in text and "192.0.2.20:15443" in text and "left out" in text
+    assert consul_status(build_state("a", here, parse_settings({}), {})) is None
+    down = consul_status(build_state("a", here, settings, {}, consul=ConsulView(
+        error="Consul at http://consul:8500 is unreachable", error_kind="unreachable")))
+    console = Console(file=io.StringIO(), width=200)
+    console.print(consul_table(down or {}))
+    said = " ".join(console.file.getvalue().split())  # type: ignore[attr-defined]
+    assert "not answering (Consul at http://consul:8500 is unreachable)" in said
