@@ -30,6 +30,17 @@ def service_versions(workloads: tuple[Workload, ...]) -> dict[str, dict[str, int
     return services
 
 
+def mesh_versions(state: MeshState) -> dict[str, dict[str, int | None]]:
+    """``service_versions`` of the workloads, and the versions imported services have on other
+    hosts (no label weight: equal shares unless routed): a split may span hosts."""
+    known = service_versions(state.workloads)
+    for service, elsewhere in remote_versions(imported(state)).items():
+        versions_here = known.setdefault(service, {})
+        for version in sorted(elsewhere):
+            versions_here.setdefault(version, None)
+    return known
+
+
 def build_state(
     project: str,
     workloads: tuple[Workload, ...],
@@ -41,14 +52,9 @@ def build_state(
     routes_section = settings.raw.get("routes") or {}
     routing: dict[str, ServiceRouting] = {}
     errors: list[str] = []
-    known = service_versions(workloads)
-    found = imported(MeshState(project=project, workloads=workloads, settings=settings,
-                               consul=consul, local_names=previous.local_names
-                               if previous is not None else frozenset()))
-    for service, elsewhere in remote_versions(found).items():  # a split may span hosts
-        versions_here = known.setdefault(service, {})
-        for version in sorted(elsewhere):
-            versions_here.setdefault(version, None)
+    known = mesh_versions(MeshState(project=project, workloads=workloads, settings=settings,
+                                    consul=consul, local_names=previous.local_names
+                                    if previous is not None else frozenset()))
     for service, versions in known.items():
         section = {service: routes_section[service]} if service in routes_section else {}
         try:

@@ -50,7 +50,7 @@ from composemesh.model.snapshot import (
 )
 from composemesh.model.wire import ContractError, decode, encode
 from composemesh.pilot.attest import Caller, KernelAttestor, Unknown
-from composemesh.pilot.build import build_state, default_split, service_versions
+from composemesh.pilot.build import build_state, default_split, mesh_versions, service_versions
 from composemesh.pilot.ca_service import ROTATION_STEPS, CAService, ExportRefused
 from composemesh.pilot.federation import consul_status
 from composemesh.pilot.metrics import (
@@ -167,7 +167,7 @@ class Pilot:
 
     async def set_weights(self, service: str, weights: dict[str, int]) -> dict[str, object]:
         """`composemesh route`: validate, persist, publish. Raises ConfigError (not applied)."""
-        versions = service_versions(self.state.workloads)
+        versions = mesh_versions(self.state)
         if service not in self.state.routing or service not in versions:
             known = ", ".join(sorted(self.state.routing)) or "none"
             raise ConfigError(f"unknown mesh service {service!r} (known: {known})", field="route")

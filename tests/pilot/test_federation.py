@@ -174,3 +174,16 @@ def test_status_says_what_is_exported_imported_and_left_out_and_the_table_shows_
     console.print(consul_table(down or {}))
     said = " ".join(console.file.getvalue().split())  # type: ignore[attr-defined]
     assert "not answering (Consul at http://consul:8500 is unreachable)" in said
+
+
+def test_route_may_send_a_share_to_a_version_that_runs_only_on_another_host() -> None:
+    import asyncio
+
+    from composemesh.pilot.server import Pilot
+
+    here = (workload("a-reviews-netns-1", "reviews"),)
+    pilot = Pilot(state(mesh_instance("reviews", "v2"), workloads=here))
+    answer = asyncio.run(pilot.set_weights("reviews", {"v1": 80, "v2": 20}))
+    assert answer["new"] == {"v1": 80, "v2": 20}
+    routes = pilot.state.routing["reviews"].routes
+    assert {(d.version, d.weight) for d in routes[-1].destinations} == {("v1", 80), ("v2", 20)}
