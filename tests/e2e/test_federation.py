@@ -285,6 +285,35 @@ def test_the_only_path_between_the_hosts_is_the_east_west_gateway(fleet: Fleet) 
     assert out.strip() in ("b''",) or out.startswith("error"), out
 
 
+def test_a_stranger_at_the_gateway_gets_no_further_than_without_a_certificate(
+        fleet: Fleet) -> None:
+    """From the host, at B's published east-west port: TLS naming B's payments but with no
+    certificate fails at payments' own sidecar (STRICT); a name of another project, a proxy
+    port or no SNI at all is closed by the gateway with nothing written."""
+    import socket
+    import ssl
+
+    def hello(sni: str | None) -> str:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with socket.create_connection((fleet.host, fleet.ports[1]), timeout=10) as raw:
+            try:
+                with context.wrap_socket(raw, server_hostname=sni) as tls:
+                    tls.sendall(b"GET /ratings/0 HTTP/1.1\r\nHost: payments\r\n\r\n")
+                    return "answered " + repr(tls.recv(200))
+            except (ssl.SSLError, OSError) as exc:
+                return f"refused {type(exc).__name__}"
+
+    b, a = fleet.b.project, fleet.a.project
+    for sni in (f"outbound_.9080_.v1_.payments.{b}.svc.{TD}",  # no client certificate
+                f"outbound_.9080_.v1_.client.{a}.svc.{TD}",  # another project's name
+                f"outbound_.15000_.v1_.payments.{b}.svc.{TD}",  # a proxy port
+                None):
+        said = hello(sni)
+        assert said.startswith("refused") or said == "answered b''", (sni, said)
+
+
 def test_a_catalog_change_reaches_the_proxies_within_a_second(fleet: Fleet) -> None:
     """A VM-like service registered in Consul (no mesh identity) becomes routable by name; the
     time from the registration to A's client's sidecar holding it is printed."""
