@@ -1,4 +1,4 @@
-"""x-composemesh.consul: the issue's contract read as written, and one sentence naming each bad key."""
+"""x-composemesh.consul: the issue's contract read as written, one sentence naming each bad key."""
 
 from __future__ import annotations
 
