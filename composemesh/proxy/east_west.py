@@ -35,7 +35,7 @@ from composemesh.proxy.egress import LogLine, print_line
 from composemesh.proxy.router import RouterSwitch
 from composemesh.proxy.sni import NEED_MORE, client_hello_sni
 from composemesh.proxy.stats import INBOUND, REPORTER, PeerLabels, ProxyStats, TcpLabels
-from composemesh.proxy.tcp import splice
+from composemesh.proxy.tcp import Held, splice
 
 log = logging.getLogger("composemesh.proxy.east_west")
 
@@ -58,16 +58,6 @@ NO_ENDPOINT = "no_endpoint"  # no local endpoint of that service and version
 HELLO_TIMED_OUT = "hello_timeout"
 HELLO_TOO_LARGE = "hello_too_large"
 CONNECT_FAILED = "connect_failed"
-
-
-class _Held(asyncio.Protocol):
-    """An endpoint connection's protocol until the splice: keeps what it says meanwhile."""
-
-    def __init__(self) -> None:
-        self.first = bytearray()
-
-    def data_received(self, data: bytes) -> None:
-        self.first += data
 
 
 class EastWestSession(asyncio.Protocol):
@@ -162,7 +152,7 @@ class EastWestSession(asyncio.Protocol):
         for address in gateway.candidates(target):
             try:
                 async with asyncio.timeout(gateway.connect_timeout):
-                    upstream, held = await loop.create_connection(_Held, address, target.port)
+                    upstream, held = await loop.create_connection(Held, address, target.port)
             except (OSError, TimeoutError) as exc:
                 log.info("east-west to %s:%d failed: %s", address, target.port, exc)
                 continue

@@ -40,7 +40,7 @@ from composemesh.model.egress import EgressHostSpec
 from composemesh.proxy.gateway_tls import origination_context
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.router import RouterSwitch
-from composemesh.proxy.tcp import splice
+from composemesh.proxy.tcp import Held, splice
 from composemesh.proxy.tls_link import TlsLink
 
 log = logging.getLogger("composemesh.proxy.egress")
@@ -67,16 +67,6 @@ def parse_connect(head: bytes) -> tuple[str, int] | None:
     if not host or not port.isdecimal() or not 0 < int(port) < 65536:
         return None
     return host.lower(), int(port)
-
-
-class _Held(asyncio.Protocol):
-    """An upstream connection's protocol until the splice: keeps what it says meanwhile."""
-
-    def __init__(self) -> None:
-        self.first = bytearray()
-
-    def data_received(self, data: bytes) -> None:
-        self.first += data
 
 
 class EgressSession(asyncio.Protocol):
@@ -184,11 +174,11 @@ class EgressSession(asyncio.Protocol):
                         Path(o.ca) if o.ca else None, Path(o.cert) if o.cert else None,
                         Path(o.key) if o.key else None)
                     upstream, held = await loop.create_connection(
-                        _Held, entry.address or entry.host, o.port, ssl=context,
+                        Held, entry.address or entry.host, o.port, ssl=context,
                         server_hostname=entry.host)
                 else:
                     upstream, held = await loop.create_connection(
-                        _Held, entry.address or entry.host, entry.port)
+                        Held, entry.address or entry.host, entry.port)
         except (OSError, TimeoutError) as exc:
             log.info("egress to %s:%d failed: %s", entry.host, entry.port, exc)
             self.gateway.log_line(self._record(entry.host, entry.port, entry.protocol,

@@ -661,6 +661,17 @@ class PipeEnds:
             self.ended(self.flags)
 
 
+class Held(asyncio.Protocol):
+    """The protocol of a connection opened before its splice (a gateway's, to where it
+    forwards): keeps what the far end says meanwhile, for ``splice``'s ``b_first``."""
+
+    def __init__(self) -> None:
+        self.first = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.first += data
+
+
 def splice(a: asyncio.Transport, b: asyncio.Transport, a_first: bytes, b_first: bytes,
            owner: set[asyncio.Protocol], idle_timeout: float = 0.0,
            ended: Callable[[str], object] | None = None) -> tuple[Pipe, Pipe]:
