@@ -9,8 +9,9 @@ default bridge's gateway. Both meshes share one trust root (the user's own, ``mt
 Consul is ``tests/consul/agent_double.py``, run by this test on the host: it stands in for a
 Consul agent, which cannot be installed on these machines (not in Debian, PyPI or npm, and no
 image can be pulled). It answers the documented endpoints the pilots use, and its
-``restart()`` is an agent coming back without its state. With ``CONSUL_HTTP_ADDR`` set, a
-real agent is used instead (what then cannot be driven, such as its restart, is skipped).
+``restart()`` is an agent coming back without its state. This module drives the double (it
+restarts it, registers a VM in it, changes its token); the pilot's Consul source is tested
+against a real agent too where one is at hand (``tests/pilot/test_consul_source.py``).
 
 - A has ``client`` (and ``other``, a second caller) and ``reviews``; B has ``payments``
   (nowhere in A's file), ``reviews`` too and the ``ratings`` its reviews call. B's policy
@@ -412,8 +413,6 @@ def test_failover_from_local_to_the_other_host_while_a_stream_runs(fleet: Fleet)
 
 
 def test_consul_restarted_without_its_state_gets_every_registration_back(fleet: Fleet) -> None:
-    if os.environ.get("CONSUL_HTTP_ADDR"):
-        pytest.skip("a real agent is not restarted by the test")
     before = set(fleet.consul.registrations())
     started = time.monotonic()
     fleet.consul.call(fleet.consul.double.restart)
