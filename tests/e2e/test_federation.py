@@ -269,9 +269,16 @@ def test_a_service_only_on_the_other_host_is_reachable_by_name_through_its_gatew
 
 
 def test_the_other_host_policy_allows_a_client_and_refuses_another(fleet: Fleet) -> None:
-    assert get(fleet.a, "client", "http://payments:9080/ratings/0")["status"] == 200
-    refused = get(fleet.a, "other", "http://payments:9080/ratings/0")
-    assert refused["status"] == 403, refused
+    """payments' port is not declared, so A's sidecars detect its protocol from the app's
+    first bytes: HTTP as a rule (a refusal is a 403), TCP when those bytes come later than
+    the sniffing window, as on a loaded machine (a refusal is then the connection closed,
+    as Istio closes a TCP connection its policy denies). Either way: never an answer."""
+    for _ in range(3):
+        assert get(fleet.a, "client", "http://payments:9080/ratings/0")["status"] == 200
+        refused = get(fleet.a, "other", "http://payments:9080/ratings/0")
+        assert refused["status"] == 403 or (
+            refused["status"] == 0 and "closed connection" in refused["error"]), refused
+        assert "ratings" not in refused
 
 
 def test_the_only_path_between_the_hosts_is_the_east_west_gateway(fleet: Fleet) -> None:
