@@ -52,9 +52,9 @@ def build_state(
     routes_section = settings.raw.get("routes") or {}
     routing: dict[str, ServiceRouting] = {}
     errors: list[str] = []
+    local_names = previous.local_names if previous is not None else frozenset()
     known = mesh_versions(MeshState(project=project, workloads=workloads, settings=settings,
-                                    consul=consul, local_names=previous.local_names
-                                    if previous is not None else frozenset()))
+                                    consul=consul, local_names=local_names))
     for service, versions in known.items():
         section = {service: routes_section[service]} if service in routes_section else {}
         try:
@@ -80,7 +80,7 @@ def build_state(
         errors=tuple(errors),
         policies=policies,
         consul=consul,
-        local_names=previous.local_names if previous is not None else frozenset(),
+        local_names=local_names,
     )
 
 

@@ -117,7 +117,6 @@ class Pilot:
         self.published_at = time.monotonic()  # when the current state was published
         self.convergence = Convergence()
         self.metrics = metrics or PilotMetrics()
-        self.consul: ConsulView | None = state.consul  # the Consul source's latest view
         self.metrics.bind(lambda: self.state, self.connected)
 
     def connected(self) -> int:
@@ -155,12 +154,13 @@ class Pilot:
 
     async def update_consul(self, view: ConsulView) -> None:
         """A new view from the Consul source (exports, imported instances): rebuild, publish."""
-        self.consul = view
-        await self.publish(self._build(self.state.workloads, self.state.settings))
+        await self.publish(self._build(self.state.workloads, self.state.settings, view))
 
-    def _build(self, workloads: tuple[Workload, ...], settings: MeshSettings) -> MeshState:
+    def _build(self, workloads: tuple[Workload, ...], settings: MeshSettings,
+               consul: ConsulView | None = None) -> MeshState:
+        """The state anew; the Consul view is ``consul`` if given, else the current one."""
         state = build_state(self.state.project, workloads, settings, self.overrides, self.state,
-                            consul=self.consul)
+                            consul=consul or self.state.consul)
         for error in state.errors:
             log.error("kept the last good config of %s", error)
         return state

@@ -101,15 +101,16 @@ def lookup(name: str, names: Mapping[str, str]) -> str | None:
 
 
 def answer(data: bytes, names: Mapping[str, str]) -> bytes | None:
-    """The response to the query ``data`` if it asks for one of ``names``; None: forward it.
-    (Call only with what ``parse_query`` reads; ``respond`` does both.)"""
+    """The response to the query ``data`` if it asks for one of ``names``; None: forward it
+    (or, not a query at all, drop it or say FORMERR: ``error_response``)."""
     query = parse_query(data)
-    if query is None or query.qclass != CLASS_IN:
-        return None
-    vip = lookup(query.name, names)
-    if vip is None:
-        return None
-    return _response(data, query, vip)
+    return answer_query(data, query, names) if query is not None else None
+
+
+def answer_query(data: bytes, query: Query, names: Mapping[str, str]) -> bytes | None:
+    """``answer`` of a query already read."""
+    vip = lookup(query.name, names) if query.qclass == CLASS_IN else None
+    return _response(data, query, vip) if vip is not None else None
 
 
 def _response(data: bytes, query: Query, vip: str) -> bytes:
@@ -178,10 +179,10 @@ class DnsProxy(asyncio.DatagramProtocol):
             else:
                 transport.sendto(failed, addr)
             return
-        vip = lookup(query.name, self.names()) if query.qclass == CLASS_IN else None
-        if vip is not None:
+        ours = answer_query(data, query, self.names())
+        if ours is not None:
             self.answered += 1
-            transport.sendto(_response(data, query, vip), addr)
+            transport.sendto(ours, addr)
             return
         self._forward(data, query, addr)
 

@@ -35,7 +35,7 @@ from composemesh.proxy.egress import LogLine, print_line
 from composemesh.proxy.router import RouterSwitch
 from composemesh.proxy.sni import NEED_MORE, client_hello_sni
 from composemesh.proxy.stats import INBOUND, REPORTER, PeerLabels, ProxyStats, TcpLabels
-from composemesh.proxy.tcp import Held, splice
+from composemesh.proxy.tcp import Held, abort_pipes, splice
 
 log = logging.getLogger("composemesh.proxy.east_west")
 
@@ -281,10 +281,7 @@ class EastWestGateway:
             connection_security_policy="mutual_tls")
 
     def close(self) -> None:
-        for pipe in list(self.pipes):
-            transport = getattr(pipe, "transport", None)
-            if transport is not None:
-                transport.abort()
+        abort_pipes(self.pipes)
 
 
 async def start_east_west(gateway: EastWestGateway, *, host: str = "0.0.0.0",  # noqa: S104

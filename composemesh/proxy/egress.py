@@ -40,7 +40,7 @@ from composemesh.model.egress import EgressHostSpec
 from composemesh.proxy.gateway_tls import origination_context
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.router import RouterSwitch
-from composemesh.proxy.tcp import Held, splice
+from composemesh.proxy.tcp import Held, abort_pipes, splice
 from composemesh.proxy.tls_link import TlsLink
 
 log = logging.getLogger("composemesh.proxy.egress")
@@ -237,10 +237,7 @@ class EgressGateway:
         self.pipes: set[asyncio.Protocol] = set()
 
     def close(self) -> None:
-        for pipe in list(self.pipes):
-            transport = getattr(pipe, "transport", None)
-            if transport is not None:
-                transport.abort()
+        abort_pipes(self.pipes)
 
 
 async def start_egress(gateway: EgressGateway, *, host: str = "0.0.0.0",  # noqa: S104

@@ -51,12 +51,13 @@ from composemesh.proxy.router import (
     Router,
     RouterSwitch,
     ServiceState,
+    endpoint_peer,
 )
 from composemesh.proxy.selection import (
     Endpoint,
     draw_fault,
+    pick_endpoint,
     pick_version,
-    prefer_local,
     select_route,
 )
 from composemesh.proxy.stats import (
@@ -974,24 +975,11 @@ class Exchange:
             endpoints = (
                 router.table.endpoints.get((self.service, version), ()) if version else ()
             )
-        endpoint = None
-        if endpoints:
-            available = state.outlier.available(endpoints)
-            if self.router is not None and self.service in self.router.table.remote:
-                # locality: the local ones first; a retry after every local one failed
-                # goes to the remote ones (failover within the request, as Envoy's
-                # priority load balancing retries the next priority)
-                local = prefer_local(available)
-                endpoint = state.picker.pick(local, self.tried)
-                if endpoint is None and local is not available:
-                    endpoint = state.picker.pick(available, self.tried)
-                if endpoint is None and self.tried:
-                    endpoint = state.picker.pick(local)
-                return endpoint
-            endpoint = state.picker.pick(available, self.tried)
-            if endpoint is None and self.tried:  # every one tried already: any will do
-                endpoint = state.picker.pick(available)
-        return endpoint
+        if not endpoints:
+            return None
+        local = self.router.table.local_of(endpoints) if self.router is not None else None
+        return pick_endpoint(state.picker, endpoints, state.outlier.available(endpoints),
+                             self.tried, local)
 
     def _connect(self, key: Key) -> None:
         assert self.state is not None
@@ -1020,9 +1008,9 @@ class Exchange:
         if tls is None:
             return None
         endpoint = self.endpoint
-        if endpoint is not None and endpoint.remote:
-            return None if endpoint.plaintext else endpoint.peer or tls.expected(self.service)
-        return tls.expected(self.service)
+        if endpoint is None:
+            return tls.expected(self.service)
+        return endpoint_peer(tls, self.service, endpoint)
 
     def _send(self, conn: UpstreamConnection) -> None:
         self.conn = conn

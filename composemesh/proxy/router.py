@@ -44,8 +44,8 @@ from composemesh.proxy.selection import (
     LocalNetwork,
     OutlierDetector,
     admits_plaintext,
+    pick_endpoint,
     pick_version,
-    prefer_local,
 )
 from composemesh.proxy.stats import (
     BAD_REQUEST,
@@ -213,31 +213,19 @@ class Router:
             endpoints = table.endpoints.get((service, version), ()) if version else ()
         else:
             endpoints = table.service_endpoints.get(service, ())
-        endpoint = None
-        if endpoints:
-            available = state.outlier.available(endpoints)
-            if service in table.remote:
-                available = prefer_local(available)
-            endpoint = state.picker.pick(available)
+        endpoint = pick_endpoint(state.picker, endpoints, state.outlier.available(endpoints),
+                                 local=table.local_of(endpoints)) if endpoints else None
         if endpoint is None:
             return None
         tls = self.tls
-        if endpoint.remote:
-            return self.remote_destination(service, endpoint, port)
-        return Destination(endpoint.address, port, self.tcp_labels(service, endpoint),
-                           tls.expected(service) if tls is not None else None)
-
-    def remote_destination(self, service: str, endpoint: Endpoint, port: int) -> Destination:
-        """A connection to an instance on another host: to its east-west gateway, the
-        target named in the SNI (the app's ``port`` inside it), the instance's own identity
-        proved end to end; or to an instance outside the mesh, in plain TCP."""
-        tls = self.tls
-        labels = self.tcp_labels(service, endpoint)
-        if endpoint.plaintext or tls is None:
-            return Destination(endpoint.address, endpoint.port or port, labels)
-        return Destination(endpoint.address, endpoint.port or port, labels,
-                           endpoint.peer or tls.expected(service),
-                           sni=sni(port, endpoint.sni) if endpoint.sni else None)
+        peer = endpoint_peer(tls, service, endpoint) if tls is not None else None
+        if not endpoint.remote:
+            return Destination(endpoint.address, port, self.tcp_labels(service, endpoint), peer)
+        # on another host: its east-west gateway, the target (the app's port) in the SNI;
+        # or, outside the mesh, the instance itself in plain TCP
+        return Destination(endpoint.address, endpoint.port or port,
+                           self.tcp_labels(service, endpoint), peer,
+                           sni=sni(port, endpoint.sni) if endpoint.sni and peer else None)
 
     def tcp_labels(self, service: str, endpoint: Endpoint) -> TcpLabels:
         key = (service, endpoint)
@@ -261,6 +249,14 @@ class Router:
                 destination_service_namespace=namespace,
             )
         return labels
+
+
+def endpoint_peer(tls: MeshTls, service: str, endpoint: Endpoint) -> str | None:
+    """The SPIFFE ID ``endpoint`` of ``service`` must prove: this project's ID of the service,
+    or a remote instance's own; None for an instance outside the mesh (plain TCP)."""
+    if not endpoint.remote:
+        return tls.expected(service)
+    return None if endpoint.plaintext else endpoint.peer or tls.expected(service)
 
 
 def spiffe_namespace(spiffe: str) -> str:

@@ -46,11 +46,30 @@ class Endpoint:
     plaintext: bool = False  # not in any mesh: plain TCP
 
 
-def prefer_local(endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
-    """Locality failover (Istio's, by priority): the local endpoints of ``endpoints`` if any,
-    else all of them (the remote ones)."""
-    local = [ep for ep in endpoints if not ep.remote]
-    return local if local else endpoints
+def pick_endpoint(picker: EndpointPicker, endpoints: Sequence[Endpoint],
+                  available: Sequence[Endpoint], tried: Collection[Endpoint] = (),
+                  local: Sequence[Endpoint] | None = None) -> Endpoint | None:
+    """The endpoint a try goes to: one of ``available`` (``endpoints`` without the ejected)
+    not ``tried`` yet, or, every one tried, any of them.
+
+    ``local``: when some of ``endpoints`` are remote (on other hosts), their local ones, as the
+    table keeps them. Then locality decides first, as Envoy's priorities do: the local ones
+    that are available, and the remote ones only when none of those is left to try (a retry
+    after every local one failed fails over too)."""
+    if local is None:
+        endpoint = picker.pick(available, tried)
+        if endpoint is None and tried:
+            endpoint = picker.pick(available)
+        return endpoint
+    if available is not endpoints:  # some are ejected: the local ones still available
+        local = [ep for ep in available if not ep.remote]
+    first = local or available
+    endpoint = picker.pick(first, tried)
+    if endpoint is None and first is not available:
+        endpoint = picker.pick(available, tried)
+    if endpoint is None and tried:
+        endpoint = picker.pick(first)
+    return endpoint
 
 
 # --------------------------------------------------------------------------- routes

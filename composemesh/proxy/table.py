@@ -76,7 +76,8 @@ class RoutingTable:
     # Host, and its original destination is an instance of that compose service
     pinned_by_address: Mapping[str, str] = _empty()
     serving: Mapping[str, frozenset[str]] = _empty()  # service -> versions with endpoints
-    remote: frozenset[str] = frozenset()  # services with endpoints elsewhere: locality applies
+    # id of an endpoints tuple of this table that holds remote ones -> its local ones
+    locals_by_id: Mapping[int, tuple[Endpoint, ...]] = _empty()
     dns: Mapping[str, str] = _empty()  # imported name (lower case) -> its VIP, for the DNS proxy
 
     def serving_versions(self, service: str) -> frozenset[str]:
@@ -97,6 +98,17 @@ class RoutingTable:
         if name is None and ip.startswith("::ffff:"):
             name = self.pinned_by_address.get(ip[7:])
         return self.pinned.get(name, ()) if name is not None else ()
+
+    @property
+    def remote(self) -> frozenset[str]:
+        """The services with endpoints on other hosts or outside the mesh (not per request)."""
+        return frozenset(s for s, eps in self.service_endpoints.items()
+                         if any(ep.remote for ep in eps))
+
+    def local_of(self, endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...] | None:
+        """The local ones of ``endpoints`` (a tuple of this table) if some of them are
+        remote, None if all are local: one dict lookup per pick, nothing copied."""
+        return self.locals_by_id.get(id(endpoints))
 
     def protocol(self, service: str, port: int) -> str | None:
         """``http``, ``tcp``, or None (detect) for connections to ``service`` on ``port``."""
@@ -156,7 +168,6 @@ def _build(settings: SnapshotSettings, project: str) -> RoutingTable:
     per_service: dict[str, tuple[Endpoint, ...]] = {}
     workloads: dict[str, str] = {}
     dialed_by_node: dict[str, set[str]] = {}
-    remote: set[str] = set()  # services with endpoints on other hosts or outside the mesh
     for service, entries in settings.services.items():
         where = f"$.settings.services.{service}"
         endpoints = []
@@ -169,7 +180,6 @@ def _build(settings: SnapshotSettings, project: str) -> RoutingTable:
             if ep.port and not 0 < ep.port < 65536:
                 raise ValueError(f"{ew}.port: {ep.port} is not a port number")
             if ep.remote:  # dialed at the gateway's address: not the app's destination
-                remote.add(service)
                 endpoints.append(ep)
                 per_version.setdefault((service, ep.version), []).append(ep)
                 if entry.compose_service:
@@ -238,7 +248,12 @@ def _build(settings: SnapshotSettings, project: str) -> RoutingTable:
                 pinned_services.add(service)
                 for address in dialed_by_node.get(ep.node, ()):
                     pinned_by_address[address] = name
+    by_version = {key: tuple(eps) for key, eps in per_version.items()}
+    mixed = [eps for eps in (*by_version.values(), *per_service.values())
+             if any(ep.remote for ep in eps)]
     return RoutingTable(
+        locals_by_id=MappingProxyType(
+            {id(eps): tuple(ep for ep in eps if not ep.remote) for eps in mixed}),
         pinned_by_address=MappingProxyType(pinned_by_address),
         pinned=MappingProxyType({name: tuple(eps) for name, eps in pinned.items()}),
         pinned_services=frozenset(pinned_services),
@@ -248,12 +263,11 @@ def _build(settings: SnapshotSettings, project: str) -> RoutingTable:
         }),
         by_address=MappingProxyType(by_address),
         routing=MappingProxyType(routing),
-        endpoints=MappingProxyType({key: tuple(eps) for key, eps in per_version.items()}),
+        endpoints=MappingProxyType(by_version),
         service_endpoints=MappingProxyType(per_service),
         protocols=MappingProxyType(protocols),
         workloads=MappingProxyType(workloads),
         services=tuple(sorted(routing)),
-        remote=frozenset(remote),
         dns=MappingProxyType(dns),
     )
 

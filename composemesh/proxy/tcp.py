@@ -672,6 +672,14 @@ class Held(asyncio.Protocol):
         self.first += data
 
 
+def abort_pipes(pipes: set[asyncio.Protocol]) -> None:
+    """Abort every spliced connection of ``pipes`` (a gateway's, at its shutdown)."""
+    for pipe in list(pipes):
+        transport = getattr(pipe, "transport", None)
+        if transport is not None:
+            transport.abort()
+
+
 def splice(a: asyncio.Transport, b: asyncio.Transport, a_first: bytes, b_first: bytes,
            owner: set[asyncio.Protocol], idle_timeout: float = 0.0,
            ended: Callable[[str], object] | None = None) -> tuple[Pipe, Pipe]:

@@ -41,7 +41,16 @@ from cryptography.hazmat.primitives import serialization
 
 from composemesh.ca.pki import make_root
 from tests.consul.agent_double import AgentDouble
-from tests.e2e.conftest import DEMO, Mesh, bring_up, composemesh, docker, tear_down, unique_project
+from tests.e2e.conftest import (
+    DEMO,
+    Mesh,
+    bring_up,
+    composemesh,
+    docker,
+    force_remove,
+    tear_down,
+    unique_project,
+)
 from tests.support import free_port
 
 pytestmark = pytest.mark.e2e
@@ -186,7 +195,8 @@ class Fleet:
                  registered_s: float) -> None:
         self.consul, self.a, self.b, self.host = consul, a, b, host
         self.ports = ports
-        self.registered_s = registered_s
+        self.registered_s = registered_s  # from Consul's start to both projects registered
+        self.down: set[str] = set()  # projects a test took down already
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +219,7 @@ def fleet(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fl
     file_a.write_text(compose_a(address, host, ports[0]))
     file_b.write_text(compose_b(address, host, ports[1], a_name))
     meshes: list[Mesh] = []
+    built: Fleet | None = None
     try:
         # A comes up while Consul does not answer: a warning, and the mesh works locally
         proc = composemesh("up", "-f", str(file_a), "-p", a_name)
@@ -221,13 +232,19 @@ def fleet(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fl
         meshes.append(b)
         wait_for("A's and B's registrations", lambda: (
             len(consul.registrations(a_name)) == 3 and len(consul.registrations(b_name)) == 3))
-        registered_s = time.monotonic() - started
-        yield Fleet(consul, a, b, host, ports, registered_s)
+        built = Fleet(consul, a, b, host, ports, time.monotonic() - started)
+        yield built
     finally:
-        for mesh in reversed(meshes):
-            with contextlib.suppress(AssertionError):
-                tear_down(mesh)
+        failures: list[AssertionError] = []
+        for mesh in reversed(meshes):  # each goes (tear_down removes it whatever `down` said)
+            if built is None or mesh.project not in built.down:
+                try:
+                    tear_down(mesh)
+                except AssertionError as exc:  # the next one still goes; then this fails
+                    failures.append(exc)
         consul.close()
+        if failures:
+            raise failures[0]
 
 
 def get(mesh: Mesh, service: str, url: str) -> dict[str, Any]:
@@ -453,6 +470,7 @@ def test_down_leaves_nothing_registered(fleet: Fleet, tmp_path: Path) -> None:
     """Last in the module: B goes down, and none of its registrations stays in Consul."""
     assert fleet.consul.registrations(fleet.b.project)
     tear_down(fleet.b)
+    fleet.down.add(fleet.b.project)
     assert fleet.consul.registrations(fleet.b.project) == {}
     assert fleet.consul.registrations(fleet.a.project)  # A's stay
 
@@ -461,6 +479,7 @@ def test_a_bad_token_is_one_clear_error_and_nothing_starts(fleet: Fleet, tmp_pat
     token = tmp_path / "consul.token"
     token.write_text("not-a-token\n")
     fleet.consul.call(lambda: setattr(fleet.consul.double, "token", "the-real-one"))
+    project = unique_project("ftok")
     try:
         (tmp_path / "compose.yaml").write_text(DEMO + f"""
 x-composemesh:
@@ -474,7 +493,6 @@ services:
     <<: *demo
     command: ["ratings"]
 """)
-        project = unique_project("ftok")
         proc = composemesh("up", "-f", str(tmp_path / "compose.yaml"), "-p", project)
         assert proc.returncode != 0
         errors = [line for line in proc.stderr.splitlines() if "token" in line]
@@ -484,4 +502,5 @@ services:
                           "-q")
     finally:
         fleet.consul.call(lambda: setattr(fleet.consul.double, "token", None))
+        force_remove(project)  # were anything started after all
 

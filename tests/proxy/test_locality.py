@@ -13,7 +13,7 @@ from composemesh.model.snapshot import SnapshotError
 from composemesh.model.wire import to_builtins
 from composemesh.proxy.mtls import MeshTls
 from composemesh.proxy.router import Router
-from composemesh.proxy.selection import Endpoint, prefer_local
+from composemesh.proxy.selection import Endpoint, EndpointPicker, pick_endpoint
 from composemesh.proxy.stats import PeerLabels
 from composemesh.proxy.table import build_table
 from composemesh.proxy.upstream import upstream_key
@@ -89,11 +89,22 @@ def test_a_port_out_of_range_is_refused() -> None:
         build_table(settings_of(bad), project="a")
 
 
-def test_prefer_local_keeps_local_ones_and_falls_back_to_all() -> None:
+def test_local_ones_first_then_the_remote_ones_and_a_retry_fails_over() -> None:
     here = Endpoint("l", "v1", "10.0.0.5")
     there = Endpoint("r", "v1", "192.0.2.20", port=15443, remote=True)
-    assert prefer_local([here, there]) == [here]
-    assert prefer_local([there]) == [there]
+    both = (here, there)
+    picker = EndpointPicker("round_robin")
+    assert {pick_endpoint(picker, both, both, local=(here,)) for _ in range(6)} == {here}
+    assert pick_endpoint(picker, both, both, (here,), local=(here,)) == there  # the retry
+    assert pick_endpoint(picker, both, [there], local=(here,)) == there  # here ejected
+    assert pick_endpoint(picker, (there,), (there,), local=()) == there  # none local
+    assert pick_endpoint(picker, both, both, both, local=(here,)) == here  # all tried: local
+    table = build_table(settings_of(settings()), project="a")
+    reviews = table.endpoints[("reviews", "v1")]
+    assert table.local_of(reviews) == reviews[:1]
+    assert table.local_of(table.endpoints[("payments", "v1")]) == ()
+    assert table.local_of(tuple(reviews)) is not None
+    assert table.local_of((here,)) is None  # not a tuple of the table
 
 
 def test_tcp_goes_to_the_local_endpoint_while_it_is_available() -> None:
