@@ -2,6 +2,7 @@
 """Mutual TLS between proxies: handshakes/s, added latency at a fixed rate, certificates/s.
 
     python -m bench.mtls [--rounds 3] [--duration 3] [--rate 200] [--connections 32] [--quick]
+                         [--compare DIR]
 
 Every component runs in its own process on loopback (no Docker, no iptables): one upstream
 (nginx with one worker if installed, else the Python one of bench/http_proxy.py) at
@@ -27,6 +28,10 @@ shop: B is ``sa/reviews``, the clients ``sa/productpage``).
    Figures: p50 and p99 latency, each from the moment the request is written to its last
    byte read, and the p50 and p99 that mTLS adds over plaintext, per round.
 3. Certificates signed per second: bench/ca_sign.py, run as it is (--no-ca-sign: not).
+
+With --compare DIR (a checkout of another revision, e.g. from ``git worktree add DIR REV``),
+its proxies run beside these in the same rounds: **mTLS@DIR** (its B's inbound, handshakes)
+and **mTLS chain@DIR** (its A and B, latency), each paired round by round with this tree's.
 """
 
 from __future__ import annotations
@@ -353,6 +358,19 @@ def percentile(values: list[float], p: int) -> float:
 # --------------------------------------------------------------------------- main
 
 
+def compared_proxy(ready: Ready, tree: str, *args: Any) -> None:
+    """``mesh_proxy`` of the checkout at ``tree``: its bench, its composemesh."""
+    import importlib.util
+
+    sys.path.insert(0, tree)  # composemesh is not imported yet in this process: tree's is
+    spec = importlib.util.spec_from_file_location("bench_compared", Path(tree) / SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    module.mesh_proxy(ready, *args)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=SCRIPT, description=__doc__.split("\n")[1])
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 2)")
@@ -371,7 +389,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-ca-sign", action="store_true",
                         help="skip the certificates/s figures of bench/ca_sign.py")
     parser.add_argument("--quick", action="store_true", help="a smoke run, under 30 s")
+    parser.add_argument("--compare", metavar="DIR",
+                        help="also the proxies of the checkout in DIR (another revision)")
     args = parser.parse_args(argv)
+    if args.compare and not (Path(args.compare) / SCRIPT).is_file():
+        parser.error(f"--compare: {args.compare} holds no {SCRIPT}")
+    tag = f"@{Path(args.compare).name}" if args.compare else ""
+    args.mtls_before = f"{MTLS}{tag}" if tag else None
+    args.chain_before = f"{MTLS_CHAIN}{tag}" if tag else None
+    args.handshake_subjects = (*HANDSHAKE_SUBJECTS, *([args.mtls_before] if tag else []))
+    args.latency_subjects = (*LATENCY_SUBJECTS, *([args.chain_before] if tag else []))
     if args.rounds is None:
         args.rounds = 2 if args.quick else 3
     if args.duration is None:
@@ -388,9 +415,9 @@ def measure_handshakes(args: argparse.Namespace, targets: dict[str, tuple[str, i
     """One round of the handshake load against each subject (host, port, listener's pid)."""
     per_process = [args.connections // args.clients + (i < args.connections % args.clients)
                    for i in range(args.clients)]
-    for subject in rotated(HANDSHAKE_SUBJECTS, round_no):
+    for subject in rotated(args.handshake_subjects, round_no):
         host, port, pid = targets[subject]
-        secure = material if subject in (MTLS, HAPROXY_TLS) else None
+        secure = material if subject in (MTLS, HAPROXY_TLS, args.mtls_before) else None
         cpu_before, wall_before = cpu_seconds(pid), time.monotonic()
         done = pool.starmap(handshake_load, [(host, port, secure, args.duration, n)
                                              for n in per_process])
@@ -408,7 +435,7 @@ def measure_latency(args: argparse.Namespace, targets: dict[str, tuple[str, int]
                     round_no: int, results: Results) -> None:
     """One round of the fixed-rate load against each subject, and what mTLS adds."""
     figures: dict[tuple[str, str], float] = {}
-    for subject in rotated(LATENCY_SUBJECTS, round_no):
+    for subject in rotated(args.latency_subjects, round_no):
         latencies = fixed_rate(*targets[subject], args.rate, args.duration)
         figures["p50", subject] = statistics.median(latencies)
         figures["p99", subject] = percentile(latencies, 99)
@@ -450,6 +477,15 @@ def start_subjects(args: argparse.Namespace, comps: Components, tools: dict[str,
         port, _ = spawned(f"proxy A ({subject})", mesh_proxy, "outbound", A_HOST,
                           (B_HOST, b_port), "productpage", a_settings(), material)
         latency[subject] = (A_HOST, port)
+    if args.compare:  # the other revision's B and A, the same way
+        tree = str(Path(args.compare).resolve())
+        old_b, old_pid = spawned(f"proxy B ({args.mtls_before})", compared_proxy, tree,
+                                 "inbound", B_HOST, upstream, "reviews", B_SETTINGS,
+                                 certs.server)
+        handshakes[args.mtls_before] = (B_HOST, old_b, old_pid)
+        port, _ = spawned(f"proxy A ({args.chain_before})", compared_proxy, tree, "outbound",
+                          A_HOST, (B_HOST, old_b), "productpage", a_settings(), certs.client)
+        latency[args.chain_before] = (A_HOST, port)
     return upstream_name, handshakes, latency
 
 
@@ -481,18 +517,25 @@ def run(args: argparse.Namespace, comps: Components) -> Results:
     finally:
         pool.terminate()
     out.print(results_table("New connections into one listener (medians)", HANDSHAKE_METRICS,
-                            HANDSHAKE_SUBJECTS, results,
+                            args.handshake_subjects, results,
                             (Baseline(PLAIN, "÷ plaintext"), Baseline(HAPROXY_TLS,
-                                                                      "÷ HAProxy TLS"))))
+                                                                      "÷ HAProxy TLS"),
+                             *before(args.mtls_before))))
     print_ratio_note(out, "the CPU rows")
     out.print(results_table(f"Latency at {args.rate:g} req/s, open loop (medians)",
-                            LATENCY_METRICS, LATENCY_SUBJECTS, results,
+                            LATENCY_METRICS, args.latency_subjects, results,
                             (Baseline(DIRECT, "÷ direct"), Baseline(PLAIN_CHAIN,
-                                                                    "÷ plaintext chain"))))
+                                                                    "÷ plaintext chain"),
+                             *before(args.chain_before))))
     out.print(results_table("What mTLS adds to the chain's latency (per round, medians)",
                             ADDED_METRICS, (ADDED,), results, ()))
     print_ratio_note(out, "the latencies")
     return results
+
+
+def before(subject: str | None) -> tuple[Baseline, ...]:
+    """The other revision's subject as a baseline, with --compare."""
+    return (Baseline(subject, f"÷ {subject.partition('@')[2]}"),) if subject else ()
 
 
 def main(argv: list[str] | None = None) -> int:
