@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from composemesh.ca import parse_spiffe
 from composemesh.model import wellknown as wk
-from composemesh.model.consul import CatalogInstance
+from composemesh.model.consul import CatalogInstance, ConsulView
 from composemesh.model.east_west import imported_vips, sni_tail
 from composemesh.model.mesh import MeshState
 from composemesh.model.snapshot import ServiceEndpoint
@@ -54,10 +54,27 @@ NOTHING = Imported()
 
 
 def imported(state: MeshState) -> Imported:
-    """The remote endpoints and VIPs that ``state``'s Consul view gives (see the rules above)."""
+    """The remote endpoints and VIPs that ``state``'s Consul view gives (see the rules above).
+
+    One push asks it three times (the routing's versions, the snapshots, ``status``) of the
+    same frozen values: the last answer is kept, keyed by what it reads (held, so that their
+    ids stay theirs)."""
     view = state.consul
     if view is None or not view.imported:
         return NOTHING
+    key = (view, state.workloads, state.local_names, state.settings.trust_domain)
+    last = _last.get("imported")
+    if last is not None and all(a is b for a, b in zip(last[0], key, strict=True)):
+        return last[1]
+    found = _imported(state, view)
+    _last["imported"] = (key, found)
+    return found
+
+
+_last: dict[str, tuple[tuple[object, ...], Imported]] = {}
+
+
+def _imported(state: MeshState, view: ConsulView) -> Imported:
     trust_domain = state.settings.trust_domain
     local = {w.service for w in state.workloads}
     endpoints: dict[str, tuple[ServiceEndpoint, ...]] = {}
@@ -121,7 +138,7 @@ def remote_versions(found: Imported) -> dict[str, set[str]]:
 def consul_status(state: MeshState) -> dict[str, object] | None:
     """What ``composemesh status`` shows of Consul: whether it answers, what this project
     exports and what it imports, per service (None: no ``x-composemesh.consul``)."""
-    settings = getattr(state.settings, "consul", None)
+    settings = state.settings.consul
     if settings is None:
         return None
     view = state.consul

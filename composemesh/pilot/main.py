@@ -20,7 +20,6 @@ from aiohttp import web
 
 from composemesh.errors import ConfigError, EngineError, MeshError
 from composemesh.model import wellknown as wk
-from composemesh.model.consul import ConsulSettings
 from composemesh.model.egress import EgressSettings
 from composemesh.model.ingress import IngressSettings
 from composemesh.model.mesh import MeshState, Workload
@@ -114,8 +113,8 @@ async def serve_monitoring(pilot: Pilot, networks: frozenset[str] | None,
 def consul_source(settings: MeshSettings, project: str, pilot: Pilot) -> ConsulSource | None:
     """The Consul source when ``x-composemesh.consul`` is set (None otherwise), its views
     going to ``pilot.update_consul``."""
-    consul = getattr(settings, "consul", None)  # MeshSettings.consul: ConsulSettings | None
-    if not isinstance(consul, ConsulSettings):
+    consul = settings.consul
+    if consul is None:
         return None
     return ConsulSource(consul, project=project, trust_domain=settings.trust_domain,
                         on_view=pilot.update_consul)

@@ -134,7 +134,7 @@ class PushIndex:
 def federated(state: MeshState) -> bool:
     """Whether the mesh spans hosts (``x-composemesh.consul`` set): its proxies then let in
     callers of other projects of the trust domain, which policies name ``<project>/<service>``."""
-    return getattr(state.settings, "consul", None) is not None
+    return state.settings.consul is not None
 
 
 def render_snapshot(

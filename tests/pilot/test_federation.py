@@ -187,3 +187,11 @@ def test_route_may_send_a_share_to_a_version_that_runs_only_on_another_host() ->
     assert answer["new"] == {"v1": 80, "v2": 20}
     routes = pilot.state.routing["reviews"].routes
     assert {(d.version, d.weight) for d in routes[-1].destinations} == {("v1", 80), ("v2", 20)}
+
+
+def test_one_push_reads_the_catalog_once_and_a_new_view_is_read_anew() -> None:
+    built = state(mesh_instance("payments", "v1"))
+    assert imported(built) is imported(built)  # kept for the same frozen values
+    moved = state(mesh_instance("payments", "v1"), mesh_instance("payments", "v1", n=2))
+    assert len(imported(moved).endpoints["payments"]) == 2
+    assert len(imported(built).endpoints["payments"]) == 1  # the old view: its own answer
