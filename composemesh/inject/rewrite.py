@@ -158,7 +158,8 @@ def inject(
             f"the name is taken: the injector adds {name!r} as the {what}", service=name
         )
     classified = classify(services, mesh)
-    ctx = _Context(services=services, mesh=mesh, classified=classified, image=image)
+    ctx = _Context(services=services, mesh=mesh, classified=classified, image=image,
+                   capture_dns=_consul_section(src.get(SECTION)) is not None)
 
     out_services: dict[str, Any] = {}
     for name, svc in services.items():
@@ -210,12 +211,6 @@ def inject(
             for name, role in zip(added, (wk.ROLE_NETNS, wk.ROLE_PROXY), strict=True):
                 ctx.added.append(AddedService(name, role, wk.EAST_WEST_GATEWAY))
             east_west = east_west_port(consul)
-            for name, svc in out_services.items():  # imported names: the proxies answer them
-                if role_of(svc, name) == wk.ROLE_NETNS and isinstance(svc, dict):
-                    env = svc.get("environment")
-                    if not isinstance(env, dict):
-                        env = svc["environment"] = {}
-                    env[wk.ENV_CAPTURE_DNS] = "true"
         outside = frozenset(egress.networks) if egress is not None else frozenset()
         out_services[wk.PILOT_SERVICE] = make_pilot(  # the outside is the egress gateway's
             out_services, src.get(SECTION), image, root, external | outside,
@@ -295,6 +290,7 @@ class _Context:
     mesh: Mapping[str, MeshLabels]
     classified: Mapping[str, Classification]
     image: str
+    capture_dns: bool = False  # x-composemesh.consul: the apps' sidecars answer imported names
     warnings: list[str] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)
     added: list[AddedService] = field(default_factory=list)
@@ -372,7 +368,7 @@ class _Context:
                 self.note(inst, f"instance {index} of {len(instances)} of service {name!r}")
             _join_holder(app, wk.netns_service(inst), wk.proxy_service(inst))
             names = self.answered_names(inst, name, app, labels)
-            holder = make_holder(inst, names, app, ns, labels, self.image)
+            holder = make_holder(inst, names, app, ns, labels, self.image, self.capture_dns)
             self.emit(out, inst, app, holder, labels)
         if replicas == 0:
             self.note(name, "0 replicas: its holder and proxy get 0 replicas too")
@@ -404,7 +400,7 @@ class _Context:
             base = name[: -len(f"-{index}")]
         _join_holder(svc, holder_name, wk.proxy_service(name))
         names = self.answered_names(name, base, svc, labels)
-        holder = make_holder(name, names, svc, ns, labels, self.image)
+        holder = make_holder(name, names, svc, ns, labels, self.image, self.capture_dns)
         self.emit(out, name, svc, holder, labels)
 
     def join(

@@ -71,9 +71,11 @@ def make_holder(
     ns: Mapping[str, Any],
     labels: MeshLabels,
     image: str,
+    capture_dns: bool = False,
 ) -> dict[str, Any]:
     """The service that owns ``app_name``'s network namespace, answering to ``names`` on
-    each of its networks."""
+    each of its networks; with ``capture_dns`` (a federated mesh), its rules send the app's
+    DNS queries to the sidecar, which answers the names imported from Consul."""
     holder: dict[str, Any] = {
         "image": image,
         "command": ["composemesh", "netns"],
@@ -86,6 +88,10 @@ def make_holder(
     if "network_mode" not in holder:
         holder["networks"] = with_aliases(holder.get("networks") or {"default": None}, names)
     holder["labels"] = injected_labels(wk.ROLE_NETNS, app_name, app, labels)
+    if capture_dns:
+        environment = holder.get("environment")
+        holder["environment"] = {**(environment if isinstance(environment, dict) else {}),
+                                 wk.ENV_CAPTURE_DNS: "true"}
     _follow_app(holder, app)
     return holder
 

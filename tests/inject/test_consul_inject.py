@@ -320,11 +320,16 @@ def test_the_pilot_is_told_every_name_docker_answers_in_the_project(tmp_path: Pa
     assert names == sorted(names)
 
 
-def test_every_holder_captures_dns_in_a_federated_mesh_and_none_without(tmp_path: Path) -> None:
+def test_every_app_holder_captures_dns_in_a_federated_mesh_and_none_without(
+        tmp_path: Path) -> None:
     services = injected(project(tmp_path))["services"]
     holders = [s for s in services.values()
                if (s.get("labels") or {}).get(wk.LABEL_ROLE) == wk.ROLE_NETNS]
-    assert holders and all(h["environment"][wk.ENV_CAPTURE_DNS] == "true" for h in holders)
+    apps = [h for h in holders if wk.LABEL_GATEWAY not in h["labels"]]
+    gateways = [h for h in holders if wk.LABEL_GATEWAY in h["labels"]]
+    assert apps and all(h["environment"][wk.ENV_CAPTURE_DNS] == "true" for h in apps)
+    assert gateways and not any(wk.ENV_CAPTURE_DNS in (h.get("environment") or {})
+                                for h in gateways)  # no app there: no DNS to answer
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "compose.yaml").write_text(textwrap.dedent(SERVICES))
