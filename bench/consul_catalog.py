@@ -25,6 +25,7 @@ if not __package__:  # run as a file: put the repository, not bench/, first on s
 import argparse
 import gc
 import tracemalloc
+from dataclasses import replace
 from functools import partial
 
 from bench._common import (
@@ -64,6 +65,8 @@ def catalog(services: int, instances: int) -> ConsulView:
 
 
 def push(base: MeshState, view: ConsulView | None) -> PushContext:
+    if view is not None:  # a change is a new view: nothing of the last push is reused
+        view = replace(view)
     state = build_state(base.project, base.workloads, base.settings, {}, base, consul=view)
     ctx = PushContext.build(state)
     for w in state.workloads:
